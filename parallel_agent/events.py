@@ -1,0 +1,120 @@
+"""Run events: what the engine and runner report, and the no-op sink that displays override.
+
+The engine and the runner never print; they call an `EventSink`. The display layer (Rich live view,
+plain CI lines, JSON Lines events) subclasses it and overrides what it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of all events; `kind` names the event in the JSON Lines stream."""
+
+    kind: str = field(init=False, default="event")
+    at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunStarted(Event):
+    kind: str = field(init=False, default="run_started")
+    task_id: str = ""
+    pipeline: str = ""
+    nodes: tuple[str, ...] = ()
+    total_items: int | None = None
+
+
+@dataclass(frozen=True)
+class NodeStarted(Event):
+    kind: str = field(init=False, default="node_started")
+    node: str = ""
+    visit: int = 1
+
+
+@dataclass(frozen=True)
+class NodeFinished(Event):
+    kind: str = field(init=False, default="node_finished")
+    node: str = ""
+    outcome: str = ""  # succeeded | skipped | failed
+    duration_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ChunksPlanned(Event):
+    kind: str = field(init=False, default="chunks_planned")
+    node: str = ""
+    chunks: int = 0
+    items: int = 0
+
+
+@dataclass(frozen=True)
+class ChunkDone(Event):
+    kind: str = field(init=False, default="chunk_done")
+    node: str = ""
+    chunk: int = 0
+    items: int = 0
+    failed_items: int = 0
+    attempt: int = 1
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ChunkFailed(Event):
+    kind: str = field(init=False, default="chunk_failed")
+    node: str = ""
+    chunk: int = 0
+    attempt: int = 1
+    error: str = ""
+    will_retry: bool = False
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ItemFailed(Event):
+    kind: str = field(init=False, default="item_failed")
+    node: str = ""
+    record: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class RunFinished(Event):
+    kind: str = field(init=False, default="run_finished")
+    task_id: str = ""
+    status: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class EventSink:
+    """Receives run events; every hook is a no-op so subclasses override only what they show."""
+
+    def emit(self, event: Event) -> None:
+        """Dispatch to `on_<kind>`; override to receive every event (e.g. a JSON Lines writer)."""
+        handler = getattr(self, f"on_{event.kind}", None)
+        if handler is not None:
+            handler(event)
+
+    def close(self) -> None:
+        """Flush and release whatever the sink holds."""
+
+
+class MultiSink(EventSink):
+    """Fans one event stream out to several sinks."""
+
+    def __init__(self, *sinks: EventSink) -> None:
+        self.sinks = list(sinks)
+
+    def emit(self, event: Event) -> None:
+        for sink in self.sinks:
+            sink.emit(event)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
