@@ -1,0 +1,415 @@
+"""The run store interface: what every backend (memory, SQLite, Redis) guarantees.
+
+This is the only heavily documented store module; backends implement the abstract methods and add
+nothing the runner may rely on. A behaviour that differs between backends is a bug caught by
+`tests/test_store_contract.py`.
+
+Vocabulary:
+
+* A *run* (one per task id) is a `RunInfo` row plus, per data node, a queue of chunks.
+* A *chunk* moves PENDING → LEASED → DONE, or to FAILED when its attempts are used up. A LEASED
+  chunk whose lease expired is claimable again; a FAILED chunk comes back with `retry_failed`.
+* A *lease* is the right to work on a chunk until `expires_at`. Each claim issues a fencing token
+  that is strictly greater than every earlier token of that chunk; `commit`, `fail`, `renew` and
+  `release` are accepted only while the chunk is LEASED under that same token.
+* *Counters* per node are kept in the same atomic step as every transition, so `counts` never scans.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from parallel_agent.errors import StateLostError
+
+#: Run statuses after which a run never changes by itself; `gc` drops them and Redis expires them.
+FINISHED_STATUSES = frozenset({"complete", "partial_failure", "failed", "cancelled"})
+
+#: How long a finished run's Redis keys live before they expire (7 days).
+DEFAULT_FINISHED_TTL_S = 7 * 24 * 3600.0
+
+#: Total time a store call keeps retrying a lost connection or a locked database before giving up.
+DEFAULT_RETRY_BUDGET_S = 15.0
+
+
+class ChunkState(StrEnum):
+    """Where a chunk is in its life; the values go to SQL, Redis and JSON unchanged."""
+
+    #: waiting to be claimed (possibly not before a backoff deadline)
+    PENDING = "pending"
+    #: claimed under a lease; claimable again once the lease expires
+    LEASED = "leased"
+    #: committed; its result is final (first commit wins)
+    DONE = "done"
+    #: out of attempts; on the failed list with its last error until `retry_failed`
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Everything needed to recognise, resume and report a run; one per task id."""
+
+    task_id: str
+    pipeline_name: str
+    pipeline_hash: str
+    pipeline_text: str
+    input_path: str | None
+    input_size: int | None
+    input_hash: str | None
+    input_format: str | None
+    params: dict[str, Any]
+    status: str
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    #: random marker written at create; a store that lost the run cannot show it
+    #: (see check_generation)
+    generation: str
+    output_path: str | None = None
+    #: free JSON (options, summary); `update_run(extra=...)` merges top-level keys
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """A chunk to queue: its position in the input and its records as opaque bytes."""
+
+    index: int
+    first_record: int
+    count: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claimed chunk; `token` fences every later write, `attempt` counts claims of this chunk."""
+
+    task_id: str
+    node: str
+    index: int
+    token: int
+    owner: str
+    first_record: int
+    count: int
+    payload: bytes
+    attempt: int
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """A committed chunk's outputs, as handed to `commit`."""
+
+    index: int
+    first_record: int
+    count: int
+    result: bytes
+    errors: bytes
+    items_ok: int
+    items_failed: int
+    duration_s: float
+    attempt: int
+
+
+@dataclass(frozen=True)
+class FailedChunk:
+    """A chunk on the failed list: its records, its last error and how many attempts it had."""
+
+    index: int
+    first_record: int
+    count: int
+    payload: bytes
+    error: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class NodeCounts:
+    """One node's counters. `retries` counts claims beyond a chunk's first attempt; `items_failed`
+    counts items that failed inside committed chunks (items of FAILED chunks are not included)."""
+
+    chunks_total: int
+    pending: int
+    leased: int
+    done: int
+    failed: int
+    items_total: int
+    items_done: int
+    items_failed: int
+    retries: int
+    sealed: bool
+
+
+def lease_expired_error(attempts: int) -> str:
+    """The error recorded for a chunk whose last lease expired (the worker died or hung)."""
+    return f"lease expired after {attempts} attempts"
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password (in the user part or a `password=` query) replaced by `***`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable store URL>"
+    netloc, query = parts.netloc, parts.query
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(key.lower() == "password" for key, _ in pairs):
+        query = urlencode(
+            [(key, "***" if key.lower() == "password" else value) for key, value in pairs],
+            safe="*",
+        )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    masked = f"{parts.scheme}://{netloc}{parts.path}"
+    return (
+        masked + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    )
+
+
+class RetryBudget:
+    """Exponential backoff with jitter under a wall-clock deadline, shared by the backends so
+    every store call gives up after the same bounded time (timeouts spent waiting included)."""
+
+    def __init__(self, budget_s: float, *, first_s: float = 0.05, cap_s: float = 2.0) -> None:
+        self.deadline = time.monotonic() + budget_s
+        self.step = first_s
+        self.cap_s = cap_s
+
+    def next_delay(self) -> float | None:
+        """The pause before the next try, or None when it would end past the deadline."""
+        pause = random.uniform(self.step / 2, self.step)
+        if time.monotonic() + pause > self.deadline:
+            return None
+        self.step = min(self.cap_s, self.step * 2)
+        return pause
+
+
+class RunStore(ABC):
+    """Where runs, chunks, leases and results live, so a run survives its process.
+
+    Every method is a coroutine (except `results`, an async iterator). A call that cannot reach the
+    store within the retry budget raises `StoreError` whose message names the masked URL and the
+    cause; no call hangs. A transition on a task id the store does not know (deleted, collected, or
+    lost with a restarted server) raises `StateLostError`.
+
+    Time: `now` arguments exist so tests control the clock; without them the memory and SQLite
+    stores use this machine's clock and Redis uses the server's clock (one clock for all machines).
+    """
+
+    #: the store URL with any password masked; safe to print
+    url: str
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and check that the store answers, else
+        `StoreError("cannot reach <masked url>: <cause>")`."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections and threads; the store cannot be used afterwards."""
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def create_run(self, info: RunInfo) -> bool:
+        """Store a new run. Atomic create-if-absent: False (nothing written) if the id exists.
+
+        The very same run again (same generation) returns True, so a call retried after a lost
+        reply is not mistaken for a rival coordinator.
+        """
+
+    @abstractmethod
+    async def get_run(self, task_id: str) -> RunInfo | None:
+        """The run, or None if the store does not know the task id."""
+
+    @abstractmethod
+    async def update_run(
+        self,
+        task_id: str,
+        *,
+        status: str | None = None,
+        finished_at: float | None = None,
+        output_path: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Change the given fields atomically and set `updated_at`; `extra` keys are merged.
+
+        Setting a finished status (FINISHED_STATUSES) starts the finished-run TTL on backends that
+        expire keys (Redis); setting any other status cancels it (a resumed run lives on).
+        Raises StateLostError if the run is gone.
+        """
+
+    @abstractmethod
+    async def list_runs(self) -> list[RunInfo]:
+        """Every run the store holds, oldest first."""
+
+    @abstractmethod
+    async def delete_run(self, task_id: str) -> None:
+        """Remove every row or key of the task (run, chunks, results, counters, lock).
+        Idempotent."""
+
+    async def gc(self, older_than_s: float, now: float | None = None) -> list[str]:
+        """Delete finished runs whose `finished_at` (else `updated_at`) is older than
+        `older_than_s`; return their task ids. Unfinished runs are never collected."""
+        cutoff = (self._now() if now is None else now) - older_than_s
+        dropped: list[str] = []
+        for info in await self.list_runs():
+            ended = info.finished_at if info.finished_at is not None else info.updated_at
+            if info.status in FINISHED_STATUSES and ended < cutoff:
+                await self.delete_run(info.task_id)
+                dropped.append(info.task_id)
+        return dropped
+
+    async def check_generation(self, task_id: str, generation: str) -> None:
+        """Raise StateLostError unless the run exists with this generation marker.
+
+        Call it after (re)connecting: a Redis without persistence that restarted is empty, and a
+        run recreated under the same id has another marker. Never restart silently from zero.
+        """
+        info = await self.get_run(task_id)
+        if info is None:
+            raise run_missing(self.url, task_id)
+        if info.generation != generation:
+            raise StateLostError(
+                f"task '{task_id}' in {self.url} belongs to another run (generation "
+                f"{info.generation}, expected {generation}); its earlier state is gone"
+            )
+
+    # -- coordinator lock ------------------------------------------------------------------------
+
+    @abstractmethod
+    async def acquire_lock(self, task_id: str, owner: str, ttl_s: float) -> bool:
+        """Take the task's coordinator lock for `ttl_s`. True if `owner` now holds it (re-acquiring
+        one's own lock refreshes it); False while another owner's unexpired lock exists. A dead
+        holder's lock expires after its TTL and can then be taken over."""
+
+    @abstractmethod
+    async def renew_lock(self, task_id: str, owner: str, ttl_s: float) -> bool:
+        """Extend `owner`'s lock by `ttl_s` from now; False if it expired or another owner has
+        it (the coordinator must then stop)."""
+
+    @abstractmethod
+    async def release_lock(self, task_id: str, owner: str) -> None:
+        """Drop the lock if `owner` holds it; someone else's lock is left alone."""
+
+    # -- chunks ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def add_chunks(self, task_id: str, node: str, chunks: Sequence[ChunkSpec]) -> None:
+        """Queue chunks as PENDING. Idempotent per (node, index): an index already present is left
+        as it is, so a resumed split may add the same chunks again. Counters change in the same
+        atomic step. The node joins `nodes()` on its first chunk."""
+
+    @abstractmethod
+    async def seal(self, task_id: str, node: str) -> None:
+        """Record that no more chunks will be added to `node` (`counts().sealed`)."""
+
+    @abstractmethod
+    async def claim(
+        self,
+        task_id: str,
+        node: str,
+        owner: str,
+        *,
+        lease_s: float,
+        limit: int = 1,
+        max_attempts: int = 3,
+        now: float | None = None,
+    ) -> list[Lease]:
+        """Lease up to `limit` chunks, lowest index first. Atomic: no chunk goes to two claimers.
+
+        Takes chunks that are PENDING with `not_before <= now`, or LEASED with an expired lease.
+        Each claim adds one to the chunk's attempt and issues a new, strictly greater token. An
+        expired lease whose attempts reached `max_attempts` is moved to FAILED with
+        "lease expired after N attempts" instead of being handed out. Empty list: nothing claimable.
+        """
+
+    @abstractmethod
+    async def renew(self, lease: Lease, lease_s: float, *, now: float | None = None) -> bool:
+        """Push the lease's expiry to `now + lease_s`. False if the chunk is no longer LEASED under
+        this token (reclaimed, failed, released, committed): the worker should stop."""
+
+    @abstractmethod
+    async def commit(
+        self,
+        lease: Lease,
+        *,
+        result: bytes,
+        errors: bytes,
+        items_ok: int,
+        items_failed: int,
+        duration_s: float,
+    ) -> bool:
+        """Store the chunk's outputs and mark it DONE, with the counters, in one atomic step.
+
+        Fenced: accepted only while the chunk is LEASED under this lease's token, so a commit from
+        an expired lease nobody reclaimed yet is accepted, and a stale token after a reclaim is
+        rejected (False). First commit wins: a DONE chunk is never overwritten. Repeating the same
+        lease's commit (a retry after a lost reply) returns True without changing anything.
+        """
+
+    @abstractmethod
+    async def fail(
+        self, lease: Lease, error: str, *, retry_in_s: float | None, now: float | None = None
+    ) -> ChunkState:
+        """Record a failed attempt. `retry_in_s` None → FAILED with `error`; otherwise PENDING and
+        not claimable before `now + retry_in_s`. Fenced like `commit`: with a stale token nothing
+        changes. Returns the chunk's state after the call."""
+
+    @abstractmethod
+    async def release(self, lease: Lease) -> None:
+        """Hand the chunk back (graceful stop): PENDING at once, the attempt not consumed.
+        Fenced: a stale lease changes nothing."""
+
+    @abstractmethod
+    async def counts(self, task_id: str, node: str) -> NodeCounts:
+        """The node's counters, read in one consistent step without scanning chunks. A node
+        without chunks has all zeros."""
+
+    @abstractmethod
+    async def nodes(self, task_id: str) -> list[str]:
+        """Nodes that have chunks (or were sealed), in the order they were first seen."""
+
+    @abstractmethod
+    def results(self, task_id: str, node: str) -> AsyncIterator[ChunkResult]:
+        """DONE chunks in index order, fetched in batches so a million results are never in memory
+        at once. Chunks committed during the iteration may or may not appear."""
+
+    @abstractmethod
+    async def failed_chunks(self, task_id: str, node: str) -> list[FailedChunk]:
+        """FAILED chunks in index order with their payload and last error."""
+
+    @abstractmethod
+    async def retry_failed(self, task_id: str, node: str) -> int:
+        """Move every FAILED chunk back to PENDING with its attempts reset (tokens keep growing);
+        return how many moved."""
+
+    @abstractmethod
+    async def chunk_durations(self, task_id: str, node: str) -> list[float]:
+        """Processing time of each DONE chunk, in index order (for p50/p95 reports)."""
+
+    # -- helpers for backends --------------------------------------------------------------------
+
+    def _now(self) -> float:
+        """The store's clock when a caller passes no `now`."""
+        return time.time()
+
+
+def run_missing(url: str, task_id: str) -> StateLostError:
+    """The error for a transition on a run the store does not hold (deleted, collected or lost)."""
+    return StateLostError(
+        f"the state of task '{task_id}' is gone from {url} "
+        "(the store was restarted without persistence, or the run was deleted)"
+    )

@@ -1,0 +1,565 @@
+"""Redis run store (`redis://`, `rediss://`, `unix://`) for runs shared by several machines.
+
+Each chunk transition (add, seal, claim, renew, commit, fail, release, retry) is one Lua script
+call, so it is atomic and one round trip; scripts live in `store/lua/` and are re-sent by redis-py
+after a server restart (NOSCRIPT). Lease deadlines use the server's clock unless a caller passes
+`now`. Every connection has connect and read timeouts, and lost connections are retried with
+backoff within a budget, then reported as StoreError naming the masked URL. Key layout: keys.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict, fields
+from importlib import resources
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from parallel_agent.errors import StoreError, UsageError
+from parallel_agent.store.base import (
+    DEFAULT_FINISHED_TTL_S,
+    DEFAULT_RETRY_BUDGET_S,
+    FINISHED_STATUSES,
+    ChunkResult,
+    ChunkSpec,
+    ChunkState,
+    FailedChunk,
+    Lease,
+    NodeCounts,
+    RetryBudget,
+    RunInfo,
+    RunStore,
+    mask_url,
+    run_missing,
+)
+from parallel_agent.store.keys import TaskKeys, runs_index
+
+T = TypeVar("T")
+
+#: Seconds to open a TCP connection and to wait for any reply; URL query options override them.
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_SOCKET_TIMEOUT_S = 5.0
+#: Chunks fetched per round trip when streaming results.
+RESULTS_BATCH = 256
+#: Runs read per round trip by list_runs.
+RUNS_BATCH = 100
+#: What a script returns when the run's key is gone.
+LOST = b"LOST"
+
+SCRIPTS = (
+    "create_run",
+    "update_run",
+    "add_chunks",
+    "seal",
+    "claim",
+    "renew",
+    "commit",
+    "fail",
+    "release",
+    "retry_failed",
+    "lock",
+)
+_RUN_FIELDS = [f.name for f in fields(RunInfo) if f.name != "extra"]
+_COUNTER_FIELDS = [f.name for f in fields(NodeCounts)]
+
+
+@functools.cache
+def script_source(name: str) -> str:
+    """A script's text with the shared helpers (common.lua) in front."""
+    folder = resources.files("parallel_agent.store") / "lua"
+    common = (folder / "common.lua").read_text(encoding="utf-8")
+    return common + "\n" + (folder / f"{name}.lua").read_text(encoding="utf-8")
+
+
+def _option(query: dict[str, str], name: str, default: float, url: str) -> float:
+    try:
+        value = float(query.pop(name, default))
+    except ValueError:
+        raise UsageError(f"store URL {mask_url(url)}: {name} must be a number of seconds") from None
+    if value <= 0:
+        raise UsageError(f"store URL {mask_url(url)}: {name} must be positive")
+    return value
+
+
+class RedisStore(RunStore):
+    """The run store in Redis; every key lives under `<prefix>:<task_id>:`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "pagent",
+        client: aioredis.Redis | None = None,
+    ) -> None:
+        """`client` replaces the connection made from `url` (tests pass a fakeredis client)."""
+        self.url = mask_url(url)
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        self.connect_timeout_s = _option(query, "connect_timeout", DEFAULT_CONNECT_TIMEOUT_S, url)
+        self.socket_timeout_s = _option(query, "socket_timeout", DEFAULT_SOCKET_TIMEOUT_S, url)
+        self.retry_budget_s = _option(query, "retry_budget", DEFAULT_RETRY_BUDGET_S, url)
+        self.finished_ttl_s = _option(query, "finished_ttl", DEFAULT_FINISHED_TTL_S, url)
+        self._connect_url = urlunsplit(parts._replace(query=urlencode(query)))
+        self.prefix = prefix.rstrip(":") or "pagent"
+        self._client = client
+        self._scripts: dict[str, AsyncScript] = {}
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The connection (for diagnostics and tests that inspect keys); open() first."""
+        if self._client is None:
+            raise StoreError(f"store {self.url} is not open")
+        return self._client
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._client is None:
+            try:
+                self._client = aioredis.Redis.from_url(
+                    self._connect_url,
+                    socket_connect_timeout=self.connect_timeout_s,
+                    socket_timeout=self.socket_timeout_s,
+                    # retries are ours (_call), bounded by the budget across reconnects
+                    retry=Retry(NoBackoff(), 0),
+                )
+            except ValueError as exc:
+                raise UsageError(f"bad store URL {self.url}: {exc}") from None
+        client = self._client
+        self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
+        await self._call(lambda c: c.ping())
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def _call(self, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """Run `op`, retrying lost connections and timeouts with backoff within the budget."""
+        client = self._client
+        if client is None:
+            raise StoreError(f"store {self.url} is not open")
+        budget = RetryBudget(self.retry_budget_s)
+        while True:
+            try:
+                return await op(client)
+            except AuthenticationError as exc:
+                raise StoreError(f"authentication failed for {self.url}: {exc}") from None
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                delay = budget.next_delay()
+                if delay is None:
+                    raise StoreError(f"cannot reach {self.url}: {_cause(exc)}") from None
+                await asyncio.sleep(delay)
+            except ResponseError as exc:
+                text = str(exc)
+                if text.startswith(("NOAUTH", "WRONGPASS")):
+                    raise StoreError(f"authentication failed for {self.url}: {text}") from None
+                raise StoreError(f"{self.url} refused a command: {text}") from None
+
+    async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        script = self._scripts[name]
+        return await self._call(lambda c: script(keys=list(keys), args=list(args), client=c))
+
+    def _keys(self, task_id: str) -> TaskKeys:
+        return TaskKeys(self.prefix, task_id)
+
+    async def _checked(
+        self, task_id: str, name: str, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        """Run a transition script; a run that is gone raises StateLostError."""
+        reply = await self._script(name, keys, args)
+        if reply == LOST:
+            raise run_missing(self.url, task_id)
+        return reply
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    async def create_run(self, info: RunInfo) -> bool:
+        k = self._keys(info.task_id)
+        data = asdict(info)
+        run_pairs = [item for name in _RUN_FIELDS for item in (name, orjson.dumps(data[name]))]
+        extra_pairs = [
+            item for key, value in info.extra.items() for item in (key, orjson.dumps(value))
+        ]
+        args = [
+            info.task_id,
+            repr(info.created_at),
+            orjson.dumps(info.generation),
+            len(_RUN_FIELDS),
+        ]
+        reply = await self._script(
+            "create_run", [k.run, k.extra, k.runs], [*args, *run_pairs, *extra_pairs]
+        )
+        return bool(reply == 1)
+
+    async def get_run(self, task_id: str) -> RunInfo | None:
+        k = self._keys(task_id)
+
+        async def read(c: aioredis.Redis) -> list[Any]:
+            async with c.pipeline(transaction=True) as pipe:
+                pipe.hgetall(k.run)
+                pipe.hgetall(k.extra)
+                return await pipe.execute()
+
+        run, extra = await self._call(read)
+        return _run_info(run, extra)
+
+    async def update_run(
+        self,
+        task_id: str,
+        *,
+        status: str | None = None,
+        finished_at: float | None = None,
+        output_path: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        k = self._keys(task_id)
+        changes: dict[str, Any] = {"updated_at": self._now()}
+        if status is not None:
+            changes["status"] = status
+        if finished_at is not None:
+            changes["finished_at"] = finished_at
+        if output_path is not None:
+            changes["output_path"] = output_path
+        pairs = [item for name, value in changes.items() for item in (name, orjson.dumps(value))]
+        extra_pairs = [
+            item for key, value in (extra or {}).items() for item in (key, orjson.dumps(value))
+        ]
+        reply = await self._checked(
+            task_id, "update_run", [k.run, k.extra], [len(changes), *pairs, *extra_pairs]
+        )
+        if orjson.loads(reply) in FINISHED_STATUSES:
+            await self._expire(k, self.finished_ttl_s)
+        elif status is not None:
+            await self._expire(k, None)
+
+    async def _expire(self, k: TaskKeys, ttl_s: float | None) -> None:
+        """Start (or, with None, cancel) the finished-run TTL on every data key of the task."""
+        nodes = await self.nodes(k.task_id)
+
+        async def expire(c: aioredis.Redis) -> None:
+            async with c.pipeline(transaction=True) as pipe:
+                for key in k.data_keys(nodes):
+                    if ttl_s is None:
+                        pipe.persist(key)
+                    else:
+                        pipe.pexpire(key, int(ttl_s * 1000))
+                await pipe.execute()
+
+        await self._call(expire)
+
+    async def list_runs(self) -> list[RunInfo]:
+        index = runs_index(self.prefix)
+        ids = [raw.decode() for raw in await self._call(lambda c: _members(c, index))]
+        infos: list[RunInfo] = []
+        stale: list[str] = []
+        for start in range(0, len(ids), RUNS_BATCH):
+            batch = ids[start : start + RUNS_BATCH]
+
+            async def read(c: aioredis.Redis, batch: list[str] = batch) -> list[Any]:
+                async with c.pipeline(transaction=False) as pipe:
+                    for task_id in batch:
+                        k = self._keys(task_id)
+                        pipe.hgetall(k.run)
+                        pipe.hgetall(k.extra)
+                    return await pipe.execute()
+
+            replies = await self._call(read)
+            for position, task_id in enumerate(batch):
+                info = _run_info(replies[2 * position], replies[2 * position + 1])
+                if info is None:
+                    stale.append(task_id)
+                else:
+                    infos.append(info)
+        if stale:
+            await self._call(lambda c: c.zrem(index, *stale))
+        return infos
+
+    async def delete_run(self, task_id: str) -> None:
+        k = self._keys(task_id)
+        nodes = await self.nodes(task_id)
+
+        async def delete(c: aioredis.Redis) -> None:
+            async with c.pipeline(transaction=True) as pipe:
+                pipe.unlink(*k.data_keys(nodes), k.lock)
+                pipe.zrem(k.runs, task_id)
+                await pipe.execute()
+
+        await self._call(delete)
+
+    # -- lock ------------------------------------------------------------------------------------
+
+    async def _lock(self, op: str, task_id: str, owner: str, ttl_s: float) -> bool:
+        ttl_ms = max(1, int(ttl_s * 1000))
+        reply = await self._script("lock", [self._keys(task_id).lock], [op, owner, ttl_ms])
+        return bool(reply == 1)
+
+    async def acquire_lock(self, task_id: str, owner: str, ttl_s: float) -> bool:
+        return await self._lock("acquire", task_id, owner, ttl_s)
+
+    async def renew_lock(self, task_id: str, owner: str, ttl_s: float) -> bool:
+        return await self._lock("renew", task_id, owner, ttl_s)
+
+    async def release_lock(self, task_id: str, owner: str) -> None:
+        await self._lock("release", task_id, owner, 0)
+
+    # -- chunks ----------------------------------------------------------------------------------
+
+    def _node_keys(self, task_id: str, node: str, *suffixes: str) -> list[str]:
+        k = self._keys(task_id)
+        return [k.run, *(k.node(node, suffix) for suffix in suffixes)]
+
+    async def add_chunks(self, task_id: str, node: str, chunks: Sequence[ChunkSpec]) -> None:
+        if not chunks:
+            return
+        k = self._keys(task_id)
+        keys = [
+            k.run,
+            k.nodes,
+            *(k.node(node, s) for s in ("counters", "meta", "payload", "ready")),
+        ]
+        args: list[Any] = [node]
+        for chunk in chunks:
+            args.extend((chunk.index, chunk.first_record, chunk.count, chunk.payload))
+        await self._checked(task_id, "add_chunks", keys, args)
+
+    async def seal(self, task_id: str, node: str) -> None:
+        k = self._keys(task_id)
+        await self._checked(task_id, "seal", [k.run, k.nodes, k.node(node, "counters")], [node])
+
+    async def claim(
+        self,
+        task_id: str,
+        node: str,
+        owner: str,
+        *,
+        lease_s: float,
+        limit: int = 1,
+        max_attempts: int = 3,
+        now: float | None = None,
+    ) -> list[Lease]:
+        keys = self._node_keys(
+            task_id, node, "counters", "meta", "payload", "ready", "delayed", "leases", "failed"
+        )
+        args = [owner, repr(lease_s), limit, max_attempts, _time_arg(now)]
+        reply = await self._checked(task_id, "claim", keys, args)
+        leases = []
+        for at in range(0, len(reply), 7):
+            index, token, attempt, first, count, payload, expires = reply[at : at + 7]
+            leases.append(
+                Lease(
+                    task_id=task_id,
+                    node=node,
+                    index=int(index),
+                    token=int(token),
+                    owner=owner,
+                    first_record=int(first),
+                    count=int(count),
+                    payload=payload or b"",
+                    attempt=int(attempt),
+                    expires_at=float(expires),
+                )
+            )
+        return leases
+
+    async def renew(self, lease: Lease, lease_s: float, *, now: float | None = None) -> bool:
+        keys = self._node_keys(lease.task_id, lease.node, "meta", "leases")
+        args = [lease.index, lease.token, repr(lease_s), _time_arg(now)]
+        return bool(await self._checked(lease.task_id, "renew", keys, args) == 1)
+
+    async def commit(
+        self,
+        lease: Lease,
+        *,
+        result: bytes,
+        errors: bytes,
+        items_ok: int,
+        items_failed: int,
+        duration_s: float,
+    ) -> bool:
+        keys = self._node_keys(
+            lease.task_id,
+            lease.node,
+            "counters",
+            "meta",
+            "payload",
+            "result",
+            "errors",
+            "leases",
+            "done",
+        )
+        args = [lease.index, lease.token, result, errors, items_ok, items_failed, repr(duration_s)]
+        return bool(await self._checked(lease.task_id, "commit", keys, args) == 1)
+
+    async def fail(
+        self, lease: Lease, error: str, *, retry_in_s: float | None, now: float | None = None
+    ) -> ChunkState:
+        keys = self._node_keys(
+            lease.task_id, lease.node, "counters", "meta", "ready", "delayed", "leases", "failed"
+        )
+        retry = "" if retry_in_s is None else repr(max(0.0, retry_in_s))
+        args = [lease.index, lease.token, error, retry, _time_arg(now)]
+        reply = await self._checked(lease.task_id, "fail", keys, args)
+        state = reply.decode()
+        return ChunkState.FAILED if state == "missing" else ChunkState(state)
+
+    async def release(self, lease: Lease) -> None:
+        keys = self._node_keys(lease.task_id, lease.node, "counters", "meta", "ready", "leases")
+        await self._checked(lease.task_id, "release", keys, [lease.index, lease.token])
+
+    async def counts(self, task_id: str, node: str) -> NodeCounts:
+        k = self._keys(task_id)
+
+        async def read(c: aioredis.Redis) -> list[Any]:
+            async with c.pipeline(transaction=True) as pipe:
+                pipe.exists(k.run)
+                pipe.hgetall(k.node(node, "counters"))
+                return await pipe.execute()
+
+        exists, raw = await self._call(read)
+        if not exists:
+            raise run_missing(self.url, task_id)
+        total, pending, leased, done, failed, items, ok, bad, retries, sealed = (
+            int(raw.get(name.encode(), 0)) for name in _COUNTER_FIELDS
+        )
+        return NodeCounts(
+            total, pending, leased, done, failed, items, ok, bad, retries, bool(sealed)
+        )
+
+    async def nodes(self, task_id: str) -> list[str]:
+        raw = await self._call(lambda c: _members(c, self._keys(task_id).nodes))
+        return [name.decode() for name in raw]
+
+    async def _done_batches(
+        self, task_id: str, node: str, *suffixes: str
+    ) -> AsyncIterator[list[tuple[int, list[Any]]]]:
+        """DONE indices in order, RESULTS_BATCH at a time, with HMGET of each per-node hash."""
+        k = self._keys(task_id)
+        after = "-inf"
+        done_key = k.node(node, "done")
+        while True:
+
+            async def read(c: aioredis.Redis, after: str = after) -> list[Any]:
+                indices = await _members(
+                    c, done_key, after, "+inf", byscore=True, offset=0, num=RESULTS_BATCH
+                )
+                if not indices:
+                    return []
+                async with c.pipeline(transaction=False) as pipe:
+                    for suffix in suffixes:
+                        pipe.hmget(k.node(node, suffix), indices)
+                    columns = await pipe.execute()
+                return [
+                    (int(index), [column[i] for column in columns])
+                    for i, index in enumerate(indices)
+                ]
+
+            rows = await self._call(read)
+            if rows:
+                yield rows
+            if len(rows) < RESULTS_BATCH:
+                return
+            after = f"({rows[-1][0]}"
+
+    async def results(self, task_id: str, node: str) -> AsyncIterator[ChunkResult]:
+        async for rows in self._done_batches(task_id, node, "meta", "result", "errors"):
+            for index, (meta, result, errors) in rows:
+                if meta is None:
+                    continue
+                m = orjson.loads(meta)
+                yield ChunkResult(
+                    index=index,
+                    first_record=int(m["first"]),
+                    count=int(m["count"]),
+                    result=result or b"",
+                    errors=errors or b"",
+                    items_ok=int(m.get("ok", 0)),
+                    items_failed=int(m.get("bad", 0)),
+                    duration_s=float(m.get("dur", 0.0)),
+                    attempt=int(m["att"]),
+                )
+
+    async def chunk_durations(self, task_id: str, node: str) -> list[float]:
+        durations: list[float] = []
+        async for rows in self._done_batches(task_id, node, "meta"):
+            durations.extend(
+                float(orjson.loads(meta).get("dur", 0.0)) for _, (meta,) in rows if meta
+            )
+        return durations
+
+    async def failed_chunks(self, task_id: str, node: str) -> list[FailedChunk]:
+        k = self._keys(task_id)
+
+        async def read(c: aioredis.Redis) -> list[FailedChunk]:
+            indices = await _members(c, k.node(node, "failed"))
+            if not indices:
+                return []
+            async with c.pipeline(transaction=False) as pipe:
+                pipe.hmget(k.node(node, "meta"), indices)
+                pipe.hmget(k.node(node, "payload"), indices)
+                metas, payloads = await pipe.execute()
+            failed = []
+            for index, meta, payload in zip(indices, metas, payloads, strict=True):
+                m = orjson.loads(meta)
+                failed.append(
+                    FailedChunk(
+                        index=int(index),
+                        first_record=int(m["first"]),
+                        count=int(m["count"]),
+                        payload=payload or b"",
+                        error=str(m.get("err", "")),
+                        attempts=int(m["att"]),
+                    )
+                )
+            return failed
+
+        return await self._call(read)
+
+    async def retry_failed(self, task_id: str, node: str) -> int:
+        keys = self._node_keys(task_id, node, "counters", "meta", "ready", "failed")
+        return int(await self._checked(task_id, "retry_failed", keys, []))
+
+
+async def _members(
+    c: aioredis.Redis, key: str, start: int | str = 0, end: int | str = -1, **options: Any
+) -> list[bytes]:
+    """ZRANGE with the reply typed (redis-py annotates every reply as a union)."""
+    return cast("list[bytes]", await c.zrange(key, start, end, **options))
+
+
+def _time_arg(now: float | None) -> str:
+    """The `now` argument of a script: empty means the server's clock."""
+    return "" if now is None else repr(now)
+
+
+def _cause(exc: BaseException) -> str:
+    """The operating system's words when a socket error is behind `exc` ("Connection refused")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    return str(exc) or type(exc).__name__
+
+
+def _run_info(run: dict[bytes, bytes], extra: dict[bytes, bytes]) -> RunInfo | None:
+    if not run:
+        return None
+    values: dict[str, Any] = {name.decode(): orjson.loads(value) for name, value in run.items()}
+    known: dict[str, Any] = {name: values.get(name) for name in _RUN_FIELDS}
+    return RunInfo(
+        **known,
+        extra={key.decode(): orjson.loads(value) for key, value in extra.items()},
+    )
