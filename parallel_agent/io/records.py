@@ -1,0 +1,24 @@
+"""Records as the readers hand them out: each knows its place in the input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input record: its 1-based record number, the line it starts on, and its value."""
+
+    number: int
+    line: int
+    value: Any
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive records; `first_record` is the 0-based number of the first one."""
+
+    index: int
+    first_record: int
+    records: list[Any]
