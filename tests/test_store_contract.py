@@ -199,7 +199,9 @@ async def test_transitions_on_a_lost_run_raise(store: RunStore, run: RunInfo) ->
 
 
 async def test_lock_is_exclusive_and_reentrant(store: RunStore) -> None:
+    assert await store.lock_holder("t1") is None
     assert await store.acquire_lock("t1", "a", 30)
+    assert await store.lock_holder("t1") == "a"
     assert not await store.acquire_lock("t1", "b", 30)
     assert await store.acquire_lock("t1", "a", 30)
     assert await store.renew_lock("t1", "a", 30)
@@ -215,6 +217,7 @@ async def test_dead_holders_lock_expires(store: RunStore) -> None:
     assert await store.acquire_lock("t1", "dead", 0.15)
     assert not await store.acquire_lock("t1", "b", 30)
     await asyncio.sleep(0.3)
+    assert await store.lock_holder("t1") is None
     assert not await store.renew_lock("t1", "dead", 30)
     assert await store.acquire_lock("t1", "b", 30)
     assert not await store.acquire_lock("t1", "dead", 30)

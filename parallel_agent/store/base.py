@@ -304,6 +304,10 @@ class RunStore(ABC):
     async def release_lock(self, task_id: str, owner: str) -> None:
         """Drop the lock if `owner` holds it; someone else's lock is left alone."""
 
+    @abstractmethod
+    async def lock_holder(self, task_id: str) -> str | None:
+        """The owner of the task's unexpired coordinator lock, or None (read only; for status)."""
+
     # -- chunks ----------------------------------------------------------------------------------
 
     @abstractmethod

@@ -144,6 +144,11 @@ class MemoryStore(RunStore):
             self._locks[task_id] = (owner, now + ttl_s)
             return True
 
+    async def lock_holder(self, task_id: str) -> str | None:
+        async with self._mutex:
+            holder = self._locks.get(task_id)
+            return holder[0] if holder is not None and holder[1] > self._now() else None
+
     async def release_lock(self, task_id: str, owner: str) -> None:
         async with self._mutex:
             holder = self._locks.get(task_id)

@@ -312,6 +312,13 @@ class RedisStore(RunStore):
     async def renew_lock(self, task_id: str, owner: str, ttl_s: float) -> bool:
         return await self._lock("renew", task_id, owner, ttl_s)
 
+    async def lock_holder(self, task_id: str) -> str | None:
+        key = self._keys(task_id).lock
+        value = await self._call(lambda client: client.get(key))
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
     async def release_lock(self, task_id: str, owner: str) -> None:
         await self._lock("release", task_id, owner, 0)
 

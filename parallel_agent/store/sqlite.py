@@ -329,6 +329,16 @@ class SqliteStore(RunStore):
 
         return await self._write(renew)
 
+    async def lock_holder(self, task_id: str) -> str | None:
+        def holder(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT owner FROM locks WHERE task_id = ? AND expires_at > ?",
+                (task_id, self._now()),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._read(holder)
+
     async def release_lock(self, task_id: str, owner: str) -> None:
         await self._write(
             lambda conn: conn.execute(
