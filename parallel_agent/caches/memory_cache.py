@@ -1,0 +1,120 @@
+"""In-process cache: the default for tests and single-process runs.
+
+Values are stored encoded, exactly as Redis would hold them, so a module mutating what it read
+never changes the cache behind the engine's back and both backends behave the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any, Self
+
+from parallel_agent.caches.cache import Cache, KeySet
+from parallel_agent.caches.codec import decode, encode
+
+
+class _Store:
+    """State shared by a cache and its prefix views."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.versions: dict[str, int] = {}
+        self.mailboxes: dict[str, asyncio.Queue[bytes]] = {}
+
+
+class MemoryCache(Cache):
+    """A dict-backed Cache; no awaits inside an operation, so each one is atomic."""
+
+    def __init__(self, prefix: str = "", *, _store: _Store | None = None) -> None:
+        super().__init__(prefix)
+        self._store = _store if _store is not None else _Store()
+
+    def with_prefix(self, prefix: str) -> Self:
+        return type(self)(self.prefix + prefix, _store=self._store)
+
+    def _bump(self, full: str) -> None:
+        self._store.versions[full] = self._store.versions.get(full, 0) + 1
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        raw = self._store.data.get(self.prefix + key)
+        return default if raw is None else decode(raw)
+
+    async def set(self, key: str, value: Any) -> None:
+        encoded = encode(value)
+        self._store.data[self.prefix + key] = encoded
+        self._bump(self.prefix + key)
+
+    async def delete(self, key: str) -> None:
+        if self._store.data.pop(self.prefix + key, None) is not None:
+            self._bump(self.prefix + key)
+
+    def _own(self) -> list[str]:
+        return [k for k in self._store.data if k.startswith(self.prefix)]
+
+    async def keys(self) -> KeySet:
+        cut = len(self.prefix)
+        return {k[cut:] for k in self._own()}
+
+    async def get_all(self) -> dict[str, Any]:
+        cut = len(self.prefix)
+        return {k[cut:]: decode(self._store.data[k]) for k in self._own()}
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        data = self._store.data
+        raws = {k: data.get(self.prefix + k) for k in keys}
+        return {k: decode(raw) for k, raw in raws.items() if raw is not None}
+
+    async def clear(self) -> None:
+        for full in self._own():
+            del self._store.data[full]
+            self._bump(full)
+        for name in [m for m in self._store.mailboxes if m.startswith(self.prefix)]:
+            del self._store.mailboxes[name]
+
+    def _queue(self, mailbox: str) -> asyncio.Queue[bytes]:
+        return self._store.mailboxes.setdefault(self.prefix + mailbox, asyncio.Queue())
+
+    async def publish_to_mailbox(self, mailbox: str, value: Any) -> None:
+        self._queue(mailbox).put_nowait(encode(value))
+
+    async def get_message(self, mailbox: str, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        queue = self._queue(mailbox)
+        if timeout is None or timeout <= 0:
+            return None if queue.empty() else decode(queue.get_nowait())
+        try:
+            async with asyncio.timeout(timeout):
+                return decode(await queue.get())
+        except TimeoutError:
+            return None
+
+    async def read_versioned(self, keys: Iterable[str]) -> dict[str, tuple[Any, int]]:
+        data, versions = self._store.data, self._store.versions
+        result: dict[str, tuple[Any, int]] = {}
+        for key in keys:
+            full = self.prefix + key
+            raw = data.get(full)
+            result[key] = (None if raw is None else decode(raw), versions.get(full, 0))
+        return result
+
+    async def commit_if_unchanged(
+        self,
+        expected: dict[str, int],
+        writes: dict[str, Any],
+        deletes: KeySet,
+        messages: list[tuple[str, Any]],
+    ) -> bool:
+        versions = self._store.versions
+        if any(versions.get(self.prefix + k, 0) != v for k, v in expected.items()):
+            return False
+        encoded = {k: encode(v) for k, v in writes.items()}  # encode first: fail before writing
+        payloads = [(m, encode(v)) for m, v in messages]
+        for key, raw in encoded.items():
+            self._store.data[self.prefix + key] = raw
+            self._bump(self.prefix + key)
+        for key in deletes:
+            self._store.data.pop(self.prefix + key, None)
+            self._bump(self.prefix + key)
+        for mailbox, raw in payloads:
+            self._queue(mailbox).put_nowait(raw)
+        return True

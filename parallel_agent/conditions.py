@@ -1,0 +1,393 @@
+"""Sandboxed expressions: flow-control conditions, node guards and per-item `expr`s.
+
+Expressions are parsed once, checked statically, and evaluated by asteval (never `eval`) against a
+whitelisted symbol table: no `open`, no imports, no dunder access, no statements. Allocation is capped
+(`[0]*10**9`, `'x'.ljust(10**9)`, `10**10**9` fail fast) and comprehensions have an iteration budget,
+because conditions run inside the engine's event loop. Nothing is kept at module level: each compiled
+expression owns its interpreters (one per thread, since per-item expressions run in worker threads).
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from asteval import Interpreter
+from asteval.astutils import op2func
+
+from parallel_agent.errors import ConditionError
+
+MAX_EXPRESSION_LENGTH = 10_000
+MAX_SIZE = 1_000_000
+"""Largest sequence (elements or characters) an expression may build, counting nested items."""
+MAX_INT_BITS = 100_000
+MAX_ITERATIONS = 1_000_000
+"""Comprehension iterations allowed per evaluation."""
+
+FORBIDDEN_NAMES = frozenset(
+    {
+        "open", "eval", "exec", "compile", "getattr", "setattr", "delattr", "hasattr", "globals",
+        "locals", "vars", "dir", "type", "input", "breakpoint", "help", "memoryview", "object",
+        "super", "classmethod", "staticmethod", "property", "exit", "quit", "print", "id",
+        "bytearray", "bytes", "iter", "next", "callable", "issubclass", "format", "repr", "hash",
+    }
+)  # fmt: skip
+"""Names refused at compile time even if a caller binds them: they reach I/O or object internals."""
+
+ALLOWED_NODES: tuple[type[ast.AST], ...] = (
+    ast.Expression, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.IfExp, ast.Dict, ast.Set, ast.List,
+    ast.Tuple, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.comprehension,
+    ast.Compare, ast.Call, ast.keyword, ast.Constant, ast.Attribute, ast.Subscript, ast.Slice,
+    ast.Name, ast.Load, ast.Store, ast.JoinedStr, ast.FormattedValue, ast.operator, ast.boolop,
+    ast.unaryop, ast.cmpop,
+)  # fmt: skip
+
+CONSTANTS: dict[str, Any] = {"null": None, "true": True, "false": False}
+_FORMAT_SPEC = re.compile(r"[<>^=]?[+\- ]?#?0?\d{0,3}[,_]?(\.\d{1,3})?[bcdeEfFgGnosxX%]?")
+_NESTED: tuple[type, ...] = (str, bytes, list, tuple, set, frozenset, dict)
+_SEQUENCES: tuple[type, ...] = (str, bytes, list, tuple)
+_AMPLIFYING_METHODS = frozenset(
+    {"ljust", "rjust", "center", "zfill", "expandtabs", "replace", "join", "extend"}
+)
+
+
+class SandboxLimitError(RuntimeError):
+    """Raised inside an evaluation that would exceed a size or iteration cap."""
+
+
+def _size(value: Any, budget: int = MAX_SIZE) -> int:
+    """Elements and characters in `value`, nested containers included, counted up to `budget` + 1."""
+    if not isinstance(value, _NESTED):
+        return 1
+    total = 0
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        total += len(item)
+        if total > budget:
+            return budget + 1
+        if isinstance(item, dict):
+            stack.extend(v for v in (*item.keys(), *item.values()) if isinstance(v, _NESTED))
+        elif not isinstance(item, str | bytes):
+            stack.extend(v for v in item if isinstance(v, _NESTED))
+    return total
+
+
+def _check_size(size: int, what: str) -> None:
+    if size > MAX_SIZE:
+        raise SandboxLimitError(f"{what} would exceed the size limit of {MAX_SIZE}")
+
+
+def _check_binop(op: type[ast.operator], left: Any, right: Any) -> None:
+    """Refuse operations whose result would be too big, before Python allocates it."""
+    if op is ast.Mult:
+        seq: Any
+        count: Any
+        seq, count = (left, right) if isinstance(left, _SEQUENCES) else (right, left)
+        if isinstance(seq, _SEQUENCES) and isinstance(count, int) and count > 1:
+            _check_size(_size(seq, MAX_SIZE // count + 1) * count, "repetition")
+        elif (
+            isinstance(left, int)
+            and isinstance(right, int)
+            and left.bit_length() + right.bit_length() > MAX_INT_BITS
+        ):
+            raise SandboxLimitError(f"integer product over {MAX_INT_BITS} bits")
+    elif op is ast.Add and isinstance(left, _SEQUENCES) and isinstance(right, _SEQUENCES):
+        pair: tuple[Any, Any] = (left, right)
+        _check_size(len(pair[0]) + len(pair[1]), "concatenation")
+    elif op is ast.Pow and isinstance(left, int) and isinstance(right, int) and right > 0:
+        if abs(left) > 1 and left.bit_length() * right > MAX_INT_BITS:
+            raise SandboxLimitError(f"power over {MAX_INT_BITS} bits")
+    elif op is ast.LShift and isinstance(left, int) and isinstance(right, int):
+        if left.bit_length() + right > MAX_INT_BITS:
+            raise SandboxLimitError(f"shift over {MAX_INT_BITS} bits")
+    elif op is ast.Mod and isinstance(left, str | bytes):
+        raise SandboxLimitError("%-formatting of strings is not allowed")
+
+
+def _guard_method(name: str, method: Callable[..., Any], owner: Any) -> Callable[..., Any]:
+    """Wrap a str/bytes/list method that can multiply its input size with a pre-check."""
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if name in ("ljust", "rjust", "center", "zfill") and args and isinstance(args[0], int):
+            _check_size(args[0], f"str.{name}")
+        elif name == "expandtabs":
+            tab = args[0] if args else kwargs.get("tabsize", 8)
+            _check_size(len(owner) * max(int(tab), 1), "str.expandtabs")
+        elif name == "replace" and len(args) >= 2:
+            _check_size(len(owner) + (len(owner) + 1) * len(args[1]), "str.replace")
+        elif name == "join" and args:
+            parts = list(args[0])
+            _check_size(len(owner) * len(parts), "str.join")
+            _check_size(sum(_size(part) for part in parts), "str.join")
+            return method(parts)
+        elif name == "extend" and args:
+            items = list(args[0])
+            _check_size(len(owner) + len(items), "list.extend")
+            return method(items)
+        return method(*args, **kwargs)
+
+    return guarded
+
+
+def _capped_range(*args: int) -> range:
+    result = range(*args)
+    _check_size(len(result), "range")
+    return result
+
+
+def _safe_sum(values: Iterable[Any], start: Any = 0) -> Any:
+    if not isinstance(start, int | float):
+        raise SandboxLimitError("sum() only adds numbers")
+    return sum(values, start)
+
+
+def _safe_str(value: Any = "") -> str:
+    _check_size(_size(value), "str()")
+    return str(value)
+
+
+def base_symbols() -> dict[str, Any]:
+    """The symbols every expression sees: a whitelist of pure builtins and the JSON constants."""
+    return {
+        "len": len, "min": min, "max": max, "sum": _safe_sum, "any": any, "all": all, "abs": abs,
+        "round": round, "sorted": sorted, "reversed": lambda seq: list(reversed(seq)),
+        "range": _capped_range, "str": _safe_str, "int": int, "float": float, "bool": bool,
+        "list": list, "dict": dict, "set": set, "tuple": tuple, "enumerate": enumerate, "zip": zip,
+        "isinstance": isinstance, "divmod": divmod, **CONSTANTS,
+    }  # fmt: skip
+
+
+class _SandboxInterpreter(Interpreter):  # type: ignore[misc]
+    """asteval with size checks on operators and methods, and an iteration budget."""
+
+    def __init__(self) -> None:
+        disabled = (
+            "import", "importfrom", "while", "for", "try", "with", "functiondef", "lambda",
+            "augassign", "assert", "delete", "raise", "print", "assign", "if", "return", "break",
+            "continue",
+        )  # fmt: skip
+        super().__init__(
+            symtable=base_symbols(),
+            use_numpy=False,
+            max_statement_length=MAX_EXPRESSION_LENGTH,
+            config=dict.fromkeys(disabled, False),
+            writer=io.StringIO(),
+            err_writer=io.StringIO(),
+        )
+        self.node_handlers["generatorexp"] = self.on_listcomp
+        self.iterations = 0
+
+    def reset(self, symtable: dict[str, Any], text: str) -> None:
+        self.symtable = symtable
+        self.error: list[Any] = []
+        self.error_msg = None
+        self.expr = text
+        self.code_text: list[str] = []
+        self.retval = None
+        self._interrupt = None
+        self._calldepth = 0
+        self.iterations = 0
+
+    def on_binop(self, node: ast.BinOp) -> Any:
+        left = self.run(node.left)
+        right = self.run(node.right)
+        _check_binop(type(node.op), left, right)
+        return op2func(node.op)(left, right)
+
+    def on_attribute(self, node: ast.Attribute) -> Any:
+        value = super().on_attribute(node)
+        owner = getattr(value, "__self__", None)
+        if node.attr in _AMPLIFYING_METHODS and isinstance(owner, str | bytes | list):
+            return _guard_method(node.attr, value, owner)
+        return value
+
+    def on_formattedvalue(self, node: ast.FormattedValue) -> Any:
+        _check_size(_size(self.run(node.value)), "f-string value")
+        return super().on_formattedvalue(node)
+
+    def do_generator(self, gnodes: list[ast.comprehension], node: ast.AST, out: Any) -> None:
+        gnode = gnodes[0]
+        original_iter = gnode.iter
+        values = self.run(original_iter)
+
+        def counted() -> Iterable[Any]:
+            for value in values:
+                self.iterations += 1
+                if self.iterations > MAX_ITERATIONS:
+                    raise SandboxLimitError(f"more than {MAX_ITERATIONS} comprehension iterations")
+                yield value
+
+        # asteval re-evaluates `gnode.iter`; hand it a pre-evaluated, counted iterable instead.
+        holder = ast.Constant(value=counted())  # type: ignore[arg-type]
+        patched = ast.comprehension(
+            target=gnode.target, iter=holder, ifs=gnode.ifs, is_async=gnode.is_async
+        )
+        super().do_generator([patched, *gnodes[1:]], node, out)
+
+
+def _static_check(tree: ast.AST, text: str, what: str) -> None:
+    """Refuse constructs that could escape the sandbox, before anything runs."""
+    for node in ast.walk(tree):
+        problem: str | None = None
+        if not isinstance(node, ALLOWED_NODES):
+            problem = f"{type(node).__name__} is not allowed"
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            problem = f"access to attribute '{node.attr}' is not allowed"
+        elif isinstance(node, ast.Name) and (
+            node.id.startswith("__") or node.id in FORBIDDEN_NAMES
+        ):
+            problem = f"name '{node.id}' is not allowed"
+        elif isinstance(node, ast.FormattedValue) and node.format_spec is not None:
+            spec = node.format_spec
+            parts = spec.values if isinstance(spec, ast.JoinedStr) else [spec]
+            if not all(
+                isinstance(p, ast.Constant)
+                and isinstance(p.value, str)
+                and _FORMAT_SPEC.fullmatch(p.value)
+                for p in parts
+            ):
+                problem = "this f-string format specification is not allowed"
+        if problem is not None:
+            raise ConditionError(f"{what}: {problem} in expression {text!r}")
+
+
+def _free_names(tree: ast.AST, bound: frozenset[str] = frozenset()) -> set[str]:
+    """Names read by the expression that are not bound by one of its comprehensions."""
+    if isinstance(tree, ast.Name):
+        return set() if tree.id in bound else {tree.id}
+    if isinstance(tree, ast.ListComp | ast.SetComp | ast.GeneratorExp | ast.DictComp):
+        names: set[str] = set()
+        inner = set(bound)
+        for generator in tree.generators:
+            names |= _free_names(generator.iter, frozenset(inner))
+            inner |= {n.id for n in ast.walk(generator.target) if isinstance(n, ast.Name)}
+            for condition in generator.ifs:
+                names |= _free_names(condition, frozenset(inner))
+        parts = [tree.key, tree.value] if isinstance(tree, ast.DictComp) else [tree.elt]
+        for part in parts:
+            names |= _free_names(part, frozenset(inner))
+        return names
+    names = set()
+    for child in ast.iter_child_nodes(tree):
+        names |= _free_names(child, bound)
+    return names
+
+
+class _Program:
+    """A parsed, checked expression plus one interpreter per thread."""
+
+    def __init__(self, text: str, what: str) -> None:
+        if not isinstance(text, str) or not text.strip():
+            raise ConditionError(f"{what}: the expression is empty")
+        if len(text) > MAX_EXPRESSION_LENGTH:
+            raise ConditionError(
+                f"{what}: the expression is longer than {MAX_EXPRESSION_LENGTH} characters"
+            )
+        self.text = text
+        self.what = what
+        source = text.strip()
+        try:
+            tree = ast.parse(source, mode="eval")
+        except SyntaxError as exc:
+            raise ConditionError(
+                f"{what}: invalid syntax ({exc.msg}) in expression {text!r}"
+            ) from None
+        _static_check(tree, text, what)
+        self.names = frozenset(_free_names(tree) - set(base_symbols()))
+        # asteval runs statements; hand it the same expression wrapped as one.
+        module = ast.Module(body=[ast.Expr(value=tree.body)], type_ignores=[])
+        self.node = ast.fix_missing_locations(module)
+        self.local = threading.local()
+
+    def interpreter(self) -> _SandboxInterpreter:
+        interp: _SandboxInterpreter | None = getattr(self.local, "interp", None)
+        if interp is None:
+            interp = _SandboxInterpreter()
+            self.local.interp = interp
+            self.local.base = base_symbols()
+        return interp
+
+    def run(self, interp: _SandboxInterpreter, symtable: dict[str, Any]) -> Any:
+        interp.reset(symtable, self.text)
+        try:
+            value = interp.run(self.node.body[0], with_raise=True)
+        except Exception as exc:
+            raise self._error(interp, exc) from None
+        if interp.error:
+            raise self._error(interp, None)
+        return value
+
+    def _error(self, interp: _SandboxInterpreter, exc: Exception | None) -> ConditionError:
+        first = interp.error[0] if interp.error else None
+        if first is not None and first.exc is not None:
+            kind, message = first.exc.__name__, first.msg or interp.error_msg or ""
+        elif exc is not None:
+            kind, message = type(exc).__name__, str(exc)
+        else:
+            kind, message = "Error", ""
+        message = message.strip().splitlines()[-1] if message.strip() else kind
+        return ConditionError(f"{self.what}: {kind}: {message} in expression {self.text!r}")
+
+
+class Condition:
+    """A compiled condition: read `names` from a snapshot, then `evaluate` it."""
+
+    def __init__(self, text: str, *, what: str) -> None:
+        self._program = _Program(text, what)
+        self.text = text
+        self.what = what
+        self.names: frozenset[str] = self._program.names
+        """Free names the condition reads (cache keys); fetch exactly these, in one snapshot."""
+
+    def evaluate(self, namespace: Mapping[str, Any]) -> Any:
+        """Evaluate against `namespace`; a name it lacks is None. Errors raise ConditionError."""
+        program = self._program
+        interp = program.interpreter()
+        symtable = dict(program.local.base)
+        for name in self.names:
+            symtable[name] = namespace.get(name)
+        return program.run(interp, symtable)
+
+    def __repr__(self) -> str:
+        return f"Condition({self.text!r})"
+
+
+class Expression:
+    """A compiled per-item expression over `item`, `index` and `params`, cheap to evaluate often."""
+
+    def __init__(self, text: str, *, what: str) -> None:
+        self._program = _Program(text, what)
+        self.text = text
+        self.what = what
+        self.names: frozenset[str] = self._program.names
+
+    def evaluate(self, namespace: Mapping[str, Any]) -> Any:
+        """Evaluate with the names in `namespace` bound (others read as None)."""
+        program = self._program
+        interp = program.interpreter()
+        symtable: dict[str, Any] = getattr(program.local, "symtable", None) or {}
+        if len(symtable) != len(program.local.base) + len(self.names):
+            # First use in this thread, or a comprehension left a name behind: start clean.
+            symtable = dict(program.local.base)
+            program.local.symtable = symtable
+        for name in self.names:
+            symtable[name] = namespace.get(name)
+        return program.run(interp, symtable)
+
+    def __repr__(self) -> str:
+        return f"Expression({self.text!r})"
+
+
+def compile_condition(text: str, *, what: str) -> Condition:
+    """Parse and check a condition once; raises ConditionError naming `what` and the expression."""
+    return Condition(text, what=what)
+
+
+def compile_expression(text: str, *, what: str) -> Expression:
+    """Parse and check a per-item expression (names: `item`, `index`, `params`) once."""
+    return Expression(text, what=what)

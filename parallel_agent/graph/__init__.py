@@ -1,0 +1,31 @@
+"""The graph model and engine: tasks, modules, nodes, planning and the Agent that runs them."""
+
+from parallel_agent.caches.cache import Cache
+from parallel_agent.graph.agent import Agent
+from parallel_agent.graph.modules import (
+    AgentModule,
+    FlowControlConfig,
+    FlowControlModule,
+    FlowDecision,
+    ModuleConfig,
+    ModuleType,
+)
+from parallel_agent.graph.nodes import Node, NodeConfig
+from parallel_agent.graph.plan import Plan
+from parallel_agent.graph.tasks import Task, TaskStatus
+
+__all__ = [
+    "Agent",
+    "AgentModule",
+    "Cache",
+    "FlowControlConfig",
+    "FlowControlModule",
+    "FlowDecision",
+    "ModuleConfig",
+    "ModuleType",
+    "Node",
+    "NodeConfig",
+    "Plan",
+    "Task",
+    "TaskStatus",
+]
