@@ -55,6 +55,15 @@ class ChunksPlanned(Event):
 
 
 @dataclass(frozen=True)
+class ChunkStarted(Event):
+    kind: str = field(init=False, default="chunk_started")
+    node: str = ""
+    chunk: int = 0
+    items: int = 0
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
 class ChunkDone(Event):
     kind: str = field(init=False, default="chunk_done")
     node: str = ""

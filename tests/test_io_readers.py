@@ -4,136 +4,327 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from parallel_agent.errors import InputDataError, UsageError
-from parallel_agent.io import detect_format, iter_records, read_chunks
+from parallel_agent.io import BLOCK_SIZE, Record, detect_format, iter_records, read_chunks
+
+BLOCKS = [1, 2, 3, 7, 64, BLOCK_SIZE]
 
 
-def records(data: bytes, fmt: str, block_size: int = 5, **options: Any) -> list[Any]:
-    return list(iter_records(io.BytesIO(data), fmt, block_size=block_size, **options))
+def values(data: bytes, fmt: str, block_size: int = 5, **options: Any) -> list[Any]:
+    """Values through the chunked (fast) path."""
+    reader = read_chunks(io.BytesIO(data), fmt, 2, block_size=block_size, **options)
+    return [value for chunk in reader for value in chunk.records]
 
 
-def error(data: bytes, fmt: str, **options: Any) -> str:
-    with pytest.raises(InputDataError) as caught:
-        records(data, fmt, display_name="in.x", **options)
-    assert caught.value.exit_code == 3
-    return str(caught.value)
+def records(data: bytes, fmt: str, block_size: int = 5, **options: Any) -> list[tuple[int, Any]]:
+    """(line, value) through the located path."""
+    found = list(iter_records(io.BytesIO(data), fmt, block_size=block_size, **options))
+    assert [r.number for r in found] == list(range(1, len(found) + 1))
+    return [(r.line, r.value) for r in found]
 
 
-@pytest.mark.parametrize("block_size", [1, 3, 7, 1 << 20])
+def error(data: bytes, fmt: str, block_size: int = 5, **options: Any) -> str:
+    """The error message, which must be the same on the fast and the located path."""
+    messages = []
+    for read in (values, records):
+        with pytest.raises(InputDataError) as caught:
+            read(data, fmt, block_size, display_name="in.x", **options)
+        assert caught.value.exit_code == 3
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    return messages[0]
+
+
+# ---- JSON Lines ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", BLOCKS)
 def test_jsonl_skips_blank_lines_and_handles_bom_and_crlf(block_size: int) -> None:
-    data = b'\xef\xbb\xbf{"a": 1}\r\n\n  \n[1, 2]\n"s"\n3'
-    assert records(data, "jsonl", block_size) == [{"a": 1}, [1, 2], "s", 3]
+    data = b'\xef\xbb\xbf{"a": 1}\r\n\n  \n[1, 2]\r\n\t\n"s"\n3'
+    assert values(data, "jsonl", block_size) == [{"a": 1}, [1, 2], "s", 3]
+    assert records(data, "jsonl", block_size) == [(1, {"a": 1}), (4, [1, 2]), (6, "s"), (7, 3)]
 
 
-def test_jsonl_error_has_line_column_and_record() -> None:
-    message = error(b'{"a": 1}\n\n{"a": 2}\n{"a": 3,,}\n', "jsonl")
-    assert message.startswith("in.x, line 4, column 9, record 3: invalid JSON")
+def test_jsonl_final_newline_and_empty_input() -> None:
+    assert values(b"1\n2\n", "jsonl") == [1, 2]
+    assert values(b"", "jsonl") == []
+    assert values(b"\xef\xbb\xbf\n\n", "jsonl") == []
+
+
+@pytest.mark.parametrize("block_size", [1, 4, BLOCK_SIZE])
+def test_jsonl_error_has_line_column_and_record(block_size: int) -> None:
+    message = error(b'{"a": 1}\n\n{"a": 2}\n{"a": 3,,}\n', "jsonl", block_size)
+    assert message == (
+        "in.x, line 4, column 9, record 3: invalid JSON: unexpected character, expected a string key"
+    )
+
+
+def test_jsonl_error_columns_count_characters() -> None:
+    assert error('{"é": 3,,}\n'.encode(), "jsonl").startswith("in.x, line 1, column 9, record 1:")
 
 
 def test_jsonl_error_on_last_line_without_newline() -> None:
     assert error(b"1\n2\n{", "jsonl").startswith("in.x, line 3, column 2, record 3:")
 
 
-@pytest.mark.parametrize("block_size", [1, 4, 1 << 20])
+def test_jsonl_invalid_utf8_is_located() -> None:
+    message = error(b'1\n"ok \xc3\xa9 \xff"\n', "jsonl")
+    assert message == "in.x, line 2, column 7, record 2: invalid UTF-8 (invalid start byte)"
+
+
+# ---- JSON ---------------------------------------------------------------------------------------
+
+ARRAY = b'[1, "a]b\\"c,", {"x": [1, {"y": "},{"}]},\n null, true, -2.5e3, [], "\xc3\xa9"]'
+ARRAY_VALUES = [1, 'a]b"c,', {"x": [1, {"y": "},{"}]}, None, True, -2500.0, [], "é"]
+
+
+@pytest.mark.parametrize("block_size", BLOCKS)
 def test_json_array_streamed_across_blocks(block_size: int) -> None:
-    data = b'[1, "a]b\\"c", {"x": [1, {"y": "}"}]},\n null, true, -2.5e3, []]'
-    assert records(data, "json", block_size) == [
-        1,
-        'a]b"c',
-        {"x": [1, {"y": "}"}]},
-        None,
-        True,
-        -2500.0,
-        [],
+    assert values(ARRAY, "json", block_size) == ARRAY_VALUES
+    assert records(ARRAY, "json", block_size) == [(1, v) for v in ARRAY_VALUES[:3]] + [
+        (2, v) for v in ARRAY_VALUES[3:]
     ]
 
 
-def test_json_object_with_data_key_and_other_keys() -> None:
-    data = b'{"meta": {"n": [1, 2]}, "rows": [{"id": 1}, {"id": 2}], "tail": "x"}'
-    assert records(data, "json", 3, data_key="rows") == [{"id": 1}, {"id": 2}]
+@pytest.mark.parametrize("block_size", [1, 3, 64, BLOCK_SIZE])
+def test_json_object_with_data_key_and_other_keys(block_size: int) -> None:
+    data = b'{"meta": {"n": [1, 2], "s": "[{"}, "rows": [{"id": 1},\n{"id": 2}], "tail": {"a": 1}}'
+    assert values(data, "json", block_size, data_key="rows") == [{"id": 1}, {"id": 2}]
+    assert records(data, "json", block_size, data_key="rows") == [(1, {"id": 1}), (2, {"id": 2})]
+
+
+def test_json_empty_array_and_whitespace() -> None:
+    assert values(b" \n[ \n ] \n", "json") == []
+    assert values(b'\xef\xbb\xbf{"data": []}', "json") == []
+
+
+def random_value(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(8 if depth < 3 else 5)
+    if kind == 0:
+        return rng.randrange(-(10**6), 10**6)
+    if kind == 1:
+        return rng.choice([None, True, False, 1.5, -0.0, 1e300])
+    if kind in (2, 3, 4):
+        return "".join(rng.choice('ab,:[]{}"\\\n\t é😀') for _ in range(rng.randrange(6)))
+    if kind in (5, 6):
+        return {f"k{i}{rng.choice('[,{')}": random_value(rng, depth + 1) for i in range(3)}
+    return [random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_json_random_documents_match_orjson(seed: int) -> None:
+    rng = random.Random(seed)
+    expected = [random_value(rng) for _ in range(rng.randrange(1, 60))]
+    option = orjson.OPT_INDENT_2 if seed % 2 else 0
+    data = orjson.dumps(expected, option=option)
+    for block_size in (1, 5, 17, 256, BLOCK_SIZE):
+        assert values(data, "json", block_size) == expected, (seed, block_size)
+    assert [value for _, value in records(data, "json", 7)] == expected
+
+
+def test_json_many_records_use_whole_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    expected = [{"id": i, "s": f"[{i}]", "n": [i, {"a": i}]} for i in range(20_000)]
+    path.write_bytes(orjson.dumps(expected))
+    reader = read_chunks(str(path), "json", 1000, block_size=4096)
+    chunks = list(reader)
+    assert [value for chunk in chunks for value in chunk.records] == expected
+    assert [c.first_record for c in chunks] == list(range(0, 20_000, 1000))
+    assert reader.records == 20_000
 
 
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (b"[1, 2,\n 3, }\n", "in.x, line 2, column 5, record 4: expected a record"),
-        (b"[1, 2", "record 2: unterminated array"),
-        (b"[1, 2] x", "unexpected data after the end"),
-        (b'[1, {"a": tru}]', "record 2: invalid JSON"),
-        (b'{"meta": 1}', "has no 'data' array"),
-        (b'{"data": 5}', "'data' must hold an array"),
-        (b"42", "expected a JSON array of records"),
-        (b"", "empty input"),
+        (b"[1, 2,\n 3, }\n", "in.x, line 2, column 5, record 4: expected a record (a JSON value)"),
+        (b"[1, 2,]", "in.x, line 1, column 7, record 3: expected a record (a JSON value)"),
+        (b"[1, 2", "in.x, line 1, column 6, record 2: unterminated array: expected ',' or ']'"),
+        (
+            b"[1,\n",
+            "in.x, line 2, column 1, record 2: unterminated array: expected a record or ']'",
+        ),
+        (b"[1 2]", "in.x, line 1, column 4, record 1: expected ',' or ']' after a record"),
+        (b"[1, 2] x", "in.x, line 1, column 8: unexpected data after the end of the JSON document"),
+        (
+            b'[1,\n  {"a": tru}]',
+            "in.x, line 2, column 9, record 2: invalid JSON: invalid literal, expected 'true'",
+        ),
+        (
+            b'[{"a": "\xff"}]',
+            "in.x, line 1, column 9, record 1: invalid UTF-8 (invalid start byte)",
+        ),
+        (b'{"meta": 1}', "in.x, line 1, column 11: the JSON object has no 'data' array of records"),
+        (b'{"data": 5}', "in.x, line 1, column 10: 'data' must hold an array of records"),
+        (b'{"data": [1]', "in.x, line 1, column 13: expected ',' or '}' in the JSON object"),
+        (b"\n  42", "in.x, line 2, column 3: expected a JSON array of records or an object"),
+        (b"", "in.x, line 1, column 1: empty input: expected a JSON array or object"),
+        (b'["abc', "in.x, line 1, column 6, record 1: unexpected end of data inside a value"),
     ],
 )
 def test_json_errors_are_located(data: bytes, expected: str) -> None:
-    assert expected in error(data, "json")
+    assert error(data, "json").startswith(expected)
 
 
-def test_json_error_line_counts_across_blocks() -> None:
-    data = b"[\n" + b"1,\n" * 50 + b"x]\n"
-    assert error(data, "json").startswith("in.x, line 52, column 1, record 51:")
+def test_json_error_location_counts_across_blocks() -> None:
+    data = b"[\n" + b'{"a": [1, "]"]},\n' * 50 + b'{"a": x}]\n'
+    for block_size in (1, 7, BLOCK_SIZE):
+        message = error(data, "json", block_size)
+        assert message.startswith("in.x, line 52, column 7, record 51: invalid JSON"), block_size
 
 
-@pytest.mark.parametrize("block_size", [1, 6, 1 << 20])
+def test_json_error_column_on_one_long_line() -> None:
+    data = b"[" + b'"\xc3\xa9",' * 1000 + b"nope]"  # 4 characters, 5 bytes per record
+    message = error(data, "json", 64)
+    assert message.startswith("in.x, line 1, column 4002, record 1001: invalid JSON")
+
+
+# ---- CSV ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", BLOCKS)
 def test_csv_quotes_newlines_utf8_bom_and_empty_lines(block_size: int) -> None:
-    data = '\ufeffname,note\n"Smith, J","line one\nline two"\n\nZoë,"say ""hi"""\r\n'.encode()
+    data = '\ufeffname,note\r\n"Smith, J","line one\nline two"\n\n  \nZoë,"say ""hi"""\r\n'.encode()
     assert records(data, "csv", block_size) == [
-        {"name": "Smith, J", "note": "line one\nline two"},
-        {"name": "Zoë", "note": 'say "hi"'},
+        (2, {"name": "Smith, J", "note": "line one\nline two"}),
+        (6, {"name": "Zoë", "note": 'say "hi"'}),
     ]
+    assert values(data, "csv", block_size) == [r for _, r in records(data, "csv", block_size)]
 
 
-def test_csv_unterminated_quote_names_the_line_it_opened_on() -> None:
-    message = error(b'a,b\n1,2\n"x\ny",3\n4,"oops\n5,6\n7,8\n', "csv")
-    assert message.startswith("in.x, line 5, record 3: unterminated quoted field")
+def test_csv_values_stay_strings_and_single_column_keeps_blanks() -> None:
+    assert values(b"zip,n\n02134,1.50\n", "csv") == [{"zip": "02134", "n": "1.50"}]
+    assert values(b"only\n  \nx\n", "csv") == [{"only": "  "}, {"only": "x"}]
+    assert values(b"a,b\n", "csv") == []
+    assert values(b"", "csv") == []
+
+
+def test_csv_many_rows_cross_batches(tmp_path: Path) -> None:
+    path = tmp_path / "rows.csv"
+    path.write_text("id,text\n" + "".join(f'{i},"a\nb,{i}"\n' for i in range(10_000)))
+    found = list(iter_records(str(path), "csv", block_size=1000))
+    assert found[-1] == Record(10_000, 2 + 2 * 9_999, {"id": "9999", "text": "a\nb,9999"})
+    assert len(found) == 10_000
+
+
+@pytest.mark.parametrize("block_size", [1, 8, BLOCK_SIZE])
+def test_csv_unterminated_quote_names_the_line_it_opened_on(block_size: int) -> None:
+    data = b'a,b\n1,2\n"x\ny",3\n4,"oops\n5,6\n7,8\n'
+    message = error(data, "csv", block_size)
+    assert message == "in.x, line 5, record 3: unterminated quoted field (the quote opens here)"
+
+
+def test_csv_unterminated_quote_later_in_a_multiline_row() -> None:
+    data = b'a,b,c\n"x\ny","ok ""q""\nstill",\n"2\n3",4,"open\n5,6,7\n'
+    message = error(data, "csv")
+    assert message == "in.x, line 6, record 2: unterminated quoted field (the quote opens here)"
+
+
+def test_csv_unterminated_quote_before_a_large_remainder() -> None:
+    data = b'a,b\n1,"never closed\n' + b"x,y\n" * 50_000
+    message = error(data, "csv", 4096)
+    assert message.startswith(
+        "in.x, line 2, record 1: quoted field longer than the CSV field limit"
+    )
 
 
 def test_csv_ragged_row_after_a_multiline_field() -> None:
     message = error(b'a,b\n"1\n1",2\n3,4,5\n', "csv")
     assert message == "in.x, line 4, record 2: expected 2 fields as in the header, found 3"
+    assert error(b"a,b\n1,2\n\n3\n", "csv").startswith("in.x, line 4, record 2: expected 2 fields")
+
+
+def test_csv_malformed_quote_is_located() -> None:
+    message = error(b'a,b\n1,2\n"x"y,3\n', "csv")
+    assert message.startswith("in.x, line 3, record 2: malformed CSV:")
 
 
 @pytest.mark.parametrize(
     ("header", "expected"),
-    [(b"a,,b\n", "header field 2 is empty"), (b"a,b,a\n", "'a' appears twice")],
+    [
+        (b"a,,b\n", "in.x, line 1: header field 2 is empty"),
+        (b"\na,b,a\n", "in.x, line 2: header field 'a' appears twice"),
+    ],
 )
 def test_csv_bad_header(header: bytes, expected: str) -> None:
-    assert expected in error(header + b"1,2,3\n", "csv")
+    assert error(header + b"1,2,3\n", "csv") == expected
 
 
-def test_invalid_utf8_is_located() -> None:
-    assert (
-        error(b"a,b\n1,\xff\n", "csv")
-        == "in.x, line 2, column 3: invalid UTF-8 (invalid start byte)"
-    )
-    assert "invalid JSON" in error(b'"\xff"\n', "jsonl")
+def test_csv_invalid_utf8_is_located() -> None:
+    data = "a,b\n1,é\xff\n".encode().replace(b"\xc3\xbf", b"\xff")
+    assert error(data, "csv") == "in.x, line 2, column 4: invalid UTF-8 (invalid start byte)"
 
 
-def test_chunks_size_and_hash_of_a_file(tmp_path: Path) -> None:
+# ---- chunks, identity, formats ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 1000])
+@pytest.mark.parametrize("block_size", [1, 7, BLOCK_SIZE])
+def test_chunks_are_consecutive(tmp_path: Path, chunk_size: int, block_size: int) -> None:
     path = tmp_path / "n.jsonl"
-    path.write_bytes(b"".join(b"%d\n" % i for i in range(7)))
-    reader = read_chunks(str(path), "jsonl", 3)
+    path.write_bytes(b"".join(b"%d\n" % i for i in range(37)))
+    reader = read_chunks(str(path), "jsonl", chunk_size, block_size=block_size)
     chunks = list(reader)
-    assert [(c.index, c.first_record, c.records) for c in chunks] == [
-        (0, 0, [0, 1, 2]),
-        (1, 3, [3, 4, 5]),
-        (2, 6, [6]),
-    ]
-    assert reader.records == 7
-    assert reader.size == path.stat().st_size
-    assert reader.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert all(len(c.records) == chunk_size for c in chunks[:-1])
+    assert [c.first_record for c in chunks] == list(range(0, 37, chunk_size))
+    assert [v for c in chunks for v in c.records] == list(range(37))
+
+
+def test_input_identity_of_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "n.csv"
+    path.write_bytes(b"\xef\xbb\xbfa\n1\n2\n")
+    reader = read_chunks(str(path), "csv", 5)
+    with pytest.raises(RuntimeError):
+        _ = reader.input_identity
+    assert [c.records for c in reader] == [[{"a": "1"}, {"a": "2"}]]
+    identity = reader.input_identity
+    assert identity.size == path.stat().st_size == reader.size
+    assert identity.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() == reader.sha256
+    assert identity.records == 2
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_memory_does_not_grow_with_the_input(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"big.{fmt}"
+    rows = [{"id": str(i), "text": f"a,b\n{i}" * 5} for i in range(120_000)]
+    if fmt == "csv":
+        path.write_text("id,text\n" + "".join(f'{r["id"]},"{r["text"]}"\n' for r in rows))
+    elif fmt == "json":
+        path.write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
+    else:
+        path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    size = path.stat().st_size
+    assert size > 6_000_000
+    tracemalloc.start()
+    try:
+        count = sum(len(chunk.records) for chunk in read_chunks(str(path), fmt, 100))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == len(rows)
+    # A block, a batch and a chunk: a reader holding the input (or its text) would pass 6 MB.
+    assert peak < 4_000_000, f"peak {peak} bytes for a {size}-byte input"
+
+
+def test_stream_errors_name_stdin() -> None:
+    with pytest.raises(InputDataError, match=r"^<stdin>, line 1, column 1, record 1:"):
+        list(read_chunks(io.BytesIO(b"x\n"), "jsonl", 1))
 
 
 def test_format_detection() -> None:
     assert detect_format("a.JSON") == "json"
     assert detect_format("a.ndjson") == "jsonl"
-    assert detect_format("a.txt", "csv") == "csv"
+    assert detect_format("dir.v2/a.Jsonl") == "jsonl"
+    assert detect_format("a.txt", "CSV") == "csv"
+    assert detect_format("-", "json") == "json"
     with pytest.raises(UsageError, match="--format"):
         detect_format("-")
     with pytest.raises(UsageError, match="extension"):

@@ -6,57 +6,124 @@ import errno
 import io
 import json
 import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from parallel_agent.errors import OutputError, UsageError
-from parallel_agent.io import check_writable, detect_output_format, open_writer
+from parallel_agent.io import (
+    check_writable,
+    detect_output_format,
+    iter_records,
+    open_writer,
+    write_records_like_input,
+)
 
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
 
+def enospc(*args: Any, **kwargs: Any) -> Any:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 @pytest.mark.parametrize("fmt", ["json", "jsonl"])
 def test_json_formats_round_trip(tmp_path: Path, fmt: str) -> None:
     target = tmp_path / f"out.{fmt}"
-    values = [1, {"a": [1, 2]}, "x\ny", None]
+    expected = [1, {"a": [1, 2]}, "x\ny", None, "é", True]
     with open_writer(str(target), fmt) as writer:
-        writer.write(values[:2])
+        writer.write(expected[:2])
         writer.write([])
         writer.write_encoded_jsonl(b'"x\\ny"\nnull\n')
-    text = target.read_text()
+        writer.write_encoded_jsonl(b"")
+        writer.write(iter(expected[4:5]))
+        writer.write_encoded_jsonl(b"true")
+    assert writer.count == len(expected)
+    text = target.read_text(encoding="utf-8")
     loaded = json.loads(text) if fmt == "json" else [json.loads(line) for line in text.splitlines()]
-    assert loaded == values
+    assert loaded == expected
     assert leftovers(tmp_path) == []
 
 
-def test_empty_json_array(tmp_path: Path) -> None:
-    target = tmp_path / "out.json"
-    with open_writer(str(target), "json"):
-        pass
-    assert json.loads(target.read_text()) == []
+def test_empty_outputs(tmp_path: Path) -> None:
+    for name in ("out.json", "out.jsonl", "out.csv"):
+        with open_writer(str(tmp_path / name), detect_output_format(name)):
+            pass
+    assert json.loads((tmp_path / "out.json").read_text()) == []
+    assert (tmp_path / "out.jsonl").read_bytes() == b""
+    assert (tmp_path / "out.csv").read_bytes() == b""
 
 
-def test_csv_header_from_first_record_and_json_cells(tmp_path: Path) -> None:
+def test_csv_header_from_first_record_and_cells(tmp_path: Path) -> None:
     target = tmp_path / "out.csv"
     with open_writer(str(target), "csv") as writer:
-        writer.write([{"id": 1, "tags": ["a", "b"], "name": "Smith, J"}, {"id": 2, "name": "Zoë"}])
+        writer.write([{"id": 1, "tags": ["a", "b"], "name": "Smith, J", "ok": True}])
+        writer.write_encoded_jsonl(b'{"id": 2, "name": "Zo\xc3\xab", "ok": null}\n')
     assert target.read_text(encoding="utf-8").splitlines() == [
-        "id,tags,name",
-        '1,"[""a"",""b""]","Smith, J"',
-        "2,,Zoë",
+        "id,tags,name,ok",
+        '1,"[""a"",""b""]","Smith, J",true',
+        "2,,Zoë,",
     ]
+
+
+def test_csv_non_object_records_use_a_value_column(tmp_path: Path) -> None:
+    target = tmp_path / "out.csv"
+    with open_writer(str(target), "csv") as writer:
+        writer.write([1, "two", [3]])
+    assert target.read_text().splitlines() == ["value", "1", "two", "[3]"]
 
 
 def test_csv_new_field_is_an_error_and_leaves_nothing(tmp_path: Path) -> None:
     target = tmp_path / "out.csv"
     with (
-        pytest.raises(OutputError, match="record 2 has fields b"),
-        open_writer(str(target), "csv") as w,
+        pytest.raises(OutputError, match="record 2 has fields b that the CSV header"),
+        open_writer(str(target), "csv") as writer,
     ):
-        w.write([{"a": 1}, {"a": 2, "b": 3}])
+        writer.write([{"a": 1}, {"a": 2, "b": 3}])
+    assert not target.exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("block_size", [3, 1 << 16])
+def test_csv_records_round_trip_like_input(tmp_path: Path, block_size: int) -> None:
+    source = tmp_path / "in.csv"
+    source.write_bytes(
+        '\ufeffz,a,note\r\n02134,"x, y","two\nlines"\n\n9,,"say ""hi"" é"\n'.encode()
+    )
+    originals = [r.value for r in iter_records(str(source), "csv", block_size=block_size)]
+    copy = tmp_path / "failed.csv"
+    assert write_records_like_input(str(copy), "csv", originals) == 2
+    assert copy.read_text(encoding="utf-8").splitlines()[0] == "z,a,note"
+    assert [r.value for r in iter_records(str(copy), "csv")] == originals
+
+
+def test_write_records_like_input_keeps_csv_header_without_records(tmp_path: Path) -> None:
+    target = tmp_path / "failed.csv"
+    assert write_records_like_input(str(target), "csv", [], fields=["b", "a"]) == 0
+    assert target.read_text() == "b,a\n"
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_json_records_round_trip_like_input(tmp_path: Path, fmt: str) -> None:
+    originals = [{"id": 1, "x": [1, "é"]}, 2, None]
+    target = tmp_path / f"failed.{fmt}"
+    write_records_like_input(str(target), fmt, originals)
+    assert [r.value for r in iter_records(str(target), fmt)] == originals
+
+
+def test_unencodable_value_is_an_output_error(tmp_path: Path) -> None:
+    target = tmp_path / "out.jsonl"
+    with (
+        pytest.raises(OutputError, match="record 2 cannot be encoded"),
+        open_writer(str(target), "jsonl") as writer,
+    ):
+        writer.write([1, {1, 2}])
     assert not target.exists()
     assert leftovers(tmp_path) == []
 
@@ -66,49 +133,167 @@ def test_exception_discards_and_keeps_previous_file(tmp_path: Path) -> None:
     target.write_text("previous\n")
     with pytest.raises(RuntimeError), open_writer(str(target), "jsonl") as writer:
         writer.write([1, 2])
+        assert leftovers(tmp_path) != []
         raise RuntimeError("crash mid-write")
     assert target.read_text() == "previous\n"
     assert leftovers(tmp_path) == []
 
 
-def test_enospc_at_fsync_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exception_leaves_no_target(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    with pytest.raises(KeyboardInterrupt), open_writer(str(target), "json") as writer:
+        writer.write([1])
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_replacing_keeps_the_previous_file_mode(tmp_path: Path) -> None:
     target = tmp_path / "out.jsonl"
+    target.write_text("old\n")
+    target.chmod(0o600)
+    with open_writer(str(target), "jsonl") as writer:
+        writer.write([1])
+    assert target.read_text() == "1\n"
+    assert target.stat().st_mode & 0o777 == 0o600
 
-    def full(fd: int) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "fsync", full)
+@pytest.mark.parametrize("step", ["fsync", "replace"])
+def test_os_failure_at_commit_leaves_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    target = tmp_path / "out.jsonl"
+    target.write_text("previous\n")
+    monkeypatch.setattr(os, step, enospc)
+    with (
+        pytest.raises(OutputError, match=r"^cannot write .*out\.jsonl: No space left on device$"),
+        open_writer(str(target), "jsonl") as writer,
+    ):
+        writer.write(range(10))
+    assert target.read_text() == "previous\n"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(("code", "fails"), [(errno.EIO, True), (errno.EINVAL, False)])
+def test_folder_fsync_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, fails: bool
+) -> None:
+    target = tmp_path / "out.jsonl"
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        with open_writer(str(target), "jsonl") as writer:
+            writer.write([1])
+    except OutputError as exc:
+        assert fails
+        assert str(exc) == f"cannot write {target}: {os.strerror(code)}"
+    else:
+        assert not fails
+    assert leftovers(tmp_path) == []
+
+
+def test_failure_at_explicit_close_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "out.jsonl"
     with (
         pytest.raises(OutputError, match="No space left on device"),
         open_writer(str(target), "jsonl") as writer,
     ):
-        writer.write(range(10))
+        writer.write([1])
+        real_close = writer.stream.close
+
+        def close() -> None:
+            real_close()
+            enospc()
+
+        monkeypatch.setattr(writer.stream, "close", close)
     assert not target.exists()
     assert leftovers(tmp_path) == []
 
 
+def test_failure_while_writing_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "out.json"
+    with (
+        pytest.raises(OutputError, match="No space left on device"),
+        open_writer(str(target), "json") as writer,
+    ):
+        monkeypatch.setattr(writer.stream, "write", enospc)
+        writer.write([1])
+    assert not target.exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB filesystem, so ENOSPC comes from the kernel (needs root and mount)."""
+    mount = shutil.which("mount")
+    if mount is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    folder = tmp_path / "full"
+    folder.mkdir()
+    done = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"mount not permitted here: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_real_enospc_on_a_full_filesystem(tiny_tmpfs: Path) -> None:
+    target = tiny_tmpfs / "out.jsonl"
+    target.write_text("previous\n")
+    with (
+        pytest.raises(OutputError, match="No space left on device"),
+        open_writer(str(target), "jsonl") as writer,
+    ):
+        for _ in range(100):
+            writer.write(["x" * 4096])
+    assert target.read_text() == "previous\n"
+    assert leftovers(tiny_tmpfs) == []
+
+
 def test_unwritable_targets(tmp_path: Path) -> None:
-    with pytest.raises(OutputError, match="does not exist"):
+    with pytest.raises(OutputError, match="missing does not exist"):
         check_writable(str(tmp_path / "missing" / "out.json"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(OutputError):
+    with pytest.raises(OutputError, match="Not a directory"):
         check_writable(str(blocker / "out.json"))
     with pytest.raises(OutputError, match="is a folder"):
         check_writable(str(tmp_path))
-    with pytest.raises(OutputError):
+    with pytest.raises(OutputError, match=r"x\.json: No such file or directory"):
         open_writer(str(tmp_path / "missing" / "x.json"), "json")
+    with pytest.raises(OutputError, match="Not a directory"):
+        open_writer(str(blocker / "x.json"), "json")
+    check_writable(str(tmp_path / "fine.json"))
+    check_writable("-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_stdout_writer() -> None:
     stream = io.BytesIO()
-    with open_writer("-", "jsonl", stdout=stream) as writer:
+    with open_writer("-", "json", stdout=stream) as writer:
         writer.write([1, 2])
-    assert stream.getvalue() == b"1\n2\n"
+    assert json.loads(stream.getvalue()) == [1, 2]
 
 
 def test_output_format_detection() -> None:
     assert detect_output_format("x.CSV") == "csv"
+    assert detect_output_format("x.ndjson") == "jsonl"
     assert detect_output_format("-") == "jsonl"
-    with pytest.raises(UsageError):
+    assert detect_output_format("-", "JSON") == "json"
+    with pytest.raises(UsageError, match="--output-format"):
         detect_output_format("x.txt")
+    with pytest.raises(UsageError, match="unknown output format"):
+        detect_output_format("x.json", "xml")

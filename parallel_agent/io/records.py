@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Record:
-    """One input record: its 1-based record number, the line it starts on, and its value."""
+    """One input record: its 1-based record number, the 1-based line it starts on, and its value."""
 
     number: int
     line: int
@@ -22,3 +22,12 @@ class Chunk:
     index: int
     first_record: int
     records: list[Any]
+
+
+@dataclass(frozen=True)
+class InputIdentity:
+    """What was read, so a resume can tell whether the input changed since the first run."""
+
+    size: int
+    sha256: str
+    records: int

@@ -1,19 +1,28 @@
-"""Atomic output writers: JSON array, JSON Lines or CSV, to a file or stdout.
+"""Atomic output writers: a JSON array, JSON Lines or CSV, to a file or stdout.
 
-A file is written to a temp file in the same folder, flushed, fsynced, closed (checking every error:
-Python swallows ENOSPC at an implicit close), renamed over the target and the folder fsynced. Any
-failure leaves no partial file and the previous target untouched, and raises `OutputError`.
+A file is written to `.<name>.<random>.tmp` in the same folder, flushed, fsynced, closed explicitly
+(Python swallows ENOSPC at an implicit close), renamed over the target, and the folder is fsynced.
+Any failure leaves no temp file and the previous target untouched, and raises `OutputError` naming
+the path and the OS reason.
+
+CSV output: the header comes from the first record's keys, in order. A later record with a key the
+header lacks is an `OutputError` (a streamed file cannot go back and widen its header, and silently
+dropping a field would lose data); a missing key is an empty cell. Lists and objects are written as
+JSON, `None` as an empty cell, booleans as `true`/`false`; a record that is not an object is written
+as a single `value` column.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import os
 import secrets
+import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal
@@ -23,20 +32,24 @@ import orjson
 from parallel_agent.errors import OutputError, UsageError
 
 OutputFormat = Literal["json", "jsonl", "csv"]
+_FORMATS: tuple[OutputFormat, ...] = ("json", "jsonl", "csv")
 _EXTENSIONS: dict[str, OutputFormat] = {
     ".json": "json",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
     ".csv": "csv",
 }
+# Folders on some filesystems cannot be fsynced; that is not a failed write.
+_NO_FOLDER_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES}
 
 
 def detect_output_format(path: str, explicit: str | None = None) -> OutputFormat:
     """`--output-format`, else the output's extension; stdout (`-`) defaults to JSON Lines."""
     if explicit is not None:
-        if explicit not in ("json", "jsonl", "csv"):
+        lowered = explicit.lower()
+        if lowered not in _FORMATS:
             raise UsageError(f"unknown output format '{explicit}'; use one of: json, jsonl, csv")
-        return explicit  # type: ignore[return-value]
+        return lowered
     if path == "-":
         return "jsonl"
     suffix = Path(path).suffix.lower()
@@ -48,46 +61,69 @@ def detect_output_format(path: str, explicit: str | None = None) -> OutputFormat
     return _EXTENSIONS[suffix]
 
 
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)
+def _failed(target: str, exc: OSError) -> OutputError:
+    return OutputError(f"cannot write {target}: {exc.strerror or exc}")
 
 
 def check_writable(target: str) -> None:
-    """Fail early (before any work) when the output's folder is missing or not writable."""
-    folder = Path(target).parent
-    if not folder.is_dir():
+    """Fail before any work when the output's folder is missing or refuses a new file."""
+    if target == "-":
+        return
+    path = Path(target)
+    if path.is_dir():
+        raise OutputError(f"cannot write {target}: it is a folder")
+    folder = path.parent
+    if not folder.exists():
         raise OutputError(f"cannot write {target}: folder {folder} does not exist")
-    probe = folder / f".pagent-probe-{secrets.token_hex(4)}.tmp"
+    probe = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
         probe.open("xb").close()
-        probe.unlink()
     except OSError as exc:
-        raise OutputError(f"cannot write {target}: {_reason(exc)}") from None
-    if Path(target).is_dir():
-        raise OutputError(f"cannot write {target}: it is a folder")
+        raise _failed(target, exc) from None
+    with contextlib.suppress(OSError):
+        probe.unlink()
 
 
 class Writer:
-    """Streams values to the output; commits on a clean exit, discards on an exception."""
+    """Streams values to the output; commits on a clean exit, discards on an exception.
 
-    def __init__(self, target: str, fmt: OutputFormat, stdout: BinaryIO | None = None) -> None:
+    Use it through `open_writer` as a context manager. Values are encoded as they come, so the
+    whole output never sits in memory.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        fmt: OutputFormat,
+        *,
+        stdout: BinaryIO | None = None,
+        fields: Sequence[str] | None = None,
+        document: bool = False,
+    ) -> None:
         self.target = target
+        #: JSON only: write one value as the whole document instead of an array of values.
+        self.document = document and fmt == "json"
         self.fmt = fmt
-        self.temp: Path | None = None
         self.count = 0
-        self.csv_fields: list[str] | None = None
+        self.csv_fields: list[str] | None = list(fields) if fields is not None else None
+        self.csv_header_written = False
+        self.temp: Path | None = None
         if target == "-":
             self.stream: BinaryIO = stdout or sys.stdout.buffer
-        else:
-            folder = Path(target).parent
-            self.temp = folder / f".{Path(target).name}.{secrets.token_hex(4)}.tmp"
-            try:
-                self.stream = self.temp.open("xb")
-            except OSError as exc:
-                raise OutputError(f"cannot write {target}: {_reason(exc)}") from None
+            return
+        path = Path(target)
+        self.temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            self.stream = self.temp.open("xb")
+        except OSError as exc:
+            self.temp = None
+            raise _failed(target, exc) from None
+        with contextlib.suppress(OSError):  # no previous file: keep the default mode
+            # Keep a replaced file's permissions: output may be private data.
+            os.fchmod(self.stream.fileno(), stat.S_IMODE(os.stat(target).st_mode))
 
     def __enter__(self) -> Writer:
-        if self.fmt == "json":
+        if self.fmt == "json" and not self.document:
             self._put(b"[")
         return self
 
@@ -99,40 +135,55 @@ class Writer:
         else:
             self.discard()
 
-    def _put(self, data: bytes) -> None:
+    def write_document(self, value: Any) -> None:
+        """Write `value` as the whole JSON document (opened with `document=True`)."""
         try:
-            self.stream.write(data)
-        except OSError as exc:
+            self._put(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
+        except TypeError as exc:
             self.discard()
-            raise OutputError(f"cannot write {self.target}: {_reason(exc)}") from None
+            raise OutputError(f"cannot write {self.target}: {exc}") from None
+        self.count += 1
 
     def write(self, values: Iterable[Any]) -> None:
         """Append values (records or results)."""
         if self.fmt == "csv":
             self._write_csv(values)
             return
-        try:
-            encoded = [orjson.dumps(value) for value in values]
-        except TypeError as exc:
-            self.discard()
-            raise OutputError(f"cannot write {self.target}: {exc}") from None
-        if not encoded:
-            return
-        if self.fmt == "jsonl":
-            self._put(b"\n".join(encoded) + b"\n")
-        else:
-            self._put((b",\n" if self.count else b"\n") + b",\n".join(encoded))
-        self.count += len(encoded)
+        encoded: list[bytes] = []
+        for value in values:
+            try:
+                encoded.append(orjson.dumps(value))
+            except TypeError as exc:
+                self.discard()
+                number = self.count + len(encoded) + 1
+                raise OutputError(
+                    f"cannot write {self.target}: record {number} cannot be encoded as JSON: {exc}"
+                ) from None
+        if encoded:
+            self._put_encoded(b"\n".join(encoded), len(encoded))
 
     def write_encoded_jsonl(self, lines: bytes) -> None:
-        """Append pre-encoded JSON Lines (one value per line, newline-terminated)."""
+        """Append pre-encoded JSON Lines (one compact JSON value per line, each ending in newline)."""
         if not lines:
             return
+        if self.fmt == "csv":
+            self.write(orjson.loads(b"[" + lines.rstrip(b"\n").replace(b"\n", b",") + b"]"))
+            return
+        if not lines.endswith(b"\n"):
+            lines += b"\n"
         if self.fmt == "jsonl":
             self._put(lines)
             self.count += lines.count(b"\n")
-            return
-        self.write(orjson.loads(b"[" + lines.rstrip(b"\n").replace(b"\n", b",") + b"]"))
+        else:
+            self._put_encoded(lines[:-1], lines.count(b"\n"))
+
+    def _put_encoded(self, body: bytes, count: int) -> None:
+        """Append newline-separated encoded values: newline-ended for JSON Lines, comma-joined in JSON."""
+        if self.fmt == "jsonl":
+            self._put(body + b"\n")
+        else:
+            self._put((b",\n" if self.count else b"\n") + body.replace(b"\n", b",\n"))
+        self.count += count
 
     def _write_csv(self, values: Iterable[Any]) -> None:
         buffer = io.StringIO()
@@ -140,9 +191,11 @@ class Writer:
         for value in values:
             row = value if isinstance(value, dict) else {"value": value}
             if self.csv_fields is None:
-                self.csv_fields = list(row)
+                self.csv_fields = [str(key) for key in row]
+            if not self.csv_header_written:
                 writer.writerow(self.csv_fields)
-            extra = [key for key in row if key not in self.csv_fields]
+                self.csv_header_written = True
+            extra = [str(key) for key in row if key not in self.csv_fields]
             if extra:
                 self.discard()
                 raise OutputError(
@@ -153,14 +206,28 @@ class Writer:
             self.count += 1
         self._put(buffer.getvalue().encode("utf-8"))
 
+    def _put(self, data: bytes) -> None:
+        try:
+            self.stream.write(data)
+        except OSError as exc:
+            self.discard()
+            raise _failed(self.target, exc) from None
+
     def commit(self) -> None:
-        if self.fmt == "json":
+        """Finish the output: close the array, and for a file fsync, close, rename, fsync folder."""
+        if self.document:
+            pass
+        elif self.fmt == "json":
             self._put(b"\n]\n" if self.count else b"]\n")
+        elif self.fmt == "csv" and not self.csv_header_written and self.csv_fields:
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerow(self.csv_fields)
+            self._put(buffer.getvalue().encode("utf-8"))
         if self.temp is None:
             try:
                 self.stream.flush()
             except OSError as exc:
-                raise OutputError(f"cannot write to stdout: {_reason(exc)}") from None
+                raise _failed(self.target, exc) from None
             return
         try:
             self.stream.flush()
@@ -169,9 +236,9 @@ class Writer:
             os.replace(self.temp, self.target)
         except OSError as exc:
             self.discard()
-            raise OutputError(f"cannot write {self.target}: {_reason(exc)}") from None
+            raise _failed(self.target, exc) from None
         self.temp = None
-        _fsync_folder(Path(self.target).parent)
+        _fsync_folder(self.target)
 
     def discard(self) -> None:
         """Drop the temp file; the target is left as it was."""
@@ -184,23 +251,63 @@ class Writer:
         self.temp = None
 
 
-def _cell(value: Any) -> Any:
+def _cell(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, dict | list):
         return orjson.dumps(value).decode()
-    return value
+    return str(value)
 
 
-def _fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+def _fsync_folder(target: str) -> None:
+    """Make the rename durable; the file is in place already, so only a real I/O error is raised."""
+    try:
+        descriptor = os.open(Path(target).parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError as exc:
+        if exc.errno not in _NO_FOLDER_FSYNC:
+            raise _failed(target, exc) from None
+    finally:
+        os.close(descriptor)
 
 
-def open_writer(target: str, fmt: OutputFormat | str, *, stdout: BinaryIO | None = None) -> Writer:
-    """A writer for `target` (a path, or `-` for stdout) in `fmt`; use it as a context manager."""
-    return Writer(target, detect_output_format(target, fmt), stdout)
+def open_writer(
+    target: str,
+    fmt: OutputFormat | str,
+    *,
+    stdout: BinaryIO | None = None,
+    fields: Sequence[str] | None = None,
+    document: bool = False,
+) -> Writer:
+    """A writer for `target` (a path, or `-` for stdout) in `fmt`; use it as a context manager.
+
+    `fields` fixes the CSV header (otherwise the first record's keys) and is written even when
+    no record is.
+    """
+    return Writer(
+        target, detect_output_format(target, fmt), stdout=stdout, fields=fields, document=document
+    )
+
+
+def write_records_like_input(
+    target: str,
+    fmt: OutputFormat | str,
+    records: Iterable[Any],
+    *,
+    fields: Sequence[str] | None = None,
+) -> int:
+    """Write original input records back in the input's format (e.g. the failed ones); return how many.
+
+    CSV records read by `read_chunks` are dicts in header order, so the header round-trips; pass
+    the input's `fields` to keep it even when there is no record to write.
+    """
+    with open_writer(target, fmt, fields=fields) as writer:
+        writer.write(records)
+        return writer.count

@@ -1,0 +1,202 @@
+"""`pagent status`, `results`, `failures`, `list`, `resume`, `cancel`, `gc`: runs remembered by the store."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from parallel_agent.cli.errors import handled_errors
+
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store", envvar="PAGENT_STORE", help="Run store URL (default: the embedded SQLite file)."
+    ),
+]
+
+
+def _debug(ctx: typer.Context) -> bool:
+    return bool((ctx.obj or {}).get("debug"))
+
+
+def _emit_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value) + "\n")
+    sys.stdout.flush()
+
+
+def _when(timestamp: float | None) -> str:
+    return (
+        "-" if timestamp is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    )
+
+
+def status(
+    ctx: typer.Context,
+    task_id: Annotated[str, typer.Argument(help="The task id printed when the run started.")],
+    store: StoreOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show where a run stands (exit 0 found, 2 unknown id, 4 store unreachable)."""
+    from parallel_agent.runner import get_status
+
+    with handled_errors(_debug(ctx)):
+        report = get_status(task_id, store)
+    if as_json:
+        _emit_json(report)
+        return
+    items = report["items"]
+    progress = report["progress"]
+    lines = [
+        f"task       {report['task_id']}",
+        f"state      {report['state']}",
+        f"pipeline   {report['pipeline']}",
+        f"input      {report['input'] or '-'}",
+        f"started    {_when(report['created_at'])}",
+        f"finished   {_when(report['finished_at'])}",
+        f"items      {items['done']} of {items['total']} done"
+        + (f" ({progress:.0%})" if progress is not None else "")
+        + f", {items['failed']} failed",
+        f"throughput {report['throughput_items_s'] or 0:,.0f} items/s over {report['elapsed_s']:.1f} s",
+    ]
+    for node, counts in report["nodes"].items():
+        lines.append(
+            f"  {node:<16} chunks {counts['done']}/{counts['chunks']} done, {counts['leased']} in "
+            f"flight, {counts['failed']} failed, {counts['retries']} retries"
+        )
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def results(
+    ctx: typer.Context,
+    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="Where to write (- for stdout).")
+    ] = "-",
+    output_format: Annotated[str | None, typer.Option("--output-format")] = None,
+    store: StoreOption = None,
+) -> None:
+    """Write a run's results again from the store, without reprocessing."""
+    from parallel_agent.runner import export_results
+
+    with handled_errors(_debug(ctx)):
+        count = export_results(
+            task_id,
+            output,
+            output_format,
+            store,
+            stdout=sys.stdout.buffer if output == "-" else None,
+        )
+    sys.stderr.write(f"pagent: {count} items written to {output}\n")
+
+
+def failures(
+    ctx: typer.Context,
+    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    store: StoreOption = None,
+) -> None:
+    """List failed records as JSON Lines: node, record number, input record, error."""
+    from parallel_agent.runner import iter_failures
+
+    with handled_errors(_debug(ctx)):
+        found = iter_failures(task_id, store)
+    for failure in found:
+        sys.stdout.write(json.dumps(failure) + "\n")
+    sys.stderr.write(f"pagent: {len(found)} failed records\n")
+
+
+def list_command(
+    ctx: typer.Context,
+    store: StoreOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON Lines.")] = False,
+) -> None:
+    """List the runs the store remembers, newest first."""
+    from parallel_agent.runner import list_runs
+
+    with handled_errors(_debug(ctx)):
+        runs = list_runs(store)
+    for run in runs:
+        if as_json:
+            _emit_json(run)
+        else:
+            sys.stdout.write(
+                f"{run['task_id']:<28} {run['status']:<16} {_when(run['created_at'])}  {run['pipeline']}\n"
+            )
+
+
+def resume(
+    ctx: typer.Context,
+    task_id: Annotated[str, typer.Argument(help="The task id to continue.")],
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Output file (default: the run's own).")
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Run failed chunks again.")
+    ] = False,
+    store: StoreOption = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Continue an interrupted or failed run, reusing every finished chunk."""
+    from parallel_agent.display import make_sink
+    from parallel_agent.runner import resume_run
+
+    with handled_errors(_debug(ctx)):
+        sink = make_sink(quiet=quiet)
+        try:
+            summary = resume_run(
+                task_id,
+                output=output,
+                retry_failed=retry_failed,
+                store=store,
+                events=sink,
+                stdout=sys.stdout.buffer if output == "-" else None,
+            )
+        finally:
+            sink.close()
+        if as_json:
+            _emit_json(summary.to_dict())
+        raise typer.Exit(summary.exit_code)
+
+
+def cancel(
+    ctx: typer.Context,
+    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    store: StoreOption = None,
+) -> None:
+    """Cancel a run: its coordinator stops claiming chunks."""
+    from parallel_agent.runner import cancel_run
+
+    with handled_errors(_debug(ctx)):
+        state = cancel_run(task_id, store)
+    sys.stderr.write(f"pagent: task {task_id} {state}\n")
+
+
+def gc(
+    ctx: typer.Context,
+    older_than: Annotated[
+        float, typer.Option("--older-than", help="Age in hours of finished runs to drop.")
+    ] = 168.0,
+    store: StoreOption = None,
+) -> None:
+    """Drop finished runs older than --older-than hours (Redis keys also expire on their own)."""
+    from parallel_agent.runner import gc_runs
+
+    with handled_errors(_debug(ctx)):
+        dropped = gc_runs(older_than * 3600, store)
+    sys.stderr.write(f"pagent: dropped {len(dropped)} finished runs\n")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(status)
+    app.command()(results)
+    app.command()(failures)
+    app.command("list")(list_command)
+    app.command()(resume)
+    app.command()(cancel)
+    app.command()(gc)

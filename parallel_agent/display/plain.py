@@ -1,0 +1,94 @@
+"""Plain progress lines for logs and pipes: no colour, no cursor movement, a line every interval."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from parallel_agent.events import (
+    ChunkDone,
+    ChunkFailed,
+    ChunksPlanned,
+    EventSink,
+    NodeFinished,
+    RunFinished,
+    RunStarted,
+)
+
+
+class PlainLines(EventSink):
+    """Writes the task id at the start, a progress line every `interval` seconds and when a node
+    finishes, and a summary at the end."""
+
+    def __init__(
+        self, stream: TextIO, *, interval: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.stream = stream
+        self.interval = interval
+        self.clock = clock
+        self.started = clock()
+        self.last_line = self.started
+        self.items_total = 0
+        self.items_done = 0
+        self.items_failed = 0
+        self.chunks_total = 0
+        self.chunks_done = 0
+        self.main_node: str | None = None
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def on_run_started(self, event: RunStarted) -> None:
+        self.started = self.clock()
+        self.last_line = self.started
+        self._write(f"pagent: task {event.task_id} started (pipeline {event.pipeline})")
+
+    def on_chunks_planned(self, event: ChunksPlanned) -> None:
+        if self.main_node is None:
+            self.main_node = event.node
+            self.items_total = event.items
+            self.chunks_total = event.chunks
+
+    def on_chunk_done(self, event: ChunkDone) -> None:
+        if event.node == self.main_node:
+            self.chunks_done += 1
+            self.items_done += event.items - event.failed_items
+        self.items_failed += event.failed_items
+        self._maybe_progress()
+
+    def on_chunk_failed(self, event: ChunkFailed) -> None:
+        retry = "retrying" if event.will_retry else "giving up"
+        self._write(
+            f"pagent: node {event.node} chunk {event.chunk} attempt {event.attempt} failed "
+            f"({retry}): {event.error}"
+        )
+
+    def on_node_finished(self, event: NodeFinished) -> None:
+        detail = f": {event.error}" if event.error else ""
+        self._write(
+            f"pagent: node {event.node} {event.outcome} in {event.duration_s:.2f} s{detail}"
+        )
+
+    def on_run_finished(self, event: RunFinished) -> None:
+        summary = event.summary
+        items = summary.get("items", {})
+        self._write(
+            f"pagent: task {event.task_id} {event.status}: {items.get('done', 0)} of "
+            f"{items.get('total', 0)} items done, {items.get('failed', 0)} failed, "
+            f"{summary.get('duration_s', 0):.2f} s"
+        )
+
+    def _maybe_progress(self) -> None:
+        now = self.clock()
+        if now - self.last_line < self.interval:
+            return
+        self.last_line = now
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.items_done / elapsed
+        self._write(
+            f"pagent: {self.items_done}/{self.items_total} items, "
+            f"{self.chunks_done}/{self.chunks_total} chunks, {self.items_failed} failed, "
+            f"{rate:,.0f} items/s, {elapsed:.0f} s elapsed"
+        )

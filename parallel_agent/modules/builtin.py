@@ -1,0 +1,135 @@
+"""The built-in data modules behind `use:` in a pipeline, as engine `AgentModule`s.
+
+They are not run as optimistic transactions (`transactional = False`): each does its own atomicity
+through the run store (atomic chunk claims, fenced commits), so a long map is never re-run because a
+cache key changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from parallel_agent.caches.cache import Cache
+from parallel_agent.errors import (
+    InputDataError,
+    OutputError,
+    PipelineError,
+    StoreError,
+    UsageError,
+)
+from parallel_agent.graph import AgentModule, ModuleType
+from parallel_agent.modules.aggregate import aggregate_value
+from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings, feed_from_producer
+from parallel_agent.modules.context import RunContext
+from parallel_agent.modules.processors import ChunkProcessor
+from parallel_agent.modules.split import split_input
+
+
+class BuiltinModule(AgentModule):
+    """A data module bound to one node of one run."""
+
+    transactional = False
+
+    def __init__(self, ctx: RunContext, node: str) -> None:
+        self.ctx = ctx
+        self.node = node
+
+    async def process(self, cache: Cache, semaphore: asyncio.Semaphore) -> dict[str, Any]:
+        """Run the module; an error of the whole run (bad input, lost store) stops every node."""
+        if self.ctx.stop.is_set():
+            return {"status": "success", "result": {"stopped": self.ctx.stop_reason}}
+        try:
+            return await self.work(cache)
+        except (InputDataError, StoreError, OutputError, UsageError, PipelineError) as exc:
+            self.ctx.fail_run(exc)
+            return {"status": "error", "result": str(exc)}
+
+    async def work(self, cache: Cache) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class SplitModule(BuiltinModule):
+    """`use: split` — queue the input as chunks for the consuming nodes."""
+
+    name = "split"
+    type = ModuleType.PLANNER
+
+    def __init__(self, ctx: RunContext, node: str, chunk_size: int) -> None:
+        super().__init__(ctx, node)
+        self.chunk_size = chunk_size
+
+    async def work(self, cache: Cache) -> dict[str, Any]:
+        result = await split_input(self.ctx, self.node, self.chunk_size)
+        return {"status": "success", "result": result}
+
+
+class ChunkModule(BuiltinModule):
+    """`use: map` / `use: filter` — work the node's chunk queue with `concurrency` workers."""
+
+    type = ModuleType.EXECUTOR
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        node: str,
+        settings: NodeSettings,
+        processor: ChunkProcessor,
+        name: str,
+    ) -> None:
+        super().__init__(ctx, node)
+        self.settings = settings
+        self.processor = processor
+        self.name = name
+
+    async def work(self, cache: Cache) -> dict[str, Any]:
+        ctx = self.ctx
+        if self.node in ctx.producers:
+            await feed_from_producer(ctx, self.node)
+        workers = ChunkWorkers(ctx, self.settings, self.processor)
+        await workers.run()
+        counts = await ctx.store.counts(ctx.task_id, self.node)
+        return {
+            "status": "success",
+            "result": {
+                "chunks": counts.chunks_total,
+                "done": counts.done,
+                "failed": counts.failed,
+                "items_failed": counts.items_failed,
+            },
+        }
+
+
+class AggregateModule(BuiltinModule):
+    """`use: aggregate` — every chunk of the producer counted once, in input order."""
+
+    name = "aggregate"
+    type = ModuleType.EXECUTOR
+
+    def __init__(self, ctx: RunContext, node: str, options: dict[str, Any]) -> None:
+        super().__init__(ctx, node)
+        self.options = options
+
+    @property
+    def computes_value(self) -> bool:
+        return any(self.options.get(key) is not None for key in ("reduce", "group_by", "expr"))
+
+    async def work(self, cache: Cache) -> dict[str, Any]:
+        ctx = self.ctx
+        producer = ctx.producers[self.node]
+        counts = await ctx.store.counts(ctx.task_id, producer)
+        summary = {"chunks": counts.done, "items": counts.items_done}
+        if not self.computes_value:
+            return {"status": "success", "result": summary}
+        value = await aggregate_value(
+            ctx,
+            producer,
+            reduce=self.options.get("reduce"),
+            group_by=self.options.get("group_by"),
+            expr=self.options.get("expr"),
+            field=self.options.get("field"),
+            what=f"node '{self.node}', aggregate",
+        )
+        await ctx.store.update_run(ctx.task_id, extra={"aggregate": {self.node: value}})
+        await cache.set("final_results", value)
+        return {"status": "success", "result": {**summary, "value": value}}

@@ -1,0 +1,298 @@
+"""The chunk worker loop shared by `map` and `filter`: claim a chunk with a lease, keep the lease alive
+while the processor works, commit the outputs under the lease's fencing token, back off and retry on
+failure, and hand the chunk back when the run stops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from parallel_agent.events import ChunkDone, ChunkFailed, ChunkStarted, ItemFailed
+from parallel_agent.modules.context import RunContext
+from parallel_agent.modules.processors import (
+    ChunkFailure,
+    ChunkOutcome,
+    ChunkProcessor,
+    ItemError,
+    describe,
+)
+from parallel_agent.store.base import ChunkSpec, Lease
+
+#: How many item errors of one chunk are also sent as events (all are stored).
+ITEM_EVENTS_PER_CHUNK = 20
+#: Longest pause between two claim attempts while other workers hold the remaining chunks.
+MAX_IDLE_POLL_S = 0.5
+#: Longest backoff between two attempts of one chunk.
+MAX_RETRY_DELAY_S = 30.0
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """How one data node works its chunks (from the node's `node_config`)."""
+
+    node: str
+    concurrency: int = 4
+    max_attempts: int = 3
+    retry_delay: float = 0.5
+    timeout: float | None = None
+    on_error: str = "skip"
+    lease_s: float = 30.0
+
+
+def encode_lines(values: list[Any]) -> tuple[bytes, list[int]]:
+    """Encode values as JSON Lines; return the bytes and the positions of unencodable values."""
+    try:
+        return b"".join([orjson.dumps(value) + b"\n" for value in values]), []
+    except TypeError:
+        pass
+    parts: list[bytes] = []
+    bad: list[int] = []
+    for position, value in enumerate(values):
+        try:
+            parts.append(orjson.dumps(value) + b"\n")
+        except TypeError:
+            bad.append(position)
+    return b"".join(parts), bad
+
+
+def decode_lines(data: bytes) -> list[Any]:
+    """Decode JSON Lines bytes written by `encode_lines` in one C-level pass."""
+    if not data:
+        return []
+    body = data[:-1] if data.endswith(b"\n") else data
+    return list(orjson.loads(b"[" + body.replace(b"\n", b",") + b"]"))
+
+
+def retry_delay(settings: NodeSettings, attempt: int) -> float:
+    """Exponential backoff with full jitter between attempts of a chunk."""
+    ceiling = min(MAX_RETRY_DELAY_S, settings.retry_delay * (2 ** max(0, attempt - 1)))
+    return random.uniform(ceiling / 2, ceiling) if ceiling > 0 else 0.0
+
+
+async def feed_from_producer(ctx: RunContext, node: str) -> None:
+    """Queue the producer's committed outputs as this node's chunks (idempotent, so a resume may
+    call it again), then seal the queue."""
+    store = ctx.store
+    counts = await store.counts(ctx.task_id, node)
+    if counts.sealed:
+        return
+    producer = ctx.producers[node]
+    batch: list[ChunkSpec] = []
+    async for result in store.results(ctx.task_id, producer):
+        payload = orjson.dumps(decode_lines(result.result))
+        batch.append(ChunkSpec(result.index, result.first_record, result.count, payload))
+        if len(batch) >= 64:
+            await store.add_chunks(ctx.task_id, node, batch)
+            batch = []
+    if batch:
+        await store.add_chunks(ctx.task_id, node, batch)
+    await store.seal(ctx.task_id, node)
+
+
+class ChunkWorkers:
+    """Runs `settings.concurrency` workers over one node's chunk queue until it is drained."""
+
+    def __init__(self, ctx: RunContext, settings: NodeSettings, processor: ChunkProcessor) -> None:
+        self.ctx = ctx
+        self.settings = settings
+        self.processor = processor
+        self.chunks_done = 0
+        self.chunks_failed = 0
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for number in range(self.settings.concurrency):
+                group.create_task(self._worker(number))
+
+    async def _worker(self, number: int) -> None:
+        ctx, settings = self.ctx, self.settings
+        owner = f"{ctx.owner}/{settings.node}/{number}"
+        idle = 0.01
+        while not ctx.stop.is_set():
+            leases = await ctx.store.claim(
+                ctx.task_id,
+                settings.node,
+                owner,
+                lease_s=settings.lease_s,
+                limit=1,
+                max_attempts=settings.max_attempts,
+            )
+            if not leases:
+                counts = await ctx.store.counts(ctx.task_id, settings.node)
+                if counts.sealed and counts.pending == 0 and counts.leased == 0:
+                    return
+                await self._idle(idle)
+                idle = min(MAX_IDLE_POLL_S, idle * 2)
+                continue
+            idle = 0.01
+            for lease in leases:
+                await self._handle(lease)
+
+    async def _idle(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ctx.stop.wait(), seconds)
+
+    async def _handle(self, lease: Lease) -> None:
+        started = time.monotonic()
+        self.ctx.emit(
+            ChunkStarted(
+                at=time.time(),
+                node=self.settings.node,
+                chunk=lease.index,
+                items=lease.count,
+                attempt=lease.attempt,
+            )
+        )
+        try:
+            outcome = await self._process_with_lease(lease)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.ctx.store.release(lease))
+            raise
+        except (TimeoutError, ChunkFailure, Exception) as exc:  # every chunk error is retried
+            error = (
+                f"timed out after {self.settings.timeout:g} s"
+                if isinstance(exc, TimeoutError)
+                else describe(exc)
+                if not isinstance(exc, ChunkFailure)
+                else str(exc)
+            )
+            await self._fail(lease, error, time.monotonic() - started)
+            return
+        if outcome is None:
+            return
+        await self._commit(lease, outcome, time.monotonic() - started)
+
+    async def _process_with_lease(self, lease: Lease) -> ChunkOutcome | None:
+        """Run the processor while a heartbeat renews the lease; None if the lease was lost."""
+        records = orjson.loads(lease.payload)
+        lost = asyncio.Event()
+        work = asyncio.ensure_future(
+            self._timed(self.processor.process_chunk(records, lease.first_record, self.ctx.params))
+        )
+        heartbeat = asyncio.ensure_future(self._heartbeat(lease, lost, work))
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if lost.is_set() and not work.cancelled():
+                return None
+            if lost.is_set():
+                return None
+            raise
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _timed(self, coro: Any) -> ChunkOutcome:
+        if self.settings.timeout is None:
+            return await coro  # type: ignore[no-any-return]
+        async with asyncio.timeout(self.settings.timeout):
+            return await coro  # type: ignore[no-any-return]
+
+    async def _heartbeat(
+        self, lease: Lease, lost: asyncio.Event, work: asyncio.Future[Any]
+    ) -> None:
+        interval = max(0.05, self.settings.lease_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            if not await self.ctx.store.renew(lease, self.settings.lease_s):
+                lost.set()
+                work.cancel()
+                return
+
+    async def _commit(self, lease: Lease, outcome: ChunkOutcome, duration: float) -> None:
+        ctx, settings = self.ctx, self.settings
+        data, unencodable = encode_lines(outcome.outputs)
+        errors = list(outcome.errors)
+        if unencodable:
+            errors = sorted(errors + _unencodable_errors(lease, errors, unencodable), key=_record)
+        if errors and settings.on_error == "fail_chunk":
+            first = errors[0]
+            await self._fail(lease, f"record {first.record}: {first.error}", duration)
+            return
+        committed = await ctx.store.commit(
+            lease,
+            result=data,
+            errors=orjson.dumps([error.to_dict() for error in errors]),
+            items_ok=lease.count - len(errors),
+            items_failed=len(errors),
+            duration_s=duration,
+        )
+        if not committed:
+            return
+        self.chunks_done += 1
+        for error in errors[:ITEM_EVENTS_PER_CHUNK]:
+            ctx.emit(
+                ItemFailed(
+                    at=time.time(), node=settings.node, record=error.record, error=error.error
+                )
+            )
+        ctx.emit(
+            ChunkDone(
+                at=time.time(),
+                node=settings.node,
+                chunk=lease.index,
+                items=lease.count,
+                failed_items=len(errors),
+                attempt=lease.attempt,
+                duration_s=duration,
+            )
+        )
+        if errors:
+            if settings.on_error == "stop":
+                ctx.request_stop(
+                    f"record {errors[0].record} failed in node '{settings.node}' "
+                    f"(on_error: stop): {errors[0].error}"
+                )
+            elif ctx.failures.add(len(errors)):
+                ctx.request_stop(f"more than {ctx.failures.limit} items failed (--max-failures)")
+
+    async def _fail(self, lease: Lease, error: str, duration: float) -> None:
+        ctx, settings = self.ctx, self.settings
+        will_retry = lease.attempt < settings.max_attempts
+        await ctx.store.fail(
+            lease, error, retry_in_s=retry_delay(settings, lease.attempt) if will_retry else None
+        )
+        ctx.emit(
+            ChunkFailed(
+                at=time.time(),
+                node=settings.node,
+                chunk=lease.index,
+                attempt=lease.attempt,
+                error=error,
+                will_retry=will_retry,
+                duration_s=duration,
+            )
+        )
+        if not will_retry:
+            self.chunks_failed += 1
+            if ctx.failures.add(lease.count):
+                ctx.request_stop(f"more than {ctx.failures.limit} items failed (--max-failures)")
+
+
+def _record(error: ItemError) -> int:
+    return error.record
+
+
+def _unencodable_errors(
+    lease: Lease, errors: list[ItemError], positions: list[int]
+) -> list[ItemError]:
+    """Map outputs that JSON cannot hold back to their records (map outputs skip failed items)."""
+    failed = {error.record for error in errors}
+    origins = [
+        number
+        for number in range(lease.first_record + 1, lease.first_record + lease.count + 1)
+        if number not in failed
+    ]
+    return [
+        ItemError(origins[position], "TypeError: result is not JSON-serialisable", None)
+        for position in positions
+        if position < len(origins)
+    ]

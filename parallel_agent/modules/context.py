@@ -1,0 +1,83 @@
+"""What a built-in data module needs to know about the run it belongs to.
+
+The runner builds one `RunContext` per run and hands it to every built-in module, so modules reach
+the run store, the input and the event sink without global state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from parallel_agent.errors import PagentError
+from parallel_agent.events import Event, EventSink
+from parallel_agent.store.base import RunStore
+
+
+@dataclass
+class InputSource:
+    """Where the records come from: a path (or `-` with an already-open binary stream) and its format."""
+
+    path: str
+    fmt: str
+    data_key: str = "data"
+    stream: BinaryIO | None = None
+
+
+@dataclass
+class FailureBudget:
+    """Counts failed items across the whole run and trips once `--max-failures` is exceeded."""
+
+    limit: int | None = None
+    failed: int = 0
+
+    def add(self, count: int) -> bool:
+        """Record `count` more failures; True once the budget is exceeded."""
+        self.failed += count
+        return self.exceeded
+
+    @property
+    def exceeded(self) -> bool:
+        return self.limit is not None and self.failed > self.limit
+
+
+@dataclass
+class RunContext:
+    """Per-run state shared by the built-in modules of one pipeline."""
+
+    task_id: str
+    store: RunStore
+    owner: str
+    source: InputSource | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    events: EventSink = field(default_factory=EventSink)
+    failures: FailureBudget = field(default_factory=FailureBudget)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_reason: str | None = None
+    consumers: dict[str, list[str]] = field(default_factory=dict)
+    """For each data node, the data nodes that consume its output."""
+    fatal: PagentError | None = None
+    """An error that ends the whole run with its own exit code (bad input, store lost, ...)."""
+    producers: dict[str, str] = field(default_factory=dict)
+    """For each data node but the split, the data node whose output it consumes."""
+
+    def emit(self, event: Event) -> None:
+        self.events.emit(event)
+
+    def fail_run(self, error: PagentError) -> None:
+        """Stop the run because of `error`; the runner raises it once the engine has stopped."""
+        if self.fatal is None:
+            self.fatal = error
+        self.request_stop(str(error))
+
+    def request_stop(self, reason: str) -> None:
+        """Ask every worker to stop claiming new chunks (first reason wins)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stop.set()
+
+    @staticmethod
+    def now() -> float:
+        return time.time()

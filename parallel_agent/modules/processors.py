@@ -1,0 +1,276 @@
+"""Per-chunk work of the built-in `map` and `filter` modules: an expression, a Python callable, or a
+shell command applied to the records of one chunk.
+
+Each processor turns a chunk's records into outputs plus per-item errors; what an item error does to
+the chunk (`on_error`) is decided by the chunk worker, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from parallel_agent.conditions import compile_expression
+from parallel_agent.errors import PipelineError
+
+_STDERR_TAIL = 2000
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """One record that failed: its 1-based record number, the input record, and the error."""
+
+    record: int
+    error: str
+    input: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"record": self.record, "error": self.error, "input": self.input}
+
+
+@dataclass
+class ChunkOutcome:
+    """What a processor made of one chunk."""
+
+    outputs: list[Any] = field(default_factory=list)
+    errors: list[ItemError] = field(default_factory=list)
+
+
+class ChunkFailure(Exception):
+    """The whole chunk failed (command exit status, wrong output); retried like a timeout."""
+
+
+class ChunkProcessor(Protocol):
+    async def process_chunk(
+        self, records: list[Any], first_record: int, params: dict[str, Any]
+    ) -> ChunkOutcome: ...
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class RateLimiter:
+    """A token bucket shared by a node's workers: at most `rate` item calls per second."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self.next_at = 0.0
+        self.lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        async with self.lock:
+            now = time.monotonic()
+            if self.next_at > now:
+                await asyncio.sleep(self.next_at - now)
+                now = self.next_at
+            self.next_at = max(self.next_at, now) + self.interval
+
+
+@dataclass
+class ExpressionProcessor:
+    """`expr:` — an asteval expression over `item`, `index` and `params`, evaluated per item."""
+
+    expr: str
+    what: str
+    keep_if_true: bool = False
+
+    def __post_init__(self) -> None:
+        self.compiled = compile_expression(self.expr, what=self.what)
+
+    async def process_chunk(
+        self, records: list[Any], first_record: int, params: dict[str, Any]
+    ) -> ChunkOutcome:
+        return await asyncio.to_thread(self._run, records, first_record, params)
+
+    def _run(self, records: list[Any], first_record: int, params: dict[str, Any]) -> ChunkOutcome:
+        outcome = ChunkOutcome()
+        evaluate = self.compiled.evaluate
+        outputs, errors = outcome.outputs, outcome.errors
+        for offset, item in enumerate(records):
+            index = first_record + offset
+            try:
+                value = evaluate({"item": item, "index": index, "params": params})
+            except Exception as exc:  # a failing item is recorded, never fatal here
+                errors.append(ItemError(index + 1, describe(exc), item))
+                continue
+            if not self.keep_if_true:
+                outputs.append(value)
+            elif value:
+                outputs.append(item)
+        return outcome
+
+
+@dataclass
+class FunctionProcessor:
+    """`function:` — a sync or async callable per item, or per chunk with `batch: true`."""
+
+    function: Callable[..., Any]
+    what: str
+    batch: bool = False
+    keep_if_true: bool = False
+    concurrency: int = 1
+    rate_limit: float | None = None
+
+    def __post_init__(self) -> None:
+        self.is_async = inspect.iscoroutinefunction(self.function) or inspect.iscoroutinefunction(
+            getattr(self.function, "__call__", None)  # noqa: B004 - async callable objects
+        )
+        self.limiter = RateLimiter(self.rate_limit) if self.rate_limit else None
+        self.in_flight = asyncio.Semaphore(self.concurrency)
+
+    async def process_chunk(
+        self, records: list[Any], first_record: int, params: dict[str, Any]
+    ) -> ChunkOutcome:
+        if self.batch:
+            return await self._run_batch(records, first_record)
+        if self.is_async:
+            return await self._run_async(records, first_record)
+        if self.limiter is not None:
+            return await self._run_sync_limited(records, first_record)
+        return await asyncio.to_thread(self._run_sync, records, first_record)
+
+    def _keep(self, outcome: ChunkOutcome, item: Any, value: Any) -> None:
+        if not self.keep_if_true:
+            outcome.outputs.append(value)
+        elif value:
+            outcome.outputs.append(item)
+
+    def _run_sync(self, records: list[Any], first_record: int) -> ChunkOutcome:
+        outcome = ChunkOutcome()
+        function = self.function
+        if not self.keep_if_true:
+            outputs, errors = outcome.outputs, outcome.errors
+            for offset, item in enumerate(records):
+                try:
+                    outputs.append(function(item))
+                except Exception as exc:  # recorded per item
+                    errors.append(ItemError(first_record + offset + 1, describe(exc), item))
+            return outcome
+        for offset, item in enumerate(records):
+            try:
+                self._keep(outcome, item, function(item))
+            except Exception as exc:  # recorded per item
+                outcome.errors.append(ItemError(first_record + offset + 1, describe(exc), item))
+        return outcome
+
+    async def _run_sync_limited(self, records: list[Any], first_record: int) -> ChunkOutcome:
+        assert self.limiter is not None
+        outcome = ChunkOutcome()
+        for offset, item in enumerate(records):
+            await self.limiter.wait()
+            try:
+                self._keep(outcome, item, self.function(item))
+            except Exception as exc:  # recorded per item
+                outcome.errors.append(ItemError(first_record + offset + 1, describe(exc), item))
+        return outcome
+
+    async def _call_async(self, item: Any) -> Any:
+        async with self.in_flight:
+            if self.limiter is not None:
+                await self.limiter.wait()
+            return await self.function(item)
+
+    async def _run_async(self, records: list[Any], first_record: int) -> ChunkOutcome:
+        results = await asyncio.gather(
+            *(self._call_async(item) for item in records), return_exceptions=True
+        )
+        outcome = ChunkOutcome()
+        for offset, (item, value) in enumerate(zip(records, results, strict=True)):
+            if isinstance(value, asyncio.CancelledError):
+                raise value
+            if isinstance(value, BaseException):
+                outcome.errors.append(ItemError(first_record + offset + 1, describe(value), item))
+            else:
+                self._keep(outcome, item, value)
+        return outcome
+
+    async def _run_batch(self, records: list[Any], first_record: int) -> ChunkOutcome:
+        if self.is_async:
+            values = await self.function(records)
+        else:
+            values = await asyncio.to_thread(self.function, records)
+        values = list(values)
+        if len(values) != len(records):
+            raise ChunkFailure(
+                f"{self.what}: batch function returned {len(values)} results for "
+                f"{len(records)} records (records {first_record + 1}-{first_record + len(records)})"
+            )
+        outcome = ChunkOutcome()
+        for item, value in zip(records, values, strict=True):
+            self._keep(outcome, item, value)
+        return outcome
+
+
+@dataclass
+class CommandProcessor:
+    """`command:` — a shell command per chunk: records as JSON Lines on stdin, one JSON line out per
+    line in; a non-zero exit fails the chunk with the tail of its stderr."""
+
+    command: str
+    what: str
+    env: dict[str, str] | None = None
+    keep_if_true: bool = False
+    cwd: str | None = None
+    """Commands run in the pipeline file's folder, so relative script paths work from anywhere."""
+
+    async def process_chunk(
+        self, records: list[Any], first_record: int, params: dict[str, Any]
+    ) -> ChunkOutcome:
+        import os
+
+        payload = b"".join(orjson.dumps(item) + b"\n" for item in records)
+        environment = {**os.environ, **(self.env or {})}
+        process = await asyncio.create_subprocess_shell(
+            self.command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=environment,
+            cwd=self.cwd,
+        )
+        try:
+            stdout, stderr = await process.communicate(payload)
+        except BaseException:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            raise
+        span = f"records {first_record + 1}-{first_record + len(records)}"
+        if process.returncode != 0:
+            tail = stderr.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
+            raise ChunkFailure(
+                f"command exited with status {process.returncode} on {span}"
+                + (f": {tail}" if tail else "")
+            )
+        lines = [line for line in stdout.split(b"\n") if line.strip()]
+        if len(lines) != len(records):
+            raise ChunkFailure(
+                f"command printed {len(lines)} lines for {len(records)} input lines on {span}"
+            )
+        outcome = ChunkOutcome()
+        for offset, (item, line) in enumerate(zip(records, lines, strict=True)):
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise ChunkFailure(
+                    f"command output line {offset + 1} on {span} is not JSON: {exc}"
+                ) from None
+            if not self.keep_if_true:
+                outcome.outputs.append(value)
+            elif value:
+                outcome.outputs.append(item)
+        return outcome
+
+
+def ensure_callable(target: Any, reference: str, what: str) -> Callable[..., Any | Awaitable[Any]]:
+    if not callable(target):
+        raise PipelineError(f"{what}: '{reference}' is not callable")
+    return target  # type: ignore[no-any-return]

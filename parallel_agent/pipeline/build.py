@@ -1,0 +1,275 @@
+"""Turn a validated pipeline into an engine `Agent` wired to one run's context.
+
+Built-in data nodes (split/map/filter/aggregate) pass data through the run store: the split queues
+chunks for its consumers, a map or filter consumes its producer's committed chunks, and an aggregate
+reads its producer's results in input order. Custom `class:` modules and flow-control nodes run on the
+engine as they would in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parallel_agent.conditions import compile_condition, compile_expression
+from parallel_agent.errors import PipelineError
+from parallel_agent.graph import (
+    Agent,
+    AgentModule,
+    FlowControlConfig,
+    FlowControlModule,
+    FlowDecision,
+    ModuleType,
+    Node,
+    NodeConfig,
+)
+from parallel_agent.graph.tasks import Task
+from parallel_agent.modules.builtin import AggregateModule, ChunkModule, SplitModule
+from parallel_agent.modules.chunks import NodeSettings
+from parallel_agent.modules.context import RunContext
+from parallel_agent.modules.loading import add_import_roots, import_object
+from parallel_agent.modules.processors import (
+    ChunkProcessor,
+    CommandProcessor,
+    ExpressionProcessor,
+    FunctionProcessor,
+    ensure_callable,
+)
+from parallel_agent.pipeline.schema import (
+    AggregateSpec,
+    ClassSpec,
+    FilterSpec,
+    MapSpec,
+    NodeSpec,
+    Pipeline,
+    SplitSpec,
+)
+
+DATA_USES = ("split", "map", "filter", "aggregate")
+
+
+@dataclass
+class BuiltPipeline:
+    """An agent ready to run, plus what the runner needs to report on and write its output."""
+
+    pipeline: Pipeline
+    agent: Agent
+    ctx: RunContext
+    processing_nodes: list[str] = field(default_factory=list)
+    main_node: str | None = None
+    output_node: str | None = None
+    value_node: str | None = None
+
+    def make_task(self, task_id: str) -> Task:
+        settings = self.pipeline.task
+        return Task(
+            id=task_id,
+            type=settings.type,
+            objective=settings.objective,
+            params=dict(settings.params),
+        )
+
+    async def output_plan(self) -> dict[str, Any] | None:
+        """Where the output comes from: a node's results in input order, or one computed value."""
+        if self.value_node is not None:
+            run = await self.ctx.store.get_run(self.ctx.task_id)
+            values = (run.extra.get("aggregate") or {}) if run is not None else {}
+            return {"value": values.get(self.value_node)}
+        if self.output_node is not None:
+            return {"node": self.output_node}
+        return None
+
+
+def _data_use(node: NodeSpec) -> str | None:
+    uses = [module.use for module in node.modules if module.use in DATA_USES]
+    if not uses:
+        return None
+    if len(node.modules) != 1:
+        raise PipelineError(
+            f"node '{node.name}': a node with a built-in '{uses[0]}' module must have only that module"
+        )
+    return uses[0]
+
+
+def _wire_data_nodes(
+    pipeline: Pipeline,
+) -> tuple[dict[str, str], dict[str, str], dict[str, list[str]]]:
+    """Each data node's `use`, each consumer's producer, and each producer's consumers."""
+    uses = {node.name: use for node in pipeline.nodes if (use := _data_use(node)) is not None}
+    producers: dict[str, str] = {}
+    consumers: dict[str, list[str]] = {}
+    for node in pipeline.nodes:
+        use = uses.get(node.name)
+        if use is None or use == "split":
+            continue
+        sources = [d for d in node.dependencies if uses.get(d) in ("split", "map", "filter")]
+        if len(sources) != 1:
+            raise PipelineError(
+                f"node '{node.name}' ({use}) needs exactly one data dependency (a split, map or "
+                f"filter node); it has {len(sources)}: {', '.join(sources) or 'none'}"
+            )
+        if use == "aggregate" and uses[sources[0]] == "split":
+            raise PipelineError(
+                f"node '{node.name}' aggregates '{sources[0]}' directly; put a map or filter between"
+            )
+        producers[node.name] = sources[0]
+        if use != "aggregate":
+            consumers.setdefault(sources[0], []).append(node.name)
+    return uses, producers, consumers
+
+
+def _processor(node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path) -> ChunkProcessor:
+    what = f"node '{node.name}', {spec.use}"
+    keep = isinstance(spec, FilterSpec)
+    config = node.node_config
+    if spec.expr is not None:
+        return ExpressionProcessor(spec.expr, what, keep_if_true=keep)
+    if spec.function is not None:
+        target = ensure_callable(import_object(spec.function, what=what), spec.function, what)
+        return FunctionProcessor(
+            target,
+            what,
+            batch=isinstance(spec, MapSpec) and spec.batch,
+            keep_if_true=keep,
+            concurrency=config.concurrency,
+            rate_limit=config.rate_limit,
+        )
+    command = spec.command if isinstance(spec, MapSpec) else None
+    if command is None:
+        raise PipelineError(f"{what}: needs expr, function or command")
+    env = spec.env if isinstance(spec, MapSpec) else None
+    return CommandProcessor(command, what, env=env, cwd=str(pipeline_dir.resolve()))
+
+
+def _settings(node: NodeSpec) -> NodeSettings:
+    config = node.node_config
+    return NodeSettings(
+        node=node.name,
+        concurrency=config.concurrency,
+        max_attempts=config.max_retries + 1,
+        retry_delay=config.retry_delay,
+        timeout=config.timeout,
+        on_error=config.on_error,
+        lease_s=config.lease,
+    )
+
+
+def _class_module(spec: ClassSpec, node: NodeSpec) -> AgentModule:
+    what = f"node '{node.name}', class"
+    target = import_object(spec.class_, what=what)
+    if not (isinstance(target, type) and issubclass(target, AgentModule)):
+        raise PipelineError(f"{what}: '{spec.class_}' is not an AgentModule subclass")
+    try:
+        return target(**spec.params)
+    except TypeError as exc:
+        raise PipelineError(f"{what}: cannot create '{spec.class_}': {exc}") from None
+
+
+def _engine_node(node: NodeSpec, ctx: RunContext, pipeline_dir: Path, uses: dict[str, str]) -> Node:
+    config = node.node_config
+    kind = ModuleType(node.type)
+    if kind == ModuleType.FLOW_CONTROL:
+        for number, decision in enumerate(node.decisions, start=1):
+            compile_condition(
+                decision.condition,
+                what=f"node '{node.name}', decision {number} (next_node '{decision.next_node}')",
+            )
+        flow = FlowControlConfig(
+            decisions=[
+                FlowDecision(next_node=d.next_node, condition=d.condition) for d in node.decisions
+            ],
+            default=node.default,
+        )
+        return Node(
+            name=node.name,
+            type=kind,
+            modules=[FlowControlModule(flow_config=flow)],
+            dependencies=list(node.dependencies),
+            node_config=NodeConfig(condition=config.condition, max_visits=config.max_visits),
+        )
+    if config.condition is not None:
+        compile_condition(config.condition, what=f"node '{node.name}', condition")
+    modules: list[AgentModule] = []
+    use = uses.get(node.name)
+    for spec in node.modules:
+        if isinstance(spec, SplitSpec):
+            modules.append(SplitModule(ctx, node.name, spec.chunk_size))
+        elif isinstance(spec, MapSpec | FilterSpec):
+            processor = _processor(node, spec, pipeline_dir)
+            modules.append(ChunkModule(ctx, node.name, _settings(node), processor, spec.use))
+        elif isinstance(spec, AggregateSpec):
+            if spec.expr is not None:
+                compile_expression(spec.expr, what=f"node '{node.name}', aggregate expr")
+            modules.append(AggregateModule(ctx, node.name, spec.model_dump()))
+        else:
+            modules.append(_class_module(spec, node))
+    if use is not None:
+        engine_config = NodeConfig(
+            condition=config.condition, max_visits=config.max_visits, max_retries=0
+        )
+    else:
+        engine_config = NodeConfig(
+            parallel=config.parallel,
+            condition=config.condition,
+            max_retries=config.max_retries,
+            retry_delay=config.retry_delay,
+            timeout=config.timeout,
+            max_visits=config.max_visits,
+        )
+    return Node(
+        name=node.name,
+        type=kind,
+        modules=modules,
+        dependencies=list(node.dependencies),
+        node_config=engine_config,
+    )
+
+
+def build_pipeline(pipeline: Pipeline, ctx: RunContext, *, pipeline_dir: Path) -> BuiltPipeline:
+    """Build the agent for one run; raises PipelineError for anything wrong, before any work."""
+    from parallel_agent.caches.memory_cache import MemoryCache
+    from parallel_agent.pipeline.views import StoreViews
+
+    add_import_roots(Path.cwd(), pipeline_dir)
+    uses, producers, consumers = _wire_data_nodes(pipeline)
+    ctx.producers = producers
+    ctx.consumers = consumers
+    processing = [n.name for n in pipeline.nodes if uses.get(n.name) in ("map", "filter")]
+    splits = [n.name for n in pipeline.nodes if uses.get(n.name) == "split"]
+    main = next((c for s in splits for c in consumers.get(s, [])), None)
+    built = BuiltPipeline(pipeline=pipeline, agent=None, ctx=ctx)  # type: ignore[arg-type]
+    built.processing_nodes = processing
+    built.main_node = main
+    views = StoreViews(ctx, main, built)
+    agent = Agent(
+        cache=MemoryCache(),
+        max_concurrent_tasks=pipeline.agent.max_concurrent_tasks,
+        max_total_iterations=pipeline.agent.max_total_iterations,
+        events=ctx.events,
+        views=views,
+    )
+    for node in pipeline.nodes:
+        agent.add_node(_engine_node(node, ctx, pipeline_dir, uses))
+    agent.validate()
+    built.agent = agent
+    aggregates = [n for n in pipeline.nodes if uses.get(n.name) == "aggregate"]
+    if aggregates:
+        last = aggregates[-1]
+        spec = last.modules[0]
+        assert isinstance(spec, AggregateSpec)
+        if any(v is not None for v in (spec.reduce, spec.group_by, spec.expr)):
+            built.value_node = last.name
+        else:
+            built.output_node = producers[last.name]
+    elif processing:
+        built.output_node = processing[-1]
+    return built
+
+
+def check_pipeline(pipeline: Pipeline, *, pipeline_dir: Path) -> None:
+    """Build the pipeline against a throwaway in-memory store: schema, graph, conditions, imports."""
+    from parallel_agent.store.memory import MemoryStore
+
+    ctx = RunContext(task_id="validate", store=MemoryStore(), owner="validate")
+    build_pipeline(pipeline, ctx, pipeline_dir=pipeline_dir)

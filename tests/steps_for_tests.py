@@ -1,0 +1,67 @@
+"""Functions the test pipelines call by import path (`function: steps_for_tests:<name>`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+
+def double(item: Any) -> Any:
+    return item * 2
+
+
+def fail_on_seven(item: int) -> int:
+    if item == 7:
+        raise ValueError("seven is not allowed")
+    return item * 10
+
+
+def is_even(item: int) -> bool:
+    return item % 2 == 0
+
+
+def batch_square(items: list[int]) -> list[int]:
+    return [item * item for item in items]
+
+
+def batch_short(items: list[int]) -> list[int]:
+    return items[:-1]
+
+
+async def async_increment(item: int) -> int:
+    await asyncio.sleep(0.001)
+    return item + 1
+
+
+def returns_set(item: int) -> Any:
+    return {item} if item == 3 else item
+
+
+def fails_once(item: int) -> int:
+    """Fails the first time it sees record 5 in this test's marker folder, then succeeds."""
+    marker = Path(os.environ["PAGENT_TEST_MARKERS"]) / f"seen-{item}"
+    if item == 5 and not marker.exists():
+        marker.write_text("x")
+        raise RuntimeError("transient failure")
+    return item
+
+
+async def hangs_on_three(item: int) -> int:
+    if item == 3:
+        await asyncio.sleep(3600)
+    return item
+
+
+def ledger_double(item: int) -> int:
+    """Records every execution (one line per call, O_APPEND) so tests can count re-executions."""
+    import time
+
+    descriptor = os.open(os.environ["PAGENT_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(descriptor, f"{item}\n".encode())
+    finally:
+        os.close(descriptor)
+    time.sleep(float(os.environ.get("PAGENT_LEDGER_SLEEP", "0.002")))
+    return item * 2

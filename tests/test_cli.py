@@ -1,0 +1,547 @@
+"""The command line contract: arguments, outputs, exit codes and one-line error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from parallel_agent.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINES = ROOT / "pipelines"
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Invoke pagent in-process with a private SQLite store; returns the click Result."""
+    monkeypatch.setenv("PAGENT_STORE", f"sqlite:///{tmp_path / 'state.db'}")
+    monkeypatch.setenv("PAGENT_TEST_MARKERS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(TESTS))
+    runner = CliRunner()
+
+    def invoke(*args: str, stdin: bytes | None = None) -> Any:
+        return runner.invoke(app, list(args), input=stdin, catch_exceptions=False)
+
+    return invoke
+
+
+def write_pipeline(tmp_path: Path, text: str, name: str = "pipeline.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def map_pipeline(
+    map_module: str, node_config: str = "{}", chunk_size: int = 3, tail: str = ""
+) -> str:
+    return f"""
+name: test
+nodes:
+  - {{name: split, type: planner, modules: [{{use: split, chunk_size: {chunk_size}}}]}}
+  - name: work
+    dependencies: [split]
+    modules: [{map_module}]
+    node_config: {node_config}
+  - {{name: collect, dependencies: [work], modules: [{{use: aggregate{tail}}}]}}
+"""
+
+
+def numbers(tmp_path: Path, count: int = 10, name: str = "numbers.jsonl") -> str:
+    path = tmp_path / name
+    path.write_text("".join(f"{i}\n" for i in range(count)))
+    return str(path)
+
+
+def test_walkthrough_pipeline_doubles_every_number(cli: Any, tmp_path: Path) -> None:
+    output = tmp_path / "out.json"
+    result = cli(
+        "run",
+        str(PIPELINES / "parallel_processing.yaml"),
+        "--data",
+        str(PIPELINES / "data" / "numbers.json"),
+        "--output",
+        str(output),
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(output.read_text()) == list(range(0, 40, 2))
+    assert "task " in result.stderr and "started" in result.stderr
+
+
+def test_json_summary_on_stdout(cli: Any, tmp_path: Path) -> None:
+    output = tmp_path / "out.jsonl"
+    result = cli(
+        "run",
+        str(PIPELINES / "parallel_processing.yaml"),
+        "--data",
+        str(PIPELINES / "data" / "numbers.json"),
+        "--output",
+        str(output),
+        "--json",
+        "--task-id",
+        "summary-1",
+    )
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["task_id"] == "summary-1"
+    assert summary["status"] == "complete"
+    assert summary["items"] == {"total": 20, "done": 20, "failed": 0, "output": 20}
+    assert summary["chunks"] == {"total": 7, "done": 7, "failed": 0}
+    assert summary["output"] == str(output)
+    assert summary["duration_s"] >= 0
+    assert [json.loads(line) for line in output.read_text().splitlines()] == list(range(0, 40, 2))
+
+
+def test_csv_in_csv_out_through_a_command(cli: Any, tmp_path: Path) -> None:
+    output = tmp_path / "americas.csv"
+    result = cli(
+        "run",
+        str(PIPELINES / "enrich_csv.yaml"),
+        "--data",
+        str(PIPELINES / "data" / "customers.csv"),
+        "--output",
+        str(output),
+    )
+    assert result.exit_code == 0, result.stderr
+    lines = output.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "id,name,email,country,email_domain,region,name_length"
+    assert lines[1].startswith('2,"Hopper, Grace",grace@example.com,US,example.com,AMER')
+    assert len(lines) == 1 + 4
+
+
+def test_rate_limited_async_example_groups_by_currency(cli: Any, tmp_path: Path) -> None:
+    output = tmp_path / "totals.json"
+    result = cli(
+        "run",
+        str(PIPELINES / "rate_limited_async.yaml"),
+        "--data",
+        str(PIPELINES / "data" / "orders.jsonl"),
+        "--output",
+        str(output),
+    )
+    assert result.exit_code == 0, result.stderr
+    groups = json.loads(output.read_text())
+    assert set(groups) <= {"EUR", "USD", "GBP", "JPY"}
+    assert sum(len(orders) for orders in groups.values()) == 60
+    assert all("price_eur" in order for orders in groups.values() for order in orders)
+
+
+def test_csv_input_with_quotes_newlines_bom_and_blank_lines(cli: Any, tmp_path: Path) -> None:
+    data = tmp_path / "people.csv"
+    data.write_bytes('\ufeffname,note\n"Smith, J","line one\nline two"\n\nZoë,ünïcödé\n'.encode())
+    pipeline = write_pipeline(tmp_path, map_pipeline("{use: map, expr: \"item['name']\"}"))
+    output = tmp_path / "names.jsonl"
+    result = cli("run", pipeline, "--data", str(data), "--output", str(output))
+    assert result.exit_code == 0, result.stderr
+    assert [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()] == [
+        "Smith, J",
+        "Zoë",
+    ]
+
+
+def test_json_object_with_custom_data_key(cli: Any, tmp_path: Path) -> None:
+    data = tmp_path / "wrapped.json"
+    data.write_text(json.dumps({"meta": {"n": 3}, "rows": [1, 2, 3]}))
+    pipeline = write_pipeline(tmp_path, map_pipeline("{use: map, expr: 'item + 1'}"))
+    output = tmp_path / "out.json"
+    result = cli(
+        "run", pipeline, "--data", str(data), "--data-key", "rows", "--output", str(output)
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(output.read_text()) == [2, 3, 4]
+
+
+def test_stdin_to_stdout(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(
+        tmp_path, map_pipeline("{use: map, function: 'steps_for_tests:double'}")
+    )
+    result = cli(
+        "run",
+        pipeline,
+        "--data",
+        "-",
+        "--format",
+        "jsonl",
+        "--output",
+        "-",
+        "--quiet",
+        stdin=b"1\n2\n3\n",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.split() == ["2", "4", "6"]
+    assert result.stderr == ""
+
+
+def test_failed_item_is_reported_and_others_are_output(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(
+        tmp_path, map_pipeline("{use: map, function: 'steps_for_tests:fail_on_seven'}")
+    )
+    output = tmp_path / "out.json"
+    result = cli("run", pipeline, "--data", numbers(tmp_path), "--output", str(output), "--json")
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "partial_failure"
+    assert summary["items"]["failed"] == 1
+    assert json.loads(output.read_text()) == [i * 10 for i in range(10) if i != 7]
+
+
+def test_on_error_fail_chunk_fails_the_whole_chunk(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(
+        tmp_path,
+        map_pipeline(
+            "{use: map, function: 'steps_for_tests:fail_on_seven'}",
+            "{on_error: fail_chunk, max_retries: 1, retry_delay: 0}",
+        ),
+    )
+    output = tmp_path / "out.json"
+    result = cli("run", pipeline, "--data", numbers(tmp_path), "--output", str(output), "--json")
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert summary["chunks"]["failed"] == 1
+    assert summary["items"]["failed"] == 3
+    assert json.loads(output.read_text()) == [0, 10, 20, 30, 40, 50, 90]
+    assert "record 8: ValueError: seven is not allowed" in result.stderr
+
+
+def test_on_error_stop_stops_the_run(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(
+        tmp_path,
+        map_pipeline("{use: map, function: 'steps_for_tests:fail_on_seven'}", "{on_error: stop}"),
+    )
+    output = tmp_path / "out.json"
+    result = cli("run", pipeline, "--data", numbers(tmp_path), "--output", str(output), "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["status"] == "failed"
+    assert "on_error: stop" in json.loads(result.stdout)["error"]
+    assert not output.exists()
+
+
+def test_max_failures_stops_the_run(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(tmp_path, map_pipeline("{use: map, expr: '1 / (item % 2)'}"))
+    result = cli("run", pipeline, "--data", numbers(tmp_path, 30), "--max-failures", "2", "--json")
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "failed"
+    assert "--max-failures" in summary["error"]
+
+
+def test_filter_and_reduce(cli: Any, tmp_path: Path) -> None:
+    text = """
+name: evens
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 4}]}
+  - {name: evens, dependencies: [split], modules: [{use: filter, function: "steps_for_tests:is_even"}]}
+  - {name: total, dependencies: [evens], modules: [{use: aggregate, reduce: sum}]}
+"""
+    output = tmp_path / "total.json"
+    result = cli(
+        "run", write_pipeline(tmp_path, text), "--data", numbers(tmp_path), "--output", str(output)
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(output.read_text()) == 0 + 2 + 4 + 6 + 8
+
+
+@pytest.mark.parametrize(
+    ("tail", "expected"),
+    [
+        (", reduce: count", 10),
+        (", reduce: max", 9),
+        (", reduce: min", 0),
+        (", expr: 'sum(results) * 2'", 90),
+    ],
+)
+def test_aggregate_forms(cli: Any, tmp_path: Path, tail: str, expected: Any) -> None:
+    pipeline = write_pipeline(tmp_path, map_pipeline("{use: map, expr: item}", tail=tail))
+    output = tmp_path / "value.json"
+    result = cli("run", pipeline, "--data", numbers(tmp_path), "--output", str(output))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(output.read_text()) == expected
+
+
+def test_batch_and_async_functions(cli: Any, tmp_path: Path) -> None:
+    batch = write_pipeline(
+        tmp_path,
+        map_pipeline("{use: map, function: 'steps_for_tests:batch_square', batch: true}"),
+        "b.yaml",
+    )
+    output = tmp_path / "squares.json"
+    assert cli("run", batch, "--data", numbers(tmp_path), "--output", str(output)).exit_code == 0
+    assert json.loads(output.read_text()) == [i * i for i in range(10)]
+    asynchronous = write_pipeline(
+        tmp_path,
+        map_pipeline("{use: map, function: 'steps_for_tests:async_increment'}", "{concurrency: 5}"),
+        "a.yaml",
+    )
+    assert (
+        cli("run", asynchronous, "--data", numbers(tmp_path), "--output", str(output)).exit_code
+        == 0
+    )
+    assert json.loads(output.read_text()) == [i + 1 for i in range(10)]
+
+
+def test_batch_function_returning_too_few_results_fails_its_chunks(
+    cli: Any, tmp_path: Path
+) -> None:
+    pipeline = write_pipeline(
+        tmp_path,
+        map_pipeline(
+            "{use: map, function: 'steps_for_tests:batch_short', batch: true}",
+            "{max_retries: 0}",
+        ),
+    )
+    result = cli("run", pipeline, "--data", numbers(tmp_path), "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["chunks"]["failed"] == 4
+    assert "batch function returned 2 results for 3 records" in result.stderr
+
+
+def test_command_failure_reports_stderr_tail(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(
+        tmp_path,
+        map_pipeline(
+            "{use: map, command: \"echo 'disk on fire' >&2; exit 3\"}", "{max_retries: 0}"
+        ),
+    )
+    result = cli("run", pipeline, "--data", numbers(tmp_path, 3), "--json")
+    assert result.exit_code == 1
+    assert "command exited with status 3 on records 1-3: disk on fire" in result.stderr
+
+
+def test_unserialisable_result_is_an_item_failure(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(
+        tmp_path, map_pipeline("{use: map, function: 'steps_for_tests:returns_set'}")
+    )
+    output = tmp_path / "out.json"
+    result = cli("run", pipeline, "--data", numbers(tmp_path, 6), "--output", str(output), "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["items"]["failed"] == 1
+    assert json.loads(output.read_text()) == [0, 1, 2, 4, 5]
+
+
+def test_set_overrides_params_and_node_config(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(
+        tmp_path, map_pipeline("{use: map, expr: \"item * params['factor']\"}")
+    )
+    output = tmp_path / "out.json"
+    result = cli(
+        "run",
+        pipeline,
+        "--data",
+        numbers(tmp_path, 4),
+        "--output",
+        str(output),
+        "--set",
+        "factor=5",
+        "--set",
+        "nodes.work.node_config.concurrency=1",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(output.read_text()) == [0, 5, 10, 15]
+
+
+# ---- exit codes for bad usage, pipelines, input and output -------------------------------------
+
+
+def assert_one_line_error(result: Any, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pagent: error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_schema_error_names_the_key_path(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(tmp_path, map_pipeline("{use: map, expr: item}", "{timeout: 0}"))
+    result = cli("run", pipeline, "--data", numbers(tmp_path))
+    assert_one_line_error(result, 2, "nodes[1].node_config.timeout")
+
+
+def test_unknown_module_lists_known_ones(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(tmp_path, map_pipeline("{use: mapp, expr: item}"))
+    result = cli("run", pipeline, "--data", numbers(tmp_path))
+    assert result.exit_code == 2
+    assert "unknown module 'mapp'" in result.stderr
+    assert "aggregate, filter, map, split" in result.stderr
+
+
+def test_function_that_cannot_be_imported(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(tmp_path, map_pipeline("{use: map, function: 'no_such_pkg.mod:fn'}"))
+    result = cli("run", pipeline, "--data", numbers(tmp_path))
+    assert_one_line_error(result, 2, "no_such_pkg.mod:fn")
+
+
+def test_yaml_syntax_error_has_line_and_column(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(tmp_path, "name: x\nnodes: [\n  {name: a\n")
+    result = cli("validate", pipeline)
+    assert result.exit_code == 2
+    assert "line" in result.stderr and "column" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cycle_is_rejected_naming_the_nodes(cli: Any, tmp_path: Path) -> None:
+    text = """
+name: cyclic
+nodes:
+  - {name: a, dependencies: [b], modules: [{use: map, expr: item}]}
+  - {name: b, dependencies: [a], modules: [{use: map, expr: item}]}
+"""
+    result = cli("validate", write_pipeline(tmp_path, text))
+    assert result.exit_code == 2
+    assert "cycle" in result.stderr
+    assert "'a'" in result.stderr or " a " in result.stderr
+
+
+def test_missing_data_is_a_usage_error(cli: Any) -> None:
+    result = cli("run", str(PIPELINES / "parallel_processing.yaml"))
+    assert_one_line_error(result, 2, "--data")
+
+
+def test_stdin_needs_a_format(cli: Any) -> None:
+    result = cli("run", str(PIPELINES / "parallel_processing.yaml"), "--data", "-", stdin=b"1\n")
+    assert_one_line_error(result, 2, "--format")
+
+
+def test_malformed_json_lines_exit_3_with_location(cli: Any, tmp_path: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"a": 1}\n{"a": 2}\n{"a": 3,,}\n')
+    output = tmp_path / "out.json"
+    result = cli(
+        "run",
+        str(PIPELINES / "parallel_processing.yaml"),
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+    )
+    assert_one_line_error(result, 3, "bad.jsonl", "line 3", "column", "record 3")
+    assert not output.exists()
+
+
+def test_malformed_json_exit_3(cli: Any, tmp_path: Path) -> None:
+    data = tmp_path / "bad.json"
+    data.write_text("[1, 2,\n 3, }\n")
+    result = cli("run", str(PIPELINES / "parallel_processing.yaml"), "--data", str(data))
+    assert_one_line_error(result, 3, "bad.json", "line 2")
+
+
+def test_csv_unterminated_quote_names_where_it_opened(cli: Any, tmp_path: Path) -> None:
+    data = tmp_path / "bad.csv"
+    data.write_text('a,b\n1,2\n3,"oops\n5,6\n7,8\n')
+    pipeline = write_pipeline(tmp_path, map_pipeline("{use: map, expr: item}"))
+    result = cli("run", pipeline, "--data", str(data))
+    assert_one_line_error(result, 3, "bad.csv", "line 3")
+
+
+def test_csv_ragged_row(cli: Any, tmp_path: Path) -> None:
+    data = tmp_path / "ragged.csv"
+    data.write_text("a,b\n1,2\n3,4,5\n")
+    pipeline = write_pipeline(tmp_path, map_pipeline("{use: map, expr: item}"))
+    result = cli("run", pipeline, "--data", str(data))
+    assert_one_line_error(result, 3, "ragged.csv", "line 3")
+
+
+def test_unwritable_output_exit_5_before_running(cli: Any, tmp_path: Path) -> None:
+    target = tmp_path / "missing-dir" / "out.json"
+    result = cli(
+        "run",
+        str(PIPELINES / "parallel_processing.yaml"),
+        "--data",
+        str(PIPELINES / "data" / "numbers.json"),
+        "--output",
+        str(target),
+    )
+    assert_one_line_error(result, 5, "missing-dir")
+    assert not target.parent.exists()
+
+
+def test_output_under_a_file_exit_5(cli: Any, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = cli(
+        "run",
+        str(PIPELINES / "parallel_processing.yaml"),
+        "--data",
+        str(PIPELINES / "data" / "numbers.json"),
+        "--output",
+        str(blocker / "o.json"),
+    )
+    assert result.exit_code == 5
+
+
+def test_finished_task_id_is_reused_without_redoing_work(cli: Any, tmp_path: Path) -> None:
+    args = (
+        "run",
+        str(PIPELINES / "parallel_processing.yaml"),
+        "--data",
+        str(PIPELINES / "data" / "numbers.json"),
+        "--task-id",
+        "same",
+        "--json",
+    )
+    first = cli(*args)
+    assert first.exit_code == 0, first.stderr
+    second = cli(*args)
+    assert second.exit_code == 0, second.stderr
+    assert json.loads(second.stdout)["reused"] is True
+    other = write_pipeline(tmp_path, map_pipeline("{use: map, expr: item}"))
+    third = cli(
+        "run", other, "--data", str(PIPELINES / "data" / "numbers.json"), "--task-id", "same"
+    )
+    assert_one_line_error(third, 2, "different pipeline")
+
+
+def test_validate_schema_version_help(cli: Any) -> None:
+    assert cli("validate", str(PIPELINES / "parallel_processing.yaml")).exit_code == 0
+    schema = json.loads(cli("schema").stdout)
+    assert "nodes" in json.dumps(schema)
+    version = cli("--version")
+    assert version.exit_code == 0 and version.stdout.startswith("pagent ")
+    for command in ("run", "validate", "schema"):
+        result = cli(command, "--help")
+        assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+@pytest.mark.redis
+def test_run_on_real_redis(cli: Any, tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    output = tmp_path / "out.json"
+    task_id = redis_prefix.replace(":", "-").strip("-")
+    result = cli(
+        "run",
+        str(PIPELINES / "parallel_processing.yaml"),
+        "--data",
+        str(PIPELINES / "data" / "numbers.json"),
+        "--output",
+        str(output),
+        "--store",
+        redis_url,
+        "--task-id",
+        task_id,
+    )
+    try:
+        assert result.exit_code == 0, result.stderr
+        assert json.loads(output.read_text()) == list(range(0, 40, 2))
+    finally:
+        import redis
+
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"pagent:{task_id}*"):
+            client.unlink(key)
+        client.close()
+
+
+def test_no_escape_codes_when_not_a_terminal(cli: Any, tmp_path: Path) -> None:
+    result = cli(
+        "run",
+        str(PIPELINES / "parallel_processing.yaml"),
+        "--data",
+        str(PIPELINES / "data" / "numbers.json"),
+    )
+    assert result.exit_code == 0
+    assert "\x1b" not in result.stderr and "\x1b" not in result.stdout
+    assert os.environ.get("PAGENT_STORE", "").startswith("sqlite:///")
