@@ -109,6 +109,21 @@ class RunSummary:
         }
 
 
+def holder_is_dead(owner: str) -> bool:
+    """True when `owner` ("host:pid:nonce") names a process of this machine that no longer runs."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def new_task_id() -> str:
     """A task id that sorts by start time and is unique enough to share a Redis."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
@@ -190,8 +205,11 @@ class PipelineRun:
                     )
                     summary.output = options.output
                 return summary
-        if not await store.acquire_lock(task_id, self.owner, COORDINATOR_TTL_S):
-            raise TaskBusyError(f"task '{task_id}' is being run by another coordinator")
+        if not await self._take_lock(store, task_id):
+            holder = await store.lock_holder(task_id)
+            raise TaskBusyError(
+                f"task '{task_id}' is being run by another coordinator ({holder or 'unknown'})"
+            )
         keep_lock = asyncio.ensure_future(self._renew_lock(store, task_id))
         try:
             info = existing or await self._create_run(store, pipeline, digest, task_id, source)
@@ -202,6 +220,17 @@ class PipelineRun:
                 await keep_lock
             with contextlib.suppress(PagentError):
                 await store.release_lock(task_id, self.owner)
+
+    async def _take_lock(self, store: RunStore, task_id: str) -> bool:
+        """Take the coordinator lock; a lock left by a dead process on this machine is taken over
+        at once instead of waiting for it to expire."""
+        if await store.acquire_lock(task_id, self.owner, COORDINATOR_TTL_S):
+            return True
+        holder = await store.lock_holder(task_id)
+        if holder is None or not holder_is_dead(holder):
+            return False
+        await store.release_lock(task_id, holder)
+        return await store.acquire_lock(task_id, self.owner, COORDINATOR_TTL_S)
 
     def _check_same_run(self, existing: RunInfo, digest: str, source: InputSource | None) -> None:
         if existing.pipeline_hash != digest:

@@ -127,11 +127,26 @@ def test_sigint_exits_130_and_resume_completes(setup: dict[str, Any]) -> None:
     assert missing == [] and duplicated == []
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, setup: dict[str, Any]) -> Any:
+    """The store under test: the embedded SQLite file, or the real Redis under a unique prefix."""
+    if request.param == "sqlite":
+        yield setup["env"]["PAGENT_STORE"]
+        return
+    redis_url = request.getfixturevalue("redis_url")
+    prefix = request.getfixturevalue("redis_prefix").rstrip(":")
+    yield f"{redis_url}?prefix={prefix}"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(6))
-def test_sigkill_at_random_points_then_resume(setup: dict[str, Any], seed: int) -> None:
+@pytest.mark.parametrize("seed", range(10))
+def test_sigkill_at_random_points_then_resume(
+    setup: dict[str, Any], seed: int, store_url: str
+) -> None:
+    setup["env"]["PAGENT_STORE"] = store_url
     rng = random.Random(seed)
-    kill_after = rng.uniform(0.3, 1.5)
+    kill_after = rng.uniform(0.4, 1.6)
+    setup["env"]["PAGENT_LEDGER_SLEEP"] = "0.01"
     print(f"seed={seed} kill_after={kill_after:.2f}s")
     output = setup["tmp"] / "out.jsonl"
     task = f"kill-{seed}"
@@ -151,7 +166,7 @@ def test_sigkill_at_random_points_then_resume(setup: dict[str, Any], seed: int) 
     )
     time.sleep(kill_after)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    proc.communicate(timeout=10)
     resumed = subprocess.run(
         [sys.executable, "-m", "parallel_agent", "resume", task, "--quiet"],
         env=setup["env"],

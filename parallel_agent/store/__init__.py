@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from parallel_agent.errors import UsageError
 from parallel_agent.store.base import RunStore, mask_url
@@ -32,7 +32,8 @@ def default_store_url() -> str:
 def open_store(url: str, *, prefix: str = "pagent") -> RunStore:
     """Build the store for `url` (not yet connected: call `await store.open()`).
 
-    `prefix` namespaces Redis keys (`<prefix>:<task_id>:...`); other backends ignore it.
+    `prefix` namespaces Redis keys (`<prefix>:<task_id>:...`); other backends ignore it. A Redis
+    URL may carry its own, `redis://host:6379/0?prefix=team-a`, which wins.
     """
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     if scheme == "memory":
@@ -46,8 +47,20 @@ def open_store(url: str, *, prefix: str = "pagent") -> RunStore:
     if scheme in {"redis", "rediss", "unix"}:
         from parallel_agent.store.redis import RedisStore
 
+        url, prefix = _take_prefix(url, prefix)
         return RedisStore(url, prefix=prefix)
     raise UsageError(
         f"unknown store URL {mask_url(url)!r}; use sqlite:///path/to/state.db, "
         "redis://host:6379/0, rediss://..., unix:///path/redis.sock or memory://"
     )
+
+
+def _take_prefix(url: str, prefix: str) -> tuple[str, str]:
+    """Split a `prefix=` query parameter off a Redis URL."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    chosen = [value for key, value in query if key == "prefix"]
+    if not chosen:
+        return url, prefix
+    rest = urlencode([(key, value) for key, value in query if key != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), chosen[-1]
