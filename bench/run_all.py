@@ -22,7 +22,8 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 PIPELINES = HERE / "pipelines"
 PYTHON = sys.executable
-PAGENT = [PYTHON, str(HERE / "rss.py"), "pagent"]
+#: GNU time reports the peak resident memory of the whole command (children included).
+PAGENT = ["/usr/bin/time", "-f", "peak_rss_kib=%M", str(Path(PYTHON).parent / "pagent")]
 
 
 def make_input(path: Path, count: int) -> None:

@@ -26,7 +26,7 @@ from parallel_agent.errors import (
     TaskBusyError,
     UsageError,
 )
-from parallel_agent.events import EventSink, RunFinished, RunStarted
+from parallel_agent.events import EventSink, MultiSink, NodeFinished, RunFinished, RunStarted
 from parallel_agent.graph import TaskStatus
 from parallel_agent.io import check_writable, detect_format, detect_output_format, open_writer
 from parallel_agent.modules.chunks import decode_lines
@@ -134,12 +134,23 @@ def resolve_store_url(url: str | None) -> str:
     return url or os.environ.get("PAGENT_STORE") or default_store_url()
 
 
+class _NodeTimes(EventSink):
+    """Adds up how long each node ran, for the summary."""
+
+    def __init__(self) -> None:
+        self.durations: dict[str, float] = {}
+
+    def on_node_finished(self, event: NodeFinished) -> None:
+        self.durations[event.node] = self.durations.get(event.node, 0.0) + event.duration_s
+
+
 class PipelineRun:
     """One run of a pipeline: prepare (validate everything before any side effect), execute, report."""
 
     def __init__(self, options: RunOptions, events: EventSink | None = None) -> None:
         self.options = options
-        self.events = events or EventSink()
+        self.timer = _NodeTimes()
+        self.events: EventSink = MultiSink(events or EventSink(), self.timer)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.ctx: RunContext | None = None
         self.interrupted = False
@@ -332,6 +343,8 @@ class PipelineRun:
             raise ctx.fatal
         summary = await self._finish(store, built, info, task.status, task.error, output_format)
         summary.duration_s = time.monotonic() - started
+        for node, seconds in self.timer.durations.items():
+            summary.nodes.setdefault(node, {})["duration_s"] = round(seconds, 4)
         await store.update_run(
             info.task_id,
             status=summary.status,

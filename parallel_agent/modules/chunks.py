@@ -106,8 +106,12 @@ class ChunkWorkers:
         self.chunks_failed = 0
 
     async def run(self) -> None:
+        counts = await self.ctx.store.counts(self.ctx.task_id, self.settings.node)
+        # More workers than open chunks would only poll the store; a sealed queue cannot grow.
+        open_chunks = counts.pending + counts.leased
+        workers = min(self.settings.concurrency, open_chunks) if counts.sealed else None
         async with asyncio.TaskGroup() as group:
-            for number in range(self.settings.concurrency):
+            for number in range(workers if workers is not None else self.settings.concurrency):
                 group.create_task(self._worker(number))
 
     async def _worker(self, number: int) -> None:
