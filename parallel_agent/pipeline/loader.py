@@ -120,7 +120,12 @@ def _human(error: Any) -> str:
             "less_than": "lt",
             "less_than_equal": "le",
         }[kind]
-        return f"must be {symbol} {context.get(key)}"
+        limit = context.get(key)
+        return (
+            f"must be {symbol} {limit:g}"
+            if isinstance(limit, int | float)
+            else f"must be {symbol} {limit}"
+        )
     if kind.startswith("int_"):
         return "must be an integer"
     if kind.startswith("float_"):
