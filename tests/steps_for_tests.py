@@ -65,3 +65,18 @@ def ledger_double(item: int) -> int:
         os.close(descriptor)
     time.sleep(float(os.environ.get("PAGENT_LEDGER_SLEEP", "0.002")))
     return item * 2
+
+
+def fails_once_divided(item: int) -> int:
+    """Input is already x10: fails the first time it sees 50, then passes it through."""
+    marker = Path(os.environ["PAGENT_TEST_MARKERS"]) / f"once-{item}"
+    if item == 50 and not marker.exists():
+        marker.write_text("x")
+        raise RuntimeError("transient failure")
+    return item
+
+
+async def hangs_on_thirty(item: int) -> int:
+    if item == 30:
+        await asyncio.sleep(3600)
+    return item

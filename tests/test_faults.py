@@ -225,3 +225,212 @@ def test_unreachable_redis_exits_4_naming_the_url(setup: dict[str, Any]) -> None
     assert done.returncode == 4, stderr
     assert "127.0.0.1:1" in stderr and "secret" not in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Any:
+    """Own redis-server processes on free ports (never the shared one), for restart tests."""
+    from helpers.redis_server import RedisServerFactory, redis_server_binary
+
+    if redis_server_binary() is None:
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail("redis-server is not installed; CI=true requires it")
+        pytest.skip("redis-server is not installed")
+    factory = RedisServerFactory(tmp_path / "redis")
+    yield factory
+    factory.stop_all()
+
+
+def wait_for_ledger(ledger: Path, lines: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not ledger.exists() or len(ledger.read_text().split()) < lines:
+        assert time.monotonic() < deadline, "the run never got going"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_redis_restart_without_persistence_is_state_lost(
+    setup: dict[str, Any], redis_server: Any
+) -> None:
+    server = redis_server(durable=False)
+    env = {
+        **setup["env"],
+        "PAGENT_LEDGER_SLEEP": "0.01",
+        "PAGENT_STORE": f"{server.url}?retry_budget=5",
+    }
+    proc = pagent(["run", setup["pipeline"], "--data", setup["data"], "--task-id", "volatile"], env)
+    wait_for_ledger(setup["ledger"], 30)
+    server.kill()
+    server.restart()
+    code, stderr = finish(proc, timeout=60)
+    assert code == 4, stderr
+    assert "Traceback" not in stderr
+    assert "gone" in stderr or "lost" in stderr
+
+
+@pytest.mark.slow
+def test_redis_restart_with_appendonly_completes_or_resumes(
+    setup: dict[str, Any], redis_server: Any
+) -> None:
+    server = redis_server(durable=True)
+    env = {
+        **setup["env"],
+        "PAGENT_LEDGER_SLEEP": "0.01",
+        "PAGENT_STORE": f"{server.url}?retry_budget=10",
+    }
+    output = setup["tmp"] / "out.jsonl"
+    proc = pagent(
+        [
+            "run",
+            setup["pipeline"],
+            "--data",
+            setup["data"],
+            "--task-id",
+            "durable",
+            "--output",
+            str(output),
+        ],
+        env,
+    )
+    wait_for_ledger(setup["ledger"], 30)
+    server.kill()
+    server.restart()
+    code, stderr = finish(proc, timeout=90)
+    if code != 0:
+        assert code in (4, 130), stderr
+        resumed = subprocess.run(
+            [sys.executable, "-m", "parallel_agent", "resume", "durable"],
+            env=env,
+            capture_output=True,
+            check=False,
+            timeout=90,
+        )
+        assert resumed.returncode == 0, resumed.stderr.decode()
+    missing, duplicated, _ = report(output, setup["ledger"])
+    assert missing == [] and duplicated == []
+
+
+def test_black_holed_redis_fails_without_hanging(setup: dict[str, Any]) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    try:
+        started = time.monotonic()
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "parallel_agent",
+                "run",
+                setup["pipeline"],
+                "--data",
+                setup["data"],
+                "--store",
+                f"redis://127.0.0.1:{port}/0?socket_timeout=0.5&connect_timeout=0.5&retry_budget=1",
+            ],
+            env=setup["env"],
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
+        assert done.returncode == 4, done.stderr.decode()
+        assert f"127.0.0.1:{port}" in done.stderr.decode()
+        assert time.monotonic() - started < 50, "liveness bound, not a speed test"
+    finally:
+        listener.close()
+
+
+def test_failing_retried_and_hanging_items(setup: dict[str, Any]) -> None:
+    pipeline = setup["tmp"] / "mixed.yaml"
+    pipeline.write_text("""
+name: mixed
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 1}]}
+  - name: a
+    dependencies: [split]
+    modules: [{use: map, function: "steps_for_tests:fail_on_seven"}]
+  - name: b
+    dependencies: [a]
+    modules: [{use: map, function: "steps_for_tests:fails_once_divided"}]
+    node_config: {on_error: fail_chunk, max_retries: 2, retry_delay: 0}
+  - name: c
+    dependencies: [b]
+    modules: [{use: map, function: "steps_for_tests:hangs_on_thirty"}]
+    node_config: {timeout: 0.5, max_retries: 0}
+  - {name: out, dependencies: [c], modules: [{use: aggregate}]}
+""")
+    data = setup["tmp"] / "ten.jsonl"
+    data.write_text("".join(f"{i}\n" for i in range(10)))
+    output = setup["tmp"] / "out.json"
+    env = {**setup["env"], "PAGENT_TEST_MARKERS": str(setup["tmp"])}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "parallel_agent",
+            "run",
+            str(pipeline),
+            "--data",
+            str(data),
+            "--output",
+            str(output),
+            "--json",
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr.decode()
+    summary = json.loads(done.stdout)
+    assert summary["items"]["failed"] == 2
+    # 7 always fails (failed list); 5 fails once then succeeds; 3 hangs and is cancelled.
+    assert json.loads(output.read_text()) == [i * 10 for i in range(10) if i not in (3, 7)]
+    failures = subprocess.run(
+        [sys.executable, "-m", "parallel_agent", "failures", summary["task_id"]],
+        env=env,
+        capture_output=True,
+        check=True,
+    )
+    records = sorted(json.loads(line)["record"] for line in failures.stdout.decode().splitlines())
+    assert records == [4, 8]
+
+
+def test_output_lost_at_the_end_exits_5_and_results_rewrites_it(setup: dict[str, Any]) -> None:
+    env = {**setup["env"], "PAGENT_LEDGER_SLEEP": "0.005"}
+    folder = setup["tmp"] / "vanishing"
+    folder.mkdir()
+    output = folder / "out.jsonl"
+    proc = pagent(
+        [
+            "run",
+            setup["pipeline"],
+            "--data",
+            setup["data"],
+            "--task-id",
+            "out5",
+            "--output",
+            str(output),
+        ],
+        env,
+    )
+    wait_for_ledger(setup["ledger"], 10)
+    folder.rmdir()
+    code, stderr = finish(proc)
+    assert code == 5, stderr
+    executions = len(setup["ledger"].read_text().split())
+    good = setup["tmp"] / "good.jsonl"
+    again = subprocess.run(
+        [sys.executable, "-m", "parallel_agent", "results", "out5", "--output", str(good)],
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr.decode()
+    assert len(setup["ledger"].read_text().split()) == executions, "nothing was processed again"
+    missing, duplicated, _ = report(good, setup["ledger"])
+    assert missing == [] and duplicated == []
