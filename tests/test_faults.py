@@ -145,7 +145,7 @@ def test_sigkill_at_random_points_then_resume(
 ) -> None:
     setup["env"]["PAGENT_STORE"] = store_url
     rng = random.Random(seed)
-    kill_after = rng.uniform(0.4, 1.6)
+    kill_after = rng.uniform(0.4, 1.6)  # seconds after processing starts, + 0.4
     setup["env"]["PAGENT_LEDGER_SLEEP"] = "0.01"
     print(f"seed={seed} kill_after={kill_after:.2f}s")
     output = setup["tmp"] / "out.jsonl"
@@ -164,7 +164,8 @@ def test_sigkill_at_random_points_then_resume(
         ],
         setup["env"],
     )
-    time.sleep(kill_after)
+    wait_for_ledger(setup["ledger"], 1)  # the run exists; now kill at a seeded point
+    time.sleep(kill_after - 0.4)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=10)
     resumed = subprocess.run(
@@ -433,4 +434,68 @@ def test_output_lost_at_the_end_exits_5_and_results_rewrites_it(setup: dict[str,
     assert again.returncode == 0, again.stderr.decode()
     assert len(setup["ledger"].read_text().split()) == executions, "nothing was processed again"
     missing, duplicated, _ = report(good, setup["ledger"])
+    assert missing == [] and duplicated == []
+
+
+@pytest.mark.slow
+def test_sqlite_under_kills_with_status_readers(setup: dict[str, Any]) -> None:
+    import sqlite3
+    import threading
+
+    env = {**setup["env"], "PAGENT_LEDGER_SLEEP": "0.005"}
+    output = setup["tmp"] / "out.jsonl"
+    problems: list[str] = []
+    stop = threading.Event()
+
+    def read_status() -> None:
+        while not stop.is_set():
+            done = subprocess.run(
+                [sys.executable, "-m", "parallel_agent", "status", "kills", "--json"],
+                env=env,
+                capture_output=True,
+                check=False,
+            )
+            text = done.stderr.decode()
+            if done.returncode not in (0, 2) or "locked" in text or "Traceback" in text:
+                problems.append(f"{done.returncode}: {text}")
+
+    reader = threading.Thread(target=read_status)
+    reader.start()
+    try:
+        rng = random.Random(42)
+        command = [
+            "run",
+            setup["pipeline"],
+            "--data",
+            setup["data"],
+            "--task-id",
+            "kills",
+            "--output",
+            str(output),
+            "--quiet",
+        ]
+        for attempt in range(4):
+            proc = pagent(command, env)
+            if attempt == 0:
+                wait_for_ledger(setup["ledger"], 1)
+            time.sleep(rng.uniform(0.05, 0.6))
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=10)
+            command = ["resume", "kills", "--quiet"]
+        final = subprocess.run(
+            [sys.executable, "-m", "parallel_agent", *command],
+            env=env,
+            capture_output=True,
+            check=False,
+            timeout=120,
+        )
+        assert final.returncode == 0, final.stderr.decode()
+    finally:
+        stop.set()
+        reader.join(timeout=30)
+    assert problems == []
+    database = env["PAGENT_STORE"].removeprefix("sqlite://")
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    missing, duplicated, _ = report(output, setup["ledger"])
     assert missing == [] and duplicated == []
