@@ -545,3 +545,40 @@ def test_no_escape_codes_when_not_a_terminal(cli: Any, tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "\x1b" not in result.stderr and "\x1b" not in result.stdout
     assert os.environ.get("PAGENT_STORE", "").startswith("sqlite:///")
+
+
+def test_events_file_has_the_run_as_json_lines(cli: Any, tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    result = cli(
+        "run",
+        str(PIPELINES / "parallel_processing.yaml"),
+        "--data",
+        str(PIPELINES / "data" / "numbers.json"),
+        "--events",
+        str(events),
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    kinds = [line["kind"] for line in lines]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_finished"
+    assert kinds.count("chunk_done") == 7
+    assert {"node_started", "node_finished", "chunks_planned", "chunk_started"} <= set(kinds)
+    done = [line for line in lines if line["kind"] == "chunk_done"]
+    assert sorted(line["chunk"] for line in done) == list(range(7))
+    assert all(line["duration_s"] >= 0 and line["node"] == "processor" for line in done)
+    assert lines[-1]["summary"]["items"]["done"] == 20
+
+
+def test_events_to_stdout_conflicts_with_json(cli: Any) -> None:
+    result = cli(
+        "run",
+        str(PIPELINES / "parallel_processing.yaml"),
+        "--data",
+        str(PIPELINES / "data" / "numbers.json"),
+        "--events",
+        "-",
+        "--json",
+    )
+    assert result.exit_code == 2

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from parallel_agent.cli.errors import handled_errors
+from parallel_agent.errors import UsageError
 
 
 def _debug(ctx: typer.Context) -> bool:
@@ -73,6 +74,10 @@ def run(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print nothing on stderr but errors.")
     ] = False,
+    events: Annotated[
+        str | None,
+        typer.Option("--events", help="Write run events as JSON Lines to PATH (or - for stdout)."),
+    ] = None,
     progress_interval: Annotated[
         float,
         typer.Option(
@@ -101,7 +106,9 @@ def run(
             stdin=sys.stdin.buffer if data == "-" else None,
             stdout=sys.stdout.buffer if output == "-" else None,
         )
-        sink = make_sink(quiet=quiet, progress_interval=progress_interval)
+        if events == "-" and (output == "-" or as_json):
+            raise UsageError("--events - shares stdout with the results or --json; give it a file")
+        sink = make_sink(quiet=quiet, progress_interval=progress_interval, events_path=events)
         try:
             summary = run_pipeline(options, sink)
         finally:

@@ -5,17 +5,25 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from parallel_agent.display.events_file import JsonLinesEvents
 from parallel_agent.display.plain import PlainLines
-from parallel_agent.events import EventSink
+from parallel_agent.events import EventSink, MultiSink
 
 
 def make_sink(
-    *, quiet: bool = False, progress_interval: float = 10.0, stream: TextIO | None = None
+    *,
+    quiet: bool = False,
+    progress_interval: float = 10.0,
+    stream: TextIO | None = None,
+    events_path: str | None = None,
 ) -> EventSink:
-    """The sink for human output on stderr; `quiet` keeps only errors (which the CLI prints itself)."""
-    if quiet:
-        return EventSink()
-    return PlainLines(stream or sys.stderr, interval=progress_interval)
+    """Human progress on stderr (none when `quiet`), plus JSON Lines events when `events_path`."""
+    sinks: list[EventSink] = []
+    if not quiet:
+        sinks.append(PlainLines(stream or sys.stderr, interval=progress_interval))
+    if events_path is not None:
+        sinks.append(JsonLinesEvents(events_path))
+    return MultiSink(*sinks)
 
 
-__all__ = ["PlainLines", "make_sink"]
+__all__ = ["JsonLinesEvents", "PlainLines", "make_sink"]

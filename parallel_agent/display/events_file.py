@@ -1,0 +1,35 @@
+"""`--events PATH|-`: every run event as one JSON object per line, for scripts and dashboards."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO
+
+import orjson
+
+from parallel_agent.events import Event, EventSink
+
+#: Longest time an event may sit in the buffer before it is flushed.
+FLUSH_EVERY_S = 1.0
+
+
+class JsonLinesEvents(EventSink):
+    """Writes events as JSON Lines, buffered and flushed at least every second and at the end."""
+
+    def __init__(self, target: str) -> None:
+        self.owned = target != "-"
+        self.stream: IO[bytes] = open(target, "ab") if self.owned else sys.stdout.buffer  # noqa: SIM115
+        self.last_flush = time.monotonic()
+
+    def emit(self, event: Event) -> None:
+        self.stream.write(orjson.dumps(event.to_dict()) + b"\n")
+        now = time.monotonic()
+        if now - self.last_flush >= FLUSH_EVERY_S or event.kind in ("run_started", "run_finished"):
+            self.stream.flush()
+            self.last_flush = now
+
+    def close(self) -> None:
+        self.stream.flush()
+        if self.owned:
+            self.stream.close()
