@@ -582,3 +582,43 @@ def test_events_to_stdout_conflicts_with_json(cli: Any) -> None:
         "--json",
     )
     assert result.exit_code == 2
+
+
+def test_graph_text_mermaid_and_dot(cli: Any, tmp_path: Path) -> None:
+    text = """
+name: looped
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 2}]}
+  - {name: work, dependencies: [split], modules: [{use: map, expr: "item * 2"}]}
+  - name: collect
+    dependencies: [work]
+    modules: [{use: aggregate}]
+    node_config: {condition: "len(completed_subtasks) == len(subtasks)"}
+  - name: loop
+    type: flow_control
+    decisions: [{next_node: work, condition: 'len(pending_subtasks) > 0 and "a|b" != "x"'}]
+    default: collect
+"""
+    pipeline = write_pipeline(tmp_path, text)
+    plain = cli("graph", pipeline)
+    assert plain.exit_code == 0, plain.stderr
+    assert plain.stdout.splitlines()[:4] == [
+        "pipeline looped",
+        "layer 1:",
+        "  split [planner] split chunk_size: 2",
+        "  loop [flow_control] flow control",
+    ]
+    assert "  collect [executor] aggregate (after work)" in plain.stdout
+    assert "      runs only if: len(completed_subtasks) == len(subtasks)" in plain.stdout
+    assert "      -> collect otherwise" in plain.stdout
+    mermaid = cli("graph", pipeline, "--format", "mermaid").stdout
+    assert mermaid.startswith("flowchart TD\n")
+    assert "    split --> work" in mermaid and "    work --> collect" in mermaid
+    assert (
+        '-.->|"len(pending_subtasks) > 0 and #quot;a#124;b#quot; != #quot;x#quot;"| work' in mermaid
+    )
+    dot = cli("graph", pipeline, "--format", "dot").stdout
+    assert dot.startswith('digraph "looped" {') and dot.rstrip().endswith("}")
+    assert '"split" -> "work";' in dot
+    assert 'label="len(pending_subtasks) > 0 and \\"a|b\\" != \\"x\\""' in dot
+    assert cli("graph", pipeline, "--format", "svg").exit_code == 2

@@ -138,6 +138,22 @@ def validate(
         sys.stderr.write(f"{pipeline}: ok ({len(loaded.nodes)} nodes)\n")
 
 
+def graph(
+    ctx: typer.Context,
+    pipeline: Annotated[str, typer.Argument(help="The pipeline YAML file.")],
+    fmt: Annotated[str, typer.Option("--format", help="text, mermaid or dot.")] = "text",
+) -> None:
+    """Show how a pipeline will run: nodes, dependencies, layers and flow decisions."""
+    from parallel_agent.display.graph import RENDERERS
+    from parallel_agent.pipeline import load_pipeline
+
+    with handled_errors(_debug(ctx)):
+        if fmt not in RENDERERS:
+            raise UsageError(f"unknown graph format '{fmt}'; use one of: {', '.join(RENDERERS)}")
+        loaded = load_pipeline(pipeline)
+        sys.stdout.write(RENDERERS[fmt](loaded))
+
+
 def schema() -> None:
     """Print the pipeline file's JSON Schema (for editors)."""
     from parallel_agent.pipeline import pipeline_json_schema
@@ -149,3 +165,4 @@ def register(app: typer.Typer) -> None:
     app.command()(run)
     app.command()(validate)
     app.command()(schema)
+    app.command()(graph)

@@ -1,0 +1,98 @@
+"""`pagent graph`: a pipeline's nodes, dependencies, layers and flow decisions, before it runs."""
+
+from __future__ import annotations
+
+import json
+from graphlib import TopologicalSorter
+
+from parallel_agent.pipeline import NodeSpec, Pipeline
+
+
+def module_label(node: NodeSpec) -> str:
+    """A short description of what a node does."""
+    if node.type == "flow_control":
+        return "flow control"
+    parts = []
+    for module in node.modules:
+        data = module.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True)
+        use = data.pop("use", "class")
+        details = ", ".join(f"{key}: {value}" for key, value in data.items())
+        parts.append(f"{use} {details}".strip())
+    return "; ".join(parts)
+
+
+def layers(pipeline: Pipeline) -> list[list[str]]:
+    """Nodes grouped by dependency depth, each layer in file order (the order the engine runs)."""
+    sorter = TopologicalSorter({node.name: node.dependencies for node in pipeline.nodes})
+    sorter.prepare()
+    order = {node.name: i for i, node in enumerate(pipeline.nodes)}
+    result = []
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=order.__getitem__)
+        result.append(ready)
+        sorter.done(*ready)
+    return result
+
+
+def render_text(pipeline: Pipeline) -> str:
+    nodes = {node.name: node for node in pipeline.nodes}
+    lines = [f"pipeline {pipeline.name}"]
+    for number, layer in enumerate(layers(pipeline), start=1):
+        lines.append(f"layer {number}:")
+        for name in layer:
+            node = nodes[name]
+            after = f" (after {', '.join(node.dependencies)})" if node.dependencies else ""
+            lines.append(f"  {name} [{node.type}] {module_label(node)}{after}")
+            if node.node_config.condition:
+                lines.append(f"      runs only if: {node.node_config.condition}")
+            for decision in node.decisions:
+                lines.append(f"      -> {decision.next_node} if {decision.condition}")
+            if node.default is not None:
+                lines.append(f"      -> {node.default} otherwise")
+    return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    return json.dumps(text)
+
+
+def render_mermaid(pipeline: Pipeline) -> str:
+    lines = ["flowchart TD"]
+    for node in pipeline.nodes:
+        label = f"{node.name}<br/>{module_label(node)}".replace('"', "#quot;")
+        shape = ('{"', '"}') if node.type == "flow_control" else ('["', '"]')
+        lines.append(f"    {node.name}{shape[0]}{label}{shape[1]}")
+    for node in pipeline.nodes:
+        for dependency in node.dependencies:
+            lines.append(f"    {dependency} --> {node.name}")
+        for decision in node.decisions:
+            condition = decision.condition.replace('"', "#quot;").replace("|", "#124;")
+            lines.append(f'    {node.name} -.->|"{condition}"| {decision.next_node}')
+        if node.default is not None:
+            lines.append(f'    {node.name} -.->|"default"| {node.default}')
+    return "\n".join(lines) + "\n"
+
+
+def render_dot(pipeline: Pipeline) -> str:
+    lines = [f"digraph {_quote(pipeline.name)} {{", "  rankdir=TB;"]
+    for node in pipeline.nodes:
+        shape = "diamond" if node.type == "flow_control" else "box"
+        label = f"{node.name}\n{module_label(node)}"
+        lines.append(f"  {_quote(node.name)} [shape={shape}, label={_quote(label)}];")
+    for node in pipeline.nodes:
+        for dependency in node.dependencies:
+            lines.append(f"  {_quote(dependency)} -> {_quote(node.name)};")
+        for decision in node.decisions:
+            lines.append(
+                f"  {_quote(node.name)} -> {_quote(decision.next_node)} "
+                f"[style=dashed, label={_quote(decision.condition)}];"
+            )
+        if node.default is not None:
+            lines.append(
+                f'  {_quote(node.name)} -> {_quote(node.default)} [style=dashed, label="default"];'
+            )
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"text": render_text, "mermaid": render_mermaid, "dot": render_dot}
