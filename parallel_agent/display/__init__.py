@@ -19,8 +19,16 @@ def make_sink(
 ) -> EventSink:
     """Human progress on stderr (none when `quiet`), plus JSON Lines events when `events_path`."""
     sinks: list[EventSink] = []
+    target = stream or sys.stderr
     if not quiet:
-        sinks.append(PlainLines(stream or sys.stderr, interval=progress_interval))
+        if stream is None and target.isatty():
+            from rich.console import Console
+
+            from parallel_agent.display.live import LiveDisplay
+
+            sinks.append(LiveDisplay(Console(stderr=True)))
+        else:
+            sinks.append(PlainLines(target, interval=progress_interval))
     if events_path is not None:
         sinks.append(JsonLinesEvents(events_path))
     return MultiSink(*sinks)

@@ -1,0 +1,189 @@
+"""The live view in a terminal: an overall bar, a row per node and the last errors, in one Rich `Live`.
+
+Event hooks only update counters (they may run ~100k times a second); Rich renders the state at most
+`refresh_per_second` times a second on its own thread, so the display costs little throughput.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from parallel_agent.events import (
+    ChunkDone,
+    ChunkFailed,
+    ChunksPlanned,
+    ChunkStarted,
+    EventSink,
+    ItemFailed,
+    NodeFinished,
+    NodeStarted,
+    RunFinished,
+    RunStarted,
+)
+
+LAST_ERRORS = 5
+
+
+@dataclass
+class NodeRow:
+    state: str = "waiting"
+    chunks: int = 0
+    done: int = 0
+    in_flight: int = 0
+    retries: int = 0
+    failed_items: int = 0
+    failed_chunks: int = 0
+
+
+def _clock_text(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class RunView:
+    """The state behind the live display and `status --watch`, rendered on demand."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.started = clock()
+        self.task_id = ""
+        self.pipeline = ""
+        self.status = "executing"
+        self.nodes: dict[str, NodeRow] = {}
+        self.main: str | None = None
+        self.items_total = 0
+        self.items_done = 0
+        self.items_failed = 0
+        self.errors: deque[str] = deque(maxlen=LAST_ERRORS)
+        self.finished_at: float | None = None
+
+    def row(self, node: str) -> NodeRow:
+        if node not in self.nodes:
+            self.nodes[node] = NodeRow()
+        return self.nodes[node]
+
+    def __rich__(self) -> RenderableType:
+        now = self.finished_at or self.clock()
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.items_done / elapsed
+        left = self.items_total - self.items_done - self.items_failed
+        eta = _clock_text(left / rate) if rate > 0 and left > 0 else "-"
+        main = self.nodes.get(self.main or "")
+        chunks = f"{main.done}/{main.chunks} chunks" if main else ""
+        header = Text.assemble(
+            (f"{self.task_id} ", "bold"),
+            f"{self.pipeline}  {self.status}  ",
+            f"{self.items_done:,}/{self.items_total:,} items  {chunks}",
+        )
+        speed = Text(f"{rate:,.0f} items/s  {_clock_text(elapsed)} elapsed  ETA {eta}")
+        bar = ProgressBar(
+            total=max(self.items_total, 1), completed=self.items_done + self.items_failed
+        )
+        table = Table(box=box.SIMPLE_HEAD, show_header=True, pad_edge=False, expand=False)
+        for column in ("node", "state", "done", "in flight", "retries", "failed"):
+            table.add_column(column, justify="left" if column in ("node", "state") else "right")
+        for name, row in self.nodes.items():
+            total = f"{row.done}/{row.chunks}" if row.chunks else "-"
+            failed = f"{row.failed_items} items" + (
+                f", {row.failed_chunks} chunks" if row.failed_chunks else ""
+            )
+            table.add_row(name, row.state, total, str(row.in_flight), str(row.retries), failed)
+        parts: list[RenderableType] = [header, speed, bar, table]
+        if self.errors:
+            parts.append(Text("last errors:", style="bold red"))
+            parts.extend(
+                Text(f"  {error}", overflow="ellipsis", no_wrap=True) for error in self.errors
+            )
+        return Group(*parts)
+
+
+class LiveDisplay(EventSink):
+    """Feeds a RunView from events and shows it in a Rich Live on the console (stderr)."""
+
+    def __init__(
+        self,
+        console: Console,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        refresh_per_second: float = 8,
+        auto_refresh: bool = True,
+    ) -> None:
+        self.console = console
+        self.view = RunView(clock)
+        self.live = Live(
+            self.view,
+            console=console,
+            refresh_per_second=refresh_per_second,
+            auto_refresh=auto_refresh,
+            transient=False,
+        )
+        self.live.start()
+
+    def on_run_started(self, event: RunStarted) -> None:
+        self.view.task_id = event.task_id
+        self.view.pipeline = event.pipeline
+        self.view.started = self.view.clock()
+        self.console.print(
+            f"pagent: task {event.task_id} started (pipeline {event.pipeline})",
+            highlight=False,
+            markup=False,
+        )
+
+    def on_node_started(self, event: NodeStarted) -> None:
+        self.view.row(event.node).state = "running"
+
+    def on_node_finished(self, event: NodeFinished) -> None:
+        self.view.row(event.node).state = event.outcome
+        if event.error:
+            self.view.errors.append(f"node {event.node}: {event.error}")
+
+    def on_chunks_planned(self, event: ChunksPlanned) -> None:
+        self.view.row(event.node).chunks = event.chunks
+        if self.view.main is None:
+            self.view.main = event.node
+            self.view.items_total = event.items
+
+    def on_chunk_started(self, event: ChunkStarted) -> None:
+        row = self.view.row(event.node)
+        row.in_flight += 1
+        if event.attempt > 1:
+            row.retries += 1
+
+    def on_chunk_done(self, event: ChunkDone) -> None:
+        row = self.view.row(event.node)
+        row.in_flight = max(0, row.in_flight - 1)
+        row.done += 1
+        row.failed_items += event.failed_items
+        if event.node == self.view.main:
+            self.view.items_done += event.items - event.failed_items
+            self.view.items_failed += event.failed_items
+
+    def on_chunk_failed(self, event: ChunkFailed) -> None:
+        row = self.view.row(event.node)
+        row.in_flight = max(0, row.in_flight - 1)
+        if not event.will_retry:
+            row.failed_chunks += 1
+        self.view.errors.append(f"{event.node} chunk {event.chunk}: {event.error}")
+
+    def on_item_failed(self, event: ItemFailed) -> None:
+        self.view.errors.append(f"record {event.record}: {event.error}")
+
+    def on_run_finished(self, event: RunFinished) -> None:
+        self.view.status = event.status
+        self.view.finished_at = self.view.clock()
+        items = event.summary.get("items", {})
+        self.view.items_done = items.get("done", self.view.items_done)
+
+    def close(self) -> None:
+        self.live.refresh()
+        self.live.stop()
