@@ -499,3 +499,25 @@ def test_sqlite_under_kills_with_status_readers(setup: dict[str, Any]) -> None:
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     missing, duplicated, _ = report(output, setup["ledger"])
     assert missing == [] and duplicated == []
+
+
+def test_status_watch_follows_a_run_from_another_process(setup: dict[str, Any]) -> None:
+    env = {**setup["env"], "PAGENT_LEDGER_SLEEP": "0.005"}
+    proc = pagent(
+        ["run", setup["pipeline"], "--data", setup["data"], "--task-id", "watched", "--quiet"], env
+    )
+    wait_for_ledger(setup["ledger"], 1)
+    watch = subprocess.run(
+        [sys.executable, "-m", "parallel_agent", "status", "watched", "--watch", "--json"],
+        env=env,
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    code, stderr = finish(proc)
+    assert code == 0, stderr
+    assert watch.returncode == 0, watch.stderr.decode()
+    assert json.loads(watch.stdout)["state"] == "complete"
+    screen = watch.stderr.decode()
+    assert "watched" in screen and "300/300 items" in screen and "work" in screen
+    assert "\x1b" not in screen, "not a terminal: no escape codes"

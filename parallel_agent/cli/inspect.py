@@ -39,12 +39,21 @@ def status(
     task_id: Annotated[str, typer.Argument(help="The task id printed when the run started.")],
     store: StoreOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Follow the run live (from the store) until it ends.")
+    ] = False,
 ) -> None:
     """Show where a run stands (exit 0 found, 2 unknown id, 4 store unreachable)."""
     from parallel_agent.runner import get_status
 
     with handled_errors(_debug(ctx)):
         report = get_status(task_id, store)
+        if watch:
+            from rich.console import Console
+
+            from parallel_agent.display.live import watch_status
+
+            report = watch_status(Console(stderr=True), lambda: get_status(task_id, store))
     if as_json:
         _emit_json(report)
         return

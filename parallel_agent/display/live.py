@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -187,3 +188,57 @@ class LiveDisplay(EventSink):
     def close(self) -> None:
         self.live.refresh()
         self.live.stop()
+
+
+def view_from_status(report: dict[str, Any], view: RunView | None = None) -> RunView:
+    """A RunView filled from `pagent status --json` data (what `status --watch` shows)."""
+    view = view or RunView()
+    view.task_id = report["task_id"]
+    view.pipeline = report["pipeline"]
+    view.status = report["state"]
+    items = report["items"]
+    view.items_total, view.items_done, view.items_failed = (
+        items["total"],
+        items["done"],
+        items["failed"],
+    )
+    elapsed = float(report.get("elapsed_s") or 0.0)
+    view.started = view.clock() - elapsed
+    view.finished_at = view.clock() if report.get("finished_at") else None
+    for name, counts in report["nodes"].items():
+        row = view.row(name)
+        row.chunks, row.done, row.in_flight = counts["chunks"], counts["done"], counts["leased"]
+        row.retries, row.failed_items, row.failed_chunks = (
+            counts["retries"],
+            counts["items_failed"],
+            counts["failed"],
+        )
+        row.state = (
+            "done"
+            if counts["sealed"] and counts["done"] + counts["failed"] == counts["chunks"]
+            else "running"
+        )
+        if view.main is None:
+            view.main = name
+    return view
+
+
+def watch_status(
+    console: Console,
+    fetch: Callable[[], dict[str, Any]],
+    *,
+    interval: float = 0.5,
+    finished: frozenset[str] = frozenset(
+        {"complete", "partial_failure", "failed", "cancelled", "interrupted", "stalled", "lost"}
+    ),
+) -> dict[str, Any]:
+    """Show a run from the store alone until it ends; return its last status."""
+    report = fetch()
+    view = view_from_status(report)
+    with Live(view, console=console, refresh_per_second=4, transient=False) as live:
+        while report["state"] not in finished:
+            time.sleep(interval)
+            report = fetch()
+            view_from_status(report, view)
+            live.refresh()
+    return report
