@@ -139,7 +139,7 @@ def store_url(request: pytest.FixtureRequest, setup: dict[str, Any]) -> Any:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", range(20))
 def test_sigkill_at_random_points_then_resume(
     setup: dict[str, Any], seed: int, store_url: str
 ) -> None:
