@@ -141,6 +141,13 @@ def test_json_many_records_use_whole_blocks(tmp_path: Path) -> None:
     assert reader.records == 20_000
 
 
+def test_json_record_much_larger_than_a_block() -> None:
+    huge = {"s": "x]" * 200_000, "list": [{"a": [i]} for i in range(20_000)]}
+    data = orjson.dumps([1, huge, 2])
+    assert values(data, "json", 512) == [1, huge, 2]
+    assert records(data, "json", 512) == [(1, 1), (1, huge), (1, 2)]
+
+
 @pytest.mark.parametrize(
     ("data", "expected"),
     [

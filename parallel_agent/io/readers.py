@@ -429,19 +429,20 @@ class _JsonScanner:
         return values
 
     def value_end(self, record: int | None) -> int:
-        """End offset of the JSON value starting at pos, reading more input as needed."""
-        start = self.pos
+        """End offset of the JSON value starting at pos, reading more input as needed.
+
+        A value longer than the buffer at least doubles the buffer before the next scan, so
+        scanning a huge record stays linear.
+        """
         while True:
-            end = self._scan(start)
+            end = self._scan(self.pos)
             if end is not None:
                 return end
-            offset = start - self.pos
-            if not self.more():
-                end = self._scan(self.pos + offset)
-                if end is not None:
-                    return end
+            if self.eof:
                 raise self.fail("unexpected end of data inside a value", len(self.buf), record)
-            start = self.pos + offset
+            wanted = 2 * (len(self.buf) - self.pos)
+            while self.more() and len(self.buf) - self.pos < wanted:
+                pass
 
     def _scan(self, start: int) -> int | None:
         buf = self.buf
@@ -696,6 +697,7 @@ def _read_csv(source: _Source, name: str, data_key: str, locate: bool) -> Iterat
     starts: list[int] = []
     handed = 0  # records in earlier batches
     end = 0
+    append, batch_size = values.append, _CSV_BATCH
     try:
         for row in reader:
             start = end + 1
@@ -714,14 +716,15 @@ def _read_csv(source: _Source, name: str, data_key: str, locate: bool) -> Iterat
                     None,
                     handed + len(values) + 1,
                 )
-            # The lengths are equal (checked above); strict=True would cost a third of the speed.
-            values.append(dict(zip(header, row, strict=False)))
+            # Lengths are equal (checked above); a strict= keyword would cost a third of the speed.
+            append(dict(zip(header, row)))  # noqa: B905
             if locate:
                 starts.append(start)
-            if len(values) >= _CSV_BATCH:
+            if len(values) >= batch_size:
                 yield values, starts if locate else None
                 handed += len(values)
                 values, starts = [], []
+                append = values.append
     except csv.Error as exc:
         record = handed + len(values) + 1 if width >= 0 else None
         raise feed.error(exc, record, reader.line_num) from None

@@ -1,205 +1,403 @@
-"""Pydantic models of the pipeline YAML; `extra="forbid"` everywhere so typos are caught."""
+"""Pydantic models of the pipeline YAML, in the words of the Python API (Agent, Node, NodeConfig,
+FlowDecision).
+
+Every model forbids unknown keys, so a typo is an error rather than a silently ignored setting.
+Checks that span several fields raise `pipeline_problems` errors whose context lists each problem
+with its own relative path, so the loader can point at the exact key (and its line) instead of at
+the enclosing node.
+"""
 
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any, Literal
+from collections.abc import Sequence
+from graphlib import CycleError, TopologicalSorter
+from typing import Annotated, Any, Literal, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
-IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
-KNOWN_MODULES = ("aggregate", "filter", "map", "split")
+#: `package.module:attribute`; only the shape is checked here, importing happens when building.
+IMPORT_PATH = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"
+NODE_NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+
+#: The error type of cross-field checks; its context holds `problems`: (relative path, message) pairs.
+PROBLEMS = "pipeline_problems"
+
+KeyPath = tuple[str | int, ...]
+Problem = tuple[KeyPath, str]
+
+
+def dotted(path: Sequence[str | int]) -> str:
+    """`("nodes", 2, "node_config")` → `nodes[2].node_config`, the form every message uses."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _fail(problems: Sequence[Problem]) -> NoReturn:
+    text = "; ".join(
+        f"{dotted(path)}: {message}" if path else message for path, message in problems
+    )
+    raise PydanticCustomError(PROBLEMS, "{text}", {"text": text, "problems": list(problems)})
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    """Base of every model: unknown keys are errors; infinities and NaN are not numbers here."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class AgentSettings(Strict):
-    """Engine limits (the walkthrough's `Agent(...)` arguments)."""
+    """Engine limits: the walkthrough's `Agent(max_concurrent_tasks=..., max_total_iterations=...)`."""
 
-    max_concurrent_tasks: int = Field(5, ge=1, description="Nodes of a layer that run at once.")
+    max_concurrent_tasks: int = Field(
+        5, ge=1, description="Nodes of one layer that run at the same time."
+    )
     max_total_iterations: int = Field(
-        100, ge=1, description="Node visits before a loop is stopped."
+        100, ge=1, description="Node visits in one run before a loop is stopped."
     )
 
 
 class TaskSettings(Strict):
-    """The task handed to the agent; `params` are visible to expressions as `params`."""
+    """The `Task` handed to the agent; expressions and conditions see `params`."""
 
-    type: str = "pipeline"
-    objective: str = ""
-    params: dict[str, Any] = Field(default_factory=dict)
+    type: str = Field("pipeline", description="The task's type.")
+    objective: str = Field("", description="The task's objective, free text.")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Task parameters, visible to expressions as `params`; `--set KEY=VALUE` sets one.",
+    )
 
 
 class NodeConfigSpec(Strict):
-    """How a node runs (the walkthrough's `NodeConfig`, plus data-processing settings)."""
+    """How a node runs: the walkthrough's `NodeConfig`, plus settings for processing data in chunks."""
 
     parallel: bool = Field(False, description="Run the node's modules concurrently.")
-    condition: str | None = Field(None, description="Guard: the node is skipped while false.")
-    max_retries: int = Field(2, ge=0, description="Retries of a failed chunk (or module).")
-    retry_delay: float = Field(0.5, ge=0, description="Backoff base in seconds (doubles per try).")
-    timeout: float | None = Field(None, gt=0, description="Seconds per chunk (or module run).")
-    concurrency: int = Field(4, ge=1, description="Chunks the node works on at once.")
-    on_error: Literal["fail_chunk", "skip", "stop"] = Field(
-        "skip", description="What a failing item does: skip it, fail its chunk, or stop the run."
+    condition: str | None = Field(
+        None, description="Guard expression: while it is false the node is skipped, not failed."
     )
-    max_visits: int | None = Field(None, ge=1, description="Visits of this node in a loop.")
-    lease: float = Field(30.0, gt=0, description="Seconds a chunk claim lasts without renewal.")
-    rate_limit: float | None = Field(None, gt=0, description="Item calls per second for the node.")
+    max_retries: int = Field(2, ge=0, description="Retries of a failed chunk (or module run).")
+    retry_delay: float = Field(
+        0.5, ge=0, description="Backoff base in seconds; the delay doubles with each attempt."
+    )
+    timeout: float | None = Field(
+        None, gt=0, description="Seconds one chunk (or one module run) may take; none by default."
+    )
+    concurrency: int = Field(4, ge=1, description="Chunks the node works on at the same time.")
+    on_error: Literal["fail_chunk", "skip", "stop"] = Field(
+        "skip",
+        description="What a failing item does: goes to the failed list (skip), fails its whole "
+        "chunk (fail_chunk), or stops the run (stop).",
+    )
+    max_visits: int | None = Field(
+        None, ge=1, description="Visits of this node in one run (loop guard); unlimited by default."
+    )
+    lease: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a chunk claim lasts without renewal (renewed while worked).",
+    )
+    rate_limit: float | None = Field(
+        None, gt=0, description="Item calls per second across the node; unlimited by default."
+    )
 
 
 class SplitSpec(Strict):
-    use: Literal["split"]
-    chunk_size: int = Field(1000, ge=1)
+    """`use: split`: stream the input and queue chunks for the nodes that depend on this one."""
+
+    use: Literal["split"] = Field(description="Module kind.")
+    chunk_size: int = Field(1000, ge=1, description="Records per chunk.")
 
 
 class MapSpec(Strict):
-    use: Literal["map"]
-    expr: str | None = None
-    function: str | None = Field(None, pattern=IMPORT_PATH)
-    command: str | None = None
-    batch: bool = False
-    env: dict[str, str] | None = None
+    """`use: map`: one result per input item, from an expression, a Python callable or a command."""
+
+    use: Literal["map"] = Field(description="Module kind.")
+    expr: str | None = Field(
+        None, description="Sandboxed expression over `item`, `index` and `params`."
+    )
+    function: str | None = Field(
+        None,
+        pattern=IMPORT_PATH,
+        description="`package.module:callable`, sync or async, called with each item.",
+    )
+    command: str | None = Field(
+        None,
+        description="Shell command run once per chunk: JSON Lines in on stdin, one JSON line out per item.",
+    )
+    batch: bool = Field(
+        False, description="With `function`: call it once per chunk with the list of items."
+    )
+    env: dict[str, str] | None = Field(
+        None, description="With `command`: extra environment variables for the command."
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> MapSpec:
-        given = [k for k in ("expr", "function", "command") if getattr(self, k) is not None]
+        given = [key for key in ("expr", "function", "command") if getattr(self, key) is not None]
+        problems: list[Problem] = []
         if len(given) != 1:
-            raise ValueError("give exactly one of expr, function, command")
+            problems.append(((), "give exactly one of expr, function, command"))
         if self.batch and self.function is None:
-            raise ValueError("batch: true needs function")
+            problems.append((("batch",), "batch: true needs function"))
         if self.env is not None and self.command is None:
-            raise ValueError("env needs command")
+            problems.append((("env",), "env needs command"))
+        if problems:
+            _fail(problems)
         return self
 
 
 class FilterSpec(Strict):
-    use: Literal["filter"]
-    expr: str | None = None
-    function: str | None = Field(None, pattern=IMPORT_PATH)
+    """`use: filter`: keep the items for which an expression or a callable is true."""
+
+    use: Literal["filter"] = Field(description="Module kind.")
+    expr: str | None = Field(
+        None, description="Sandboxed expression over `item`, `index` and `params`."
+    )
+    function: str | None = Field(
+        None,
+        pattern=IMPORT_PATH,
+        description="`package.module:callable`, sync or async, called with each item.",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> FilterSpec:
         if (self.expr is None) == (self.function is None):
-            raise ValueError("give exactly one of expr, function")
+            _fail([((), "give exactly one of expr, function")])
         return self
 
 
 class AggregateSpec(Strict):
-    use: Literal["aggregate"]
-    reduce: Literal["sum", "count", "min", "max"] | None = None
-    group_by: str | None = None
-    expr: str | None = None
-    field: str | None = None
+    """`use: aggregate`: every result in input order, or one value computed from them."""
+
+    use: Literal["aggregate"] = Field(description="Module kind.")
+    reduce: Literal["sum", "count", "min", "max"] | None = Field(
+        None, description="Reduce the results to one value."
+    )
+    group_by: str | None = Field(None, description="Group the results by this key of each result.")
+    expr: str | None = Field(
+        None, description="Sandboxed expression over `results` and `params` giving the value."
+    )
+    field: str | None = Field(
+        None, description="With `reduce`: reduce this key of each result instead of the result."
+    )
 
     @model_validator(mode="after")
     def _at_most_one(self) -> AggregateSpec:
-        if sum(v is not None for v in (self.reduce, self.group_by, self.expr)) > 1:
-            raise ValueError("give at most one of reduce, group_by, expr")
+        problems: list[Problem] = []
+        if sum(value is not None for value in (self.reduce, self.group_by, self.expr)) > 1:
+            problems.append(((), "give at most one of reduce, group_by, expr"))
         if self.field is not None and self.reduce is None:
-            raise ValueError("field needs reduce")
+            problems.append((("field",), "field needs reduce"))
+        if problems:
+            _fail(problems)
         return self
 
 
 class ClassSpec(Strict):
-    use: Literal["class"] = "class"
-    class_: str = Field(alias="class", pattern=IMPORT_PATH)
-    params: dict[str, Any] = Field(default_factory=dict)
+    """`class: pkg.mod:MyModule`: your own `AgentModule` subclass, built with `params`."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    use: Literal["class"] = Field(
+        "class", description="Implied by `class`; there is no need to write it."
+    )
+    class_: str = Field(
+        alias="class",
+        pattern=IMPORT_PATH,
+        description="`package.module:ClassName` of an AgentModule subclass.",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the class."
+    )
 
 
-ModuleSpec = SplitSpec | MapSpec | FilterSpec | AggregateSpec | ClassSpec
-_BY_USE: dict[str, type[BaseModel]] = {
-    "split": SplitSpec,
-    "map": MapSpec,
-    "filter": FilterSpec,
+#: Built-in modules by their `use:` tag (the custom `class:` form is not among them).
+BUILTIN_MODULES: dict[str, type[Strict]] = {
     "aggregate": AggregateSpec,
+    "filter": FilterSpec,
+    "map": MapSpec,
+    "split": SplitSpec,
 }
+KNOWN_MODULES = ", ".join(sorted(BUILTIN_MODULES))
+
+
+def _tag_module(value: Any) -> Any:
+    """Check the `use` tag first, so an unknown one gives one clear message instead of pydantic's."""
+    if isinstance(value, Strict):
+        return value
+    if not isinstance(value, dict):
+        _fail(
+            [
+                (
+                    (),
+                    f"a module is a mapping like {{use: map, expr: ...}}; known modules: {KNOWN_MODULES}",
+                )
+            ]
+        )
+    use = value.get("use")
+    if "class" in value:
+        if use is None:
+            return {"use": "class", **value}
+        if use != "class":
+            _fail([(("use",), "give either use or class, not both")])
+        return value
+    if use is None:
+        _fail([((), f"a module needs use ({KNOWN_MODULES}) or class")])
+    if use != "class" and (not isinstance(use, str) or use not in BUILTIN_MODULES):
+        _fail([(("use",), f"unknown module '{use}'; known modules: {KNOWN_MODULES}")])
+    return value
+
+
+#: One module of a node: a built-in chosen by `use`, or a custom `class`.
+ModuleSpec = Annotated[
+    Annotated[
+        SplitSpec | MapSpec | FilterSpec | AggregateSpec | ClassSpec, Field(discriminator="use")
+    ],
+    BeforeValidator(_tag_module),
+]
 
 
 class DecisionSpec(Strict):
-    next_node: str
-    condition: str
+    """A `FlowDecision`: go to `next_node` when `condition` holds."""
+
+    next_node: str = Field(description="The node to run next.")
+    condition: str = Field(description="Sandboxed expression; the first true decision wins.")
 
 
 class NodeSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
-    type: Literal["planner", "executor", "flow_control", "subgraph"] = "executor"
-    dependencies: list[str] = Field(default_factory=list)
-    modules: list[Annotated[ModuleSpec, Field(discriminator="use")]] = Field(default_factory=list)
-    node_config: NodeConfigSpec = Field(default_factory=NodeConfigSpec)
-    decisions: list[DecisionSpec] = Field(default_factory=list)
-    default: str | None = None
+    """A `Node`: a name, a type, its dependencies and what it does."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _tag_modules(cls, data: Any) -> Any:
-        """Give `class:` modules their tag and turn an unknown `use` into one clear message."""
-        if not isinstance(data, dict) or not isinstance(data.get("modules"), list):
-            return data
-        modules = []
-        for module in data["modules"]:
-            if isinstance(module, dict) and "class" in module and "use" not in module:
-                module = {"use": "class", **module}
-            elif isinstance(module, dict):
-                use = module.get("use")
-                if use is None:
-                    raise ValueError(
-                        "module needs 'use' (one of: " + ", ".join(KNOWN_MODULES) + ") or 'class'"
-                    )
-                if use not in _BY_USE and use != "class":
-                    raise ValueError(
-                        f"unknown module '{use}'; known modules: {', '.join(KNOWN_MODULES)}"
-                    )
-            modules.append(module)
-        return {**data, "modules": modules}
+    name: str = Field(
+        pattern=NODE_NAME,
+        description="Unique name: letters, digits, _ and -, not starting with a digit or -.",
+    )
+    type: Literal["planner", "executor", "flow_control", "subgraph"] = Field(
+        "executor", description="The node's `ModuleType`."
+    )
+    dependencies: list[str] = Field(
+        default_factory=list, description="Names of the nodes that must finish first."
+    )
+    modules: list[ModuleSpec] = Field(
+        default_factory=list,
+        description="What the node does; at least one, except for flow_control.",
+    )
+    node_config: NodeConfigSpec = Field(
+        default_factory=NodeConfigSpec, description="How the node runs."
+    )
+    decisions: list[DecisionSpec] = Field(
+        default_factory=list, description="flow_control only: tried in order, the first true wins."
+    )
+    default: str | None = Field(
+        None, description="flow_control only: the node to run when no decision holds."
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> NodeSpec:
+        problems: list[Problem] = []
         if self.type == "flow_control":
             if self.modules:
-                raise ValueError("a flow_control node has decisions and default, not modules")
+                problems.append(
+                    (("modules",), "a flow_control node takes decisions and default, not modules")
+                )
             if not self.decisions and self.default is None:
-                raise ValueError("a flow_control node needs decisions or a default")
+                problems.append(((), "a flow_control node needs decisions or a default"))
         else:
             if not self.modules:
-                raise ValueError(f"a {self.type} node needs at least one module")
-            if self.decisions or self.default is not None:
-                raise ValueError("only flow_control nodes take decisions and default")
+                problems.append((("modules",), f"a {self.type} node needs at least one module"))
+            if self.decisions:
+                problems.append((("decisions",), "only flow_control nodes take decisions"))
+            if self.default is not None:
+                problems.append((("default",), "only flow_control nodes take a default"))
+        if problems:
+            _fail(problems)
         return self
 
 
 class Pipeline(Strict):
-    """A pipeline file."""
+    """A pipeline file: the agent's limits, the task, and the nodes of the graph."""
 
-    name: str = Field(min_length=1)
-    description: str | None = None
-    agent: AgentSettings = Field(default_factory=AgentSettings)
-    task: TaskSettings = Field(default_factory=TaskSettings)
-    nodes: list[NodeSpec] = Field(min_length=1)
+    model_config = ConfigDict(
+        title="pagent pipeline",
+        json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
+    )
+
+    name: str = Field(min_length=1, description="The pipeline's name.")
+    description: str | None = Field(None, description="Free text.")
+    agent: AgentSettings = Field(default_factory=AgentSettings, description="Engine limits.")
+    task: TaskSettings = Field(default_factory=TaskSettings, description="The task to run.")
+    nodes: list[NodeSpec] = Field(min_length=1, description="The nodes of the graph.")
 
     @model_validator(mode="after")
     def _references(self) -> Pipeline:
-        names = [node.name for node in self.nodes]
-        seen: set[str] = set()
-        for name in names:
-            if name in seen:
-                raise ValueError(f"node name '{name}' is used twice")
-            seen.add(name)
-        for node in self.nodes:
-            for dependency in node.dependencies:
-                if dependency == node.name:
-                    raise ValueError(f"node '{node.name}' depends on itself")
-                _check_known(dependency, names, f"node '{node.name}' depends on")
-            for decision in node.decisions:
-                _check_known(decision.next_node, names, f"node '{node.name}' decides for")
-            if node.default is not None:
-                _check_known(node.default, names, f"node '{node.name}' defaults to")
+        problems = _reference_problems(self.nodes)
+        if not problems:
+            problems = _cycle_problems(self.nodes)
+        if problems:
+            _fail(problems)
         return self
 
 
-def _check_known(name: str, names: list[str], what: str) -> None:
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"{what} unknown node '{name}'{hint}")
+def _unknown(name: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown node '{name}'{hint}"
+
+
+def _reference_problems(nodes: Sequence[NodeSpec]) -> list[Problem]:
+    """Unique names, and every dependency, decision and default naming an existing node."""
+    problems: list[Problem] = []
+    first: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        if node.name in first:
+            problems.append(
+                (
+                    ("nodes", index, "name"),
+                    f"node name '{node.name}' is already used by nodes[{first[node.name]}]",
+                )
+            )
+        first.setdefault(node.name, index)
+    names = list(first)
+    for index, node in enumerate(nodes):
+        here: KeyPath = ("nodes", index)
+        listed: set[str] = set()
+        for position, dependency in enumerate(node.dependencies):
+            where = (*here, "dependencies", position)
+            if dependency == node.name:
+                problems.append((where, "a node cannot depend on itself"))
+            elif dependency not in first:
+                problems.append((where, _unknown(dependency, names)))
+            elif dependency in listed:
+                problems.append((where, f"'{dependency}' is listed twice"))
+            listed.add(dependency)
+        for position, decision in enumerate(node.decisions):
+            if decision.next_node not in first:
+                where = (*here, "decisions", position, "next_node")
+                problems.append((where, _unknown(decision.next_node, names)))
+        if node.default is not None and node.default not in first:
+            problems.append(((*here, "default"), _unknown(node.default, names)))
+    return problems
+
+
+def _cycle_problems(nodes: Sequence[NodeSpec]) -> list[Problem]:
+    """A dependency cycle, found early so it is reported with its place in the file.
+
+    Loops are made with flow_control decisions; dependencies must form a DAG (the engine checks too).
+    """
+    try:
+        TopologicalSorter({node.name: node.dependencies for node in nodes}).prepare()
+    except CycleError as exc:
+        # graphlib lists each node before the one that depends on it; read it the other way round.
+        cycle = list(reversed(exc.args[1]))
+        index = next(i for i, node in enumerate(nodes) if node.name == cycle[0])
+        position = nodes[index].dependencies.index(cycle[1])
+        chain = " -> ".join(f"'{name}'" for name in cycle)
+        return [
+            (
+                ("nodes", index, "dependencies", position),
+                f"dependency cycle: {chain} (each depends on the next)",
+            )
+        ]
+    return []
