@@ -622,3 +622,13 @@ nodes:
     assert '"split" -> "work";' in dot
     assert 'label="len(pending_subtasks) > 0 and \\"a|b\\" != \\"x\\""' in dot
     assert cli("graph", pipeline, "--format", "svg").exit_code == 2
+
+
+def test_several_pipeline_errors_are_each_one_prefixed_line(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(tmp_path, map_pipeline("{use: mapp, expr: item}", "{timeout: 0}"))
+    result = cli("validate", pipeline)
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith(f"pagent: error: {pipeline}, line ") for line in lines)
+    assert "unknown module 'mapp'" in lines[0] and "node_config.timeout: must be > 0" in lines[1]

@@ -151,7 +151,7 @@ def test_schema_error_names_file_line_column_and_path() -> None:
         (
             "name: parallel-processing\n",
             "",
-            "p.yaml, line 1, column 1: name: field required",
+            "p.yaml, line 1, column 1: name: required",
         ),
         (
             "concurrency: 3",
@@ -202,7 +202,7 @@ def test_flow_control_rules_are_located() -> None:
     )
     text = EXAMPLE.replace("    type: flow_control\n", "")
     assert error_of(text) == (
-        "p.yaml, line 19, column 5: nodes[3].modules: a executor node needs at least one module\n"
+        "p.yaml, line 19, column 5: nodes[3].modules: an executor node needs at least one module\n"
         "p.yaml, line 20, column 5: nodes[3].decisions: only flow_control nodes take decisions\n"
         "p.yaml, line 21, column 5: nodes[3].default: only flow_control nodes take a default"
     )
@@ -212,7 +212,8 @@ def test_several_errors_one_per_line_in_file_order() -> None:
     text = EXAMPLE.replace("timeout: 30", "timeout: -1").replace(
         "max_total_iterations: 50", "max_total_iterations: 0"
     )
-    assert error_of(text).splitlines() == [
+    message = error_of(text)
+    assert message.splitlines() == [
         "p.yaml, line 3, column 34: agent.max_total_iterations: must be >= 1",
         "p.yaml, line 13, column 51: nodes[1].node_config.timeout: must be > 0",
     ]
@@ -466,7 +467,7 @@ def test_apply_overrides_leaves_its_input_alone() -> None:
         ("=3", "--set '=3': expected KEY=VALUE"),
         (
             "nodes.procesor.node_config.concurrency=1",
-            "--set 'nodes.procesor.node_config.concurrency=1': no node named 'procesor'",
+            "--set 'nodes.procesor.node_config.concurrency=1': no node named 'procesor' (did you mean 'processor'?)",
         ),
         ("nodes.processor..timeout=1", "--set 'nodes.processor..timeout=1': empty key in the path"),
         (
@@ -541,3 +542,12 @@ name: parallel-processing
 def test_hash_changes_with_meaning(override: str) -> None:
     before = pipeline_hash(load_pipeline_text(EXAMPLE))
     assert pipeline_hash(load_pipeline_text(EXAMPLE, overrides=(override,))) != before
+
+
+def test_override_of_unknown_node_suggests_the_closest_name() -> None:
+    with pytest.raises(UsageError) as info:
+        load_pipeline_text(EXAMPLE, "p.yaml", ["nodes.procesor.node_config.concurrency=8"])
+    assert str(info.value) == (
+        "--set 'nodes.procesor.node_config.concurrency=8': no node named 'procesor' "
+        "(did you mean 'processor'?)"
+    )

@@ -357,7 +357,7 @@ def node(**fields: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("fields", "problems"),
     [
-        ({}, [(("modules",), "a executor node needs at least one module")]),
+        ({}, [(("modules",), "an executor node needs at least one module")]),
         (
             {"type": "planner", "modules": []},
             [(("modules",), "a planner node needs at least one module")],

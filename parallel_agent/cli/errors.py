@@ -22,7 +22,9 @@ EXIT_INTERRUPTED = 130
 
 
 def say_error(message: str) -> None:
-    sys.stderr.write(f"pagent: error: {message}\n")
+    """One `pagent: error:` line per problem (a pipeline may have several)."""
+    for line in message.splitlines() or [message]:
+        sys.stderr.write(f"pagent: error: {line}\n")
     sys.stderr.flush()
 
 

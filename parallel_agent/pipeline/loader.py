@@ -10,6 +10,7 @@ nodes[2].node_config.timeout: must be > 0`).
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -36,6 +37,8 @@ MAX_ALIASES = 100
 MAX_VALUES = 100_000
 #: Errors shown for one file; the rest are counted.
 MAX_ERRORS = 20
+#: One located error per line; the CLI prefixes each with "pagent: error:".
+ERROR_SEPARATOR = "\n"
 
 _TAG = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {f"{_TAG}{name}" for name in ("str", "int", "float", "bool", "null")}
@@ -209,7 +212,10 @@ def _step(target: Any, part: str, walked: KeyPath, override: str) -> int | str:
             if isinstance(item, dict) and item.get("name") == part:
                 return index
         what = "node" if walked == ("nodes",) else "item"
-        raise UsageError(f"--set {override!r}: no {what} named '{part}'")
+        names = [str(item["name"]) for item in target if isinstance(item, dict) and "name" in item]
+        close = difflib.get_close_matches(part, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UsageError(f"--set {override!r}: no {what} named '{part}'{hint}")
     raise UsageError(f"--set {override!r}: {dotted(walked)} is a value, not a mapping or list")
 
 
@@ -278,7 +284,7 @@ def _human(error: Any) -> str:
     if kind == "extra_forbidden":
         return f"unknown key '{leaf}'"
     if kind == "missing":
-        return "field required"
+        return "required"
     if kind in _COMPARISONS:
         symbol, name = _COMPARISONS[kind]
         limit = context.get(name)
@@ -362,7 +368,8 @@ def _validation_error(
     ]
     if len(lines) > MAX_ERRORS:
         lines = [*lines[:MAX_ERRORS], f"... and {len(lines) - MAX_ERRORS} more errors"]
-    return PipelineError("\n".join(lines))
+    # One line: the CLI writes each error as a single `pagent: error: ...` line.
+    return PipelineError(ERROR_SEPARATOR.join(lines))
 
 
 # ---- public API ------------------------------------------------------------------------------

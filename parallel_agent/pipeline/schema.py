@@ -306,7 +306,10 @@ class NodeSpec(Strict):
                 problems.append(((), "a flow_control node needs decisions or a default"))
         else:
             if not self.modules:
-                problems.append((("modules",), f"a {self.type} node needs at least one module"))
+                article = "an" if self.type == "executor" else "a"
+                problems.append(
+                    (("modules",), f"{article} {self.type} node needs at least one module")
+                )
             if self.decisions:
                 problems.append((("decisions",), "only flow_control nodes take decisions"))
             if self.default is not None:
