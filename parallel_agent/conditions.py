@@ -334,15 +334,19 @@ class _Program:
         return ConditionError(f"{self.what}: {kind}: {message} in expression {self.text!r}")
 
 
-class Condition:
-    """A compiled condition: read `names` from a snapshot, then `evaluate` it."""
+class _Compiled:
+    """Text parsed and checked once; `names` are the free names it reads."""
 
     def __init__(self, text: str, *, what: str) -> None:
         self._program = _Program(text, what)
         self.text = text
         self.what = what
         self.names: frozenset[str] = self._program.names
-        """Free names the condition reads (cache keys); fetch exactly these, in one snapshot."""
+        """Free names it reads (for a condition: cache keys, fetched in one snapshot)."""
+
+
+class Condition(_Compiled):
+    """A compiled condition: read `names` from a snapshot, then `evaluate` it."""
 
     def evaluate(self, namespace: Mapping[str, Any]) -> Any:
         """Evaluate against `namespace`; a name it lacks is None. Errors raise ConditionError."""
@@ -357,14 +361,8 @@ class Condition:
         return f"Condition({self.text!r})"
 
 
-class Expression:
+class Expression(_Compiled):
     """A compiled per-item expression over `item`, `index` and `params`, cheap to evaluate often."""
-
-    def __init__(self, text: str, *, what: str) -> None:
-        self._program = _Program(text, what)
-        self.text = text
-        self.what = what
-        self.names: frozenset[str] = self._program.names
 
     def evaluate(self, namespace: Mapping[str, Any]) -> Any:
         """Evaluate with the names in `namespace` bound (others read as None)."""

@@ -417,41 +417,34 @@ async def summarize(
     summary = RunSummary(task_id=info.task_id, status=info.status, store=store.url)
     if built is None:
         return summary
-    for node in built.processing_nodes:
-        counts = await store.counts(info.task_id, node)
-        summary.nodes[node] = {
-            "chunks": counts.chunks_total,
-            "done": counts.done,
-            "failed": counts.failed,
-            "items": counts.items_total,
-            "items_failed": counts.items_failed,
-            "retries": counts.retries,
-        }
-    main = built.main_node
-    if main is not None:
-        counts = await store.counts(info.task_id, main)
-        summary.items_total = counts.items_total
-        summary.chunks_total = counts.chunks_total
-        summary.chunks_done = counts.done
-        summary.chunks_failed = counts.failed
+    counts = {node: await store.counts(info.task_id, node) for node in built.processing_nodes}
     failed = 0
-    for node in built.processing_nodes:
-        counts = await store.counts(info.task_id, node)
-        failed += counts.items_failed + await _items_in_failed_chunks(store, info.task_id, node)
+    for node, node_counts in counts.items():
+        summary.nodes[node] = {
+            "chunks": node_counts.chunks_total,
+            "done": node_counts.done,
+            "failed": node_counts.failed,
+            "items": node_counts.items_total,
+            "items_failed": node_counts.items_failed,
+            "retries": node_counts.retries,
+        }
+        failed += node_counts.items_failed
+        if node_counts.failed:
+            failed += sum(chunk.count for chunk in await store.failed_chunks(info.task_id, node))
     summary.items_failed = failed
-    summary.items_done = max(0, summary.items_total - failed) if main is not None else 0
-    if main is not None:
-        done_counts = await store.counts(info.task_id, main)
-        if done_counts.pending or done_counts.leased:
-            summary.items_done = done_counts.items_done
+    main = built.main_node
+    if main is None:
+        return summary
+    main_counts = counts.get(main) or await store.counts(info.task_id, main)
+    summary.items_total = main_counts.items_total
+    summary.chunks_total = main_counts.chunks_total
+    summary.chunks_done = main_counts.done
+    summary.chunks_failed = main_counts.failed
+    unfinished = main_counts.pending or main_counts.leased
+    summary.items_done = (
+        main_counts.items_done if unfinished else max(0, summary.items_total - failed)
+    )
     return summary
-
-
-async def _items_in_failed_chunks(store: RunStore, task_id: str, node: str) -> int:
-    counts = await store.counts(task_id, node)
-    if not counts.failed:
-        return 0
-    return sum(chunk.count for chunk in await store.failed_chunks(task_id, node))
 
 
 def summary_from_dict(data: dict[str, Any]) -> RunSummary:
@@ -726,12 +719,11 @@ def resume_run(
         if info.input_path is None:
             raise UsageError(f"task '{task_id}' read stdin; it cannot be resumed, run it again")
         _check_input_unchanged(info)
-        if info.status == TaskStatus.COMPLETE.value and not retry_failed:
-            pass
-        elif retry_failed or info.status in FINISHED:
+        if retry_failed:
             for node in await s.nodes(task_id):
-                if retry_failed:
-                    await s.retry_failed(task_id, node)
+                await s.retry_failed(task_id, node)
+        ended_short = info.status in FINISHED and info.status != TaskStatus.COMPLETE.value
+        if retry_failed or ended_short:
             await s.update_run(task_id, status=TaskStatus.INTERRUPTED.value)
         return RunOptions(
             pipeline=pipeline_file,

@@ -15,6 +15,8 @@ from parallel_agent.cli import app
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = ROOT / "pipelines"
 TESTS = Path(__file__).resolve().parent
+DEMO = str(PIPELINES / "parallel_processing.yaml")
+NUMBERS = str(PIPELINES / "data" / "numbers.json")
 
 
 @pytest.fixture
@@ -62,9 +64,9 @@ def test_walkthrough_pipeline_doubles_every_number(cli: Any, tmp_path: Path) -> 
     output = tmp_path / "out.json"
     result = cli(
         "run",
-        str(PIPELINES / "parallel_processing.yaml"),
+        DEMO,
         "--data",
-        str(PIPELINES / "data" / "numbers.json"),
+        NUMBERS,
         "--output",
         str(output),
     )
@@ -77,9 +79,9 @@ def test_json_summary_on_stdout(cli: Any, tmp_path: Path) -> None:
     output = tmp_path / "out.jsonl"
     result = cli(
         "run",
-        str(PIPELINES / "parallel_processing.yaml"),
+        DEMO,
         "--data",
-        str(PIPELINES / "data" / "numbers.json"),
+        NUMBERS,
         "--output",
         str(output),
         "--json",
@@ -398,12 +400,12 @@ nodes:
 
 
 def test_missing_data_is_a_usage_error(cli: Any) -> None:
-    result = cli("run", str(PIPELINES / "parallel_processing.yaml"))
+    result = cli("run", DEMO)
     assert_one_line_error(result, 2, "--data")
 
 
 def test_stdin_needs_a_format(cli: Any) -> None:
-    result = cli("run", str(PIPELINES / "parallel_processing.yaml"), "--data", "-", stdin=b"1\n")
+    result = cli("run", DEMO, "--data", "-", stdin=b"1\n")
     assert_one_line_error(result, 2, "--format")
 
 
@@ -413,7 +415,7 @@ def test_malformed_json_lines_exit_3_with_location(cli: Any, tmp_path: Path) -> 
     output = tmp_path / "out.json"
     result = cli(
         "run",
-        str(PIPELINES / "parallel_processing.yaml"),
+        DEMO,
         "--data",
         str(data),
         "--output",
@@ -426,7 +428,7 @@ def test_malformed_json_lines_exit_3_with_location(cli: Any, tmp_path: Path) -> 
 def test_malformed_json_exit_3(cli: Any, tmp_path: Path) -> None:
     data = tmp_path / "bad.json"
     data.write_text("[1, 2,\n 3, }\n")
-    result = cli("run", str(PIPELINES / "parallel_processing.yaml"), "--data", str(data))
+    result = cli("run", DEMO, "--data", str(data))
     assert_one_line_error(result, 3, "bad.json", "line 2")
 
 
@@ -450,9 +452,9 @@ def test_unwritable_output_exit_5_before_running(cli: Any, tmp_path: Path) -> No
     target = tmp_path / "missing-dir" / "out.json"
     result = cli(
         "run",
-        str(PIPELINES / "parallel_processing.yaml"),
+        DEMO,
         "--data",
-        str(PIPELINES / "data" / "numbers.json"),
+        NUMBERS,
         "--output",
         str(target),
     )
@@ -465,9 +467,9 @@ def test_output_under_a_file_exit_5(cli: Any, tmp_path: Path) -> None:
     blocker.write_text("x")
     result = cli(
         "run",
-        str(PIPELINES / "parallel_processing.yaml"),
+        DEMO,
         "--data",
-        str(PIPELINES / "data" / "numbers.json"),
+        NUMBERS,
         "--output",
         str(blocker / "o.json"),
     )
@@ -477,9 +479,9 @@ def test_output_under_a_file_exit_5(cli: Any, tmp_path: Path) -> None:
 def test_finished_task_id_is_reused_without_redoing_work(cli: Any, tmp_path: Path) -> None:
     args = (
         "run",
-        str(PIPELINES / "parallel_processing.yaml"),
+        DEMO,
         "--data",
-        str(PIPELINES / "data" / "numbers.json"),
+        NUMBERS,
         "--task-id",
         "same",
         "--json",
@@ -490,14 +492,12 @@ def test_finished_task_id_is_reused_without_redoing_work(cli: Any, tmp_path: Pat
     assert second.exit_code == 0, second.stderr
     assert json.loads(second.stdout)["reused"] is True
     other = write_pipeline(tmp_path, map_pipeline("{use: map, expr: item}"))
-    third = cli(
-        "run", other, "--data", str(PIPELINES / "data" / "numbers.json"), "--task-id", "same"
-    )
+    third = cli("run", other, "--data", NUMBERS, "--task-id", "same")
     assert_one_line_error(third, 2, "different pipeline")
 
 
 def test_validate_schema_version_help(cli: Any) -> None:
-    assert cli("validate", str(PIPELINES / "parallel_processing.yaml")).exit_code == 0
+    assert cli("validate", DEMO).exit_code == 0
     schema = json.loads(cli("schema").stdout)
     assert "nodes" in json.dumps(schema)
     version = cli("--version")
@@ -513,9 +513,9 @@ def test_run_on_real_redis(cli: Any, tmp_path: Path, redis_url: str, redis_prefi
     task_id = redis_prefix.replace(":", "-").strip("-")
     result = cli(
         "run",
-        str(PIPELINES / "parallel_processing.yaml"),
+        DEMO,
         "--data",
-        str(PIPELINES / "data" / "numbers.json"),
+        NUMBERS,
         "--output",
         str(output),
         "--store",
@@ -538,9 +538,9 @@ def test_run_on_real_redis(cli: Any, tmp_path: Path, redis_url: str, redis_prefi
 def test_no_escape_codes_when_not_a_terminal(cli: Any, tmp_path: Path) -> None:
     result = cli(
         "run",
-        str(PIPELINES / "parallel_processing.yaml"),
+        DEMO,
         "--data",
-        str(PIPELINES / "data" / "numbers.json"),
+        NUMBERS,
     )
     assert result.exit_code == 0
     assert "\x1b" not in result.stderr and "\x1b" not in result.stdout
@@ -551,9 +551,9 @@ def test_events_file_has_the_run_as_json_lines(cli: Any, tmp_path: Path) -> None
     events = tmp_path / "events.jsonl"
     result = cli(
         "run",
-        str(PIPELINES / "parallel_processing.yaml"),
+        DEMO,
         "--data",
-        str(PIPELINES / "data" / "numbers.json"),
+        NUMBERS,
         "--events",
         str(events),
         "--quiet",
@@ -574,9 +574,9 @@ def test_events_file_has_the_run_as_json_lines(cli: Any, tmp_path: Path) -> None
 def test_events_to_stdout_conflicts_with_json(cli: Any) -> None:
     result = cli(
         "run",
-        str(PIPELINES / "parallel_processing.yaml"),
+        DEMO,
         "--data",
-        str(PIPELINES / "data" / "numbers.json"),
+        NUMBERS,
         "--events",
         "-",
         "--json",

@@ -21,6 +21,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 RECORDS = 300
+PAGENT = [sys.executable, "-m", "parallel_agent"]
 
 PIPELINE = """
 name: ledger
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.fault
 
 def pagent(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "parallel_agent", *args],
+        [*PAGENT, *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -110,14 +111,14 @@ def test_sigint_exits_130_and_resume_completes(setup: dict[str, Any]) -> None:
     assert "pagent resume interrupt-me" in stderr
     assert not output.exists()
     status = subprocess.run(
-        [sys.executable, "-m", "parallel_agent", "status", "interrupt-me", "--json"],
+        [*PAGENT, "status", "interrupt-me", "--json"],
         env=env,
         capture_output=True,
         check=True,
     )
     assert json.loads(status.stdout)["state"] == "interrupted"
     resumed = subprocess.run(
-        [sys.executable, "-m", "parallel_agent", "resume", "interrupt-me"],
+        [*PAGENT, "resume", "interrupt-me"],
         env=env,
         capture_output=True,
         check=False,
@@ -169,7 +170,7 @@ def test_sigkill_at_random_points_then_resume(
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=10)
     resumed = subprocess.run(
-        [sys.executable, "-m", "parallel_agent", "resume", task, "--quiet"],
+        [*PAGENT, "resume", task, "--quiet"],
         env=setup["env"],
         capture_output=True,
         check=False,
@@ -192,7 +193,7 @@ def test_second_coordinator_with_the_same_task_id_exits_6(setup: dict[str, Any])
         assert time.monotonic() < deadline
         time.sleep(0.02)
     second = subprocess.run(
-        [sys.executable, "-m", "parallel_agent", *args],
+        [*PAGENT, *args],
         env=env,
         capture_output=True,
         check=False,
@@ -207,9 +208,7 @@ def test_second_coordinator_with_the_same_task_id_exits_6(setup: dict[str, Any])
 def test_unreachable_redis_exits_4_naming_the_url(setup: dict[str, Any]) -> None:
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "parallel_agent",
+            *PAGENT,
             "run",
             setup["pipeline"],
             "--data",
@@ -300,7 +299,7 @@ def test_redis_restart_with_appendonly_completes_or_resumes(
     if code != 0:
         assert code in (4, 130), stderr
         resumed = subprocess.run(
-            [sys.executable, "-m", "parallel_agent", "resume", "durable"],
+            [*PAGENT, "resume", "durable"],
             env=env,
             capture_output=True,
             check=False,
@@ -322,9 +321,7 @@ def test_black_holed_redis_fails_without_hanging(setup: dict[str, Any]) -> None:
         started = time.monotonic()
         done = subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "parallel_agent",
+                *PAGENT,
                 "run",
                 setup["pipeline"],
                 "--data",
@@ -369,9 +366,7 @@ nodes:
     env = {**setup["env"], "PAGENT_TEST_MARKERS": str(setup["tmp"])}
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "parallel_agent",
+            *PAGENT,
             "run",
             str(pipeline),
             "--data",
@@ -392,7 +387,7 @@ nodes:
     # 7 always fails (failed list); 5 fails once then succeeds; 3 hangs and is cancelled.
     assert json.loads(output.read_text()) == [i * 10 for i in range(10) if i not in (3, 7)]
     failures = subprocess.run(
-        [sys.executable, "-m", "parallel_agent", "failures", summary["task_id"]],
+        [*PAGENT, "failures", summary["task_id"]],
         env=env,
         capture_output=True,
         check=True,
@@ -426,7 +421,7 @@ def test_output_lost_at_the_end_exits_5_and_results_rewrites_it(setup: dict[str,
     executions = len(setup["ledger"].read_text().split())
     good = setup["tmp"] / "good.jsonl"
     again = subprocess.run(
-        [sys.executable, "-m", "parallel_agent", "results", "out5", "--output", str(good)],
+        [*PAGENT, "results", "out5", "--output", str(good)],
         env=env,
         capture_output=True,
         check=False,
@@ -450,7 +445,7 @@ def test_sqlite_under_kills_with_status_readers(setup: dict[str, Any]) -> None:
     def read_status() -> None:
         while not stop.is_set():
             done = subprocess.run(
-                [sys.executable, "-m", "parallel_agent", "status", "kills", "--json"],
+                [*PAGENT, "status", "kills", "--json"],
                 env=env,
                 capture_output=True,
                 check=False,
@@ -483,7 +478,7 @@ def test_sqlite_under_kills_with_status_readers(setup: dict[str, Any]) -> None:
             proc.communicate(timeout=10)
             command = ["resume", "kills", "--quiet"]
         final = subprocess.run(
-            [sys.executable, "-m", "parallel_agent", *command],
+            [*PAGENT, *command],
             env=env,
             capture_output=True,
             check=False,
@@ -508,7 +503,7 @@ def test_status_watch_follows_a_run_from_another_process(setup: dict[str, Any]) 
     )
     wait_for_ledger(setup["ledger"], 1)
     watch = subprocess.run(
-        [sys.executable, "-m", "parallel_agent", "status", "watched", "--watch", "--json"],
+        [*PAGENT, "status", "watched", "--watch", "--json"],
         env=env,
         capture_output=True,
         check=False,

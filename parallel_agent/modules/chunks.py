@@ -102,8 +102,6 @@ class ChunkWorkers:
         self.ctx = ctx
         self.settings = settings
         self.processor = processor
-        self.chunks_done = 0
-        self.chunks_failed = 0
 
     async def run(self) -> None:
         counts = await self.ctx.store.counts(self.ctx.task_id, self.settings.node)
@@ -159,19 +157,17 @@ class ChunkWorkers:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.ctx.store.release(lease))
             raise
-        except (TimeoutError, ChunkFailure, Exception) as exc:  # every chunk error is retried
-            error = (
-                f"timed out after {self.settings.timeout:g} s"
-                if isinstance(exc, TimeoutError)
-                else describe(exc)
-                if not isinstance(exc, ChunkFailure)
-                else str(exc)
-            )
-            await self._fail(lease, error, time.monotonic() - started)
+        except Exception as exc:  # every chunk error is retried
+            await self._fail(lease, self._describe(exc), time.monotonic() - started)
             return
         if outcome is None:
             return
         await self._commit(lease, outcome, time.monotonic() - started)
+
+    def _describe(self, exc: Exception) -> str:
+        if isinstance(exc, TimeoutError):
+            return f"timed out after {self.settings.timeout:g} s"
+        return str(exc) if isinstance(exc, ChunkFailure) else describe(exc)
 
     async def _process_with_lease(self, lease: Lease) -> ChunkOutcome | None:
         """Run the processor while a heartbeat renews the lease; None if the lease was lost."""
@@ -184,9 +180,7 @@ class ChunkWorkers:
         try:
             return await work
         except asyncio.CancelledError:
-            if lost.is_set() and not work.cancelled():
-                return None
-            if lost.is_set():
+            if lost.is_set():  # the heartbeat lost the lease and cancelled the work
                 return None
             raise
         finally:
@@ -231,7 +225,6 @@ class ChunkWorkers:
         )
         if not committed:
             return
-        self.chunks_done += 1
         for error in errors[:ITEM_EVENTS_PER_CHUNK]:
             ctx.emit(
                 ItemFailed(
@@ -255,8 +248,8 @@ class ChunkWorkers:
                     f"record {errors[0].record} failed in node '{settings.node}' "
                     f"(on_error: stop): {errors[0].error}"
                 )
-            elif ctx.failures.add(len(errors)):
-                ctx.request_stop(f"more than {ctx.failures.limit} items failed (--max-failures)")
+            else:
+                self._count_failures(len(errors))
 
     async def _fail(self, lease: Lease, error: str, duration: float) -> None:
         ctx, settings = self.ctx, self.settings
@@ -276,9 +269,14 @@ class ChunkWorkers:
             )
         )
         if not will_retry:
-            self.chunks_failed += 1
-            if ctx.failures.add(lease.count):
-                ctx.request_stop(f"more than {ctx.failures.limit} items failed (--max-failures)")
+            self._count_failures(lease.count)
+
+    def _count_failures(self, count: int) -> None:
+        """Add failed items to the run's budget; stop the run once `--max-failures` is passed."""
+        if self.ctx.failures.add(count):
+            self.ctx.request_stop(
+                f"more than {self.ctx.failures.limit} items failed (--max-failures)"
+            )
 
 
 def _record(error: ItemError) -> int:
