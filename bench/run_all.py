@@ -133,6 +133,7 @@ def main() -> None:
 
     for label, pipeline in (
         ("pagent map function (sqlite)", "map_function.yaml"),
+        ("  same, in one process", "map_function_in_process.yaml"),
         ("pagent map expr (sqlite)", "map_expr.yaml"),
         ("pagent map command (sqlite)", "map_command.yaml"),
     ):

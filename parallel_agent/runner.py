@@ -29,7 +29,7 @@ from parallel_agent.errors import (
 from parallel_agent.events import EventSink, MultiSink, NodeFinished, RunFinished, RunStarted
 from parallel_agent.graph import TaskStatus
 from parallel_agent.io import check_writable, detect_format, detect_output_format, open_writer
-from parallel_agent.modules.chunks import decode_lines
+from parallel_agent.jsonl import decode_lines
 from parallel_agent.modules.context import FailureBudget, InputSource, RunContext
 from parallel_agent.pipeline import Pipeline, load_pipeline, pipeline_hash
 from parallel_agent.pipeline.build import BuiltPipeline, build_pipeline
@@ -332,7 +332,8 @@ class PipelineRun:
             )
         )
         await store.update_run(info.task_id, status=TaskStatus.EXECUTING.value)
-        task = await built.agent.run_task(built.make_task(info.task_id))
+        async with built.workers():
+            task = await built.agent.run_task(built.make_task(info.task_id))
         if ctx.fatal is not None:
             await store.update_run(
                 info.task_id,
@@ -680,7 +681,7 @@ def iter_failures(task_id: str, store: str | None = None) -> list[dict[str, Any]
                 for error in orjson_loads(result.errors):
                     failures.append({"node": node, **error})
             for chunk in await s.failed_chunks(task_id, node):
-                for offset, record in enumerate(orjson_loads(chunk.payload)):
+                for offset, record in enumerate(decode_lines(chunk.payload)):
                     failures.append(
                         {
                             "node": node,

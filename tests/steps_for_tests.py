@@ -80,3 +80,25 @@ async def hangs_on_thirty(item: int) -> int:
     if item == 30:
         await asyncio.sleep(3600)
     return item
+
+
+def chatty_double(item: int) -> int:
+    """Prints while it works: output must still be exactly the results."""
+    print(f"working on {item}")
+    return item * 2
+
+
+def dies_on_three(item: int) -> int:
+    """Ends its whole process (like a crash in a C extension) when it meets record value 3."""
+    if item == 3:
+        os._exit(3)
+    return item
+
+
+def sleeps_on_three(item: int) -> int:
+    """A sync function that never returns for 3: only killing its process stops it."""
+    import time
+
+    if item == 3:
+        time.sleep(3600)
+    return item

@@ -632,3 +632,25 @@ def test_several_pipeline_errors_are_each_one_prefixed_line(cli: Any, tmp_path: 
     assert len(lines) == 2
     assert all(line.startswith(f"pagent: error: {pipeline}, line ") for line in lines)
     assert "unknown module 'mapp'" in lines[0] and "node_config.timeout: must be > 0" in lines[1]
+
+
+def test_a_store_lost_while_renewing_a_lease_ends_the_run_with_exit_4(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat cannot renew (the store is gone past its retry budget): the chunk is not
+    committed and the run ends with the store error, never a traceback or a silent retry."""
+    from parallel_agent.errors import StoreError
+    from parallel_agent.store.sqlite import SqliteStore
+
+    async def unreachable(*args: Any, **kwargs: Any) -> bool:
+        raise StoreError("store sqlite:///state.db failed: disk I/O error")
+
+    monkeypatch.setattr(SqliteStore, "renew", unreachable)
+    module = "{use: map, function: 'steps_for_tests:hangs_on_thirty'}"
+    pipeline = write_pipeline(tmp_path, map_pipeline(module, "{lease: 0.3}", chunk_size=40))
+    output = tmp_path / "out.jsonl"
+    result = cli("run", pipeline, "--data", numbers(tmp_path, 40), "--output", str(output))
+    assert result.exit_code == 4
+    assert result.stderr.strip().splitlines()[-1].endswith("disk I/O error")
+    assert "Traceback" not in result.stderr
+    assert not output.exists()

@@ -14,14 +14,36 @@ import pytest
 
 from parallel_agent.errors import InputDataError, UsageError
 from parallel_agent.io import BLOCK_SIZE, Record, detect_format, iter_records, read_chunks
+from parallel_agent.jsonl import check_jsonl, decode_lines
 
 BLOCKS = [1, 2, 3, 7, 64, BLOCK_SIZE]
 
 
 def values(data: bytes, fmt: str, block_size: int = 5, **options: Any) -> list[Any]:
-    """Values through the chunked (fast) path."""
+    """Values through the chunked (fast) path, which the stored-payload path must agree with."""
     reader = read_chunks(io.BytesIO(data), fmt, 2, block_size=block_size, **options)
-    return [value for chunk in reader for value in chunk.records]
+    found = [value for chunk in reader for value in chunk.records]
+    assert payload_values(data, fmt, block_size, **options) == found
+    return found
+
+
+def payload_values(data: bytes, fmt: str, block_size: int = 5, **options: Any) -> list[Any]:
+    """Values through the chunks the split stores: checked here, or later as a worker does."""
+    found = []
+    for check_here in (True, False):
+        reader = read_chunks(io.BytesIO(data), fmt, 2, block_size=block_size, **options)
+        got: list[Any] = []
+        for chunk in reader.payload_chunks(check=check_here):
+            if not check_here and fmt == "jsonl":
+                bad = check_jsonl(chunk.payload)
+                if bad is not None:
+                    raise reader.jsonl_error(chunk, bad)
+            decoded = decode_lines(chunk.payload)
+            assert chunk.count == len(decoded) and chunk.first_record == len(got)
+            got.extend(decoded)
+        found.append(got)
+    assert found[0] == found[1]
+    return found[0]
 
 
 def records(data: bytes, fmt: str, block_size: int = 5, **options: Any) -> list[tuple[int, Any]]:
@@ -34,12 +56,12 @@ def records(data: bytes, fmt: str, block_size: int = 5, **options: Any) -> list[
 def error(data: bytes, fmt: str, block_size: int = 5, **options: Any) -> str:
     """The error message, which must be the same on the fast and the located path."""
     messages = []
-    for read in (values, records):
+    for read in (values, records, payload_values):
         with pytest.raises(InputDataError) as caught:
             read(data, fmt, block_size, display_name="in.x", **options)
         assert caught.value.exit_code == 3
         messages.append(str(caught.value))
-    assert messages[0] == messages[1]
+    assert messages[0] == messages[1] == messages[2]
     return messages[0]
 
 
@@ -343,3 +365,10 @@ def test_format_detection() -> None:
 def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="cannot read"):
         list(read_chunks(str(tmp_path / "nope.json"), "json", 2))
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 8, BLOCK_SIZE])
+def test_jsonl_error_after_many_blank_lines_is_located_on_every_path(block_size: int) -> None:
+    data = b"\n \n1\n\n2\n\r\n\n3\n4\n\t\n5\n\n6\n7,\n8\n"
+    message = error(data, "jsonl", block_size)
+    assert message.startswith("in.x, line 14, column 2, record 7: invalid JSON")

@@ -127,6 +127,7 @@ def test_defaults() -> None:
         "max_visits": None,
         "lease": 30.0,
         "rate_limit": None,
+        "processes": 0,
     }
 
 

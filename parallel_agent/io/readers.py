@@ -27,7 +27,8 @@ from typing import Any, BinaryIO, Literal
 import orjson
 
 from parallel_agent.errors import InputDataError, Location, UsageError
-from parallel_agent.io.records import Chunk, InputIdentity, Record
+from parallel_agent.io.records import Chunk, InputIdentity, PayloadChunk, Record
+from parallel_agent.jsonl import check_jsonl, encode_lines
 
 Format = Literal["json", "jsonl", "csv"]
 FORMATS: tuple[Format, ...] = ("json", "jsonl", "csv")
@@ -190,6 +191,73 @@ class ChunkReader:
         if pending:
             yield Chunk(index, first, pending)
 
+    def payload_chunks(self, *, check: bool = True) -> Iterator[PayloadChunk]:
+        """Chunks as the run store keeps them (JSON Lines bytes). JSON Lines input is passed on
+        as read, never re-encoded; with `check=False` its lines are not parsed here, and the caller
+        must run `check_jsonl` on every payload (worker processes do, in parallel)."""
+        if self.fmt != "jsonl":
+            for chunk in self:
+                payload, _ = encode_lines(chunk.records)
+                yield PayloadChunk(chunk.index, chunk.first_record, len(chunk.records), payload)
+            return
+        self.complete = False
+        source = _Source(self.source, self.block_size)
+        try:
+            yield from self._jsonl_payloads(source, check)
+        finally:
+            source.close()
+        self.size = source.size
+        self.sha256 = source.hasher.hexdigest()
+        self.complete = True
+
+    def _jsonl_payloads(self, source: _Source, check: bool) -> Iterator[PayloadChunk]:
+        size = self.chunk_size
+        index = record = 0
+        lines: list[bytes] = []
+        first_line = 1  # the line of lines[0]
+        blanks: list[int] = []  # blank lines after first_line, ascending
+        for texts, start, block_blanks in _jsonl_lines(source):
+            if not lines:
+                first_line = start
+                blanks = [blank for blank in block_blanks if blank > start]
+            else:
+                blanks.extend(block_blanks)
+            lines.extend(texts)
+            while len(lines) >= size:
+                yield self._payload(index, record, lines[:size], first_line, blanks, check)
+                first_line = _line_of(first_line, blanks, size)
+                blanks = [blank for blank in blanks if blank > first_line]
+                del lines[:size]
+                index += 1
+                record += size
+        if lines:
+            yield self._payload(index, record, lines, first_line, blanks, check)
+            record += len(lines)
+        self.records = record
+
+    def _payload(
+        self,
+        index: int,
+        first: int,
+        lines: list[bytes],
+        first_line: int,
+        blanks: list[int],
+        check: bool,
+    ) -> PayloadChunk:
+        payload = b"\n".join(lines) + b"\n"
+        chunk = PayloadChunk(index, first, len(lines), payload, first_line, tuple(blanks))
+        if check:
+            bad = check_jsonl(chunk.payload)
+            if bad is not None:
+                raise self.jsonl_error(chunk, bad)
+        return chunk
+
+    def jsonl_error(self, chunk: PayloadChunk, position: int) -> InputDataError:
+        """The located error for the record at `position` of a chunk that `check_jsonl` refused."""
+        text = chunk.payload.split(b"\n")[position]
+        line = _line_of(chunk.first_line, chunk.blank_lines, position)
+        return _jsonl_error(text, self.name, line, chunk.first_record + position + 1)
+
     def iter_records(self) -> Iterator[Record]:
         """Every record with its number and the line it starts on (slower than chunks for JSON)."""
         number = 0
@@ -254,11 +322,29 @@ def iter_records(
 
 
 def _read_jsonl(source: _Source, name: str, data_key: str, locate: bool) -> Iterator[_Batch]:
-    """One orjson call per line and nothing else per line, unless a block has blank or bad lines."""
-    loads = orjson.loads
-    carry = b""
-    line = 1  # line number of the block's first line
+    """One orjson call per line and nothing else per line, unless a line is bad."""
     record = 0
+    for texts, first, blanks in _jsonl_lines(source):
+        try:
+            values = list(map(orjson.loads, texts))
+        except orjson.JSONDecodeError:
+            position = check_jsonl(b"\n".join(texts))
+            assert position is not None
+            line = _line_of(first, blanks, position)
+            raise _jsonl_error(texts[position], name, line, record + position + 1) from None
+        record += len(values)
+        yield values, (_lines_of(first, blanks, len(texts)) if locate else None)
+
+
+#: A blank line in "\n" + block + "\n" (a literal first byte keeps the search fast).
+_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
+
+
+def _jsonl_lines(source: _Source) -> Iterator[tuple[list[bytes], int, list[int]]]:
+    """Each block's non-blank lines, the line number of the first, and the blank lines' numbers,
+    without parsing anything."""
+    carry = b""
+    line = 1
     for block in source.blocks():
         if carry:
             block = carry + block
@@ -267,40 +353,50 @@ def _read_jsonl(source: _Source, name: str, data_key: str, locate: bool) -> Iter
             carry = block
             continue
         carry = block[cut + 1 :]
-        lines = block[:cut].split(b"\n")
-        starts: Sequence[int]
-        try:
-            values = list(map(loads, lines))
-        except orjson.JSONDecodeError:
-            values, starts = _jsonl_carefully(lines, name, line, record)
+        body = block[:cut]
+        texts = body.split(b"\n")
+        if _BLANK_LINE.search(b"\n" + body + b"\n") is None:
+            yield texts, line, []
         else:
-            starts = range(line, line + len(lines))
-        line += len(lines)
-        record += len(values)
-        yield values, starts if locate else None
-    if carry:
-        values, starts = _jsonl_carefully([carry], name, line, record)
-        if values:
-            yield values, starts if locate else None
+            blank = [line + n for n, text in enumerate(texts) if not text.strip()]
+            kept = [text for text in texts if text.strip()]
+            first = next(line + n for n, text in enumerate(texts) if text.strip()) if kept else line
+            yield kept, first, blank
+        line += len(texts)
+    if carry.strip():
+        yield [carry], line, []
 
 
-def _jsonl_carefully(
-    lines: list[bytes], name: str, line: int, record: int
-) -> tuple[list[Any], list[int]]:
-    """Parse line by line, skipping blank lines and locating the first malformed one."""
-    values: list[Any] = []
-    starts: list[int] = []
-    for offset, text in enumerate(lines):
-        if not text.strip():
-            continue
-        record += 1
-        try:
-            values.append(orjson.loads(text))
-        except orjson.JSONDecodeError as exc:
-            message, at = _explain_json(text, exc)
-            raise _located(name, message, line + offset, _chars(text[:at]) + 1, record) from None
-        starts.append(line + offset)
-    return values, starts
+def _line_of(first_line: int, blanks: Sequence[int], position: int) -> int:
+    """The line of the record at `position` (0-based) after the one on `first_line`."""
+    return _lines_of(first_line, blanks, position + 1)[-1]
+
+
+def _lines_of(first_line: int, blanks: Sequence[int], count: int) -> Sequence[int]:
+    """The lines of `count` records from `first_line` on, skipping the `blanks` (ascending; any
+    before `first_line` are ignored)."""
+    if not blanks:
+        return range(first_line, first_line + count)
+    lines: list[int] = []
+    line, pending = first_line, iter(blanks)
+    blank = next(pending, None)
+    while len(lines) < count:
+        while blank is not None and blank < line:
+            blank = next(pending, None)
+        if blank != line:
+            lines.append(line)
+        line += 1
+    return lines
+
+
+def _jsonl_error(text: bytes, name: str, line: int, record: int) -> InputDataError:
+    """The located error for one malformed line; `record` is its 1-based record number."""
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        message, at = _explain_json(text, exc)
+        return _located(name, message, line, _chars(text[:at]) + 1, record)
+    raise AssertionError("a line failed to parse once but not twice")
 
 
 # ---- JSON (a streamed array) --------------------------------------------------------------------

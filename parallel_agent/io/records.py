@@ -31,3 +31,16 @@ class InputIdentity:
     size: int
     sha256: str
     records: int
+
+
+@dataclass(frozen=True)
+class PayloadChunk:
+    """A chunk as it is stored: its records as JSON Lines bytes. For JSON Lines input, where its
+    first record is and which blank lines were skipped after it, to locate a malformed record."""
+
+    index: int
+    first_record: int
+    count: int
+    payload: bytes
+    first_line: int = 0
+    blank_lines: tuple[int, ...] = ()

@@ -12,7 +12,7 @@ from typing import Any
 
 from parallel_agent.conditions import compile_expression
 from parallel_agent.errors import PipelineError
-from parallel_agent.modules.chunks import decode_lines
+from parallel_agent.jsonl import decode_lines
 from parallel_agent.modules.context import RunContext
 
 REDUCERS = ("sum", "count", "min", "max")

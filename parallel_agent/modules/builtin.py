@@ -22,6 +22,7 @@ from parallel_agent.graph import AgentModule, ModuleType
 from parallel_agent.modules.aggregate import aggregate_value
 from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings, feed_from_producer
 from parallel_agent.modules.context import RunContext
+from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.modules.processors import ChunkProcessor
 from parallel_agent.modules.split import split_input
 
@@ -55,12 +56,15 @@ class SplitModule(BuiltinModule):
     name = "split"
     type = ModuleType.PLANNER
 
-    def __init__(self, ctx: RunContext, node: str, chunk_size: int) -> None:
+    def __init__(
+        self, ctx: RunContext, node: str, chunk_size: int, checker: PooledProcessor | None = None
+    ) -> None:
         super().__init__(ctx, node)
         self.chunk_size = chunk_size
+        self.checker = checker
 
     async def work(self, cache: Cache) -> dict[str, Any]:
-        result = await split_input(self.ctx, self.node, self.chunk_size)
+        result = await split_input(self.ctx, self.node, self.chunk_size, self.checker)
         return {"status": "success", "result": result}
 
 

@@ -13,15 +13,12 @@ from typing import Any
 
 import orjson
 
+from parallel_agent.errors import StoreError
 from parallel_agent.events import ChunkDone, ChunkFailed, ChunkStarted, ItemFailed
+from parallel_agent.jsonl import encode_lines
 from parallel_agent.modules.context import RunContext
-from parallel_agent.modules.processors import (
-    ChunkFailure,
-    ChunkOutcome,
-    ChunkProcessor,
-    ItemError,
-    describe,
-)
+from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError, describe
+from parallel_agent.modules.processors import ChunkProcessor
 from parallel_agent.store.base import ChunkSpec, Lease
 
 #: How many item errors of one chunk are also sent as events (all are stored).
@@ -45,30 +42,6 @@ class NodeSettings:
     lease_s: float = 30.0
 
 
-def encode_lines(values: list[Any]) -> tuple[bytes, list[int]]:
-    """Encode values as JSON Lines; return the bytes and the positions of unencodable values."""
-    try:
-        return b"".join([orjson.dumps(value) + b"\n" for value in values]), []
-    except TypeError:
-        pass
-    parts: list[bytes] = []
-    bad: list[int] = []
-    for position, value in enumerate(values):
-        try:
-            parts.append(orjson.dumps(value) + b"\n")
-        except TypeError:
-            bad.append(position)
-    return b"".join(parts), bad
-
-
-def decode_lines(data: bytes) -> list[Any]:
-    """Decode JSON Lines bytes written by `encode_lines` in one C-level pass."""
-    if not data:
-        return []
-    body = data[:-1] if data.endswith(b"\n") else data
-    return list(orjson.loads(b"[" + body.replace(b"\n", b",") + b"]"))
-
-
 def retry_delay(settings: NodeSettings, attempt: int) -> float:
     """Exponential backoff with full jitter between attempts of a chunk."""
     ceiling = min(MAX_RETRY_DELAY_S, settings.retry_delay * (2 ** max(0, attempt - 1)))
@@ -85,8 +58,8 @@ async def feed_from_producer(ctx: RunContext, node: str) -> None:
     producer = ctx.producers[node]
     batch: list[ChunkSpec] = []
     async for result in store.results(ctx.task_id, producer):
-        payload = orjson.dumps(decode_lines(result.result))
-        batch.append(ChunkSpec(result.index, result.first_record, result.count, payload))
+        # A chunk's results are JSON Lines, the form its consumer's payload takes.
+        batch.append(ChunkSpec(result.index, result.first_record, result.count, result.result))
         if len(batch) >= 64:
             await store.add_chunks(ctx.task_id, node, batch)
             batch = []
@@ -102,6 +75,8 @@ class ChunkWorkers:
         self.ctx = ctx
         self.settings = settings
         self.processor = processor
+        self.progress = asyncio.Event()
+        """Set (and replaced) each time a worker of this node here is done with a chunk."""
 
     async def run(self) -> None:
         counts = await self.ctx.store.counts(self.ctx.task_id, self.settings.node)
@@ -137,10 +112,26 @@ class ChunkWorkers:
                 await self._handle(lease)
 
     async def _idle(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.ctx.stop.wait(), seconds)
+        """Wait before claiming again: until the run stops, one of this node's workers here
+        finishes a chunk (the queue may have drained), or `seconds` pass (workers elsewhere)."""
+        waits = [
+            asyncio.ensure_future(self.ctx.stop.wait()),
+            asyncio.ensure_future(self.progress.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def _handle(self, lease: Lease) -> None:
+        try:
+            await self._work(lease)
+        finally:
+            self.progress.set()
+            self.progress = asyncio.Event()
+
+    async def _work(self, lease: Lease) -> None:
         started = time.monotonic()
         self.ctx.emit(
             ChunkStarted(
@@ -171,10 +162,11 @@ class ChunkWorkers:
 
     async def _process_with_lease(self, lease: Lease) -> ChunkOutcome | None:
         """Run the processor while a heartbeat renews the lease; None if the lease was lost."""
-        records = orjson.loads(lease.payload)
         lost = asyncio.Event()
         work = asyncio.ensure_future(
-            self._timed(self.processor.process_chunk(records, lease.first_record, self.ctx.params))
+            self._timed(
+                self.processor.process_payload(lease.payload, lease.first_record, self.ctx.params)
+            )
         )
         heartbeat = asyncio.ensure_future(self._heartbeat(lease, lost, work))
         try:
@@ -200,14 +192,22 @@ class ChunkWorkers:
         interval = max(0.05, self.settings.lease_s / 3)
         while True:
             await asyncio.sleep(interval)
-            if not await self.ctx.store.renew(lease, self.settings.lease_s):
+            try:
+                renewed = await self.ctx.store.renew(lease, self.settings.lease_s)
+            except StoreError as exc:  # past the store's retry budget: the run cannot go on
+                self.ctx.fail_run(exc)
+                renewed = False
+            if not renewed:
                 lost.set()
                 work.cancel()
                 return
 
     async def _commit(self, lease: Lease, outcome: ChunkOutcome, duration: float) -> None:
         ctx, settings = self.ctx, self.settings
-        data, unencodable = encode_lines(outcome.outputs)
+        if outcome.encoded is not None:
+            data, unencodable = outcome.encoded, outcome.unencodable
+        else:
+            data, unencodable = encode_lines(outcome.outputs)
         errors = list(outcome.errors)
         if unencodable:
             errors = sorted(errors + _unencodable_errors(lease, errors, unencodable), key=_record)

@@ -11,39 +11,24 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
-from parallel_agent.conditions import compile_expression
 from parallel_agent.errors import PipelineError
+from parallel_agent.jsonl import decode_lines
+from parallel_agent.modules.items import (
+    ChunkFailure,
+    ChunkOutcome,
+    ItemError,
+    batch_outcome,
+    call_items,
+    describe,
+    evaluate_items,
+)
 
 _STDERR_TAIL = 2000
-
-
-@dataclass(frozen=True)
-class ItemError:
-    """One record that failed: its 1-based record number, the input record, and the error."""
-
-    record: int
-    error: str
-    input: Any
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"record": self.record, "error": self.error, "input": self.input}
-
-
-@dataclass
-class ChunkOutcome:
-    """What a processor made of one chunk."""
-
-    outputs: list[Any] = field(default_factory=list)
-    errors: list[ItemError] = field(default_factory=list)
-
-
-class ChunkFailure(Exception):
-    """The whole chunk failed (command exit status, wrong output); retried like a timeout."""
 
 
 class ChunkProcessor(Protocol):
@@ -51,10 +36,32 @@ class ChunkProcessor(Protocol):
         self, records: list[Any], first_record: int, params: dict[str, Any]
     ) -> ChunkOutcome: ...
 
+    async def process_payload(
+        self, payload: bytes, first_record: int, params: dict[str, Any]
+    ) -> ChunkOutcome:
+        """The chunk as stored (a JSON array); in-process processors decode it here."""
+        ...
 
-def describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    async def close(self) -> None:
+        """Release what the processor started (worker processes); called when its node ends."""
+        ...
+
+
+class InProcess:
+    """Shared by the processors that run in the coordinating process."""
+
+    async def process_chunk(
+        self, records: list[Any], first_record: int, params: dict[str, Any]
+    ) -> ChunkOutcome:
+        raise NotImplementedError
+
+    async def process_payload(
+        self, payload: bytes, first_record: int, params: dict[str, Any]
+    ) -> ChunkOutcome:
+        return await self.process_chunk(decode_lines(payload), first_record, params)
+
+    async def close(self) -> None:
+        """Nothing to release."""
 
 
 class RateLimiter:
@@ -75,7 +82,7 @@ class RateLimiter:
 
 
 @dataclass
-class ExpressionProcessor:
+class ExpressionProcessor(InProcess):
     """`expr:` — an asteval expression over `item`, `index` and `params`, evaluated per item."""
 
     expr: str
@@ -83,33 +90,25 @@ class ExpressionProcessor:
     keep_if_true: bool = False
 
     def __post_init__(self) -> None:
+        from parallel_agent.conditions import compile_expression  # asteval: only where used
+
         self.compiled = compile_expression(self.expr, what=self.what)
 
     async def process_chunk(
         self, records: list[Any], first_record: int, params: dict[str, Any]
     ) -> ChunkOutcome:
-        return await asyncio.to_thread(self._run, records, first_record, params)
+        return await asyncio.to_thread(self.run_chunk, records, first_record, params)
 
-    def _run(self, records: list[Any], first_record: int, params: dict[str, Any]) -> ChunkOutcome:
-        outcome = ChunkOutcome()
-        evaluate = self.compiled.evaluate
-        outputs, errors = outcome.outputs, outcome.errors
-        for offset, item in enumerate(records):
-            index = first_record + offset
-            try:
-                value = evaluate({"item": item, "index": index, "params": params})
-            except Exception as exc:  # a failing item is recorded, never fatal here
-                errors.append(ItemError(index + 1, describe(exc), item))
-                continue
-            if not self.keep_if_true:
-                outputs.append(value)
-            elif value:
-                outputs.append(item)
-        return outcome
+    def run_chunk(
+        self, records: list[Any], first_record: int, params: dict[str, Any]
+    ) -> ChunkOutcome:
+        return evaluate_items(
+            self.compiled.evaluate, records, first_record, params, self.keep_if_true
+        )
 
 
 @dataclass
-class FunctionProcessor:
+class FunctionProcessor(InProcess):
     """`function:` — a sync or async callable per item, or per chunk with `batch: true`."""
 
     function: Callable[..., Any]
@@ -144,22 +143,7 @@ class FunctionProcessor:
             outcome.outputs.append(item)
 
     def _run_sync(self, records: list[Any], first_record: int) -> ChunkOutcome:
-        outcome = ChunkOutcome()
-        function = self.function
-        if not self.keep_if_true:
-            outputs, errors = outcome.outputs, outcome.errors
-            for offset, item in enumerate(records):
-                try:
-                    outputs.append(function(item))
-                except Exception as exc:  # recorded per item
-                    errors.append(ItemError(first_record + offset + 1, describe(exc), item))
-            return outcome
-        for offset, item in enumerate(records):
-            try:
-                self._keep(outcome, item, function(item))
-            except Exception as exc:  # recorded per item
-                outcome.errors.append(ItemError(first_record + offset + 1, describe(exc), item))
-        return outcome
+        return call_items(self.function, records, first_record, self.keep_if_true)
 
     async def _run_sync_limited(self, records: list[Any], first_record: int) -> ChunkOutcome:
         assert self.limiter is not None
@@ -197,20 +181,11 @@ class FunctionProcessor:
             values = await self.function(records)
         else:
             values = await asyncio.to_thread(self.function, records)
-        values = list(values)
-        if len(values) != len(records):
-            raise ChunkFailure(
-                f"{self.what}: batch function returned {len(values)} results for "
-                f"{len(records)} records (records {first_record + 1}-{first_record + len(records)})"
-            )
-        outcome = ChunkOutcome()
-        for item, value in zip(records, values, strict=True):
-            self._keep(outcome, item, value)
-        return outcome
+        return batch_outcome(self.what, records, first_record, values, self.keep_if_true)
 
 
 @dataclass
-class CommandProcessor:
+class CommandProcessor(InProcess):
     """`command:` — a shell command per chunk: records as JSON Lines on stdin, one JSON line out per
     line in; a non-zero exit fails the chunk with the tail of its stderr."""
 

@@ -7,22 +7,28 @@ idempotent per chunk index, so a resumed run may split again; a node whose queue
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
-
-import orjson
 
 from parallel_agent.errors import UsageError
 from parallel_agent.events import ChunksPlanned
-from parallel_agent.io import read_chunks
+from parallel_agent.io import ChunkReader, read_chunks
+from parallel_agent.io.records import PayloadChunk
 from parallel_agent.modules.context import RunContext
+from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.store.base import ChunkSpec
 
 #: Chunks sent to the store in one call.
 QUEUE_BATCH = 32
 
 
-async def split_input(ctx: RunContext, node: str, chunk_size: int) -> dict[str, Any]:
-    """Queue the input as chunks for every consumer of `node`; return what was queued."""
+async def split_input(
+    ctx: RunContext, node: str, chunk_size: int, checker: PooledProcessor | None = None
+) -> dict[str, Any]:
+    """Queue the input as chunks for every consumer of `node`; return what was queued.
+
+    JSON Lines input is stored as read; `checker` (worker processes) parses it on every core,
+    otherwise it is parsed here. Nothing is queued past a malformed record's chunk."""
     targets = ctx.consumers.get(node) or [node]
     sealed = [(await ctx.store.counts(ctx.task_id, target)).sealed for target in targets]
     if all(sealed):
@@ -38,32 +44,78 @@ async def split_input(ctx: RunContext, node: str, chunk_size: int) -> dict[str, 
         data_key=source.data_key,
         display_name=source.path,
     )
-    chunks = items = 0
-    batch: list[ChunkSpec] = []
-    iterator = iter(reader)
-    while True:
-        # Parsing is CPU work: keep it off the event loop so leases elsewhere stay renewed.
-        chunk = await asyncio.to_thread(next, iterator, None)
-        if chunk is None:
-            break
-        batch.append(
-            ChunkSpec(
-                chunk.index, chunk.first_record, len(chunk.records), orjson.dumps(chunk.records)
-            )
-        )
-        chunks += 1
-        items += len(chunk.records)
-        if len(batch) >= QUEUE_BATCH:
-            await _queue(ctx, targets, batch)
-            batch = []
-    if batch:
-        await _queue(ctx, targets, batch)
+    splitter = _Splitter(ctx, targets, reader, checker if source.fmt == "jsonl" else None)
+    await splitter.run()
     for target in targets:
         await ctx.store.seal(ctx.task_id, target)
     for target in targets:
-        ctx.emit(ChunksPlanned(at=ctx.now(), node=target, chunks=chunks, items=items))
+        ctx.emit(
+            ChunksPlanned(at=ctx.now(), node=target, chunks=splitter.chunks, items=splitter.items)
+        )
     identity = {"input_size": reader.size, "input_hash": reader.sha256}
-    return {"chunks": chunks, "items": items, "resumed": False, **identity}
+    return {"chunks": splitter.chunks, "items": splitter.items, "resumed": False, **identity}
+
+
+class _Splitter:
+    """Reads chunks, has them checked (in worker processes, a few at a time, results in input
+    order) and queues them in batches."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        targets: list[str],
+        reader: ChunkReader,
+        checker: PooledProcessor | None,
+    ) -> None:
+        self.ctx = ctx
+        self.targets = targets
+        self.reader = reader
+        self.checker = checker
+        self.batch: list[ChunkSpec] = []
+        self.checks: collections.deque[tuple[PayloadChunk, asyncio.Future[int | None]]] = (
+            collections.deque()
+        )
+        self.chunks = self.items = 0
+
+    async def run(self) -> None:
+        chunks = self.reader.payload_chunks(check=self.checker is None)
+        window = 2 * self.checker.size if self.checker is not None else 0
+        try:
+            while True:
+                # Reading (and, without a checker, parsing) is CPU work: keep it off the event
+                # loop so that leases elsewhere stay renewed.
+                chunk = await asyncio.to_thread(next, chunks, None)
+                if chunk is None:
+                    break
+                if self.checker is None:
+                    await self._queue(chunk)
+                    continue
+                check = asyncio.ensure_future(self.checker.check_jsonl(chunk.payload))
+                self.checks.append((chunk, check))
+                while self.checks and (len(self.checks) > window or self.checks[0][1].done()):
+                    await self._settle()
+            while self.checks:
+                await self._settle()
+        finally:
+            for _, unsettled in self.checks:
+                unsettled.cancel()
+        if self.batch:
+            await _queue(self.ctx, self.targets, self.batch)
+
+    async def _settle(self) -> None:
+        chunk, check = self.checks.popleft()
+        bad = await check
+        if bad is not None:
+            raise self.reader.jsonl_error(chunk, bad)
+        await self._queue(chunk)
+
+    async def _queue(self, chunk: PayloadChunk) -> None:
+        self.batch.append(ChunkSpec(chunk.index, chunk.first_record, chunk.count, chunk.payload))
+        self.chunks += 1
+        self.items += chunk.count
+        if len(self.batch) >= QUEUE_BATCH:
+            await _queue(self.ctx, self.targets, self.batch)
+            self.batch = []
 
 
 async def _queue(ctx: RunContext, targets: list[str], batch: list[ChunkSpec]) -> None:

@@ -8,6 +8,9 @@ engine as they would in Python.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from parallel_agent.modules.builtin import AggregateModule, ChunkModule, SplitMo
 from parallel_agent.modules.chunks import NodeSettings
 from parallel_agent.modules.context import RunContext
 from parallel_agent.modules.loading import add_import_roots, import_object
+from parallel_agent.modules.pool import PooledProcessor, WorkerJob
 from parallel_agent.modules.processors import (
     ChunkProcessor,
     CommandProcessor,
@@ -60,6 +64,26 @@ class BuiltPipeline:
     main_node: str | None = None
     output_node: str | None = None
     value_node: str | None = None
+
+    @contextlib.asynccontextmanager
+    async def workers(self) -> AsyncIterator[None]:
+        """Start the worker processes of `processes:` nodes now, while the input is split, and
+        stop every processor's workers when the run ends, however it ends."""
+        processors: list[ChunkProcessor] = []
+        for node in self.agent.nodes.values():
+            for module in node.modules:
+                if isinstance(module, ChunkModule):
+                    processors.append(module.processor)
+                elif isinstance(module, SplitModule) and module.checker is not None:
+                    processors.append(module.checker)
+        for processor in processors:
+            if isinstance(processor, PooledProcessor):
+                processor.warm_up(self.ctx.params)
+        try:
+            yield
+        finally:
+            for processor in processors:
+                await processor.close()
 
     def make_task(self, task_id: str) -> Task:
         settings = self.pipeline.task
@@ -124,13 +148,26 @@ def _processor(node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path) -
     keep = isinstance(spec, FilterSpec)
     config = node.node_config
     if spec.expr is not None:
-        return ExpressionProcessor(spec.expr, what, keep_if_true=keep)
+        processor = ExpressionProcessor(spec.expr, what, keep_if_true=keep)
+        if config.processes:
+            return _pooled("expr", spec.expr, what, keep, False, config.processes, pipeline_dir)
+        return processor
     if spec.function is not None:
         target = ensure_callable(import_object(spec.function, what=what), spec.function, what)
+        batch = isinstance(spec, MapSpec) and spec.batch
+        if config.processes:
+            if inspect.iscoroutinefunction(target):
+                raise PipelineError(
+                    f"{what}: processes needs a sync function; '{spec.function}' is async "
+                    "(async functions already overlap their waits in one process)"
+                )
+            return _pooled(
+                "function", spec.function, what, keep, batch, config.processes, pipeline_dir
+            )
         return FunctionProcessor(
             target,
             what,
-            batch=isinstance(spec, MapSpec) and spec.batch,
+            batch=batch,
             keep_if_true=keep,
             concurrency=config.concurrency,
             rate_limit=config.rate_limit,
@@ -142,11 +179,26 @@ def _processor(node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path) -
     return CommandProcessor(command, what, env=env, cwd=str(pipeline_dir.resolve()))
 
 
+def _pooled(
+    kind: str, source: str, what: str, keep: bool, batch: bool, size: int, pipeline_dir: Path
+) -> PooledProcessor:
+    job = WorkerJob(
+        kind=kind,
+        source=source,
+        what=what,
+        keep_if_true=keep,
+        batch=batch,
+        roots=(str(Path.cwd()), str(pipeline_dir.resolve())),
+    )
+    return PooledProcessor(job, size)
+
+
 def _settings(node: NodeSpec) -> NodeSettings:
     config = node.node_config
     return NodeSettings(
         node=node.name,
-        concurrency=config.concurrency,
+        # One chunk per worker process: a chunk waiting for a free worker would eat its timeout.
+        concurrency=config.processes or config.concurrency,
         max_attempts=config.max_retries + 1,
         retry_delay=config.retry_delay,
         timeout=config.timeout,
@@ -194,7 +246,11 @@ def _engine_node(node: NodeSpec, ctx: RunContext, pipeline_dir: Path, uses: dict
     use = uses.get(node.name)
     for spec in node.modules:
         if isinstance(spec, SplitSpec):
-            modules.append(SplitModule(ctx, node.name, spec.chunk_size))
+            checker = None
+            if config.processes:
+                job = WorkerJob(kind="check-jsonl", source="", what=f"node '{node.name}', split")
+                checker = PooledProcessor(job, config.processes)
+            modules.append(SplitModule(ctx, node.name, spec.chunk_size, checker))
         elif isinstance(spec, MapSpec | FilterSpec):
             processor = _processor(node, spec, pipeline_dir)
             modules.append(ChunkModule(ctx, node.name, _settings(node), processor, spec.use))

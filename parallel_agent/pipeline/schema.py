@@ -102,6 +102,12 @@ class NodeConfigSpec(Strict):
     rate_limit: float | None = Field(
         None, gt=0, description="Item calls per second across the node; unlimited by default."
     )
+    processes: int = Field(
+        0,
+        ge=0,
+        description="Worker processes for a CPU-bound `expr` or sync `function` (one chunk each), "
+        "or for a split parsing JSON Lines input; 0 does the work in this process.",
+    )
 
 
 class SplitSpec(Strict):
@@ -314,9 +320,24 @@ class NodeSpec(Strict):
                 problems.append((("decisions",), "only flow_control nodes take decisions"))
             if self.default is not None:
                 problems.append((("default",), "only flow_control nodes take a default"))
+            problems.extend(self._process_problems())
         if problems:
             _fail(problems)
         return self
+
+    def _process_problems(self) -> list[Problem]:
+        """`processes` runs an `expr` or a sync `function` per chunk, and nothing else."""
+        if not self.node_config.processes:
+            return []
+        where = ("node_config", "processes")
+        if self.node_config.rate_limit is not None:
+            return [(where, "processes cannot be combined with rate_limit")]
+        if any(isinstance(m, SplitSpec) for m in self.modules):
+            return []
+        kinds = [m for m in self.modules if isinstance(m, MapSpec | FilterSpec)]
+        if not kinds or any(isinstance(m, MapSpec) and m.command is not None for m in kinds):
+            return [(where, "processes needs a split, or a map or filter with expr or function")]
+        return []
 
 
 class Pipeline(Strict):

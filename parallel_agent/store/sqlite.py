@@ -88,18 +88,24 @@ CREATE TABLE IF NOT EXISTS chunks (
     state        TEXT NOT NULL,
     first_record INTEGER NOT NULL,
     count        INTEGER NOT NULL,
-    payload      BLOB,
     token        INTEGER NOT NULL DEFAULT 0,
     attempt      INTEGER NOT NULL DEFAULT 0,
     not_before   REAL NOT NULL DEFAULT 0,
     owner        TEXT,
     expires_at   REAL,
     error        TEXT,
-    result       BLOB,
-    errors       BLOB,
     items_ok     INTEGER NOT NULL DEFAULT 0,
     items_failed INTEGER NOT NULL DEFAULT 0,
     duration_s   REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (task_id, node, idx)
+);
+CREATE TABLE IF NOT EXISTS chunk_data (  -- the blobs, apart: SQLite rewrites a whole row on UPDATE
+    task_id TEXT NOT NULL,
+    node    TEXT NOT NULL,
+    idx     INTEGER NOT NULL,
+    payload BLOB,                          -- the input records, until the chunk is done
+    result  BLOB,
+    errors  BLOB,
     PRIMARY KEY (task_id, node, idx)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (task_id, node, state, idx);
@@ -185,10 +191,20 @@ class SqliteStore(RunStore):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagent-sqlite")
         try:
             self._conn = await self._run(self._connect)
+            await self._read(self._check_layout)
             await self._read(lambda conn: conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
         except BaseException:
             await self.close()
             raise
+
+    def _check_layout(self, conn: sqlite3.Connection) -> None:
+        """Refuse a state file from before the blobs moved to `chunk_data` (pagent 0.1 dev)."""
+        old = conn.execute("SELECT 1 FROM pragma_table_info('chunks') WHERE name = 'payload'")
+        if old.fetchone() is not None:
+            raise StoreError(
+                f"{self.url} was written by an older development version of pagent; "
+                "move it away (its runs cannot be resumed) or use another --store"
+            )
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -294,7 +310,7 @@ class SqliteStore(RunStore):
 
     async def delete_run(self, task_id: str) -> None:
         def delete(conn: sqlite3.Connection) -> None:
-            for table in ("chunks", "nodes", "locks", "runs"):
+            for table in ("chunk_data", "chunks", "nodes", "locks", "runs"):
                 conn.execute(f"DELETE FROM {table} WHERE task_id = ?", (task_id,))
 
         await self._write(delete)
@@ -363,21 +379,24 @@ class SqliteStore(RunStore):
     async def add_chunks(self, task_id: str, node: str, chunks: Sequence[ChunkSpec]) -> None:
         if not chunks:
             return
-        rows = [(task_id, node, c.index, c.first_record, c.count, c.payload) for c in chunks]
 
         def add(conn: sqlite3.Connection) -> None:
             self._ensure_node(conn, task_id, node)
             added = items = 0
-            for row in rows:
+            for chunk in chunks:
+                key = (task_id, node, chunk.index)
                 cursor = conn.execute(
-                    "INSERT OR IGNORE INTO chunks "
-                    "(task_id, node, idx, state, first_record, count, payload) "
-                    "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
-                    row,
+                    "INSERT OR IGNORE INTO chunks (task_id, node, idx, state, first_record, count) "
+                    "VALUES (?, ?, ?, 'pending', ?, ?)",
+                    (*key, chunk.first_record, chunk.count),
                 )
                 if cursor.rowcount == 1:
+                    conn.execute(
+                        "INSERT INTO chunk_data (task_id, node, idx, payload) VALUES (?, ?, ?, ?)",
+                        (*key, chunk.payload),
+                    )
                     added += 1
-                    items += row[4]
+                    items += chunk.count
             _bump(conn, task_id, node, chunks_total=added, pending=added, items_total=items)
 
         await self._write(add)
@@ -438,9 +457,10 @@ class SqliteStore(RunStore):
                     "UPDATE chunks SET state = 'leased', token = token + 1, "
                     "attempt = attempt + 1, owner = ?, expires_at = ? "
                     f"WHERE rowid IN ({marks}) "
-                    "RETURNING idx, token, attempt, first_record, count, payload, expires_at",
+                    "RETURNING idx, token, attempt, first_record, count, expires_at",
                     (owner, at + lease_s, *(rowid for _, rowid, _ in chosen)),
                 ).fetchall()
+                rows = [(*row[:5], _payload(conn, task_id, node, row[0]), row[5]) for row in rows]
             retries = sum(1 for row in rows if row[2] > 1)
             _bump(
                 conn,
@@ -494,10 +514,14 @@ class SqliteStore(RunStore):
             if row[0] != ChunkState.LEASED.value:
                 return False
             conn.execute(
-                "UPDATE chunks SET state = 'done', owner = NULL, payload = NULL, result = ?, "
-                "errors = ?, items_ok = ?, items_failed = ?, duration_s = ? "
+                "UPDATE chunks SET state = 'done', owner = NULL, items_ok = ?, items_failed = ?, "
+                "duration_s = ? WHERE task_id = ? AND node = ? AND idx = ?",
+                (items_ok, items_failed, duration_s, *_chunk_key(lease)),
+            )
+            conn.execute(
+                "UPDATE chunk_data SET payload = NULL, result = ?, errors = ? "
                 "WHERE task_id = ? AND node = ? AND idx = ?",
-                (result, errors, items_ok, items_failed, duration_s, *_chunk_key(lease)),
+                (result, errors, *_chunk_key(lease)),
             )
             _bump(
                 conn,
@@ -589,9 +613,10 @@ class SqliteStore(RunStore):
 
             def batch(conn: sqlite3.Connection, after: int = after) -> list[ChunkResult]:
                 rows = conn.execute(
-                    "SELECT idx, first_record, count, result, errors, items_ok, items_failed, "
-                    "duration_s, attempt FROM chunks WHERE task_id = ? AND node = ? "
-                    "AND state = 'done' AND idx > ? ORDER BY idx LIMIT ?",
+                    "SELECT c.idx, c.first_record, c.count, d.result, d.errors, c.items_ok, "
+                    "c.items_failed, c.duration_s, c.attempt FROM chunks c JOIN chunk_data d "
+                    "USING (task_id, node, idx) WHERE c.task_id = ? AND c.node = ? "
+                    "AND c.state = 'done' AND c.idx > ? ORDER BY c.idx LIMIT ?",
                     (task_id, node, after, RESULTS_BATCH),
                 ).fetchall()
                 return [ChunkResult(*row) for row in rows]
@@ -606,8 +631,9 @@ class SqliteStore(RunStore):
     async def failed_chunks(self, task_id: str, node: str) -> list[FailedChunk]:
         def failed(conn: sqlite3.Connection) -> list[FailedChunk]:
             rows = conn.execute(
-                "SELECT idx, first_record, count, payload, error, attempt FROM chunks "
-                "WHERE task_id = ? AND node = ? AND state = 'failed' ORDER BY idx",
+                "SELECT c.idx, c.first_record, c.count, d.payload, c.error, c.attempt "
+                "FROM chunks c JOIN chunk_data d USING (task_id, node, idx) "
+                "WHERE c.task_id = ? AND c.node = ? AND c.state = 'failed' ORDER BY c.idx",
                 (task_id, node),
             ).fetchall()
             return [FailedChunk(*row) for row in rows]
@@ -683,6 +709,14 @@ def _bump(conn: sqlite3.Connection, task_id: str, node: str, **deltas: int) -> N
         f"UPDATE nodes SET {assignments} WHERE task_id = ? AND node = ?",
         (*changes.values(), task_id, node),
     )
+
+
+def _payload(conn: sqlite3.Connection, task_id: str, node: str, index: int) -> bytes:
+    row = conn.execute(
+        "SELECT payload FROM chunk_data WHERE task_id = ? AND node = ? AND idx = ?",
+        (task_id, node, index),
+    ).fetchone()
+    return bytes(row[0]) if row is not None and row[0] is not None else b"[]"
 
 
 def _run_info(row: Sequence[Any]) -> RunInfo:

@@ -1,0 +1,104 @@
+"""Applying an expression or a sync callable to the items of one chunk, synchronously.
+
+Shared by the in-process processors (on a thread) and the worker processes of `processes: N`, which
+import only this (no asyncio) so that they start fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """One record that failed: its 1-based record number, the input record, and the error."""
+
+    record: int
+    error: str
+    input: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"record": self.record, "error": self.error, "input": self.input}
+
+
+@dataclass
+class ChunkOutcome:
+    """What a processor made of one chunk."""
+
+    outputs: list[Any] = field(default_factory=list)
+    errors: list[ItemError] = field(default_factory=list)
+    encoded: bytes | None = None
+    """The outputs already encoded as JSON Lines (by a worker process), instead of `outputs`."""
+    unencodable: list[int] = field(default_factory=list)
+    """With `encoded`: positions of outputs that JSON could not hold."""
+
+
+class ChunkFailure(Exception):
+    """The whole chunk failed (command exit status, wrong output); retried like a timeout."""
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def evaluate_items(
+    evaluate: Callable[[dict[str, Any]], Any],
+    records: list[Any],
+    first_record: int,
+    params: dict[str, Any],
+    keep_if_true: bool,
+) -> ChunkOutcome:
+    """An expression per item (`evaluate` takes the names it sees); failures are per item."""
+    outcome = ChunkOutcome()
+    outputs, errors = outcome.outputs, outcome.errors
+    for offset, item in enumerate(records):
+        index = first_record + offset
+        try:
+            value = evaluate({"item": item, "index": index, "params": params})
+        except Exception as exc:  # a failing item is recorded, never fatal here
+            errors.append(ItemError(index + 1, describe(exc), item))
+            continue
+        if not keep_if_true:
+            outputs.append(value)
+        elif value:
+            outputs.append(item)
+    return outcome
+
+
+def call_items(
+    function: Callable[[Any], Any], records: list[Any], first_record: int, keep_if_true: bool
+) -> ChunkOutcome:
+    """A sync function per item; failures are per item."""
+    outcome = ChunkOutcome()
+    outputs, errors = outcome.outputs, outcome.errors
+    for offset, item in enumerate(records):
+        try:
+            value = function(item)
+        except Exception as exc:  # recorded per item
+            errors.append(ItemError(first_record + offset + 1, describe(exc), item))
+            continue
+        if not keep_if_true:
+            outputs.append(value)
+        elif value:
+            outputs.append(item)
+    return outcome
+
+
+def batch_outcome(
+    what: str, records: list[Any], first_record: int, values: Any, keep_if_true: bool
+) -> ChunkOutcome:
+    """What a `batch: true` function returned for a chunk: one value per record, or a failure."""
+    values = list(values)
+    if len(values) != len(records):
+        raise ChunkFailure(
+            f"{what}: batch function returned {len(values)} results for "
+            f"{len(records)} records (records {first_record + 1}-{first_record + len(records)})"
+        )
+    if not keep_if_true:
+        return ChunkOutcome(outputs=values)
+    return ChunkOutcome(
+        outputs=[item for item, value in zip(records, values, strict=True) if value]
+    )

@@ -1,0 +1,179 @@
+"""`processes: N` — run CPU-bound work of a node on N worker processes.
+
+Threads cannot run Python code on two cores at once; worker processes can. Each worker is a
+long-lived `python -m parallel_agent.modules.worker` that receives a chunk's stored payload as bytes
+and returns its outputs already encoded, so the coordinator never decodes records. A map or filter
+sends its chunks; a split sends JSON Lines input to be checked. A chunk that times out, loses its
+lease or is interrupted kills its worker (the only way to stop a running Python function); a fresh
+one takes its place for the next chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError
+from parallel_agent.modules.worker import FRAME_PREFIX, frame, split_lengths
+
+#: Seconds a worker gets to exit after its input is closed, before it is killed.
+EXIT_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every worker of a node runs."""
+
+    kind: str  # "expr", "function", or "check-jsonl" (a split checking its input)
+    source: str
+    what: str
+    keep_if_true: bool = False
+    batch: bool = False
+    roots: tuple[str, ...] = ()
+
+
+class _Worker:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    async def call(self, request: bytes) -> tuple[dict[str, Any], bytes]:
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None
+        assert stdout is not None
+        stdin.write(request)
+        await stdin.drain()
+        head_size, body_size = split_lengths(await stdout.readexactly(FRAME_PREFIX))
+        header = orjson.loads(await stdout.readexactly(head_size))
+        return header, await stdout.readexactly(body_size)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
+    async def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), EXIT_GRACE_S)
+        except TimeoutError:
+            self.kill()
+            await self.process.wait()
+
+
+@dataclass
+class PooledProcessor:
+    """A chunk processor whose work runs in `size` worker processes, started on first use (or
+    by `warm_up`) and stopped by `close`."""
+
+    job: WorkerJob
+    size: int
+    idle: list[_Worker] = field(default_factory=list)
+    busy: set[_Worker] = field(default_factory=set)
+    dead: list[_Worker] = field(default_factory=list)
+    starting: list[asyncio.Future[_Worker]] = field(default_factory=list)
+    slots: asyncio.Semaphore | None = None
+
+    async def process_chunk(
+        self, records: list[Any], first_record: int, params: dict[str, Any]
+    ) -> ChunkOutcome:
+        payload = b"".join(orjson.dumps(record) + b"\n" for record in records)
+        return await self.process_payload(payload, first_record, params)
+
+    async def process_payload(
+        self, payload: bytes, first_record: int, params: dict[str, Any]
+    ) -> ChunkOutcome:
+        """Send a chunk's stored payload to a free worker; its reply becomes the outcome."""
+        header, body = await self._call({"first": first_record}, payload, params)
+        return ChunkOutcome(
+            errors=[ItemError(record, error, item) for record, error, item in header["errors"]],
+            encoded=body,
+            unencodable=list(header["unencodable"]),
+        )
+
+    async def check_jsonl(self, payload: bytes) -> int | None:
+        """For a `check-jsonl` job: the position of the first line that is not JSON, or None."""
+        header, _ = await self._call({}, payload, {})
+        bad = header["bad"]
+        return None if bad is None else int(bad)
+
+    async def _call(
+        self, request: dict[str, Any], body: bytes, params: dict[str, Any]
+    ) -> tuple[dict[str, Any], bytes]:
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(self.size)
+        async with self.slots:
+            worker = await self._take(params)
+            self.busy.add(worker)
+            try:
+                header, reply = await worker.call(frame(request, body))
+            except asyncio.IncompleteReadError:
+                self.busy.discard(worker)
+                raise ChunkFailure(await self._died(worker, request)) from None
+            except BaseException:  # timeout, lost lease, interrupt: stop the work for good
+                self.busy.discard(worker)
+                worker.kill()
+                self.dead.append(worker)
+                raise
+            self.busy.discard(worker)
+            self.idle.append(worker)
+        if "fail" in header:
+            raise ChunkFailure(str(header["fail"]))
+        return header, reply
+
+    def warm_up(self, params: dict[str, Any]) -> None:
+        """Start the workers in the background, so they are ready when the first chunk is."""
+        while len(self.idle) + len(self.starting) < self.size:
+            self.starting.append(asyncio.ensure_future(self._start(params)))
+
+    async def _take(self, params: dict[str, Any]) -> _Worker:
+        if self.idle:
+            return self.idle.pop()
+        if self.starting:
+            return await self.starting.pop()
+        return await self._start(params)
+
+    async def _start(self, params: dict[str, Any]) -> _Worker:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "parallel_agent.modules.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            # The coordinator's import path, so the worker imports what the pipeline imported.
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        job = self.job
+        description = {
+            "kind": job.kind,
+            "source": job.source,
+            "what": job.what,
+            "keep_if_true": job.keep_if_true,
+            "batch": job.batch,
+            "roots": list(job.roots),
+            "params": params,
+        }
+        assert process.stdin is not None
+        process.stdin.write(frame(description))
+        return _Worker(process)
+
+    async def _died(self, worker: _Worker, request: dict[str, Any]) -> str:
+        status = await worker.process.wait()
+        where = f" on the chunk starting at record {request['first'] + 1}" if request else ""
+        return f"{self.job.what}: worker process exited with status {status}{where}"
+
+    async def close(self) -> None:
+        """Let idle workers exit; kill any still busy (the run is stopping)."""
+        started = await asyncio.gather(*self.starting, return_exceptions=True)
+        self.starting = []
+        for worker in self.busy:
+            worker.kill()
+        workers = [*self.idle, *self.busy, *self.dead]
+        workers.extend(worker for worker in started if isinstance(worker, _Worker))
+        self.idle, self.busy, self.dead = [], set(), []
+        await asyncio.gather(*(worker.close() for worker in workers), return_exceptions=True)

@@ -1,0 +1,140 @@
+"""The program a worker process runs (`python -m parallel_agent.modules.worker`) for `processes: N`.
+
+It reads its job description, then chunks, from stdin and answers each with the chunk's encoded
+outputs and item errors on the original stdout; anything the user's code prints goes to stderr so it
+cannot corrupt the protocol. The chunk payload is decoded and the outputs encoded here, so the
+coordinating process only moves bytes.
+
+A frame is two little-endian u32 lengths, then a JSON header and a binary body of those lengths.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import sys
+from typing import Any, BinaryIO
+
+import orjson
+
+from parallel_agent.jsonl import check_jsonl, decode_lines, encode_lines
+from parallel_agent.modules.items import (
+    ChunkFailure,
+    ChunkOutcome,
+    batch_outcome,
+    call_items,
+    describe,
+    evaluate_items,
+)
+
+_LENGTHS = struct.Struct("<II")
+
+
+def frame(header: dict[str, Any], body: bytes = b"") -> bytes:
+    """One protocol message: lengths, JSON header, body."""
+    head = orjson.dumps(header)
+    return _LENGTHS.pack(len(head), len(body)) + head + body
+
+
+def split_lengths(prefix: bytes) -> tuple[int, int]:
+    head, body = _LENGTHS.unpack(prefix)
+    return int(head), int(body)
+
+
+FRAME_PREFIX = _LENGTHS.size
+
+
+def _read_frame(stream: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
+    prefix = stream.read(FRAME_PREFIX)
+    if len(prefix) < FRAME_PREFIX:
+        return None
+    head_size, body_size = split_lengths(prefix)
+    header = orjson.loads(stream.read(head_size))
+    return header, stream.read(body_size)
+
+
+class _MapJob:
+    """Runs a map or filter over each chunk it is sent."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.params = job.get("params", {})
+        self.what = job["what"]
+        self.keep_if_true = job["keep_if_true"]
+        self.batch = job["batch"]
+        if job["kind"] == "expr":
+            from parallel_agent.conditions import compile_expression
+
+            self.evaluate = compile_expression(job["source"], what=self.what).evaluate
+        else:
+            from parallel_agent.modules.loading import add_import_roots, import_object
+
+            add_import_roots(*job["roots"])
+            self.function = import_object(job["source"], what=self.what)
+        self.kind = job["kind"]
+
+    def run(self, records: list[Any], first_record: int) -> ChunkOutcome:
+        if self.kind == "expr":
+            return evaluate_items(
+                self.evaluate, records, first_record, self.params, self.keep_if_true
+            )
+        if self.batch:
+            values = self.function(records)
+            return batch_outcome(self.what, records, first_record, values, self.keep_if_true)
+        return call_items(self.function, records, first_record, self.keep_if_true)
+
+    def answer(self, header: dict[str, Any], body: bytes) -> bytes:
+        try:
+            outcome = self.run(decode_lines(body), header["first"])
+        except ChunkFailure as exc:
+            return frame({"fail": str(exc)})
+        except Exception as exc:  # a batch function raising fails the chunk, as in-process
+            return frame({"fail": describe(exc)})
+        data, unencodable = encode_lines(outcome.outputs)
+        errors = [[error.record, error.error, error.input] for error in outcome.errors]
+        return frame({"errors": errors, "unencodable": unencodable}, data)
+
+
+class _CheckJob:
+    """Parses JSON Lines input for the split, so a big input is checked on every core."""
+
+    def answer(self, header: dict[str, Any], body: bytes) -> bytes:
+        return frame({"bad": check_jsonl(body)})
+
+
+class _BrokenJob:
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+    def answer(self, header: dict[str, Any], body: bytes) -> bytes:
+        return frame({"fail": self.problem})
+
+
+def _job(description: dict[str, Any]) -> _MapJob | _CheckJob | _BrokenJob:
+    if description["kind"] == "check-jsonl":
+        return _CheckJob()
+    try:
+        return _MapJob(description)
+    except Exception as exc:  # reported on every chunk, so the chunk fails with the reason
+        return _BrokenJob(f"worker process could not load {description['source']}: {exc}")
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when its workers stop
+    requests = sys.stdin.buffer
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # the user's print() goes to stderr, never into the protocol
+    description = _read_frame(requests)
+    if description is None:
+        return
+    job = _job(description[0])
+    while (request := _read_frame(requests)) is not None:
+        try:
+            replies.write(job.answer(*request))
+            replies.flush()
+        except BrokenPipeError:
+            return
+
+
+if __name__ == "__main__":
+    main()
