@@ -18,8 +18,8 @@ from parallel_agent.modules.context import RunContext
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.store.base import ChunkSpec
 
-#: Chunks sent to the store in one call.
-QUEUE_BATCH = 32
+#: Chunks sent to the store in one call (while the next ones are read and checked).
+QUEUE_BATCH = 8
 
 
 async def split_input(
@@ -72,35 +72,42 @@ class _Splitter:
         self.reader = reader
         self.checker = checker
         self.batch: list[ChunkSpec] = []
+        self.queueing: asyncio.Future[None] | None = None
         self.checks: collections.deque[tuple[PayloadChunk, asyncio.Future[int | None]]] = (
             collections.deque()
         )
         self.chunks = self.items = 0
 
     async def run(self) -> None:
-        chunks = self.reader.payload_chunks(check=self.checker is None)
-        window = 2 * self.checker.size if self.checker is not None else 0
         try:
-            while True:
-                # Reading (and, without a checker, parsing) is CPU work: keep it off the event
-                # loop so that leases elsewhere stay renewed.
-                chunk = await asyncio.to_thread(next, chunks, None)
-                if chunk is None:
-                    break
-                if self.checker is None:
-                    await self._queue(chunk)
-                    continue
-                check = asyncio.ensure_future(self.checker.check_jsonl(chunk.payload))
-                self.checks.append((chunk, check))
-                while self.checks and (len(self.checks) > window or self.checks[0][1].done()):
-                    await self._settle()
-            while self.checks:
-                await self._settle()
+            await self._read_all()
+            await self._flush()
+            if self.queueing is not None:
+                await self.queueing
         finally:
             for _, unsettled in self.checks:
                 unsettled.cancel()
-        if self.batch:
-            await _queue(self.ctx, self.targets, self.batch)
+            if self.queueing is not None and not self.queueing.done():
+                self.queueing.cancel()
+
+    async def _read_all(self) -> None:
+        chunks = self.reader.payload_chunks(check=self.checker is None)
+        window = 2 * self.checker.size if self.checker is not None else 0
+        while True:
+            # Reading (and, without a checker, parsing) is CPU work: keep it off the event loop
+            # so that leases elsewhere stay renewed.
+            chunk = await asyncio.to_thread(next, chunks, None)
+            if chunk is None:
+                break
+            if self.checker is None:
+                await self._queue(chunk)
+                continue
+            check = asyncio.ensure_future(self.checker.check_jsonl(chunk.payload))
+            self.checks.append((chunk, check))
+            while self.checks and (len(self.checks) > window or self.checks[0][1].done()):
+                await self._settle()
+        while self.checks:
+            await self._settle()
 
     async def _settle(self) -> None:
         chunk, check = self.checks.popleft()
@@ -114,7 +121,15 @@ class _Splitter:
         self.chunks += 1
         self.items += chunk.count
         if len(self.batch) >= QUEUE_BATCH:
-            await _queue(self.ctx, self.targets, self.batch)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Hand the batch to the store in the background, one batch at a time, in order."""
+        if self.queueing is not None:
+            await self.queueing
+            self.queueing = None
+        if self.batch:
+            self.queueing = asyncio.ensure_future(_queue(self.ctx, self.targets, self.batch))
             self.batch = []
 
 
