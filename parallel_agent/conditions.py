@@ -10,16 +10,15 @@ expression owns its interpreters (one per thread, since per-item expressions run
 from __future__ import annotations
 
 import ast
-import io
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
-
-from asteval import Interpreter
-from asteval.astutils import op2func
+from typing import TYPE_CHECKING, Any
 
 from parallel_agent.errors import ConditionError
+
+if TYPE_CHECKING:
+    from parallel_agent.sandbox import SandboxInterpreter
 
 MAX_EXPRESSION_LENGTH = 10_000
 MAX_SIZE = 1_000_000
@@ -162,74 +161,6 @@ def base_symbols() -> dict[str, Any]:
     }  # fmt: skip
 
 
-class _SandboxInterpreter(Interpreter):  # type: ignore[misc]
-    """asteval with size checks on operators and methods, and an iteration budget."""
-
-    def __init__(self) -> None:
-        disabled = (
-            "import", "importfrom", "while", "for", "try", "with", "functiondef", "lambda",
-            "augassign", "assert", "delete", "raise", "print", "assign", "if", "return", "break",
-            "continue",
-        )  # fmt: skip
-        super().__init__(
-            symtable=base_symbols(),
-            use_numpy=False,
-            max_statement_length=MAX_EXPRESSION_LENGTH,
-            config=dict.fromkeys(disabled, False),
-            writer=io.StringIO(),
-            err_writer=io.StringIO(),
-        )
-        self.node_handlers["generatorexp"] = self.on_listcomp
-        self.iterations = 0
-
-    def reset(self, symtable: dict[str, Any], text: str) -> None:
-        self.symtable = symtable
-        self.error: list[Any] = []
-        self.error_msg = None
-        self.expr = text
-        self.code_text: list[str] = []
-        self.retval = None
-        self._interrupt = None
-        self._calldepth = 0
-        self.iterations = 0
-
-    def on_binop(self, node: ast.BinOp) -> Any:
-        left = self.run(node.left)
-        right = self.run(node.right)
-        _check_binop(type(node.op), left, right)
-        return op2func(node.op)(left, right)
-
-    def on_attribute(self, node: ast.Attribute) -> Any:
-        value = super().on_attribute(node)
-        owner = getattr(value, "__self__", None)
-        if node.attr in _AMPLIFYING_METHODS and isinstance(owner, str | bytes | list):
-            return _guard_method(node.attr, value, owner)
-        return value
-
-    def on_formattedvalue(self, node: ast.FormattedValue) -> Any:
-        _check_size(_size(self.run(node.value)), "f-string value")
-        return super().on_formattedvalue(node)
-
-    def do_generator(self, gnodes: list[ast.comprehension], node: ast.AST, out: Any) -> None:
-        gnode = gnodes[0]
-        original_iter = gnode.iter
-        values = self.run(original_iter)
-
-        def counted() -> Iterable[Any]:
-            for value in values:
-                self.iterations += 1
-                if self.iterations > MAX_ITERATIONS:
-                    raise SandboxLimitError(f"more than {MAX_ITERATIONS} comprehension iterations")
-                yield value
-
-        # asteval re-evaluates `gnode.iter`; hand it a pre-evaluated, counted iterable instead.
-        holder = ast.Constant(value=counted())  # type: ignore[arg-type]
-        patched = ast.comprehension(
-            target=gnode.target, iter=holder, ifs=gnode.ifs, is_async=gnode.is_async
-        )
-        super().do_generator([patched, *gnodes[1:]], node, out)
-
-
 def _static_check(tree: ast.AST, text: str, what: str) -> None:
     """Refuse constructs that could escape the sandbox, before anything runs."""
     for node in ast.walk(tree):
@@ -304,15 +235,17 @@ class _Program:
         self.node = ast.fix_missing_locations(module)
         self.local = threading.local()
 
-    def interpreter(self) -> _SandboxInterpreter:
-        interp: _SandboxInterpreter | None = getattr(self.local, "interp", None)
+    def interpreter(self) -> SandboxInterpreter:
+        interp: SandboxInterpreter | None = getattr(self.local, "interp", None)
         if interp is None:
-            interp = _SandboxInterpreter()
+            from parallel_agent.sandbox import SandboxInterpreter  # asteval: only once needed
+
+            interp = SandboxInterpreter()
             self.local.interp = interp
             self.local.base = base_symbols()
         return interp
 
-    def run(self, interp: _SandboxInterpreter, symtable: dict[str, Any]) -> Any:
+    def run(self, interp: SandboxInterpreter, symtable: dict[str, Any]) -> Any:
         interp.reset(symtable, self.text)
         try:
             value = interp.run(self.node.body[0], with_raise=True)
@@ -322,7 +255,7 @@ class _Program:
             raise self._error(interp, None)
         return value
 
-    def _error(self, interp: _SandboxInterpreter, exc: Exception | None) -> ConditionError:
+    def _error(self, interp: SandboxInterpreter, exc: Exception | None) -> ConditionError:
         first = interp.error[0] if interp.error else None
         if first is not None and first.exc is not None:
             kind, message = first.exc.__name__, first.msg or interp.error_msg or ""
