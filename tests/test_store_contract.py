@@ -416,6 +416,31 @@ async def test_results_stream_in_index_order(store: RunStore, run: RunInfo) -> N
     assert durations == pytest.approx([index / 1000 for index in range(total)])
 
 
+async def test_results_of_big_chunks_stream_a_few_at_a_time(
+    store: RunStore, run: RunInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fetches hold about RESULTS_BATCH_RECORDS records, so memory stays flat with big chunks."""
+    from parallel_agent.store import base
+
+    monkeypatch.setattr(base, "RESULTS_BATCH_RECORDS", 25)  # chunks of 10: 2 per fetch
+    await store.add_chunks("t1", NODE, specs(range(7), size=10))
+    leases = await store.claim("t1", NODE, "w", lease_s=60, limit=7, now=T0)
+    for lease in leases:
+        await store.commit(
+            lease,
+            result=b"r%d" % lease.index,
+            errors=b"[]",
+            items_ok=10,
+            items_failed=0,
+            duration_s=0,
+        )
+    assert base.results_batch(await store.counts("t1", NODE)) == 2
+    results = [result async for result in store.results("t1", NODE)]
+    assert [(r.index, r.result, r.first_record) for r in results] == [
+        (i, b"r%d" % i, i * 10) for i in range(7)
+    ]
+
+
 async def test_retry_failed_resets_attempts(store: RunStore, run: RunInfo) -> None:
     await store.add_chunks("t1", NODE, specs(range(3)))
     leases = await claim(store, limit=3)

@@ -146,6 +146,18 @@ class NodeCounts:
     sealed: bool
 
 
+#: Chunks read per round trip when streaming results: at most this many...
+RESULTS_BATCH = 256
+#: ...and about this many records, so memory stays flat however big the chunks are.
+RESULTS_BATCH_RECORDS = 50_000
+
+
+def results_batch(counts: NodeCounts) -> int:
+    """How many chunks of a node to fetch at once when streaming its results."""
+    per_chunk = counts.items_total // max(1, counts.chunks_total)
+    return max(1, min(RESULTS_BATCH, RESULTS_BATCH_RECORDS // max(1, per_chunk)))
+
+
 def lease_expired_error(attempts: int) -> str:
     """The error recorded for a chunk whose last lease expired (the worker died or hung)."""
     return f"lease expired after {attempts} attempts"

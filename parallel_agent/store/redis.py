@@ -32,6 +32,7 @@ from parallel_agent.store.base import (
     DEFAULT_FINISHED_TTL_S,
     DEFAULT_RETRY_BUDGET_S,
     FINISHED_STATUSES,
+    RESULTS_BATCH,
     ChunkResult,
     ChunkSpec,
     ChunkState,
@@ -42,6 +43,7 @@ from parallel_agent.store.base import (
     RunInfo,
     RunStore,
     mask_url,
+    results_batch,
     run_missing,
 )
 from parallel_agent.store.keys import TaskKeys, runs_index
@@ -52,7 +54,6 @@ T = TypeVar("T")
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_SOCKET_TIMEOUT_S = 5.0
 #: Chunks fetched per round trip when streaming results.
-RESULTS_BATCH = 256
 #: Runs read per round trip by list_runs.
 RUNS_BATCH = 100
 #: What a script returns when the run's key is gone.
@@ -450,9 +451,9 @@ class RedisStore(RunStore):
         return [name.decode() for name in raw]
 
     async def _done_batches(
-        self, task_id: str, node: str, *suffixes: str
+        self, task_id: str, node: str, *suffixes: str, batch: int = RESULTS_BATCH
     ) -> AsyncIterator[list[tuple[int, list[Any]]]]:
-        """DONE indices in order, RESULTS_BATCH at a time, with HMGET of each per-node hash."""
+        """DONE indices in order, `batch` at a time, with HMGET of each per-node hash."""
         k = self._keys(task_id)
         after = "-inf"
         done_key = k.node(node, "done")
@@ -460,7 +461,7 @@ class RedisStore(RunStore):
 
             async def read(c: aioredis.Redis, after: str = after) -> list[Any]:
                 indices = await _members(
-                    c, done_key, after, "+inf", byscore=True, offset=0, num=RESULTS_BATCH
+                    c, done_key, after, "+inf", byscore=True, offset=0, num=batch
                 )
                 if not indices:
                     return []
@@ -476,12 +477,15 @@ class RedisStore(RunStore):
             rows = await self._call(read)
             if rows:
                 yield rows
-            if len(rows) < RESULTS_BATCH:
+            if len(rows) < batch:
                 return
             after = f"({rows[-1][0]}"
 
     async def results(self, task_id: str, node: str) -> AsyncIterator[ChunkResult]:
-        async for rows in self._done_batches(task_id, node, "meta", "result", "errors"):
+        batch = results_batch(await self.counts(task_id, node))
+        async for rows in self._done_batches(
+            task_id, node, "meta", "result", "errors", batch=batch
+        ):
             for index, (meta, result, errors) in rows:
                 if meta is None:
                     continue

@@ -37,6 +37,7 @@ from parallel_agent.store.base import (
     RunStore,
     lease_expired_error,
     mask_url,
+    results_batch,
     run_missing,
 )
 
@@ -46,7 +47,6 @@ T = TypeVar("T")
 MIN_SQLITE = (3, 35, 0)
 #: How long one statement waits for another process's write lock before our own retry loop.
 BUSY_TIMEOUT_MS = 2000
-RESULTS_BATCH = 256
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -608,6 +608,7 @@ class SqliteStore(RunStore):
         return await self._read(nodes)
 
     async def results(self, task_id: str, node: str) -> AsyncIterator[ChunkResult]:
+        batch_size = results_batch(await self.counts(task_id, node))
         after = -1
         while True:
 
@@ -617,14 +618,14 @@ class SqliteStore(RunStore):
                     "c.items_failed, c.duration_s, c.attempt FROM chunks c JOIN chunk_data d "
                     "USING (task_id, node, idx) WHERE c.task_id = ? AND c.node = ? "
                     "AND c.state = 'done' AND c.idx > ? ORDER BY c.idx LIMIT ?",
-                    (task_id, node, after, RESULTS_BATCH),
+                    (task_id, node, after, batch_size),
                 ).fetchall()
                 return [ChunkResult(*row) for row in rows]
 
             results = await self._read(batch)
             for result in results:
                 yield result
-            if len(results) < RESULTS_BATCH:
+            if len(results) < batch_size:
                 return
             after = results[-1].index
 
