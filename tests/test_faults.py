@@ -85,7 +85,27 @@ def finish(proc: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, str
     return proc.returncode, stderr.decode()
 
 
-def test_sigint_exits_130_and_resume_completes(setup: dict[str, Any]) -> None:
+def workers_of(ledger: Path) -> list[int]:
+    """Worker processes (`processes: N`) still alive that belong to this test's runs."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if b"parallel_agent.modules.worker" not in (entry / "cmdline").read_bytes():
+                continue
+            if str(ledger).encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_sigint_exits_130_and_resume_completes(setup: dict[str, Any], processes: int) -> None:
+    if processes:
+        pipeline = Path(setup["pipeline"])
+        pipeline.write_text(
+            pipeline.read_text().replace("concurrency: 3,", f"processes: {processes},")
+        )
     env = {**setup["env"], "PAGENT_LEDGER_SLEEP": "0.01"}
     output = setup["tmp"] / "out.jsonl"
     proc = pagent(
@@ -110,6 +130,7 @@ def test_sigint_exits_130_and_resume_completes(setup: dict[str, Any]) -> None:
     assert code == 130, stderr
     assert "pagent resume interrupt-me" in stderr
     assert not output.exists()
+    assert workers_of(setup["ledger"]) == [], "a worker process outlived the interrupted run"
     status = subprocess.run(
         [*PAGENT, "status", "interrupt-me", "--json"],
         env=env,
