@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
+import itertools
 import os
 import secrets
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from parallel_agent.errors import (
+    InputDataError,
     InterruptedRunError,
     PagentError,
     PipelineError,
@@ -28,11 +31,19 @@ from parallel_agent.errors import (
 )
 from parallel_agent.events import EventSink, MultiSink, NodeFinished, RunFinished, RunStarted
 from parallel_agent.graph import TaskStatus
-from parallel_agent.io import check_writable, detect_format, detect_output_format, open_writer
+from parallel_agent.io import (
+    check_writable,
+    detect_format,
+    detect_output_format,
+    open_writer,
+    read_chunks,
+    write_records_like_input,
+)
 from parallel_agent.jsonl import decode_lines
 from parallel_agent.modules.context import FailureBudget, InputSource, RunContext
 from parallel_agent.pipeline import Pipeline, load_pipeline, pipeline_hash
 from parallel_agent.pipeline.build import BuiltPipeline, build_pipeline
+from parallel_agent.report import RunReport, build_report, pipeline_node_names, read_failures
 from parallel_agent.store import default_store_url, open_store
 from parallel_agent.store.base import RunInfo, RunStore
 
@@ -57,6 +68,8 @@ class RunOptions:
     store: str | None = None
     overrides: Sequence[str] = ()
     max_failures: int | None = None
+    #: write the failed input records here, in the input's format, when the run ends
+    failed_output: str | None = None
     stdin: BinaryIO | None = None
     stdout: BinaryIO | None = None
 
@@ -80,6 +93,9 @@ class RunSummary:
     error: str | None = None
     reused: bool = False
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    report: RunReport | None = None
+    failed_output: str | None = None
+    failed_output_records: int | None = None
 
     @property
     def exit_code(self) -> int:
@@ -106,6 +122,12 @@ class RunSummary:
             "error": self.error,
             "reused": self.reused,
             "nodes": self.nodes,
+            "report": self.report.to_dict() if self.report is not None else None,
+            "failed_output": (
+                {"path": self.failed_output, "records": self.failed_output_records}
+                if self.failed_output is not None
+                else None
+            ),
         }
 
 
@@ -171,6 +193,21 @@ class PipelineRun:
             output_format = detect_output_format(options.output, options.output_format)
             if options.output != "-":
                 check_writable(options.output)
+        if options.failed_output is not None:
+            if source is None or source.path == "-":
+                raise UsageError(
+                    "--failed-output needs --data PATH: failed records are read back from the "
+                    "input file"
+                )
+            if options.failed_output == "-":
+                raise UsageError("--failed-output needs a file (stdout carries the results)")
+            taken = {Path(source.path).resolve()}
+            if options.output is not None and options.output != "-":
+                taken.add(Path(options.output).resolve())
+            if Path(options.failed_output).resolve() in taken:
+                raise UsageError("--failed-output must differ from --data and --output")
+            failed_output_format(options.failed_output, source.fmt)
+            check_writable(options.failed_output)
         store = open_store(resolve_store_url(options.store))
         await store.open()
         try:
@@ -215,6 +252,15 @@ class PipelineRun:
                         store, existing, options.output, output_format, options.stdout
                     )
                     summary.output = options.output
+                await self._write_failed(store, existing, summary)
+                self.events.emit(
+                    RunFinished(
+                        at=time.time(),
+                        task_id=task_id,
+                        status=summary.status,
+                        summary=summary.to_dict(),
+                    )
+                )
                 return summary
         if not await self._take_lock(store, task_id):
             holder = await store.lock_holder(task_id)
@@ -344,14 +390,25 @@ class PipelineRun:
             raise ctx.fatal
         summary = await self._finish(store, built, info, task.status, task.error, output_format)
         summary.duration_s = time.monotonic() - started
-        for node, seconds in self.timer.durations.items():
+        durations = _node_durations(info, self.timer.durations)
+        for node, seconds in durations.items():
             summary.nodes.setdefault(node, {})["duration_s"] = round(seconds, 4)
+        summary.report = await build_report(
+            store,
+            info.task_id,
+            nodes=[node.name for node in pipeline.nodes],
+            durations=durations,
+        )
         await store.update_run(
             info.task_id,
             status=summary.status,
             finished_at=time.time() if summary.status in FINISHED else None,
             extra={"summary": summary.to_dict()},
         )
+        if summary.status in FINISHED:
+            # After the run is recorded: a failed write (exit 5) leaves a finished run whose
+            # failed records `pagent failures ID --output PATH` can still write.
+            await self._write_failed(store, info, summary)
         self.events.emit(
             RunFinished(
                 at=time.time(),
@@ -365,6 +422,14 @@ class PipelineRun:
                 f"run interrupted; resume it with: pagent resume {info.task_id}"
             )
         return summary
+
+    async def _write_failed(self, store: RunStore, info: RunInfo, summary: RunSummary) -> None:
+        """`--failed-output`: the failed input records, in the input's format."""
+        target = self.options.failed_output
+        if target is None:
+            return
+        summary.failed_output_records = await write_failed_records(store, info, target)
+        summary.failed_output = target
 
     async def _finish(
         self,
@@ -406,6 +471,26 @@ class PipelineRun:
             )
             summary.output = self.options.output
         return summary
+
+
+def _stored_durations(info: RunInfo) -> dict[str, float]:
+    """Node run times recorded in the run's last summary (none before its first run ended)."""
+    summary = info.extra.get("summary")
+    durations: dict[str, float] = {}
+    if isinstance(summary, dict):
+        for node, values in (summary.get("nodes") or {}).items():
+            if isinstance(values, dict) and isinstance(values.get("duration_s"), int | float):
+                durations[node] = float(values["duration_s"])
+    return durations
+
+
+def _node_durations(info: RunInfo, measured: dict[str, float]) -> dict[str, float]:
+    """Each node's run time over every coordinator of the run: a resume adds its own time to
+    what earlier runs recorded, so items/s stays items over the time spent on them."""
+    durations = _stored_durations(info)
+    for node, seconds in measured.items():
+        durations[node] = durations.get(node, 0.0) + seconds
+    return durations
 
 
 async def summarize(
@@ -466,6 +551,7 @@ def summary_from_dict(data: dict[str, Any]) -> RunSummary:
         store=data.get("store", ""),
         error=data.get("error"),
         nodes=data.get("nodes", {}),
+        report=RunReport.from_dict(data["report"]) if data.get("report") else None,
     )
 
 
@@ -555,7 +641,7 @@ async def _require_run(store: RunStore, task_id: str) -> RunInfo:
     return info
 
 
-async def _status(store: RunStore, task_id: str) -> dict[str, Any]:
+async def _status(store: RunStore, task_id: str, with_report: bool = True) -> dict[str, Any]:
     info = await _require_run(store, task_id)
     holder = await store.lock_holder(task_id)
     nodes: dict[str, dict[str, Any]] = {}
@@ -602,13 +688,28 @@ async def _status(store: RunStore, task_id: str) -> dict[str, Any]:
         "throughput_items_s": round(done / elapsed, 1) if elapsed > 0 else None,
         "nodes": nodes,
         "summary": info.extra.get("summary"),
+        "report": (await _report(store, info)).to_dict() if with_report else None,
         "store": store.url,
     }
 
 
-def get_status(task_id: str, store: str | None = None) -> dict[str, Any]:
-    """Where a run stands, read from the store alone (works from another shell or machine)."""
-    return asyncio.run(_with_store(store, lambda s: _status(s, task_id)))
+async def _report(store: RunStore, info: RunInfo) -> RunReport:
+    """The run's report from the store; node durations come from the coordinator's summary
+    (known once it finished)."""
+    return await build_report(
+        store,
+        info.task_id,
+        nodes=pipeline_node_names(info.pipeline_text),
+        durations=_stored_durations(info),
+    )
+
+
+def get_status(task_id: str, store: str | None = None, *, report: bool = True) -> dict[str, Any]:
+    """Where a run stands, read from the store alone (works from another shell or machine).
+
+    `report=False` leaves out the end-of-run report (`status --watch` polls without it).
+    """
+    return asyncio.run(_with_store(store, lambda s: _status(s, task_id, report)))
 
 
 def list_runs(store: str | None = None) -> list[dict[str, Any]]:
@@ -675,30 +776,99 @@ def iter_failures(task_id: str, store: str | None = None) -> list[dict[str, Any]
 
     async def action(s: RunStore) -> list[dict[str, Any]]:
         await _require_run(s, task_id)
-        failures: list[dict[str, Any]] = []
-        for node in await s.nodes(task_id):
-            async for result in s.results(task_id, node):
-                for error in orjson_loads(result.errors):
-                    failures.append({"node": node, **error})
-            for chunk in await s.failed_chunks(task_id, node):
-                for offset, record in enumerate(decode_lines(chunk.payload)):
-                    failures.append(
-                        {
-                            "node": node,
-                            "record": chunk.first_record + offset + 1,
-                            "error": chunk.error,
-                            "input": record,
-                        }
-                    )
+        failures = [failure async for failure in read_failures(s, task_id)]
         return sorted(failures, key=lambda failure: (failure["record"], failure["node"]))
 
     return asyncio.run(_with_store(store, action))
 
 
-def orjson_loads(data: bytes) -> Any:
-    import orjson
+def failed_output_format(target: str, input_format: str) -> str:
+    """Failed records are written in the input's format; a target named for another is refused."""
+    if target != "-":
+        try:
+            named = detect_output_format(target)
+        except UsageError:
+            named = None  # no telling extension: the input's format it is
+        if named is not None and named != input_format:
+            raise UsageError(
+                f"failed records are written in the input's format ({input_format}); "
+                f"{target} names {named}: give it a .{input_format} name"
+            )
+    return input_format
 
-    return orjson.loads(data) if data else []
+
+async def write_failed_records(store: RunStore, info: RunInfo, target: str) -> int:
+    """Write the input records that failed (in any node) to `target` atomically, in the input's
+    own format and order (a CSV keeps its header), so the file can be fed back to `pagent run`.
+
+    The records are read back from the input file by record number; a file that changed since
+    the run started is refused (InputDataError). Returns how many records were written.
+    """
+    if info.input_path is None or info.input_format is None:
+        raise UsageError(
+            f"task '{info.task_id}' read stdin (or no input); its failed records cannot be read back"
+        )
+    fmt = failed_output_format(target, info.input_format)
+    numbers = sorted(
+        {
+            int(failure["record"])
+            async for failure in read_failures(store, info.task_id, with_input=False)
+        }
+    )
+    data_key = str(info.extra.get("data_key", "data"))
+    return await asyncio.to_thread(_write_input_records, info, fmt, data_key, numbers, target)
+
+
+def _write_input_records(
+    info: RunInfo, fmt: str, data_key: str, numbers: list[int], target: str
+) -> int:
+    """Copy the records numbered `numbers` (1-based, ascending) from the input to `target`."""
+    assert info.input_path is not None
+    _check_input_unchanged(info)
+    reader = read_chunks(info.input_path, fmt, 4096, data_key=data_key)
+    chunks = iter(reader)
+    first = next(chunks, None)
+    fields = None
+    if fmt == "csv":
+        if first is not None and first.records and isinstance(first.records[0], dict):
+            fields = [str(key) for key in first.records[0]]
+        else:
+            fields = _csv_header(info.input_path)
+
+    def selected() -> Iterator[Any]:
+        wanted = iter(numbers)
+        number = next(wanted, None)
+        for chunk in itertools.chain([first] if first is not None else [], chunks):
+            end = chunk.first_record + len(chunk.records)
+            while number is not None and number <= end:
+                if number > chunk.first_record:
+                    yield chunk.records[number - chunk.first_record - 1]
+                number = next(wanted, None)
+            if number is None:
+                return
+
+    return write_records_like_input(target, fmt, selected(), fields=fields)
+
+
+def _csv_header(path: str) -> list[str] | None:
+    """The header row of a CSV file with no records (None if the file is empty)."""
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        for row in csv.reader(handle):
+            if row and any(cell.strip() for cell in row):
+                return row
+    return None
+
+
+def export_failed(task_id: str, output: str, store: str | None = None) -> int:
+    """`pagent failures ID --output PATH`: write a run's failed input records again."""
+    if output != "-":
+        check_writable(output)
+
+    async def action(s: RunStore) -> int:
+        info = await _require_run(s, task_id)
+        return await write_failed_records(s, info, output)
+
+    return asyncio.run(_with_store(store, action))
 
 
 def resume_run(
@@ -709,6 +879,7 @@ def resume_run(
     store: str | None = None,
     events: EventSink | None = None,
     stdout: BinaryIO | None = None,
+    failed_output: str | None = None,
 ) -> RunSummary:
     """Continue an interrupted or failed run, reusing every finished chunk."""
 
@@ -735,6 +906,7 @@ def resume_run(
             task_id=task_id,
             store=store,
             stdout=stdout,
+            failed_output=failed_output,
         )
 
     options = asyncio.run(_with_store(store, prepare))
@@ -742,8 +914,6 @@ def resume_run(
 
 
 def _check_input_unchanged(info: RunInfo) -> None:
-    from parallel_agent.errors import InputDataError
-
     path = info.input_path
     assert path is not None
     if not Path(path).is_file():

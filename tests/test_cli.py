@@ -654,3 +654,216 @@ def test_a_store_lost_while_renewing_a_lease_ends_the_run_with_exit_4(
     assert result.stderr.strip().splitlines()[-1].endswith("disk I/O error")
     assert "Traceback" not in result.stderr
     assert not output.exists()
+
+
+# ---- end-of-run report, --failed-output, quiet and error output -------------------------------
+
+FAILING_MAP = "{use: map, expr: \"100 // (int(item['id']) % 4)\"}"  # fails on ids 0, 4, 8
+PEOPLE = [{"id": i, "name": f'Smith, "J{i}"\nline two' if i == 4 else f"n{i}"} for i in range(10)]
+
+
+def people_file(tmp_path: Path, fmt: str) -> Path:
+    """The same ten records as a JSON array, JSON Lines or CSV (CSV values are strings)."""
+    path = tmp_path / f"people.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(PEOPLE, indent=1))
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(person) + "\n" for person in PEOPLE))
+    else:
+        import csv
+
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "name"])
+            writer.writerows([person["id"], person["name"]] for person in PEOPLE)
+    return path
+
+
+def read_records(path: Path, fmt: str) -> list[Any]:
+    if fmt == "json":
+        return list(json.loads(path.read_text()))
+    if fmt == "jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    import csv
+
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
+def test_failed_output_writes_the_failed_records_in_the_input_format(
+    cli: Any, tmp_path: Path, fmt: str
+) -> None:
+    data = people_file(tmp_path, fmt)
+    expected = [record for record in read_records(data, fmt) if int(record["id"]) % 4 == 0]
+    assert [int(record["id"]) for record in expected] == [0, 4, 8]
+    failed = tmp_path / f"failed.{fmt}"
+    pipeline = write_pipeline(tmp_path, map_pipeline(FAILING_MAP))
+    result = cli("run", pipeline, "--data", str(data), "--failed-output", str(failed), "--json")
+    assert result.exit_code == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["failed_output"] == {"path": str(failed), "records": 3}
+    assert read_records(failed, fmt) == expected
+    if fmt == "csv":
+        assert failed.read_text().splitlines()[0] == "id,name"
+    assert f"pagent: 3 failed records written to {failed}" in result.stderr
+
+    # fed back to `pagent run`, the file gives exactly those records
+    identity = write_pipeline(tmp_path, map_pipeline("{use: map, expr: item}"), "identity.yaml")
+    again = tmp_path / "again.jsonl"
+    rerun = cli("run", identity, "--data", str(failed), "--output", str(again), "--quiet")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert [json.loads(line) for line in again.read_text().splitlines()] == expected
+
+    # and `pagent failures ID --output` writes the same file from the store
+    task_id = summary["task_id"]
+    copy = tmp_path / f"copy.{fmt}"
+    exported = cli("failures", task_id, "--output", str(copy))
+    assert exported.exit_code == 0, exported.stderr
+    assert copy.read_bytes() == failed.read_bytes()
+
+
+def test_failed_output_of_a_run_without_failures_keeps_the_csv_header(
+    cli: Any, tmp_path: Path
+) -> None:
+    data = people_file(tmp_path, "csv")
+    failed = tmp_path / "failed.csv"
+    pipeline = write_pipeline(tmp_path, map_pipeline("{use: map, expr: item}"))
+    result = cli("run", pipeline, "--data", str(data), "--failed-output", str(failed))
+    assert result.exit_code == 0, result.stderr
+    assert failed.read_text() == "id,name\n"
+
+
+def test_failed_output_includes_records_of_failed_chunks(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(
+        tmp_path,
+        map_pipeline(
+            "{use: map, function: 'steps_for_tests:fail_on_seven'}",
+            "{on_error: fail_chunk, max_retries: 0}",
+        ),
+    )
+    failed = tmp_path / "failed.jsonl"
+    result = cli(
+        "run", pipeline, "--data", numbers(tmp_path), "--failed-output", str(failed), "--json"
+    )
+    assert result.exit_code == 1
+    assert failed.read_text().split() == ["6", "7", "8"]  # chunk 2 holds records 7-9
+
+
+def test_failed_output_is_checked_before_the_run(cli: Any, tmp_path: Path) -> None:
+    pipeline = write_pipeline(tmp_path, map_pipeline(FAILING_MAP))
+    data = str(people_file(tmp_path, "csv"))
+    wrong = cli("run", pipeline, "--data", data, "--failed-output", str(tmp_path / "f.json"))
+    assert_one_line_error(wrong, 2, "input's format (csv)", "f.json")
+    missing = cli(
+        "run", pipeline, "--data", data, "--failed-output", str(tmp_path / "no" / "f.csv")
+    )
+    assert_one_line_error(missing, 5, "does not exist")
+    stdin = cli(
+        "run",
+        pipeline,
+        "--data",
+        "-",
+        "--format",
+        "jsonl",
+        "--failed-output",
+        str(tmp_path / "f.jsonl"),
+        stdin=b'{"id": 1}\n',
+    )
+    assert_one_line_error(stdin, 2, "--failed-output needs --data PATH")
+    same = cli("run", pipeline, "--data", data, "--failed-output", data)
+    assert_one_line_error(same, 2, "must differ from --data")
+    assert cli("list").stdout == ""  # nothing ran
+
+
+def test_end_of_run_report_in_plain_mode_json_and_status(cli: Any, tmp_path: Path) -> None:
+    data = people_file(tmp_path, "jsonl")
+    pipeline = write_pipeline(tmp_path, map_pipeline(FAILING_MAP, "{max_retries: 0}"))
+    result = cli("run", pipeline, "--data", str(data), "--json", "--task-id", "rep-1")
+    assert result.exit_code == 1
+    assert "\x1b" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    start = next(
+        i for i, line in enumerate(lines) if line.startswith("pagent: task rep-1 partial_failure:")
+    )
+    assert lines[start].startswith(
+        "pagent: task rep-1 partial_failure: 7 of 10 items done, 3 failed"
+    )
+    table = lines[start + 1 :]
+    assert table[0].split() == (
+        ["node", "time", "chunks", "items/s", "p50", "chunk", "p95", "chunk", "retries", "failed"]
+    )
+    assert [row.split()[0] for row in table[1:4]] == ["split", "work", "collect"]
+    work = table[2].split()
+    assert work[3] == "4/4" and work[-2:] == ["0", "3"]  # chunks; retries, failed items
+    assert table[1].split()[3:] == ["-"] * 6  # the split has no chunks
+    assert table[4:] == [
+        "failed records by error type:",
+        "  3  ZeroDivisionError  records 1, 5, 9  in work",
+        "     e.g. ConditionError: node 'work', map: ZeroDivisionError: integer division…",
+    ]  # clipped at 80 columns
+
+    report = json.loads(result.stdout)["report"]
+    assert [node["node"] for node in report["nodes"]] == ["split", "work", "collect"]
+    work_node = report["nodes"][1]
+    assert work_node["chunks"] == 4 and work_node["chunks_done"] == 4
+    assert work_node["items_processed"] == 10 and work_node["items_failed"] == 3
+    assert work_node["chunk_p50_s"] is not None and work_node["duration_s"] > 0
+    assert len(report["failures"]) == 1
+    group = report["failures"][0]
+    assert group["error_type"] == "ZeroDivisionError"
+    assert (group["count"], group["first_records"], group["nodes"]) == (3, [1, 5, 9], ["work"])
+
+    status = cli("status", "rep-1", "--json")
+    assert status.exit_code == 0
+    assert json.loads(status.stdout)["report"]["failures"] == report["failures"]
+    text = cli("status", "rep-1").stdout
+    assert "failed records by error type:" in text
+    assert "  3  ZeroDivisionError  records 1, 5, 9  in work" in text
+
+
+def test_quiet_prints_nothing_even_with_failures(cli: Any, tmp_path: Path) -> None:
+    data = people_file(tmp_path, "jsonl")
+    pipeline = write_pipeline(tmp_path, map_pipeline(FAILING_MAP, "{max_retries: 0}"))
+    result = cli("run", pipeline, "--data", str(data), "--quiet", "--json")
+    assert result.exit_code == 1
+    assert result.stderr == ""
+    assert json.loads(result.stdout)["report"]["failures"][0]["count"] == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("bad.json", "[1, 2,\n 3, }\n"), ("bad.jsonl", '{"a": 1}\n{"a": 2,,}\n')],
+)
+def test_bad_input_prints_only_the_task_line_and_one_error(
+    cli: Any, tmp_path: Path, name: str, content: str
+) -> None:
+    data = tmp_path / name
+    data.write_text(content)
+    result = cli("run", DEMO, "--data", str(data), "--store", "memory://")
+    assert result.exit_code == 3
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2, result.stderr
+    assert lines[0].startswith("pagent: task ") and lines[0].endswith(
+        "started (pipeline parallel-processing)"
+    )
+    assert lines[1].startswith(f"pagent: error: {data}, line 2, column ")
+
+
+def test_resume_adds_its_time_to_the_report_and_writes_failed_output(
+    cli: Any, tmp_path: Path
+) -> None:
+    data = people_file(tmp_path, "jsonl")
+    pipeline = write_pipeline(tmp_path, map_pipeline(FAILING_MAP, "{max_retries: 0}"))
+    first = cli("run", pipeline, "--data", str(data), "--task-id", "res-1", "--json", "--quiet")
+    assert first.exit_code == 1
+    failed = tmp_path / "failed.jsonl"
+    again = cli("resume", "res-1", "--failed-output", str(failed), "--json", "--quiet")
+    assert again.exit_code == 1
+    before = {n["node"]: n for n in json.loads(first.stdout)["report"]["nodes"]}
+    after = {n["node"]: n for n in json.loads(again.stdout)["report"]["nodes"]}
+    for node in ("split", "work", "collect"):  # the first run's time plus the resume's
+        assert after[node]["duration_s"] >= before[node]["duration_s"] >= 0
+    assert after["work"]["chunks_done"] == before["work"]["chunks_done"] == 4
+    assert [json.loads(line)["id"] for line in failed.read_text().splitlines()] == [0, 4, 8]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import subprocess
 import sys
@@ -11,8 +12,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from parallel_agent.display import make_console, no_color
 from parallel_agent.display.live import LiveDisplay
 from parallel_agent.display.plain import PlainLines
+from parallel_agent.display.report import report_lines, report_renderable
 from parallel_agent.events import (
     ChunkDone,
     ChunkFailed,
@@ -24,8 +27,11 @@ from parallel_agent.events import (
     RunFinished,
     RunStarted,
 )
+from parallel_agent.report import FailureGroup, NodeReport, RunReport
 
 ROOT = Path(__file__).resolve().parent.parent
+SGR = re.compile(r"\x1b\[([0-9;]*)m")
+CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class FakeClock:
@@ -120,3 +126,222 @@ def test_live_display_in_a_real_pseudo_terminal(tmp_path: Path) -> None:
     assert "\x1b[" in screen, "a terminal gets the live display"
     assert "in flight" in screen and "complete" in screen
     assert (tmp_path / "out.json").exists()
+
+
+# ---- end-of-run report, held-back node failures, NO_COLOR ----------------------------------------
+
+REPORT = RunReport(
+    nodes=(
+        NodeReport("split", duration_s=0.0123),
+        NodeReport(
+            "work",
+            duration_s=6.0,
+            chunks=4,
+            chunks_done=3,
+            chunks_failed=1,
+            items_processed=30,
+            items_failed=11,
+            retries=2,
+            chunk_p50_s=0.5,
+            chunk_p95_s=1.25,
+        ),
+        NodeReport("collect", duration_s=0.0004),
+    ),
+    failures=(
+        FailureGroup(
+            "timed out after 1 s", 10, (31, 32, 33, 34, 35), ("work",), "timed out after 1 s"
+        ),
+        FailureGroup(
+            "ZeroDivisionError", 1, (17,), ("work",), "ZeroDivisionError: division by zero"
+        ),
+    ),
+)
+
+REPORT_LINES = [
+    "node       time  chunks  items/s  p50 chunk  p95 chunk  retries  failed",
+    "split     12 ms       -        -          -          -        -       -",
+    "work     6.00 s     3/4        5     500 ms     1.25 s        2      11",
+    "collect  0.4 ms       -        -          -          -        -       -",
+    "failed records by error type:",
+    "  10  timed out after 1 s  records 31, 32, 33, 34, 35, …  in work",
+    "      e.g. timed out after 1 s",
+    "   1  ZeroDivisionError  record 17  in work",
+    "      e.g. ZeroDivisionError: division by zero",
+]
+
+
+def finished(report: RunReport | None = REPORT, **extra: object) -> RunFinished:
+    summary: dict[str, object] = {
+        "items": {"done": 29, "total": 40, "failed": 11},
+        "duration_s": 6.0,
+        "report": report.to_dict() if report is not None else None,
+        **extra,
+    }
+    return RunFinished(task_id="t-1", status="partial_failure", summary=summary)
+
+
+def test_report_lines_are_a_plain_table_and_failures_by_type() -> None:
+    assert report_lines(REPORT) == REPORT_LINES
+
+
+def test_report_lines_never_exceed_the_width() -> None:
+    wide = RunReport(
+        nodes=(
+            NodeReport(
+                "a_node_with_a_really_long_descriptive_name_indeed",
+                duration_s=7384.0,
+                chunks=123456,
+                chunks_done=123456,
+                items_processed=12_345_678,
+                items_failed=1_234_567,
+                retries=98765,
+                chunk_p50_s=59.994,
+                chunk_p95_s=3600.0,
+            ),
+        ),
+        failures=(
+            FailureGroup(
+                "command exited with status 3",
+                1_234_567,
+                (100001, 200002, 300003, 400004, 500005),
+                ("a_node_with_a_really_long_descriptive_name_indeed",),
+                "command exited with status 3 on records 100001-100100: " + "x" * 200,
+            ),
+        ),
+    )
+    lines = report_lines(wide)
+    assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    assert lines[1].startswith("a_no…  2:03:04")  # the name gives way to the figures
+    assert "2:03:04" in lines[1] and "123456/123456" in lines[1] and "1:00:00" in lines[1]
+    assert lines[3].startswith("  1,234,567  command exited with status 3  records 100001, ")
+    assert lines[4].endswith("x…")
+
+
+def test_report_renders_in_rich_at_80_columns() -> None:
+    output = io.StringIO()
+    console = Console(file=output, width=80, force_terminal=True, color_system=None)
+    console.print(report_renderable(REPORT))
+    lines = [line.rstrip() for line in output.getvalue().splitlines()]
+    # the same cells and spacing as the plain lines, with a rule under the header
+    assert lines == [REPORT_LINES[0], "─" * len(REPORT_LINES[0]), *REPORT_LINES[1:]]
+
+
+def test_rich_report_fits_80_columns_with_long_names() -> None:
+    report = RunReport(
+        nodes=(
+            NodeReport("by_currency_and_region", duration_s=0.0004),
+            NodeReport(
+                "convert",
+                duration_s=1.19,
+                chunks=3,
+                chunks_done=3,
+                items_processed=60,
+                chunk_p50_s=0.792,
+                chunk_p95_s=1.15,
+            ),
+        )
+    )
+    output = io.StringIO()
+    Console(file=output, width=80, color_system=None).print(report_renderable(report))
+    lines = output.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert lines[0].split() == [
+        "node", "time", "chunks", "items/s", "p50", "chunk", "p95", "chunk", "retries", "failed"
+    ]  # fmt: skip
+    assert lines[3].split() == ["convert", "1.19", "s", "3/3", "50", "792", "ms", "1.15", "s", "0", "0"]  # fmt: skip
+
+
+def test_live_display_leaves_the_frame_and_the_report_at_the_end() -> None:
+    output = io.StringIO()
+    console = Console(file=output, width=80, force_terminal=True, color_system=None)
+    clock = FakeClock()
+    display = LiveDisplay(console, clock=clock, auto_refresh=False)
+    feed(display, clock)
+    display.emit(NodeFinished(node="work", outcome="succeeded", duration_s=6.0))
+    display.emit(finished(failed_output={"path": "failed.jsonl", "records": 11}))
+    display.close()
+    text = output.getvalue()
+    final = text[text.rindex("partial_failure") :]
+    assert REPORT_LINES[2] in final
+    assert "  10  timed out after 1 s  records 31, 32, 33, 34, 35, …  in work" in final
+    assert final.rstrip().endswith("pagent: 11 failed records written to failed.jsonl")
+    assert all(len(line) <= 80 for line in CONTROL.sub("", final).splitlines())
+
+
+def test_live_display_erases_its_frame_when_the_run_ends_in_an_error() -> None:
+    output = io.StringIO()
+    console = Console(file=output, width=80, force_terminal=True, color_system=None)
+    display = LiveDisplay(console, clock=FakeClock(), auto_refresh=False)
+    display.emit(RunStarted(task_id="t-1", pipeline="demo", nodes=("split", "work")))
+    display.emit(NodeFinished(node="split", outcome="failed", error="bad input"))
+    display.emit(NodeFinished(node="work", outcome="skipped", error="not run: upstream"))
+    display.close()
+    text = output.getvalue()
+    assert "pagent: task t-1 started (pipeline demo)" in text
+    last_frame = text[text.rindex("t-1 demo") :]
+    # the frame is printed once more, then erased line by line from the bottom up
+    assert last_frame.endswith("\x1b[1A\x1b[2K" * last_frame.count("\n"))
+    assert "failed records by error type" not in text
+
+
+def test_plain_lines_end_with_the_summary_and_the_report() -> None:
+    output = io.StringIO()
+    clock = FakeClock()
+    lines = PlainLines(output, interval=3, clock=clock)
+    feed(lines, clock)
+    lines.emit(NodeFinished(node="other", outcome="failed", duration_s=0.5, error="boom"))
+    lines.emit(NodeFinished(node="work", outcome="succeeded", duration_s=6.0))
+    lines.emit(finished(failed_output={"path": "failed.jsonl", "records": 11}))
+    lines.close()
+    text = output.getvalue()
+    assert "\x1b" not in text
+    assert text.splitlines()[3:] == [
+        "pagent: node work succeeded in 6.00 s",
+        "pagent: node other failed in 0.50 s: boom",
+        "pagent: task t-1 partial_failure: 29 of 40 items done, 11 failed, 6.00 s",
+        *REPORT_LINES,
+        "pagent: 11 failed records written to failed.jsonl",
+    ]
+
+
+def test_plain_lines_hold_node_failures_back_when_the_run_dies_of_an_error() -> None:
+    output = io.StringIO()
+    lines = PlainLines(output, clock=FakeClock())
+    lines.emit(RunStarted(task_id="t-1", pipeline="demo", nodes=("split", "work")))
+    lines.emit(NodeFinished(node="split", outcome="failed", error="data.json, line 2: bad"))
+    lines.emit(NodeFinished(node="work", outcome="skipped", error="not run: upstream failed"))
+    lines.close()
+    assert output.getvalue() == "pagent: task t-1 started (pipeline demo)\n"
+
+
+def colour_codes(text: str) -> list[str]:
+    """SGR parameter lists that set a foreground or background colour."""
+    found = []
+    for params in SGR.findall(text):
+        numbers = [int(p) for p in params.split(";") if p]
+        if any(30 <= n <= 49 or 90 <= n <= 107 for n in numbers):
+            found.append(params)
+    return found
+
+
+def render_everything(console: Console) -> str:
+    clock = FakeClock()
+    display = LiveDisplay(console, clock=clock, auto_refresh=False)
+    feed(display, clock)
+    display.emit(finished())
+    display.close()
+    assert isinstance(console.file, io.StringIO)
+    return console.file.getvalue()
+
+
+def test_no_color_environment_turns_colour_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    coloured = make_console(io.StringIO(), force_terminal=True, width=80)
+    assert colour_codes(render_everything(coloured)), "a terminal gets colours by default"
+    monkeypatch.setenv("NO_COLOR", "1")
+    plain = make_console(io.StringIO(), force_terminal=True, width=80)
+    text = render_everything(plain)
+    assert colour_codes(text) == []
+    assert "failed records by error type:" in text and "\x1b[" in text  # still a live display
+    assert no_color({"NO_COLOR": "1"}) and not no_color({"NO_COLOR": ""}) and not no_color({})

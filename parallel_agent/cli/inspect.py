@@ -10,13 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from parallel_agent.cli.errors import handled_errors
-
-StoreOption = Annotated[
-    str | None,
-    typer.Option(
-        "--store", envvar="PAGENT_STORE", help="Run store URL (default: the embedded SQLite file)."
-    ),
-]
+from parallel_agent.cli.options import FailedOutputOption, StoreOption
 
 
 def _debug(ctx: typer.Context) -> bool:
@@ -47,13 +41,12 @@ def status(
     from parallel_agent.runner import get_status
 
     with handled_errors(_debug(ctx)):
-        report = get_status(task_id, store)
         if watch:
-            from rich.console import Console
-
+            from parallel_agent.display import make_console
             from parallel_agent.display.live import watch_status
 
-            report = watch_status(Console(stderr=True), lambda: get_status(task_id, store))
+            watch_status(make_console(), lambda: get_status(task_id, store, report=False))
+        report = get_status(task_id, store)
     if as_json:
         _emit_json(report)
         return
@@ -76,6 +69,12 @@ def status(
             f"  {node:<16} chunks {counts['done']}/{counts['chunks']} done, {counts['leased']} in "
             f"flight, {counts['failed']} failed, {counts['retries']} retries"
         )
+    if report.get("report"):
+        from parallel_agent.display.report import report_lines
+        from parallel_agent.report import RunReport
+
+        lines.append("")
+        lines.extend(report_lines(RunReport.from_dict(report["report"])))
     sys.stdout.write("\n".join(lines) + "\n")
 
 
@@ -106,10 +105,24 @@ def failures(
     ctx: typer.Context,
     task_id: Annotated[str, typer.Argument(help="The task id.")],
     store: StoreOption = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the failed input records to PATH (- for stdout) in the input's format, "
+            "ready for pagent run, instead of listing them.",
+        ),
+    ] = None,
 ) -> None:
     """List failed records as JSON Lines: node, record number, input record, error."""
-    from parallel_agent.runner import iter_failures
+    from parallel_agent.runner import export_failed, iter_failures
 
+    if output is not None:
+        with handled_errors(_debug(ctx)):
+            written = export_failed(task_id, output, store)
+        sys.stderr.write(f"pagent: {written} failed records written to {output}\n")
+        return
     with handled_errors(_debug(ctx)):
         found = iter_failures(task_id, store)
     for failure in found:
@@ -149,7 +162,10 @@ def resume(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print nothing on stderr but errors.")
+    ] = False,
+    failed_output: FailedOutputOption = None,
 ) -> None:
     """Continue an interrupted or failed run, reusing every finished chunk."""
     from parallel_agent.display import make_sink
@@ -165,6 +181,7 @@ def resume(
                 store=store,
                 events=sink,
                 stdout=sys.stdout.buffer if output == "-" else None,
+                failed_output=failed_output,
             )
         finally:
             sink.close()

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from parallel_agent.cli.errors import handled_errors
+from parallel_agent.cli.options import FailedOutputOption, StoreOption
 from parallel_agent.errors import UsageError
 
 
@@ -49,14 +50,7 @@ def run(
             help="Name the run (default: a new id). Reusing a finished id returns its summary.",
         ),
     ] = None,
-    store: Annotated[
-        str | None,
-        typer.Option(
-            "--store",
-            envvar="PAGENT_STORE",
-            help="Run store URL: sqlite:///path.db, redis://host:6379/0, memory://.",
-        ),
-    ] = None,
+    store: StoreOption = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option(
@@ -68,6 +62,7 @@ def run(
         int | None,
         typer.Option("--max-failures", min=0, help="Stop the run once more than N items failed."),
     ] = None,
+    failed_output: FailedOutputOption = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")
     ] = False,
@@ -103,6 +98,7 @@ def run(
             store=store,
             overrides=overrides or [],
             max_failures=max_failures,
+            failed_output=failed_output,
             stdin=sys.stdin.buffer if data == "-" else None,
             stdout=sys.stdout.buffer if output == "-" else None,
         )

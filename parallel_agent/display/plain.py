@@ -1,4 +1,9 @@
-"""Plain progress lines for logs and pipes: no colour, no cursor movement, a line every interval."""
+"""Plain progress lines for logs and pipes: no colour, no cursor movement, a line every interval.
+
+Lines about nodes that failed or were skipped are held back until the run finishes and printed
+with its summary: a run that dies of a fatal error (malformed input, a lost store) then ends with
+its one `pagent: error:` line instead of a cascade of "failed"/"skipped because upstream failed".
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from parallel_agent.display.report import report_lines
 from parallel_agent.events import (
     ChunkDone,
     ChunkFailed,
@@ -15,16 +21,24 @@ from parallel_agent.events import (
     RunFinished,
     RunStarted,
 )
+from parallel_agent.report import RunReport
 
 
 class PlainLines(EventSink):
     """Writes the task id at the start, a progress line every `interval` seconds and when a node
-    finishes, and a summary at the end."""
+    finishes, and at the end a summary line and the report (at most `width` columns)."""
 
     def __init__(
-        self, stream: TextIO, *, interval: float = 10.0, clock: Callable[[], float] = time.monotonic
+        self,
+        stream: TextIO,
+        *,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        width: int = 80,
     ) -> None:
         self.stream = stream
+        self.width = width
+        self.held: list[str] = []
         self.interval = interval
         self.clock = clock
         self.started = clock()
@@ -67,18 +81,36 @@ class PlainLines(EventSink):
 
     def on_node_finished(self, event: NodeFinished) -> None:
         detail = f": {event.error}" if event.error else ""
-        self._write(
-            f"pagent: node {event.node} {event.outcome} in {event.duration_s:.2f} s{detail}"
-        )
+        line = f"pagent: node {event.node} {event.outcome} in {event.duration_s:.2f} s{detail}"
+        if event.outcome == "succeeded":
+            self._write(line)
+        else:
+            self.held.append(line)
 
     def on_run_finished(self, event: RunFinished) -> None:
         summary = event.summary
         items = summary.get("items", {})
-        self._write(
+        lines = [*self.held]
+        self.held.clear()
+        lines.append(
             f"pagent: task {event.task_id} {event.status}: {items.get('done', 0)} of "
             f"{items.get('total', 0)} items done, {items.get('failed', 0)} failed, "
             f"{summary.get('duration_s', 0):.2f} s"
         )
+        report = summary.get("report")
+        if report:
+            lines.extend(report_lines(RunReport.from_dict(report), self.width))
+        failed_output = summary.get("failed_output")
+        if failed_output:
+            lines.append(
+                f"pagent: {failed_output['records']} failed records written to "
+                f"{failed_output['path']}"
+            )
+        self._write("\n".join(lines))
+
+    def close(self) -> None:
+        # No run_finished: the run ended with an error, which the CLI prints as its last line.
+        self.held.clear()
 
     def _maybe_progress(self) -> None:
         now = self.clock()

@@ -1,0 +1,157 @@
+"""The end-of-run report on screen: a table of nodes and the failures by error type.
+
+Two renderings of the same cells: `report_lines` (plain text for logs, `pagent status` and
+non-terminals; never wider than `width`, no escape codes) and `report_renderable` (a Rich table for
+the live display's final summary). The data comes from `parallel_agent.report`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich import box
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.table import Table
+from rich.text import Text
+
+from parallel_agent.report import FailureGroup, NodeReport, RunReport
+
+HEADINGS = ("node", "time", "chunks", "items/s", "p50 chunk", "p95 chunk", "retries", "failed")
+FAILURES_TITLE = "failed records by error type:"
+_ELLIPSIS = "…"
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A duration in at most 7 characters: `<0.1 ms`, `0.4 ms`, `399 ms`, `1.19 s`, `0:02:05`."""
+    if seconds is None:
+        return "-"
+    if seconds < 0.00005:
+        return "<0.1 ms"
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def node_cells(node: NodeReport) -> tuple[str, ...]:
+    """One node's cells, in HEADINGS order; chunk figures are `-` for nodes without chunks."""
+    duration = format_seconds(node.duration_s)
+    if not node.chunks:
+        return (node.node, duration, "-", "-", "-", "-", "-", "-")
+    rate = node.items_per_s
+    return (
+        node.node,
+        duration,
+        f"{node.chunks_done}/{node.chunks}",
+        "-" if rate is None else f"{rate:,.0f}",
+        format_seconds(node.chunk_p50_s),
+        format_seconds(node.chunk_p95_s),
+        str(node.retries),
+        f"{node.items_failed:,}",
+    )
+
+
+def records_text(group: FailureGroup) -> str:
+    """`record 8` / `records 8, 17, 23, …` (the ellipsis when more records failed)."""
+    numbers = ", ".join(str(number) for number in group.first_records)
+    more = f", {_ELLIPSIS}" if group.count > len(group.first_records) else ""
+    label = "record" if group.count == 1 else "records"
+    return f"{label} {numbers}{more}"
+
+
+def failure_cells(group: FailureGroup) -> tuple[str, str]:
+    """A failure group's count and `records 8, 17, … in node` text."""
+    return f"{group.count:,}", f"{records_text(group)}  in {', '.join(group.nodes)}"
+
+
+def column_widths(rows: Sequence[Sequence[str]], width: int) -> list[int]:
+    """Each column as wide as its widest cell, two spaces apart; when that exceeds `width`, the
+    node names (first column) give way, down to 4 characters, so the figures stay whole."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    rest = sum(widths[1:]) + 2 * (len(widths) - 1)
+    widths[0] = max(4, min(widths[0], width - rest))
+    return widths
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + _ELLIPSIS
+
+
+def report_lines(report: RunReport, width: int = 80) -> list[str]:
+    """The report as plain lines of at most `width` characters."""
+    lines: list[str] = []
+    if report.nodes:
+        rows = [HEADINGS, *(node_cells(node) for node in report.nodes)]
+        widths = column_widths(rows, width)
+        for row in rows:
+            cells = [_clip(row[0], widths[0]).ljust(widths[0])]
+            cells += [cell.rjust(size) for cell, size in zip(row[1:], widths[1:], strict=True)]
+            lines.append(_clip("  ".join(cells).rstrip(), width))
+    if report.failures:
+        lines.append(FAILURES_TITLE)
+        count_width = max(len(f"{group.count:,}") for group in report.failures)
+        for group in report.failures:
+            count, where = failure_cells(group)
+            lines.append(_clip(f"  {count:>{count_width}}  {group.error_type}  {where}", width))
+            lines.append(_clip(f"  {'':>{count_width}}  e.g. {group.example}", width))
+    return lines
+
+
+class _NodeTable:
+    """The node table, laid out like `report_lines` for the console's width when rendered."""
+
+    def __init__(self, nodes: Sequence[NodeReport]) -> None:
+        self.nodes = nodes
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        rows = [HEADINGS, *(node_cells(node) for node in self.nodes)]
+        widths = column_widths(rows, options.max_width)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+        for heading, size in zip(HEADINGS, widths, strict=True):
+            node_column = heading == "node"
+            table.add_column(
+                heading,
+                justify="left" if node_column else "right",
+                width=size,
+                no_wrap=True,
+                overflow="ellipsis",
+                style="bold" if node_column else None,
+            )
+        for node, cells in zip(self.nodes, rows[1:], strict=True):
+            failed = Text(cells[-1], style="red" if node.items_failed else "")
+            table.add_row(*cells[:-1], failed)
+        yield table
+
+
+def report_renderable(report: RunReport) -> RenderableType:
+    """The report as Rich renderables: the node table and, if any, the failure groups."""
+    parts: list[RenderableType] = []
+    if report.nodes:
+        parts.append(_NodeTable(report.nodes))
+    if report.failures:
+        parts.append(Text(FAILURES_TITLE, style="bold red"))
+        count_width = max(len(f"{group.count:,}") for group in report.failures)
+        for group in report.failures:
+            count, where = failure_cells(group)
+            parts.append(
+                Text.assemble(
+                    f"  {count:>{count_width}}  ",
+                    (group.error_type, "bold"),
+                    f"  {where}",
+                    no_wrap=True,
+                    overflow="ellipsis",
+                )
+            )
+            parts.append(
+                Text(
+                    f"  {'':>{count_width}}  e.g. {group.example}",
+                    style="dim",
+                    no_wrap=True,
+                    overflow="ellipsis",
+                )
+            )
+    return Group(*parts)

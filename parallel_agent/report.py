@@ -1,0 +1,294 @@
+"""The end-of-run report as data: per-node timings and counts, and failures grouped by error type.
+
+Everything here is read from the run store (counters, chunk durations, failed items and chunks), so
+the same report comes out at the end of `pagent run`, in its `--json` summary and in `pagent status`
+from another shell. Rendering lives in `parallel_agent.display.report`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from parallel_agent.jsonl import decode_lines
+from parallel_agent.store.base import RunStore
+
+#: How many record numbers each failure group keeps (the smallest ones).
+FIRST_RECORDS = 5
+
+_RECORD_PREFIX = re.compile(r"^record \d+: ")
+_EXCEPTION_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
+_RECORD_SPAN = re.compile(r"\s*\(?\b(?:on )?records \d+-\d+\)?")
+#: Errors that wrap the exception that matters (an expression's), named after their first ': '.
+_WRAPPERS = frozenset({"ConditionError"})
+
+
+def error_type(error: str) -> str:
+    """The kind of an error message, to group failures by.
+
+    It is the part before the first ':' when that is an exception name (`ValueError: bad` →
+    `ValueError`; a `record N: ` prefix, as `on_error: fail_chunk` writes, is skipped). Messages
+    without one (`timed out after 30 s`, `command exited with status 3 on records 1-3: ...`) keep
+    their head, with record spans removed so chunks failing the same way group together. An
+    expression's error (`ConditionError: node 'w', map: ZeroDivisionError: ...`) is grouped by the
+    exception the expression raised.
+    """
+    text = _RECORD_PREFIX.sub("", error.strip(), count=1)
+    head = text.split(":", 1)[0].strip()
+    if head in _WRAPPERS:
+        inner = next((part for part in text.split(": ")[1:] if _EXCEPTION_NAME.match(part)), None)
+        return inner or head
+    if _EXCEPTION_NAME.match(head):
+        return head
+    return _RECORD_SPAN.sub("", head).strip() or "error"
+
+
+def percentile(values: Sequence[float], fraction: float) -> float | None:
+    """The `fraction` quantile (0.5 for p50) by linear interpolation between the closest ranks
+    (numpy's default): p50 of 1..10 is 5.5, p95 is 9.55. None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * fraction
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """One node's line of the report. Chunk fields are zero for nodes without chunks (split,
+    aggregate, custom modules); `duration_s` is None when the run's coordinator did not record it."""
+
+    node: str
+    duration_s: float | None = None
+    chunks: int = 0
+    chunks_done: int = 0
+    chunks_failed: int = 0
+    #: items in committed chunks (succeeded or failed one by one)
+    items_processed: int = 0
+    #: failed items plus the items of failed chunks
+    items_failed: int = 0
+    retries: int = 0
+    chunk_p50_s: float | None = None
+    chunk_p95_s: float | None = None
+
+    @property
+    def items_per_s(self) -> float | None:
+        """Items processed per second of the node's own duration."""
+        if not self.chunks or not self.duration_s or self.duration_s <= 0:
+            return None
+        return self.items_processed / self.duration_s
+
+    def to_dict(self) -> dict[str, Any]:
+        rate = self.items_per_s
+        return {
+            "node": self.node,
+            "duration_s": _round(self.duration_s),
+            "chunks": self.chunks,
+            "chunks_done": self.chunks_done,
+            "chunks_failed": self.chunks_failed,
+            "items_processed": self.items_processed,
+            "items_failed": self.items_failed,
+            "items_per_s": None if rate is None else round(rate, 1),
+            "chunk_p50_s": _round(self.chunk_p50_s),
+            "chunk_p95_s": _round(self.chunk_p95_s),
+            "retries": self.retries,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NodeReport:
+        return cls(
+            node=data["node"],
+            duration_s=data.get("duration_s"),
+            chunks=data.get("chunks", 0),
+            chunks_done=data.get("chunks_done", 0),
+            chunks_failed=data.get("chunks_failed", 0),
+            items_processed=data.get("items_processed", 0),
+            items_failed=data.get("items_failed", 0),
+            retries=data.get("retries", 0),
+            chunk_p50_s=data.get("chunk_p50_s"),
+            chunk_p95_s=data.get("chunk_p95_s"),
+        )
+
+
+@dataclass(frozen=True)
+class FailureGroup:
+    """Failed records sharing an error type: how many, the first record numbers, the nodes where
+    they failed and the first message seen as an example."""
+
+    error_type: str
+    count: int
+    first_records: tuple[int, ...]
+    nodes: tuple[str, ...]
+    example: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error_type": self.error_type,
+            "count": self.count,
+            "first_records": list(self.first_records),
+            "nodes": list(self.nodes),
+            "example": self.example,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FailureGroup:
+        return cls(
+            error_type=data["error_type"],
+            count=data["count"],
+            first_records=tuple(data.get("first_records", ())),
+            nodes=tuple(data.get("nodes", ())),
+            example=data.get("example", ""),
+        )
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """Per-node lines in pipeline order and failure groups, most frequent first."""
+
+    nodes: tuple[NodeReport, ...] = ()
+    failures: tuple[FailureGroup, ...] = ()
+
+    @property
+    def items_failed(self) -> int:
+        return sum(group.count for group in self.failures)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nodes": [node.to_dict() for node in self.nodes],
+            "failures": [group.to_dict() for group in self.failures],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunReport:
+        return cls(
+            nodes=tuple(NodeReport.from_dict(node) for node in data.get("nodes", ())),
+            failures=tuple(FailureGroup.from_dict(group) for group in data.get("failures", ())),
+        )
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+@dataclass
+class _Group:
+    count: int = 0
+    records: list[int] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+    example: str = ""
+
+    def add(self, node: str, record: int, error: str) -> None:
+        self.count += 1
+        if not self.example:
+            self.example = error
+        if node not in self.nodes:
+            self.nodes.append(node)
+        if len(self.records) < FIRST_RECORDS or record < self.records[-1]:
+            bisect.insort(self.records, record)
+            del self.records[FIRST_RECORDS:]
+
+
+async def read_failures(
+    store: RunStore, task_id: str, *, with_input: bool = True
+) -> AsyncIterator[dict[str, Any]]:
+    """Every failed record of a run as `{node, record, error[, input]}`, node by node: items that
+    failed inside committed chunks, then the records of failed chunks. Nodes without failures are
+    not read (their results are never fetched)."""
+    for node in await store.nodes(task_id):
+        counts = await store.counts(task_id, node)
+        if counts.items_failed:
+            async for result in store.results(task_id, node):
+                if not result.items_failed:
+                    continue
+                for error in orjson.loads(result.errors) if result.errors else []:
+                    if not with_input:
+                        error.pop("input", None)
+                    yield {"node": node, **error}
+        if not counts.failed:
+            continue
+        for chunk in await store.failed_chunks(task_id, node):
+            if with_input:
+                for offset, record in enumerate(decode_lines(chunk.payload)):
+                    number = chunk.first_record + offset + 1
+                    yield {"node": node, "record": number, "error": chunk.error, "input": record}
+            else:
+                for number in range(chunk.first_record + 1, chunk.first_record + chunk.count + 1):
+                    yield {"node": node, "record": number, "error": chunk.error}
+
+
+async def failure_groups(store: RunStore, task_id: str) -> tuple[FailureGroup, ...]:
+    """Failed records grouped by `error_type`, most frequent first (ties by name)."""
+    groups: dict[str, _Group] = {}
+    async for failure in read_failures(store, task_id, with_input=False):
+        error = str(failure.get("error", ""))
+        groups.setdefault(error_type(error), _Group()).add(
+            failure["node"], int(failure["record"]), error
+        )
+    ordered = sorted(groups.items(), key=lambda item: (-item[1].count, item[0]))
+    return tuple(
+        FailureGroup(kind, group.count, tuple(group.records), tuple(group.nodes), group.example)
+        for kind, group in ordered
+    )
+
+
+async def build_report(
+    store: RunStore,
+    task_id: str,
+    *,
+    nodes: Sequence[str] = (),
+    durations: Mapping[str, float] | None = None,
+) -> RunReport:
+    """The report of a run as the store holds it now (also while it runs).
+
+    `nodes` gives the pipeline's order (nodes the store knows but `nodes` lacks come after);
+    `durations` are the nodes' own run times as the coordinator measured them.
+    """
+    durations = durations or {}
+    stored = await store.nodes(task_id)
+    names = list(dict.fromkeys([*nodes, *stored]))
+    lines: list[NodeReport] = []
+    for name in names:
+        if name not in stored:
+            lines.append(NodeReport(name, duration_s=durations.get(name)))
+            continue
+        counts = await store.counts(task_id, name)
+        chunk_times = await store.chunk_durations(task_id, name)
+        failed_chunk_items = (
+            sum(chunk.count for chunk in await store.failed_chunks(task_id, name))
+            if counts.failed
+            else 0
+        )
+        lines.append(
+            NodeReport(
+                name,
+                duration_s=durations.get(name),
+                chunks=counts.chunks_total,
+                chunks_done=counts.done,
+                chunks_failed=counts.failed,
+                items_processed=counts.items_done + counts.items_failed,
+                items_failed=counts.items_failed + failed_chunk_items,
+                retries=counts.retries,
+                chunk_p50_s=percentile(chunk_times, 0.5),
+                chunk_p95_s=percentile(chunk_times, 0.95),
+            )
+        )
+    return RunReport(tuple(lines), await failure_groups(store, task_id))
+
+
+def pipeline_node_names(pipeline_text: str) -> list[str]:
+    """Node names in pipeline order from a run's stored pipeline (`RunInfo.pipeline_text`)."""
+    try:
+        data = orjson.loads(pipeline_text)
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(data, dict):
+        return []
+    return [str(node["name"]) for node in data.get("nodes", []) if isinstance(node, dict)]
