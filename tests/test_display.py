@@ -15,7 +15,8 @@ from rich.console import Console
 from parallel_agent.display import make_console, no_color
 from parallel_agent.display.live import LiveDisplay
 from parallel_agent.display.plain import PlainLines
-from parallel_agent.display.report import report_lines, report_renderable
+from parallel_agent.display.report import report_lines
+from parallel_agent.display.report_table import report_renderable
 from parallel_agent.events import (
     ChunkDone,
     ChunkFailed,

@@ -25,7 +25,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from parallel_agent.display.report import report_renderable
+from parallel_agent.display.report_table import report_renderable
 from parallel_agent.events import (
     ChunkDone,
     ChunkFailed,
