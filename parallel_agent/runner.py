@@ -43,7 +43,13 @@ from parallel_agent.jsonl import decode_lines
 from parallel_agent.modules.context import FailureBudget, InputSource, RunContext
 from parallel_agent.pipeline import Pipeline, load_pipeline, pipeline_hash
 from parallel_agent.pipeline.build import BuiltPipeline, build_pipeline
-from parallel_agent.report import RunReport, build_report, pipeline_node_names, read_failures
+from parallel_agent.report import (
+    RunReport,
+    build_report,
+    nodes_after_filter,
+    pipeline_node_names,
+    read_failures,
+)
 from parallel_agent.store import default_store_url, open_store
 from parallel_agent.store.base import RunInfo, RunStore
 
@@ -96,6 +102,7 @@ class RunSummary:
     report: RunReport | None = None
     failed_output: str | None = None
     failed_output_records: int | None = None
+    failed_output_left_out: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -124,7 +131,11 @@ class RunSummary:
             "nodes": self.nodes,
             "report": self.report.to_dict() if self.report is not None else None,
             "failed_output": (
-                {"path": self.failed_output, "records": self.failed_output_records}
+                {
+                    "path": self.failed_output,
+                    "records": self.failed_output_records,
+                    "left_out": self.failed_output_left_out,
+                }
                 if self.failed_output is not None
                 else None
             ),
@@ -428,7 +439,9 @@ class PipelineRun:
         target = self.options.failed_output
         if target is None:
             return
-        summary.failed_output_records = await write_failed_records(store, info, target)
+        written, left_out = await write_failed_records(store, info, target)
+        summary.failed_output_records = written
+        summary.failed_output_left_out = left_out
         summary.failed_output = target
 
     async def _finish(
@@ -797,26 +810,32 @@ def failed_output_format(target: str, input_format: str) -> str:
     return input_format
 
 
-async def write_failed_records(store: RunStore, info: RunInfo, target: str) -> int:
+async def write_failed_records(store: RunStore, info: RunInfo, target: str) -> tuple[int, int]:
     """Write the input records that failed (in any node) to `target` atomically, in the input's
     own format and order (a CSV keeps its header), so the file can be fed back to `pagent run`.
 
     The records are read back from the input file by record number; a file that changed since
-    the run started is refused (InputDataError). Returns how many records were written.
+    the run started is refused (InputDataError). Failures in nodes after a filter are left out:
+    their record numbers do not name input records. Returns (records written, failures left out).
     """
     if info.input_path is None or info.input_format is None:
         raise UsageError(
             f"task '{info.task_id}' read stdin (or no input); its failed records cannot be read back"
         )
     fmt = failed_output_format(target, info.input_format)
-    numbers = sorted(
-        {
-            int(failure["record"])
-            async for failure in read_failures(store, info.task_id, with_input=False)
-        }
-    )
+    renumbered = nodes_after_filter(info.pipeline_text)
+    wanted: set[int] = set()
+    left_out = 0
+    async for failure in read_failures(store, info.task_id, with_input=False):
+        if failure["node"] in renumbered:
+            left_out += 1
+        else:
+            wanted.add(int(failure["record"]))
     data_key = str(info.extra.get("data_key", "data"))
-    return await asyncio.to_thread(_write_input_records, info, fmt, data_key, numbers, target)
+    written = await asyncio.to_thread(
+        _write_input_records, info, fmt, data_key, sorted(wanted), target
+    )
+    return written, left_out
 
 
 def _write_input_records(
@@ -859,12 +878,12 @@ def _csv_header(path: str) -> list[str] | None:
     return None
 
 
-def export_failed(task_id: str, output: str, store: str | None = None) -> int:
+def export_failed(task_id: str, output: str, store: str | None = None) -> tuple[int, int]:
     """`pagent failures ID --output PATH`: write a run's failed input records again."""
     if output != "-":
         check_writable(output)
 
-    async def action(s: RunStore) -> int:
+    async def action(s: RunStore) -> tuple[int, int]:
         info = await _require_run(s, task_id)
         return await write_failed_records(s, info, output)
 

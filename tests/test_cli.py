@@ -702,7 +702,7 @@ def test_failed_output_writes_the_failed_records_in_the_input_format(
     result = cli("run", pipeline, "--data", str(data), "--failed-output", str(failed), "--json")
     assert result.exit_code == 1, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["failed_output"] == {"path": str(failed), "records": 3}
+    assert summary["failed_output"] == {"path": str(failed), "records": 3, "left_out": 0}
     assert read_records(failed, fmt) == expected
     if fmt == "csv":
         assert failed.read_text().splitlines()[0] == "id,name"
@@ -867,3 +867,29 @@ def test_resume_adds_its_time_to_the_report_and_writes_failed_output(
         assert after[node]["duration_s"] >= before[node]["duration_s"] >= 0
     assert after["work"]["chunks_done"] == before["work"]["chunks_done"] == 4
     assert [json.loads(line)["id"] for line in failed.read_text().splitlines()] == [0, 4, 8]
+
+
+def test_failed_output_leaves_out_failures_after_a_filter(cli: Any, tmp_path: Path) -> None:
+    """Failures downstream of a filter are numbered over the kept items, so they cannot name input
+    records: --failed-output writes only exact ones and says how many it left out."""
+    pipeline = write_pipeline(
+        tmp_path,
+        """
+name: test
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 3}]}
+  - {name: keep, dependencies: [split], modules: [{use: filter, expr: "item % 2 == 0 and 1 / (item - 4) != 0"}]}
+  - {name: invert, dependencies: [keep], modules: [{use: map, expr: "1 / (item - 8)"}]}
+  - {name: collect, dependencies: [invert], modules: [{use: aggregate}]}
+""",
+    )
+    failed = tmp_path / "failed.jsonl"
+    result = cli(
+        "run", pipeline, "--data", numbers(tmp_path), "--failed-output", str(failed), "--json"
+    )
+    assert result.exit_code == 1
+    assert [json.loads(line) for line in failed.read_text().splitlines()] == [4]
+    assert "1 failed records written" in result.stderr
+    assert "1 failures after a filter left out" in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["failed_output"] == {"path": str(failed), "records": 1, "left_out": 1}

@@ -116,12 +116,13 @@ def failures(
     ] = None,
 ) -> None:
     """List failed records as JSON Lines: node, record number, input record, error."""
+    from parallel_agent.report import failed_output_message
     from parallel_agent.runner import export_failed, iter_failures
 
     if output is not None:
         with handled_errors(_debug(ctx)):
-            written = export_failed(task_id, output, store)
-        sys.stderr.write(f"pagent: {written} failed records written to {output}\n")
+            written, left_out = export_failed(task_id, output, store)
+        sys.stderr.write(failed_output_message(output, written, left_out) + "\n")
         return
     with handled_errors(_debug(ctx)):
         found = iter_failures(task_id, store)

@@ -38,7 +38,7 @@ from parallel_agent.events import (
     RunFinished,
     RunStarted,
 )
-from parallel_agent.report import RunReport
+from parallel_agent.report import RunReport, failed_output_message
 
 LAST_ERRORS = 5
 
@@ -210,8 +210,11 @@ class LiveDisplay(EventSink):
         failed_output = summary.get("failed_output")
         if failed_output:
             self.console.print(
-                f"pagent: {failed_output['records']} failed records written to "
-                f"{failed_output['path']}",
+                failed_output_message(
+                    failed_output["path"],
+                    failed_output["records"],
+                    failed_output.get("left_out", 0),
+                ),
                 highlight=False,
                 markup=False,
             )

@@ -21,7 +21,7 @@ from parallel_agent.events import (
     RunFinished,
     RunStarted,
 )
-from parallel_agent.report import RunReport
+from parallel_agent.report import RunReport, failed_output_message
 
 
 class PlainLines(EventSink):
@@ -103,8 +103,11 @@ class PlainLines(EventSink):
         failed_output = summary.get("failed_output")
         if failed_output:
             lines.append(
-                f"pagent: {failed_output['records']} failed records written to "
-                f"{failed_output['path']}"
+                failed_output_message(
+                    failed_output["path"],
+                    failed_output["records"],
+                    failed_output.get("left_out", 0),
+                )
             )
         self._write("\n".join(lines))
 
