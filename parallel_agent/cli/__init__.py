@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import contextlib
+import os
+import sys
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -49,5 +52,32 @@ _register()
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    Once the command has finished (files renamed into place, stores and workers closed), exit
+    without tearing the interpreter down: freeing some 400 modules takes about 0.1 s on a 2-core CI
+    machine, a third of a short run's own start-up.
+    """
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    exit_now(code)
+
+
+def exit_now(code: object) -> NoReturn:
+    """Flush stdout and stderr, then end the process with `code` as `sys.exit` would."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        sys.stderr.write(f"{code}\n")
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        # A reader that went away (`pagent results ID | head`), or a stream already closed.
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            stream.flush()
+    os._exit(status)
