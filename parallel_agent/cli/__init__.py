@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
 from parallel_agent import __version__
+from parallel_agent.cli.process import exit_now
 
 app = typer.Typer(
     name="pagent",
@@ -65,19 +63,3 @@ def main() -> None:
     else:
         code = 0
     exit_now(code)
-
-
-def exit_now(code: object) -> NoReturn:
-    """Flush stdout and stderr, then end the process with `code` as `sys.exit` would."""
-    if code is None:
-        status = 0
-    elif isinstance(code, int):
-        status = code
-    else:
-        sys.stderr.write(f"{code}\n")
-        status = 1
-    for stream in (sys.stdout, sys.stderr):
-        # A reader that went away (`pagent results ID | head`), or a stream already closed.
-        with contextlib.suppress(BrokenPipeError, ValueError):
-            stream.flush()
-    os._exit(status)

@@ -11,6 +11,7 @@ import typer
 
 from parallel_agent.cli.errors import handled_errors
 from parallel_agent.cli.options import FailedOutputOption, StoreOption
+from parallel_agent.cli.process import freeze_startup_objects
 
 
 def _debug(ctx: typer.Context) -> bool:
@@ -174,6 +175,7 @@ def resume(
 
     with handled_errors(_debug(ctx)):
         sink = make_sink(quiet=quiet)
+        freeze_startup_objects()
         try:
             summary = resume_run(
                 task_id,

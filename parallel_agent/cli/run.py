@@ -10,6 +10,7 @@ import typer
 
 from parallel_agent.cli.errors import handled_errors
 from parallel_agent.cli.options import FailedOutputOption, StoreOption
+from parallel_agent.cli.process import freeze_startup_objects
 from parallel_agent.errors import UsageError
 
 
@@ -105,6 +106,7 @@ def run(
         if events == "-" and (output == "-" or as_json):
             raise UsageError("--events - shares stdout with the results or --json; give it a file")
         sink = make_sink(quiet=quiet, progress_interval=progress_interval, events_path=events)
+        freeze_startup_objects()
         try:
             summary = run_pipeline(options, sink)
         finally:
