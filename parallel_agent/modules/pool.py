@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import sys
 from dataclasses import dataclass, field
@@ -187,7 +186,11 @@ class PooledProcessor:
 def _widen_pipes(process: asyncio.subprocess.Process) -> None:
     """Let a whole chunk fit in the pipes (Linux: 64 KiB by default, 1 MiB allowed), so a chunk
     moves in a few system calls instead of dozens of wake-ups on both sides."""
-    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: pipes keep their size
+        return
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
     if setsize is None:
         return
     for stream in (process.stdin, process.stdout):
