@@ -102,3 +102,20 @@ def sleeps_on_three(item: int) -> int:
     if item == 3:
         time.sleep(3600)
     return item
+
+
+class _Undecidable:
+    def __bool__(self) -> bool:
+        raise ValueError("cannot decide")
+
+
+def undecidable_on_three(item: int) -> Any:
+    """A filter whose answer for 3 cannot be tested for truth: only that item fails."""
+    return _Undecidable() if item == 3 else item % 2 == 0
+
+
+def reads_stdin(item: int) -> int:
+    """Starts a child that reads stdin: it must see end of input, never the worker's protocol."""
+    import subprocess
+
+    return item + len(subprocess.run(["cat"], capture_output=True, check=True).stdout)

@@ -372,3 +372,12 @@ def test_jsonl_error_after_many_blank_lines_is_located_on_every_path(block_size:
     data = b"\n \n1\n\n2\n\r\n\n3\n4\n\t\n5\n\n6\n7,\n8\n"
     message = error(data, "jsonl", block_size)
     assert message.startswith("in.x, line 14, column 2, record 7: invalid JSON")
+
+
+def test_a_record_json_cannot_store_again_is_an_input_error_not_a_lost_record() -> None:
+    deep = "[" * 300 + "]" * 300
+    data = f"[10, {deep}, 30, 40]".encode()
+    reader = read_chunks(io.BytesIO(data), "json", 3, display_name="in.json")
+    with pytest.raises(InputDataError) as caught:
+        list(reader.payload_chunks())
+    assert "record 2" in str(caught.value)

@@ -218,3 +218,22 @@ def test_a_split_on_workers_locates_bad_input_as_in_process(
         errors.append(result.stderr.strip().splitlines()[-1])
     assert errors[0] == errors[1]
     assert "in.jsonl, line 27, column 10, record 26: invalid JSON" in errors[1]
+
+
+@pytest.mark.parametrize("config", ["{concurrency: 2}", "{processes: 2}"])
+def test_a_filter_answer_that_cannot_be_tested_fails_only_its_item(
+    cli: Any,  # noqa: F811
+    tmp_path: Path,
+    config: str,
+) -> None:
+    module = "{use: filter, function: 'steps_for_tests:undecidable_on_three'}"
+    result, output = run_map(cli, tmp_path, module, config, 6)
+    assert result.exit_code == 1
+    assert lines(output) == [0, 2, 4]
+
+
+def test_user_code_in_a_worker_reads_an_empty_stdin(cli: Any, tmp_path: Path) -> None:  # noqa: F811
+    module = "{use: map, function: 'steps_for_tests:reads_stdin'}"
+    result, output = run_map(cli, tmp_path, module, "{processes: 1, timeout: 20}", 4)
+    assert result.exit_code == 0, result.stderr
+    assert lines(output) == [0, 1, 2, 3]

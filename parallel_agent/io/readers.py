@@ -15,12 +15,13 @@ round-trips exactly (a zip code "02134" keeps its zero).
 
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import io
 import itertools
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -197,7 +198,16 @@ class ChunkReader:
         must run `check_jsonl` on every payload (worker processes do, in parallel)."""
         if self.fmt != "jsonl":
             for chunk in self:
-                payload, _ = encode_lines(chunk.records)
+                payload, bad = encode_lines(chunk.records)
+                if bad:
+                    number = chunk.first_record + bad[0] + 1
+                    raise _located(
+                        self.name,
+                        "this record cannot be stored as JSON (nested too deep)",
+                        None,
+                        None,
+                        number,
+                    )
                 yield PayloadChunk(chunk.index, chunk.first_record, len(chunk.records), payload)
             return
         self.complete = False
@@ -215,23 +225,26 @@ class ChunkReader:
         index = record = 0
         lines: list[bytes] = []
         first_line = 1  # the line of lines[0]
-        blanks: list[int] = []  # blank lines after first_line, ascending
+        blanks: collections.deque[int] = collections.deque()  # blank lines after first_line
         for texts, start, block_blanks in _jsonl_lines(source):
             if not lines:
                 first_line = start
-                blanks = [blank for blank in block_blanks if blank > start]
+                blanks = collections.deque(blank for blank in block_blanks if blank > start)
             else:
                 blanks.extend(block_blanks)
             lines.extend(texts)
             while len(lines) >= size:
-                yield self._payload(index, record, lines[:size], first_line, blanks, check)
+                last = _line_of(first_line, blanks, size - 1)
+                inside = _before(blanks, last)
+                yield self._payload(index, record, lines[:size], first_line, inside, check)
                 first_line = _line_of(first_line, blanks, size)
-                blanks = [blank for blank in blanks if blank > first_line]
+                while blanks and blanks[0] <= first_line:
+                    blanks.popleft()
                 del lines[:size]
                 index += 1
                 record += size
         if lines:
-            yield self._payload(index, record, lines, first_line, blanks, check)
+            yield self._payload(index, record, lines, first_line, list(blanks), check)
             record += len(lines)
         self.records = record
 
@@ -365,6 +378,16 @@ def _jsonl_lines(source: _Source) -> Iterator[tuple[list[bytes], int, list[int]]
         line += len(texts)
     if carry.strip():
         yield [carry], line, []
+
+
+def _before(blanks: Iterable[int], line: int) -> list[int]:
+    """The blank lines (ascending) before `line`, read no further than needed."""
+    found: list[int] = []
+    for blank in blanks:
+        if blank >= line:
+            break
+        found.append(blank)
+    return found
 
 
 def _line_of(first_line: int, blanks: Sequence[int], position: int) -> int:

@@ -77,13 +77,12 @@ def call_items(
     for offset, item in enumerate(records):
         try:
             value = function(item)
+            if not keep_if_true:
+                outputs.append(value)
+            elif value:  # a truth test can raise too: a failure of this item, as in-process
+                outputs.append(item)
         except Exception as exc:  # recorded per item
             errors.append(ItemError(first_record + offset + 1, describe(exc), item))
-            continue
-        if not keep_if_true:
-            outputs.append(value)
-        elif value:
-            outputs.append(item)
     return outcome
 
 

@@ -121,7 +121,13 @@ def _job(description: dict[str, Any]) -> _MapJob | _CheckJob | _BrokenJob:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when its workers stop
-    requests = sys.stdin.buffer
+    # Requests arrive on a private copy of stdin; the user's code (and anything it starts) reads
+    # /dev/null, as in-process, and can never eat a request.
+    requests = os.fdopen(os.dup(0), "rb")
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the worker
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # the user's print() goes to stderr, never into the protocol
     description = _read_frame(requests)

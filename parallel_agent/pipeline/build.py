@@ -156,7 +156,9 @@ def _processor(node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path) -
         target = ensure_callable(import_object(spec.function, what=what), spec.function, what)
         batch = isinstance(spec, MapSpec) and spec.batch
         if config.processes:
-            if inspect.iscoroutinefunction(target):
+            if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+                getattr(target, "__call__", None)  # noqa: B004 - async callable objects
+            ):
                 raise PipelineError(
                     f"{what}: processes needs a sync function; '{spec.function}' is async "
                     "(async functions already overlap their waits in one process)"
