@@ -215,12 +215,12 @@ async def read_failures(
         if not counts.failed:
             continue
         for chunk in await store.failed_chunks(task_id, node):
+            numbers = chunk.numbers
             if with_input:
-                for offset, record in enumerate(decode_lines(chunk.payload)):
-                    number = chunk.first_record + offset + 1
+                for number, record in zip(numbers, decode_lines(chunk.payload), strict=False):
                     yield {"node": node, "record": number, "error": chunk.error, "input": record}
             else:
-                for number in range(chunk.first_record + 1, chunk.first_record + chunk.count + 1):
+                for number in numbers:
                     yield {"node": node, "record": number, "error": chunk.error}
 
 
@@ -294,38 +294,6 @@ def pipeline_node_names(pipeline_text: str) -> list[str]:
     return [str(node["name"]) for node in data.get("nodes", []) if isinstance(node, dict)]
 
 
-def nodes_after_filter(pipeline_text: str) -> set[str]:
-    """Nodes fed, directly or not, by a filter's output: their failed records are numbered over
-    the filter's kept items, so the numbers do not name input records (a known limitation)."""
-    try:
-        data = orjson.loads(pipeline_text)
-    except orjson.JSONDecodeError:
-        return set()
-    nodes = [node for node in data.get("nodes", []) if isinstance(node, dict)]
-    filters = {
-        str(node["name"])
-        for node in nodes
-        if any(isinstance(m, dict) and m.get("use") == "filter" for m in node.get("modules", []))
-    }
-    after: set[str] = set()
-    changed = True
-    while changed:
-        changed = False
-        for node in nodes:
-            name = str(node["name"])
-            upstream = {str(d) for d in node.get("dependencies", [])}
-            if name not in after and upstream & (filters | after):
-                after.add(name)
-                changed = True
-    return after
-
-
-def failed_output_message(path: str, written: int, left_out: int) -> str:
-    """The line that tells where `--failed-output` went (and what it could not include)."""
-    message = f"pagent: {written} failed records written to {path}"
-    if left_out:
-        message += (
-            f"; {left_out} failures after a filter left out (their record numbers count the "
-            "filter's kept items, not input records; see pagent failures)"
-        )
-    return message
+def failed_output_message(path: str, written: int) -> str:
+    """The line that tells where `--failed-output` went."""
+    return f"pagent: {written} failed records written to {path}"

@@ -40,13 +40,18 @@ from parallel_agent.io import (
     write_records_like_input,
 )
 from parallel_agent.jsonl import decode_lines
-from parallel_agent.modules.context import FailureBudget, InputSource, RunContext
+from parallel_agent.modules.context import (
+    FailureBudget,
+    InputSource,
+    RunContext,
+    stop_loop,
+    wait_or_timeout,
+)
 from parallel_agent.pipeline import Pipeline, load_pipeline, pipeline_hash
 from parallel_agent.pipeline.build import BuiltPipeline, build_pipeline
 from parallel_agent.report import (
     RunReport,
     build_report,
-    nodes_after_filter,
     pipeline_node_names,
     read_failures,
 )
@@ -102,7 +107,6 @@ class RunSummary:
     report: RunReport | None = None
     failed_output: str | None = None
     failed_output_records: int | None = None
-    failed_output_left_out: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -131,11 +135,7 @@ class RunSummary:
             "nodes": self.nodes,
             "report": self.report.to_dict() if self.report is not None else None,
             "failed_output": (
-                {
-                    "path": self.failed_output,
-                    "records": self.failed_output_records,
-                    "left_out": self.failed_output_left_out,
-                }
+                {"path": self.failed_output, "records": self.failed_output_records}
                 if self.failed_output is not None
                 else None
             ),
@@ -278,14 +278,14 @@ class PipelineRun:
             raise TaskBusyError(
                 f"task '{task_id}' is being run by another coordinator ({holder or 'unknown'})"
             )
-        keep_lock = asyncio.ensure_future(self._renew_lock(store, task_id))
+        done = asyncio.Event()
+        keep_lock = asyncio.ensure_future(self._renew_lock(store, task_id, done))
         try:
             info = existing or await self._create_run(store, pipeline, digest, task_id, source)
             return await self._run_graph(store, pipeline, info, source, output_format, started)
         finally:
-            keep_lock.cancel()
-            with contextlib.suppress(asyncio.CancelledError, PagentError):
-                await keep_lock
+            with contextlib.suppress(PagentError):
+                await stop_loop(keep_lock, done)
             with contextlib.suppress(PagentError):
                 await store.release_lock(task_id, self.owner)
 
@@ -313,10 +313,9 @@ class PipelineRun:
                 "use a new --task-id"
             )
 
-    async def _renew_lock(self, store: RunStore, task_id: str) -> None:
-        """Keep the coordinator lock, and stop the run if someone cancelled it meanwhile."""
-        while True:
-            await asyncio.sleep(COORDINATOR_TTL_S / 3)
+    async def _renew_lock(self, store: RunStore, task_id: str, done: asyncio.Event) -> None:
+        """Keep the coordinator lock until `done`, and stop the run if someone cancelled it."""
+        while not await wait_or_timeout(done, COORDINATOR_TTL_S / 3):
             await store.renew_lock(task_id, self.owner, COORDINATOR_TTL_S)
             info = await store.get_run(task_id)
             if info is not None and info.status == TaskStatus.CANCELLED.value and self.ctx:
@@ -439,9 +438,7 @@ class PipelineRun:
         target = self.options.failed_output
         if target is None:
             return
-        written, left_out = await write_failed_records(store, info, target)
-        summary.failed_output_records = written
-        summary.failed_output_left_out = left_out
+        summary.failed_output_records = await write_failed_records(store, info, target)
         summary.failed_output = target
 
     async def _finish(
@@ -810,32 +807,26 @@ def failed_output_format(target: str, input_format: str) -> str:
     return input_format
 
 
-async def write_failed_records(store: RunStore, info: RunInfo, target: str) -> tuple[int, int]:
+async def write_failed_records(store: RunStore, info: RunInfo, target: str) -> int:
     """Write the input records that failed (in any node) to `target` atomically, in the input's
     own format and order (a CSV keeps its header), so the file can be fed back to `pagent run`.
 
-    The records are read back from the input file by record number; a file that changed since
-    the run started is refused (InputDataError). Failures in nodes after a filter are left out:
-    their record numbers do not name input records. Returns (records written, failures left out).
+    The records are read back from the input file by record number (every node numbers its
+    failures by input record); a file that changed since the run started is refused
+    (InputDataError). Returns how many records were written.
     """
     if info.input_path is None or info.input_format is None:
         raise UsageError(
             f"task '{info.task_id}' read stdin (or no input); its failed records cannot be read back"
         )
     fmt = failed_output_format(target, info.input_format)
-    renumbered = nodes_after_filter(info.pipeline_text)
     wanted: set[int] = set()
-    left_out = 0
     async for failure in read_failures(store, info.task_id, with_input=False):
-        if failure["node"] in renumbered:
-            left_out += 1
-        else:
-            wanted.add(int(failure["record"]))
+        wanted.add(int(failure["record"]))
     data_key = str(info.extra.get("data_key", "data"))
-    written = await asyncio.to_thread(
+    return await asyncio.to_thread(
         _write_input_records, info, fmt, data_key, sorted(wanted), target
     )
-    return written, left_out
 
 
 def _write_input_records(
@@ -878,12 +869,12 @@ def _csv_header(path: str) -> list[str] | None:
     return None
 
 
-def export_failed(task_id: str, output: str, store: str | None = None) -> tuple[int, int]:
+def export_failed(task_id: str, output: str, store: str | None = None) -> int:
     """`pagent failures ID --output PATH`: write a run's failed input records again."""
     if output != "-":
         check_writable(output)
 
-    async def action(s: RunStore) -> tuple[int, int]:
+    async def action(s: RunStore) -> int:
         info = await _require_run(s, task_id)
         return await write_failed_records(s, info, output)
 

@@ -82,6 +82,15 @@ async def hangs_on_thirty(item: int) -> int:
     return item
 
 
+def blocks_on_thirty(item: int) -> int:
+    """A sync function that never returns on 30: its thread cannot be stopped, only abandoned."""
+    import time
+
+    if item == 30:
+        time.sleep(3600)
+    return item
+
+
 def chatty_double(item: int) -> int:
     """Prints while it works: output must still be exactly the results."""
     print(f"working on {item}")

@@ -325,6 +325,38 @@ def test_unserialisable_result_is_an_item_failure(cli: Any, tmp_path: Path) -> N
     assert json.loads(output.read_text()) == [0, 1, 2, 4, 5]
 
 
+@pytest.mark.parametrize("processes", [0, 2])
+def test_unserialisable_result_after_a_filter_keeps_its_record_number(
+    cli: Any, tmp_path: Path, processes: int
+) -> None:
+    """Inputs 0-5 in one chunk; the filter drops 1 and 2, so the map sees 0, 3, 4, 5 and its set
+    for 3 (input record 4) cannot be stored: the failure names record 4, the rest flows on."""
+    pipeline = write_pipeline(
+        tmp_path,
+        f"""
+name: test
+nodes:
+  - {{name: split, type: planner, modules: [{{use: split, chunk_size: 6}}]}}
+  - {{name: keep, dependencies: [split], modules: [{{use: filter, expr: "item not in (1, 2)"}}]}}
+  - name: work
+    dependencies: [keep]
+    modules: [{{use: map, function: "steps_for_tests:returns_set"}}]
+    node_config: {{processes: {processes}}}
+  - name: after
+    dependencies: [work]
+    modules: [{{use: map, expr: "1 // (item - 5)"}}]
+  - {{name: collect, dependencies: [after], modules: [{{use: aggregate}}]}}
+""",
+    )
+    output = tmp_path / "out.json"
+    result = cli("run", pipeline, "--data", numbers(tmp_path, 6), "--output", str(output), "--json")
+    assert result.exit_code == 1
+    assert json.loads(output.read_text()) == [1 // (0 - 5), 1 // (4 - 5)]
+    listed = cli("failures", json.loads(result.stdout)["task_id"])
+    failures = sorted((f["node"], f["record"]) for f in map(json.loads, listed.stdout.splitlines()))
+    assert failures == [("after", 6), ("work", 4)]
+
+
 def test_set_overrides_params_and_node_config(cli: Any, tmp_path: Path) -> None:
     pipeline = write_pipeline(
         tmp_path, map_pipeline("{use: map, expr: \"item * params['factor']\"}")
@@ -702,7 +734,7 @@ def test_failed_output_writes_the_failed_records_in_the_input_format(
     result = cli("run", pipeline, "--data", str(data), "--failed-output", str(failed), "--json")
     assert result.exit_code == 1, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["failed_output"] == {"path": str(failed), "records": 3, "left_out": 0}
+    assert summary["failed_output"] == {"path": str(failed), "records": 3}
     assert read_records(failed, fmt) == expected
     if fmt == "csv":
         assert failed.read_text().splitlines()[0] == "id,name"
@@ -869,27 +901,54 @@ def test_resume_adds_its_time_to_the_report_and_writes_failed_output(
     assert [json.loads(line)["id"] for line in failed.read_text().splitlines()] == [0, 4, 8]
 
 
-def test_failed_output_leaves_out_failures_after_a_filter(cli: Any, tmp_path: Path) -> None:
-    """Failures downstream of a filter are numbered over the kept items, so they cannot name input
-    records: --failed-output writes only exact ones and says how many it left out."""
+@pytest.mark.parametrize("processes", [0, 2])
+def test_failures_after_filters_and_failed_items_keep_their_input_record_numbers(
+    cli: Any, tmp_path: Path, processes: int
+) -> None:
+    """Every node numbers a failure by the input record it came from, even when a filter upstream
+    dropped items or a map upstream failed some (input i is record i + 1): the third chunk holds
+    inputs 6, 7, 8; `keep` drops 7, `scale` fails on 8, and `invert` fails on what 6 became.
+    In this process and on worker processes alike."""
+    config = f"node_config: {{processes: {processes}}}"
     pipeline = write_pipeline(
         tmp_path,
-        """
+        f"""
 name: test
 nodes:
-  - {name: split, type: planner, modules: [{use: split, chunk_size: 3}]}
-  - {name: keep, dependencies: [split], modules: [{use: filter, expr: "item % 2 == 0 and 1 / (item - 4) != 0"}]}
-  - {name: invert, dependencies: [keep], modules: [{use: map, expr: "1 / (item - 8)"}]}
-  - {name: collect, dependencies: [invert], modules: [{use: aggregate}]}
+  - {{name: split, type: planner, modules: [{{use: split, chunk_size: 3}}]}}
+  - name: keep
+    dependencies: [split]
+    modules: [{{use: filter, expr: "item % 2 == 0 and 1 / (item - 4) != 0"}}]
+    {config}
+  - name: scale
+    dependencies: [keep]
+    modules: [{{use: map, expr: "item * 10 if item != 8 else 1 / 0"}}]
+    {config}
+  - name: invert
+    dependencies: [scale]
+    modules: [{{use: map, expr: "1 / (item - 60)"}}]
+    {config}
+  - {{name: collect, dependencies: [invert], modules: [{{use: aggregate}}]}}
 """,
     )
     failed = tmp_path / "failed.jsonl"
-    result = cli(
-        "run", pipeline, "--data", numbers(tmp_path), "--failed-output", str(failed), "--json"
-    )
+    output = tmp_path / "out.json"
+    data = numbers(tmp_path)
+    args = ["--data", data, "--output", str(output), "--failed-output", str(failed), "--json"]
+    result = cli("run", pipeline, *args)
     assert result.exit_code == 1
-    assert [json.loads(line) for line in failed.read_text().splitlines()] == [4]
-    assert "1 failed records written" in result.stderr
-    assert "1 failures after a filter left out" in result.stderr
     summary = json.loads(result.stdout)
-    assert summary["failed_output"] == {"path": str(failed), "records": 1, "left_out": 1}
+    assert summary["failed_output"] == {"path": str(failed), "records": 3}
+    assert [json.loads(line) for line in failed.read_text().splitlines()] == [4, 6, 8]
+    assert json.loads(output.read_text()) == [1 / (0 - 60), 1 / (20 - 60)]
+    listed = cli("failures", summary["task_id"])
+    failures = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert sorted((f["node"], f["record"], f["input"]) for f in failures) == [
+        ("invert", 7, 60),
+        ("keep", 5, 4),
+        ("scale", 9, 8),
+    ]
+    nodes = summary["nodes"]
+    # each node counts the items it received: 10 read, 4 kept (0 2 6 8), 3 scaled (0 2 6)
+    assert [nodes[name]["items"] for name in ("keep", "scale", "invert")] == [10, 4, 3]
+    assert [nodes[name]["items_failed"] for name in ("keep", "scale", "invert")] == [1, 1, 1]

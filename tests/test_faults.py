@@ -362,24 +362,26 @@ def test_black_holed_redis_fails_without_hanging(setup: dict[str, Any]) -> None:
         listener.close()
 
 
-def test_failing_retried_and_hanging_items(setup: dict[str, Any]) -> None:
+@pytest.mark.parametrize("hanging", ["hangs_on_thirty", "blocks_on_thirty"])
+def test_failing_retried_and_hanging_items(setup: dict[str, Any], hanging: str) -> None:
+    """`blocks_on_thirty` is sync: its hung thread is abandoned, and the command still ends."""
     pipeline = setup["tmp"] / "mixed.yaml"
-    pipeline.write_text("""
+    pipeline.write_text(f"""
 name: mixed
 nodes:
-  - {name: split, type: planner, modules: [{use: split, chunk_size: 1}]}
+  - {{name: split, type: planner, modules: [{{use: split, chunk_size: 1}}]}}
   - name: a
     dependencies: [split]
-    modules: [{use: map, function: "steps_for_tests:fail_on_seven"}]
+    modules: [{{use: map, function: "steps_for_tests:fail_on_seven"}}]
   - name: b
     dependencies: [a]
-    modules: [{use: map, function: "steps_for_tests:fails_once_divided"}]
-    node_config: {on_error: fail_chunk, max_retries: 2, retry_delay: 0}
+    modules: [{{use: map, function: "steps_for_tests:fails_once_divided"}}]
+    node_config: {{on_error: fail_chunk, max_retries: 2, retry_delay: 0}}
   - name: c
     dependencies: [b]
-    modules: [{use: map, function: "steps_for_tests:hangs_on_thirty"}]
-    node_config: {timeout: 0.5, max_retries: 0}
-  - {name: out, dependencies: [c], modules: [{use: aggregate}]}
+    modules: [{{use: map, function: "steps_for_tests:{hanging}"}}]
+    node_config: {{timeout: 0.5, max_retries: 0}}
+  - {{name: out, dependencies: [c], modules: [{{use: aggregate}}]}}
 """)
     data = setup["tmp"] / "ten.jsonl"
     data.write_text("".join(f"{i}\n" for i in range(10)))

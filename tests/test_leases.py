@@ -186,6 +186,7 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
         "PAGENT_STORE": store_url,
         "PAGENT_LEDGER": str(ledger),
         "PAGENT_GATE_DIR": str(gates),
+        "PYTHONFAULTHANDLER": "1",
     }
     client = StoreClient(store_url)
     state = Setup(tmp_path, store_url, env, ledger, gates, data, client)
@@ -207,7 +208,14 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = DEADLI
 
 
 def finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
-    _, stderr = proc.communicate(timeout=60)
+    """Wait for `pagent` to end; if it does not, fail with the stacks of its threads (faulthandler
+    prints them on SIGABRT) so that a hang in CI says where it hangs."""
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGABRT)
+        _, stderr = proc.communicate(timeout=10)
+        pytest.fail(f"pagent did not finish; its threads:\n{stderr.decode()[-6000:]}")
     return proc.returncode, stderr.decode()
 
 

@@ -15,13 +15,13 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers.redis_server import RedisServerFactory, redis_server_binary
+from helpers.runs import T0, make_info
 
 from parallel_agent.errors import StateLostError, StoreError, UsageError
 from parallel_agent.store import default_store_url, mask_url, open_store
@@ -38,31 +38,7 @@ from parallel_agent.store.redis import RedisStore
 from parallel_agent.store.sqlite import SqliteStore
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-T0 = 1_000_000.0
 NODE = "map"
-
-
-def make_info(task_id: str = "t1", **changes: Any) -> RunInfo:
-    fields: dict[str, Any] = {
-        "task_id": task_id,
-        "pipeline_name": "demo",
-        "pipeline_hash": "abc",
-        "pipeline_text": "name: demo\n",
-        "input_path": "/data/in.jsonl",
-        "input_size": 123,
-        "input_hash": None,
-        "input_format": "jsonl",
-        "params": {"k": [1, 2], "nested": {"x": 1.5}},
-        "status": "waiting",
-        "created_at": T0,
-        "updated_at": T0,
-        "finished_at": None,
-        "generation": uuid.uuid4().hex,
-        "output_path": None,
-        "extra": {"options": {"concurrency": 4}},
-    }
-    fields.update(changes)
-    return RunInfo(**fields)
 
 
 def specs(indices: range | list[int], size: int = 10) -> list[ChunkSpec]:
@@ -441,6 +417,48 @@ async def test_results_of_big_chunks_stream_a_few_at_a_time(
     ]
 
 
+async def test_record_numbers_travel_with_payloads_and_results(
+    store: RunStore, run: RunInfo
+) -> None:
+    """A chunk whose items are not consecutive input records (after a filter) keeps their
+    numbers through claim, commit, results and the failed list; an empty `records` stays the
+    consecutive range."""
+    await store.add_chunks(
+        "t1",
+        NODE,
+        [
+            ChunkSpec(0, 0, 2, b"p0", b"[2,5]"),
+            ChunkSpec(1, 10, 3, b"p1"),
+            ChunkSpec(2, 20, 2, b"p2", b"[21,29]"),
+        ],
+    )
+    leases = await claim(store, limit=3)
+    assert [(lease.records, list(lease.numbers)) for lease in leases] == [
+        (b"[2,5]", [2, 5]),
+        (b"", [11, 12, 13]),
+        (b"[21,29]", [21, 29]),
+    ]
+    assert (await store.counts("t1", NODE)).items_total == 7
+    for lease, records in zip(leases[:2], [b"[5]", b""], strict=True):
+        assert await store.commit(
+            lease,
+            result=b"r",
+            errors=b"[]",
+            items_ok=lease.count,
+            items_failed=0,
+            duration_s=0.1,
+            records=records,
+        )
+    await store.fail(leases[2], "bad", retry_in_s=None)
+    results = [result async for result in store.results("t1", NODE)]
+    assert [(r.records, list(r.numbers)) for r in results] == [
+        (b"[5]", [5]),
+        (b"", [11, 12, 13]),
+    ]
+    (failed,) = await store.failed_chunks("t1", NODE)
+    assert (failed.payload, list(failed.numbers)) == (b"p2", [21, 29])
+
+
 async def test_retry_failed_resets_attempts(store: RunStore, run: RunInfo) -> None:
     await store.add_chunks("t1", NODE, specs(range(3)))
     leases = await claim(store, limit=3)
@@ -549,6 +567,35 @@ async def test_sqlite_file_that_is_not_a_database(tmp_path: Path) -> None:
     store = open_store(f"sqlite://{path}")
     with pytest.raises(StoreError, match=f"{path}.*not a database"):
         await store.open()
+
+
+async def test_sqlite_state_file_without_record_numbers_gets_them(tmp_path: Path) -> None:
+    """A state file written before record numbers were kept: its runs go on (their chunks are
+    numbered in a row), and the columns are added on open."""
+    import sqlite3
+
+    path = tmp_path / "before.db"
+    store = open_store(f"sqlite://{path}")
+    await store.open()
+    assert await store.create_run(make_info())
+    await store.add_chunks("t1", NODE, specs(range(2)))
+    await store.close()
+    connection = sqlite3.connect(path)
+    for column in ("records", "result_records"):
+        connection.execute(f"ALTER TABLE chunk_data DROP COLUMN {column}")
+    connection.commit()
+    connection.close()
+
+    store = open_store(f"sqlite://{path}")
+    await store.open()
+    try:
+        lease, _ = await claim(store, limit=2)
+        assert (lease.records, list(lease.numbers)) == (b"", list(range(1, 11)))
+        assert await commit(store, lease)
+        (result,) = [result async for result in store.results("t1", NODE)]
+        assert list(result.numbers) == list(range(1, 11))
+    finally:
+        await store.close()
 
 
 async def test_sqlite_too_old_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

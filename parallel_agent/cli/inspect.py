@@ -122,8 +122,8 @@ def failures(
 
     if output is not None:
         with handled_errors(_debug(ctx)):
-            written, left_out = export_failed(task_id, output, store)
-        sys.stderr.write(failed_output_message(output, written, left_out) + "\n")
+            written = export_failed(task_id, output, store)
+        sys.stderr.write(failed_output_message(output, written) + "\n")
         return
     with handled_errors(_debug(ctx)):
         found = iter_failures(task_id, store)

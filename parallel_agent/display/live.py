@@ -210,11 +210,7 @@ class LiveDisplay(EventSink):
         failed_output = summary.get("failed_output")
         if failed_output:
             self.console.print(
-                failed_output_message(
-                    failed_output["path"],
-                    failed_output["records"],
-                    failed_output.get("left_out", 0),
-                ),
+                failed_output_message(failed_output["path"], failed_output["records"]),
                 highlight=False,
                 markup=False,
             )

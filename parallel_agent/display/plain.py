@@ -102,13 +102,7 @@ class PlainLines(EventSink):
             lines.extend(report_lines(RunReport.from_dict(report), self.width))
         failed_output = summary.get("failed_output")
         if failed_output:
-            lines.append(
-                failed_output_message(
-                    failed_output["path"],
-                    failed_output["records"],
-                    failed_output.get("left_out", 0),
-                )
-            )
+            lines.append(failed_output_message(failed_output["path"], failed_output["records"]))
         self._write("\n".join(lines))
 
     def close(self) -> None:

@@ -16,10 +16,10 @@ import orjson
 from parallel_agent.errors import StoreError
 from parallel_agent.events import ChunkDone, ChunkFailed, ChunkStarted, ItemFailed
 from parallel_agent.jsonl import encode_lines
-from parallel_agent.modules.context import RunContext
+from parallel_agent.modules.context import RunContext, stop_loop, wait_or_timeout
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError, describe
 from parallel_agent.modules.processors import ChunkProcessor
-from parallel_agent.store.base import ChunkSpec, Lease
+from parallel_agent.store.base import ChunkSpec, Lease, encode_record_numbers
 
 #: How many item errors of one chunk are also sent as events (all are stored).
 ITEM_EVENTS_PER_CHUNK = 20
@@ -27,6 +27,7 @@ ITEM_EVENTS_PER_CHUNK = 20
 MAX_IDLE_POLL_S = 0.5
 #: Longest backoff between two attempts of one chunk.
 MAX_RETRY_DELAY_S = 30.0
+_UNENCODABLE = "TypeError: result is not JSON-serialisable"
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,13 @@ async def feed_from_producer(ctx: RunContext, node: str) -> None:
     producer = ctx.producers[node]
     batch: list[ChunkSpec] = []
     async for result in store.results(ctx.task_id, producer):
-        # A chunk's results are JSON Lines, the form its consumer's payload takes.
-        batch.append(ChunkSpec(result.index, result.first_record, result.count, result.result))
+        # A chunk's results are JSON Lines, the form its consumer's payload takes, and keep the
+        # input record numbers of their items.
+        numbers = result.numbers
+        records = encode_record_numbers(result.first_record, numbers)
+        batch.append(
+            ChunkSpec(result.index, result.first_record, len(numbers), result.result, records)
+        )
         if len(batch) >= 64:
             await store.add_chunks(ctx.task_id, node, batch)
             batch = []
@@ -162,13 +168,13 @@ class ChunkWorkers:
 
     async def _process_with_lease(self, lease: Lease) -> ChunkOutcome | None:
         """Run the processor while a heartbeat renews the lease; None if the lease was lost."""
-        lost = asyncio.Event()
+        lost, finished = asyncio.Event(), asyncio.Event()
         work = asyncio.ensure_future(
             self._timed(
-                self.processor.process_payload(lease.payload, lease.first_record, self.ctx.params)
+                self.processor.process_payload(lease.payload, lease.numbers, self.ctx.params)
             )
         )
-        heartbeat = asyncio.ensure_future(self._heartbeat(lease, lost, work))
+        heartbeat = asyncio.ensure_future(self._heartbeat(lease, lost, finished, work))
         try:
             return await work
         except asyncio.CancelledError:
@@ -176,9 +182,7 @@ class ChunkWorkers:
                 return None
             raise
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            await stop_loop(heartbeat, finished)
 
     async def _timed(self, coro: Any) -> ChunkOutcome:
         if self.settings.timeout is None:
@@ -187,11 +191,11 @@ class ChunkWorkers:
             return await coro  # type: ignore[no-any-return]
 
     async def _heartbeat(
-        self, lease: Lease, lost: asyncio.Event, work: asyncio.Future[Any]
+        self, lease: Lease, lost: asyncio.Event, finished: asyncio.Event, work: asyncio.Future[Any]
     ) -> None:
+        """Renew the lease every third of its length until `finished` is set."""
         interval = max(0.05, self.settings.lease_s / 3)
-        while True:
-            await asyncio.sleep(interval)
+        while not await wait_or_timeout(finished, interval):
             try:
                 renewed = await self.ctx.store.renew(lease, self.settings.lease_s)
             except StoreError as exc:  # past the store's retry budget: the run cannot go on
@@ -208,9 +212,22 @@ class ChunkWorkers:
             data, unencodable = outcome.encoded, outcome.unencodable
         else:
             data, unencodable = encode_lines(outcome.outputs)
+        numbers = lease.numbers
+        origins = outcome.origins
         errors = list(outcome.errors)
         if unencodable:
-            errors = sorted(errors + _unencodable_errors(lease, errors, unencodable), key=_record)
+            origins = origins if origins is not None else list(range(lease.count))
+            dropped = set(unencodable)
+            errors += [
+                ItemError(numbers[origins[position]], _UNENCODABLE, None)
+                for position in unencodable
+            ]
+            errors.sort(key=_record)
+            origins = [o for position, o in enumerate(origins) if position not in dropped]
+        # The outputs' input record numbers, for the nodes downstream (and their failures).
+        records = lease.records
+        if origins is not None:
+            records = orjson.dumps([numbers[origin] for origin in origins])
         if errors and settings.on_error == "fail_chunk":
             first = errors[0]
             await self._fail(lease, f"record {first.record}: {first.error}", duration)
@@ -222,6 +239,7 @@ class ChunkWorkers:
             items_ok=lease.count - len(errors),
             items_failed=len(errors),
             duration_s=duration,
+            records=records,
         )
         if not committed:
             return
@@ -281,20 +299,3 @@ class ChunkWorkers:
 
 def _record(error: ItemError) -> int:
     return error.record
-
-
-def _unencodable_errors(
-    lease: Lease, errors: list[ItemError], positions: list[int]
-) -> list[ItemError]:
-    """Map outputs that JSON cannot hold back to their records (map outputs skip failed items)."""
-    failed = {error.record for error in errors}
-    origins = [
-        number
-        for number in range(lease.first_record + 1, lease.first_record + lease.count + 1)
-        if number not in failed
-    ]
-    return [
-        ItemError(origins[position], "TypeError: result is not JSON-serialisable", None)
-        for position in positions
-        if position < len(origins)
-    ]

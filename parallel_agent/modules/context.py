@@ -7,6 +7,7 @@ the run store, the input and the event sink without global state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -81,3 +82,30 @@ class RunContext:
     @staticmethod
     def now() -> float:
         return time.time()
+
+
+#: How long a background loop gets to finish its current step once told to stop.
+STOP_GRACE_S = 2.0
+
+
+async def wait_or_timeout(event: asyncio.Event, seconds: float) -> bool:
+    """Wait until `event` is set or `seconds` pass; True if it is set."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    return event.is_set()
+
+
+async def stop_loop(task: asyncio.Future[Any], done: asyncio.Event) -> None:
+    """Stop a background loop that ends once `done` is set (a lease heartbeat, the coordinator
+    lock): its store call in flight may finish; one still running after STOP_GRACE_S is
+    cancelled. Never cancel() alone: Python 3.11's wait_for, inside redis-py, can swallow a
+    cancel, which would leave the loop running (and a chunk leased) for ever. Re-raises what
+    the loop failed with."""
+    done.set()
+    finished, _ = await asyncio.wait({task}, timeout=STOP_GRACE_S)
+    if not finished:
+        task.cancel()
+        finished, _ = await asyncio.wait({task}, timeout=STOP_GRACE_S)
+    if finished and not task.cancelled() and (error := task.exception()) is not None:
+        raise error

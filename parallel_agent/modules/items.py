@@ -6,7 +6,7 @@ import only this (no asyncio) so that they start fast.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,17 @@ class ChunkOutcome:
     """The outputs already encoded as JSON Lines (by a worker process), instead of `outputs`."""
     unencodable: list[int] = field(default_factory=list)
     """With `encoded`: positions of outputs that JSON could not hold."""
+    origins: list[int] | None = None
+    """Positions (in the chunk) of the items the outputs came from, when some items gave none (a
+    filter dropped them, or they failed); None: one output per item, in order."""
+
+
+def origins_without(count: int, skipped: list[int]) -> list[int] | None:
+    """`ChunkOutcome.origins` for a chunk of `count` items of which `skipped` gave no output."""
+    if not skipped:
+        return None
+    left_out = set(skipped)
+    return [position for position in range(count) if position not in left_out]
 
 
 class ChunkFailure(Exception):
@@ -47,33 +58,40 @@ def describe(exc: BaseException) -> str:
 def evaluate_items(
     evaluate: Callable[[dict[str, Any]], Any],
     records: list[Any],
-    first_record: int,
+    numbers: Sequence[int],
     params: dict[str, Any],
     keep_if_true: bool,
 ) -> ChunkOutcome:
-    """An expression per item (`evaluate` takes the names it sees); failures are per item."""
+    """An expression per item (`evaluate` takes the names it sees); failures are per item.
+    `numbers` are the items' input record numbers (`index` is the 0-based one)."""
     outcome = ChunkOutcome()
     outputs, errors = outcome.outputs, outcome.errors
+    skipped: list[int] = []
     for offset, item in enumerate(records):
-        index = first_record + offset
+        number = numbers[offset]
         try:
-            value = evaluate({"item": item, "index": index, "params": params})
+            value = evaluate({"item": item, "index": number - 1, "params": params})
         except Exception as exc:  # a failing item is recorded, never fatal here
-            errors.append(ItemError(index + 1, describe(exc), item))
+            errors.append(ItemError(number, describe(exc), item))
+            skipped.append(offset)
             continue
         if not keep_if_true:
             outputs.append(value)
         elif value:
             outputs.append(item)
+        else:
+            skipped.append(offset)
+    outcome.origins = origins_without(len(records), skipped)
     return outcome
 
 
 def call_items(
-    function: Callable[[Any], Any], records: list[Any], first_record: int, keep_if_true: bool
+    function: Callable[[Any], Any], records: list[Any], numbers: Sequence[int], keep_if_true: bool
 ) -> ChunkOutcome:
-    """A sync function per item; failures are per item."""
+    """A sync function per item; failures are per item, under the item's record number."""
     outcome = ChunkOutcome()
     outputs, errors = outcome.outputs, outcome.errors
+    skipped: list[int] = []
     for offset, item in enumerate(records):
         try:
             value = function(item)
@@ -81,23 +99,40 @@ def call_items(
                 outputs.append(value)
             elif value:  # a truth test can raise too: a failure of this item, as in-process
                 outputs.append(item)
+            else:
+                skipped.append(offset)
         except Exception as exc:  # recorded per item
-            errors.append(ItemError(first_record + offset + 1, describe(exc), item))
+            errors.append(ItemError(numbers[offset], describe(exc), item))
+            skipped.append(offset)
+    outcome.origins = origins_without(len(records), skipped)
     return outcome
 
 
+def span(numbers: Sequence[int]) -> str:
+    """The records of a chunk, for messages: "records 11-20"."""
+    if not numbers:
+        return "no records"
+    return f"records {numbers[0]}-{numbers[-1]}"
+
+
 def batch_outcome(
-    what: str, records: list[Any], first_record: int, values: Any, keep_if_true: bool
+    what: str, records: list[Any], numbers: Sequence[int], values: Any, keep_if_true: bool
 ) -> ChunkOutcome:
     """What a `batch: true` function returned for a chunk: one value per record, or a failure."""
     values = list(values)
     if len(values) != len(records):
         raise ChunkFailure(
             f"{what}: batch function returned {len(values)} results for "
-            f"{len(records)} records (records {first_record + 1}-{first_record + len(records)})"
+            f"{len(records)} records ({span(numbers)})"
         )
     if not keep_if_true:
         return ChunkOutcome(outputs=values)
-    return ChunkOutcome(
-        outputs=[item for item, value in zip(records, values, strict=True) if value]
-    )
+    outcome = ChunkOutcome()
+    skipped: list[int] = []
+    for offset, (item, value) in enumerate(zip(records, values, strict=True)):
+        if value:
+            outcome.outputs.append(item)
+        else:
+            skipped.append(offset)
+    outcome.origins = origins_without(len(records), skipped)
+    return outcome

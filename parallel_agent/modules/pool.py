@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,20 +83,26 @@ class PooledProcessor:
     slots: asyncio.Semaphore | None = None
 
     async def process_chunk(
-        self, records: list[Any], first_record: int, params: dict[str, Any]
+        self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
     ) -> ChunkOutcome:
         payload = b"".join(orjson.dumps(record) + b"\n" for record in records)
-        return await self.process_payload(payload, first_record, params)
+        return await self.process_payload(payload, numbers, params)
 
     async def process_payload(
-        self, payload: bytes, first_record: int, params: dict[str, Any]
+        self, payload: bytes, numbers: Sequence[int], params: dict[str, Any]
     ) -> ChunkOutcome:
         """Send a chunk's stored payload to a free worker; its reply becomes the outcome."""
-        header, body = await self._call({"first": first_record}, payload, params)
+        first = numbers[0] - 1 if numbers else 0
+        # Numbers in a row travel as the first one; others (after a filter) as the list.
+        request: dict[str, Any] = {"first": first}
+        if isinstance(numbers, list):
+            request["records"] = numbers
+        header, body = await self._call(request, payload, params)
         return ChunkOutcome(
             errors=[ItemError(record, error, item) for record, error, item in header["errors"]],
             encoded=body,
             unencodable=list(header["unencodable"]),
+            origins=header.get("origins"),
         )
 
     async def check_jsonl(self, payload: bytes) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,20 +26,25 @@ from parallel_agent.modules.items import (
     call_items,
     describe,
     evaluate_items,
+    origins_without,
+    span,
 )
+from parallel_agent.modules.threads import run_in_thread
 
 _STDERR_TAIL = 2000
 
 
 class ChunkProcessor(Protocol):
     async def process_chunk(
-        self, records: list[Any], first_record: int, params: dict[str, Any]
-    ) -> ChunkOutcome: ...
+        self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
+    ) -> ChunkOutcome:
+        """The chunk's records, numbered `numbers` in the input (for errors and `index`)."""
+        ...
 
     async def process_payload(
-        self, payload: bytes, first_record: int, params: dict[str, Any]
+        self, payload: bytes, numbers: Sequence[int], params: dict[str, Any]
     ) -> ChunkOutcome:
-        """The chunk as stored (a JSON array); in-process processors decode it here."""
+        """The chunk as stored (JSON Lines); in-process processors decode it here."""
         ...
 
     async def close(self) -> None:
@@ -51,14 +56,14 @@ class InProcess:
     """Shared by the processors that run in the coordinating process."""
 
     async def process_chunk(
-        self, records: list[Any], first_record: int, params: dict[str, Any]
+        self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
     ) -> ChunkOutcome:
         raise NotImplementedError
 
     async def process_payload(
-        self, payload: bytes, first_record: int, params: dict[str, Any]
+        self, payload: bytes, numbers: Sequence[int], params: dict[str, Any]
     ) -> ChunkOutcome:
-        return await self.process_chunk(decode_lines(payload), first_record, params)
+        return await self.process_chunk(decode_lines(payload), numbers, params)
 
     async def close(self) -> None:
         """Nothing to release."""
@@ -95,16 +100,14 @@ class ExpressionProcessor(InProcess):
         self.compiled = compile_expression(self.expr, what=self.what)
 
     async def process_chunk(
-        self, records: list[Any], first_record: int, params: dict[str, Any]
+        self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
     ) -> ChunkOutcome:
-        return await asyncio.to_thread(self.run_chunk, records, first_record, params)
+        return await run_in_thread(self.run_chunk, records, numbers, params)
 
     def run_chunk(
-        self, records: list[Any], first_record: int, params: dict[str, Any]
+        self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
     ) -> ChunkOutcome:
-        return evaluate_items(
-            self.compiled.evaluate, records, first_record, params, self.keep_if_true
-        )
+        return evaluate_items(self.compiled.evaluate, records, numbers, params, self.keep_if_true)
 
 
 @dataclass
@@ -126,34 +129,42 @@ class FunctionProcessor(InProcess):
         self.in_flight = asyncio.Semaphore(self.concurrency)
 
     async def process_chunk(
-        self, records: list[Any], first_record: int, params: dict[str, Any]
+        self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
     ) -> ChunkOutcome:
         if self.batch:
-            return await self._run_batch(records, first_record)
+            return await self._run_batch(records, numbers)
         if self.is_async:
-            return await self._run_async(records, first_record)
+            return await self._run_async(records, numbers)
         if self.limiter is not None:
-            return await self._run_sync_limited(records, first_record)
-        return await asyncio.to_thread(self._run_sync, records, first_record)
+            return await self._run_sync_limited(records, numbers)
+        return await run_in_thread(self._run_sync, records, numbers)
 
-    def _keep(self, outcome: ChunkOutcome, item: Any, value: Any) -> None:
+    def _keep(self, outcome: ChunkOutcome, item: Any, value: Any) -> bool:
+        """Add what `item` gives to the outputs; False if it gives nothing (a filter's no)."""
         if not self.keep_if_true:
             outcome.outputs.append(value)
         elif value:
             outcome.outputs.append(item)
+        else:
+            return False
+        return True
 
-    def _run_sync(self, records: list[Any], first_record: int) -> ChunkOutcome:
-        return call_items(self.function, records, first_record, self.keep_if_true)
+    def _run_sync(self, records: list[Any], numbers: Sequence[int]) -> ChunkOutcome:
+        return call_items(self.function, records, numbers, self.keep_if_true)
 
-    async def _run_sync_limited(self, records: list[Any], first_record: int) -> ChunkOutcome:
+    async def _run_sync_limited(self, records: list[Any], numbers: Sequence[int]) -> ChunkOutcome:
         assert self.limiter is not None
         outcome = ChunkOutcome()
+        skipped: list[int] = []
         for offset, item in enumerate(records):
             await self.limiter.wait()
             try:
-                self._keep(outcome, item, self.function(item))
+                if not self._keep(outcome, item, await run_in_thread(self.function, item)):
+                    skipped.append(offset)
             except Exception as exc:  # recorded per item
-                outcome.errors.append(ItemError(first_record + offset + 1, describe(exc), item))
+                outcome.errors.append(ItemError(numbers[offset], describe(exc), item))
+                skipped.append(offset)
+        outcome.origins = origins_without(len(records), skipped)
         return outcome
 
     async def _call_async(self, item: Any) -> Any:
@@ -162,26 +173,35 @@ class FunctionProcessor(InProcess):
                 await self.limiter.wait()
             return await self.function(item)
 
-    async def _run_async(self, records: list[Any], first_record: int) -> ChunkOutcome:
+    async def _run_async(self, records: list[Any], numbers: Sequence[int]) -> ChunkOutcome:
         results = await asyncio.gather(
             *(self._call_async(item) for item in records), return_exceptions=True
         )
         outcome = ChunkOutcome()
+        skipped: list[int] = []
         for offset, (item, value) in enumerate(zip(records, results, strict=True)):
             if isinstance(value, asyncio.CancelledError):
                 raise value
             if isinstance(value, BaseException):
-                outcome.errors.append(ItemError(first_record + offset + 1, describe(value), item))
+                outcome.errors.append(ItemError(numbers[offset], describe(value), item))
+                skipped.append(offset)
             else:
-                self._keep(outcome, item, value)
+                try:
+                    kept = self._keep(outcome, item, value)
+                except Exception as exc:  # a filter answer whose truth test raises
+                    outcome.errors.append(ItemError(numbers[offset], describe(exc), item))
+                    kept = False
+                if not kept:
+                    skipped.append(offset)
+        outcome.origins = origins_without(len(records), skipped)
         return outcome
 
-    async def _run_batch(self, records: list[Any], first_record: int) -> ChunkOutcome:
+    async def _run_batch(self, records: list[Any], numbers: Sequence[int]) -> ChunkOutcome:
         if self.is_async:
             values = await self.function(records)
         else:
-            values = await asyncio.to_thread(self.function, records)
-        return batch_outcome(self.what, records, first_record, values, self.keep_if_true)
+            values = await run_in_thread(self.function, records)
+        return batch_outcome(self.what, records, numbers, values, self.keep_if_true)
 
 
 @dataclass
@@ -197,7 +217,7 @@ class CommandProcessor(InProcess):
     """Commands run in the pipeline file's folder, so relative script paths work from anywhere."""
 
     async def process_chunk(
-        self, records: list[Any], first_record: int, params: dict[str, Any]
+        self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
     ) -> ChunkOutcome:
         import os
 
@@ -218,31 +238,27 @@ class CommandProcessor(InProcess):
                 process.kill()
                 await process.wait()
             raise
-        span = f"records {first_record + 1}-{first_record + len(records)}"
+        where = span(numbers)
         if process.returncode != 0:
             tail = stderr.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
             raise ChunkFailure(
-                f"command exited with status {process.returncode} on {span}"
+                f"command exited with status {process.returncode} on {where}"
                 + (f": {tail}" if tail else "")
             )
         lines = [line for line in stdout.split(b"\n") if line.strip()]
         if len(lines) != len(records):
             raise ChunkFailure(
-                f"command printed {len(lines)} lines for {len(records)} input lines on {span}"
+                f"command printed {len(lines)} lines for {len(records)} input lines on {where}"
             )
-        outcome = ChunkOutcome()
-        for offset, (item, line) in enumerate(zip(records, lines, strict=True)):
+        values = []
+        for offset, line in enumerate(lines):
             try:
-                value = orjson.loads(line)
+                values.append(orjson.loads(line))
             except orjson.JSONDecodeError as exc:
                 raise ChunkFailure(
-                    f"command output line {offset + 1} on {span} is not JSON: {exc}"
+                    f"command output line {offset + 1} on {where} is not JSON: {exc}"
                 ) from None
-            if not self.keep_if_true:
-                outcome.outputs.append(value)
-            elif value:
-                outcome.outputs.append(item)
-        return outcome
+        return batch_outcome(self.what, records, numbers, values, self.keep_if_true)
 
 
 def ensure_callable(target: Any, reference: str, what: str) -> Callable[..., Any | Awaitable[Any]]:

@@ -14,6 +14,7 @@ import os
 import signal
 import struct
 import sys
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import orjson
@@ -73,26 +74,29 @@ class _MapJob:
             self.function = import_object(job["source"], what=self.what)
         self.kind = job["kind"]
 
-    def run(self, records: list[Any], first_record: int) -> ChunkOutcome:
+    def run(self, records: list[Any], numbers: Sequence[int]) -> ChunkOutcome:
         if self.kind == "expr":
-            return evaluate_items(
-                self.evaluate, records, first_record, self.params, self.keep_if_true
-            )
+            return evaluate_items(self.evaluate, records, numbers, self.params, self.keep_if_true)
         if self.batch:
             values = self.function(records)
-            return batch_outcome(self.what, records, first_record, values, self.keep_if_true)
-        return call_items(self.function, records, first_record, self.keep_if_true)
+            return batch_outcome(self.what, records, numbers, values, self.keep_if_true)
+        return call_items(self.function, records, numbers, self.keep_if_true)
 
     def answer(self, header: dict[str, Any], body: bytes) -> bytes:
         try:
-            outcome = self.run(decode_lines(body), header["first"])
+            records = decode_lines(body)
+            numbers = header.get("records") or range(
+                header["first"] + 1, header["first"] + 1 + len(records)
+            )
+            outcome = self.run(records, numbers)
         except ChunkFailure as exc:
             return frame({"fail": str(exc)})
         except Exception as exc:  # a batch function raising fails the chunk, as in-process
             return frame({"fail": describe(exc)})
         data, unencodable = encode_lines(outcome.outputs)
         errors = [[error.record, error.error, error.input] for error in outcome.errors]
-        return frame({"errors": errors, "unencodable": unencodable}, data)
+        reply = {"errors": errors, "unencodable": unencodable, "origins": outcome.origins}
+        return frame(reply, data)
 
 
 class _CheckJob:

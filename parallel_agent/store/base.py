@@ -26,6 +26,8 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import orjson
+
 from parallel_agent.errors import StateLostError
 
 #: Run statuses after which a run never changes by itself; `gc` drops them and Redis expires them.
@@ -84,6 +86,8 @@ class ChunkSpec:
     first_record: int
     count: int
     payload: bytes
+    records: bytes = b""
+    """The input record numbers of the payload's items (see `record_numbers`)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,12 @@ class Lease:
     payload: bytes
     attempt: int
     expires_at: float
+    records: bytes = b""
+    """The input record numbers of the payload's items (see `record_numbers`)."""
+
+    @property
+    def numbers(self) -> Sequence[int]:
+        return record_numbers(self.first_record, self.count, self.records)
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,13 @@ class ChunkResult:
     items_failed: int
     duration_s: float
     attempt: int
+    records: bytes = b""
+    """The input record numbers of the result's items (see `record_numbers`); `count` is the
+    chunk's input size, which the result has only when `records` is empty."""
+
+    @property
+    def numbers(self) -> Sequence[int]:
+        return record_numbers(self.first_record, self.count, self.records)
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,12 @@ class FailedChunk:
     payload: bytes
     error: str
     attempts: int
+    records: bytes = b""
+    """The input record numbers of the payload's items (see `record_numbers`)."""
+
+    @property
+    def numbers(self) -> Sequence[int]:
+        return record_numbers(self.first_record, self.count, self.records)
 
 
 @dataclass(frozen=True)
@@ -144,6 +167,28 @@ class NodeCounts:
     items_failed: int
     retries: int
     sealed: bool
+
+
+def record_numbers(first_record: int, count: int, records: bytes) -> Sequence[int]:
+    """The 1-based input record numbers of a chunk's items, so that every node reports a failure
+    under the number of the input record it came from. `records` is empty while the items are
+    the input's records `first_record + 1` to `first_record + count` in a row (the usual case);
+    after a filter dropped items or a map skipped failed ones, it is their numbers as a JSON
+    array."""
+    if not records:
+        return range(first_record + 1, first_record + count + 1)
+    numbers: list[int] = orjson.loads(records)
+    return numbers
+
+
+def encode_record_numbers(first_record: int, numbers: Sequence[int]) -> bytes:
+    """`records` for items numbered `numbers` (ascending) in a chunk starting after
+    `first_record`: empty when they are the records right after it, in a row."""
+    if not numbers or (
+        numbers[0] == first_record + 1 and numbers[-1] == first_record + len(numbers)
+    ):
+        return b""
+    return orjson.dumps(list(numbers))
 
 
 #: Chunks read per round trip when streaming results: at most this many...
@@ -367,8 +412,10 @@ class RunStore(ABC):
         items_ok: int,
         items_failed: int,
         duration_s: float,
+        records: bytes = b"",
     ) -> bool:
         """Store the chunk's outputs and mark it DONE, with the counters, in one atomic step.
+        `records` numbers the result's items (see `record_numbers`; empty: the chunk's range).
 
         Fenced: accepted only while the chunk is LEASED under this lease's token, so a commit from
         an expired lease nobody reclaimed yet is accepted, and a stale token after a reclaim is

@@ -12,6 +12,8 @@
     <prefix>:<task>:n:<node>:payload   HASH  index → input records (dropped when the chunk is DONE)
     <prefix>:<task>:n:<node>:result    HASH  index → committed result bytes
     <prefix>:<task>:n:<node>:errors    HASH  index → committed item errors
+    <prefix>:<task>:n:<node>:records   HASH  index → the payload's record numbers, if not in a row
+    <prefix>:<task>:n:<node>:result_records  HASH  index → the result's record numbers, likewise
     <prefix>:<task>:n:<node>:ready     ZSET  index → index: PENDING chunks claimable now
     <prefix>:<task>:n:<node>:delayed   ZSET  index → not_before: PENDING chunks in backoff
     <prefix>:<task>:n:<node>:leases    ZSET  index → lease expiry: LEASED chunks (reclaim scan)
@@ -27,13 +29,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Per-node key suffixes, in the order the Lua scripts receive them as KEYS[2..].
+#: Per-node key suffixes (every key a node's chunks use: what gc and the finished TTL cover).
 NODE_SUFFIXES = (
     "counters",
     "meta",
     "payload",
     "result",
     "errors",
+    "records",
+    "result_records",
     "ready",
     "delayed",
     "leases",

@@ -35,6 +35,7 @@ class _Chunk:
     first_record: int
     count: int
     payload: bytes
+    records: bytes = b""
     state: ChunkState = ChunkState.PENDING
     token: int = 0
     attempt: int = 0
@@ -44,6 +45,7 @@ class _Chunk:
     error: str = ""
     result: bytes = b""
     errors: bytes = b""
+    result_records: bytes = b""
     items_ok: int = 0
     items_failed: int = 0
     duration_s: float = 0.0
@@ -165,7 +167,7 @@ class MemoryStore(RunStore):
             for spec in chunks:
                 if spec.index not in state.chunks:
                     state.chunks[spec.index] = _Chunk(
-                        spec.index, spec.first_record, spec.count, spec.payload
+                        spec.index, spec.first_record, spec.count, spec.payload, spec.records
                     )
 
     async def seal(self, task_id: str, node: str) -> None:
@@ -226,6 +228,7 @@ class MemoryStore(RunStore):
         items_ok: int,
         items_failed: int,
         duration_s: float,
+        records: bytes = b"",
     ) -> bool:
         async with self._mutex:
             chunk = self._node(lease.task_id, lease.node).chunks.get(lease.index)
@@ -237,7 +240,7 @@ class MemoryStore(RunStore):
                 return False
             chunk.state = ChunkState.DONE
             chunk.owner = None
-            chunk.result, chunk.errors = result, errors
+            chunk.result, chunk.errors, chunk.result_records = result, errors, records
             chunk.items_ok, chunk.items_failed = items_ok, items_failed
             chunk.duration_s = duration_s
             chunk.payload = b""
@@ -323,7 +326,9 @@ class MemoryStore(RunStore):
         async with self._mutex:
             chunks = self._node_or_empty(task_id, node).chunks.values()
             return [
-                FailedChunk(c.index, c.first_record, c.count, c.payload, c.error, c.attempt)
+                FailedChunk(
+                    c.index, c.first_record, c.count, c.payload, c.error, c.attempt, c.records
+                )
                 for c in sorted(chunks, key=lambda c: c.index)
                 if c.state is ChunkState.FAILED
             ]
@@ -387,6 +392,7 @@ def _lease(task_id: str, node: str, chunk: _Chunk, owner: str) -> Lease:
         payload=chunk.payload,
         attempt=chunk.attempt,
         expires_at=chunk.expires_at,
+        records=chunk.records,
     )
 
 
@@ -401,4 +407,5 @@ def _result(chunk: _Chunk) -> ChunkResult:
         items_failed=chunk.items_failed,
         duration_s=chunk.duration_s,
         attempt=chunk.attempt,
+        records=chunk.result_records,
     )

@@ -336,11 +336,13 @@ class RedisStore(RunStore):
         keys = [
             k.run,
             k.nodes,
-            *(k.node(node, s) for s in ("counters", "meta", "payload", "ready")),
+            *(k.node(node, s) for s in ("counters", "meta", "payload", "ready", "records")),
         ]
         args: list[Any] = [node]
         for chunk in chunks:
-            args.extend((chunk.index, chunk.first_record, chunk.count, chunk.payload))
+            args.extend(
+                (chunk.index, chunk.first_record, chunk.count, chunk.payload, chunk.records)
+            )
         await self._checked(task_id, "add_chunks", keys, args)
 
     async def seal(self, task_id: str, node: str) -> None:
@@ -359,13 +361,22 @@ class RedisStore(RunStore):
         now: float | None = None,
     ) -> list[Lease]:
         keys = self._node_keys(
-            task_id, node, "counters", "meta", "payload", "ready", "delayed", "leases", "failed"
+            task_id,
+            node,
+            "counters",
+            "meta",
+            "payload",
+            "ready",
+            "delayed",
+            "leases",
+            "failed",
+            "records",
         )
         args = [owner, repr(lease_s), limit, max_attempts, _time_arg(now)]
         reply = await self._checked(task_id, "claim", keys, args)
         leases = []
-        for at in range(0, len(reply), 7):
-            index, token, attempt, first, count, payload, expires = reply[at : at + 7]
+        for at in range(0, len(reply), 8):
+            index, token, attempt, first, count, payload, expires, records = reply[at : at + 8]
             leases.append(
                 Lease(
                     task_id=task_id,
@@ -378,6 +389,7 @@ class RedisStore(RunStore):
                     payload=payload or b"",
                     attempt=int(attempt),
                     expires_at=float(expires),
+                    records=records or b"",
                 )
             )
         return leases
@@ -396,6 +408,7 @@ class RedisStore(RunStore):
         items_ok: int,
         items_failed: int,
         duration_s: float,
+        records: bytes = b"",
     ) -> bool:
         keys = self._node_keys(
             lease.task_id,
@@ -407,8 +420,11 @@ class RedisStore(RunStore):
             "errors",
             "leases",
             "done",
+            "records",
+            "result_records",
         )
         args = [lease.index, lease.token, result, errors, items_ok, items_failed, repr(duration_s)]
+        args.append(records)
         return bool(await self._checked(lease.task_id, "commit", keys, args) == 1)
 
     async def fail(
@@ -484,9 +500,9 @@ class RedisStore(RunStore):
     async def results(self, task_id: str, node: str) -> AsyncIterator[ChunkResult]:
         batch = results_batch(await self.counts(task_id, node))
         async for rows in self._done_batches(
-            task_id, node, "meta", "result", "errors", batch=batch
+            task_id, node, "meta", "result", "errors", "result_records", batch=batch
         ):
-            for index, (meta, result, errors) in rows:
+            for index, (meta, result, errors, records) in rows:
                 if meta is None:
                     continue
                 m = orjson.loads(meta)
@@ -500,6 +516,7 @@ class RedisStore(RunStore):
                     items_failed=int(m.get("bad", 0)),
                     duration_s=float(m.get("dur", 0.0)),
                     attempt=int(m["att"]),
+                    records=records or b"",
                 )
 
     async def chunk_durations(self, task_id: str, node: str) -> list[float]:
@@ -520,9 +537,12 @@ class RedisStore(RunStore):
             async with c.pipeline(transaction=False) as pipe:
                 pipe.hmget(k.node(node, "meta"), indices)
                 pipe.hmget(k.node(node, "payload"), indices)
-                metas, payloads = await pipe.execute()
+                pipe.hmget(k.node(node, "records"), indices)
+                metas, payloads, numbers = await pipe.execute()
             failed = []
-            for index, meta, payload in zip(indices, metas, payloads, strict=True):
+            for index, meta, payload, records in zip(
+                indices, metas, payloads, numbers, strict=True
+            ):
                 m = orjson.loads(meta)
                 failed.append(
                     FailedChunk(
@@ -532,6 +552,7 @@ class RedisStore(RunStore):
                         payload=payload or b"",
                         error=str(m.get("err", "")),
                         attempts=int(m["att"]),
+                        records=records or b"",
                     )
                 )
             return failed

@@ -106,6 +106,8 @@ CREATE TABLE IF NOT EXISTS chunk_data (  -- the blobs, apart: SQLite rewrites a 
     payload BLOB,                          -- the input records, until the chunk is done
     result  BLOB,
     errors  BLOB,
+    records BLOB,                          -- numbers of the payload's records, if not in a row
+    result_records BLOB,                   -- numbers of the result's records, if not in a row
     PRIMARY KEY (task_id, node, idx)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (task_id, node, state, idx);
@@ -193,6 +195,8 @@ class SqliteStore(RunStore):
             self._conn = await self._run(self._connect)
             await self._read(self._check_layout)
             await self._read(lambda conn: conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
+            if await self._read(_lacks_record_numbers):
+                await self._write(_add_record_numbers)
         except BaseException:
             await self.close()
             raise
@@ -392,8 +396,9 @@ class SqliteStore(RunStore):
                 )
                 if cursor.rowcount == 1:
                     conn.execute(
-                        "INSERT INTO chunk_data (task_id, node, idx, payload) VALUES (?, ?, ?, ?)",
-                        (*key, chunk.payload),
+                        "INSERT INTO chunk_data (task_id, node, idx, payload, records) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (*key, chunk.payload, chunk.records or None),
                     )
                     added += 1
                     items += chunk.count
@@ -460,7 +465,7 @@ class SqliteStore(RunStore):
                     "RETURNING idx, token, attempt, first_record, count, expires_at",
                     (owner, at + lease_s, *(rowid for _, rowid, _ in chosen)),
                 ).fetchall()
-                rows = [(*row[:5], _payload(conn, task_id, node, row[0]), row[5]) for row in rows]
+                rows = [(*row, *_payload(conn, task_id, node, row[0])) for row in rows]
             retries = sum(1 for row in rows if row[2] > 1)
             _bump(
                 conn,
@@ -472,8 +477,20 @@ class SqliteStore(RunStore):
                 retries=retries,
             )
             return [
-                Lease(task_id, node, idx, token, owner, first, count, payload, attempt, expires)
-                for idx, token, attempt, first, count, payload, expires in sorted(rows)
+                Lease(
+                    task_id,
+                    node,
+                    idx,
+                    token,
+                    owner,
+                    first,
+                    count,
+                    payload,
+                    attempt,
+                    expires,
+                    numbers,
+                )
+                for idx, token, attempt, first, count, expires, payload, numbers in sorted(rows)
             ]
 
         return await self._write(claim)
@@ -500,6 +517,7 @@ class SqliteStore(RunStore):
         items_ok: int,
         items_failed: int,
         duration_s: float,
+        records: bytes = b"",
     ) -> bool:
         def commit(conn: sqlite3.Connection) -> bool:
             self._require_run(conn, lease.task_id)
@@ -519,9 +537,9 @@ class SqliteStore(RunStore):
                 (items_ok, items_failed, duration_s, *_chunk_key(lease)),
             )
             conn.execute(
-                "UPDATE chunk_data SET payload = NULL, result = ?, errors = ? "
-                "WHERE task_id = ? AND node = ? AND idx = ?",
-                (result, errors, *_chunk_key(lease)),
+                "UPDATE chunk_data SET payload = NULL, records = NULL, result = ?, errors = ?, "
+                "result_records = ? WHERE task_id = ? AND node = ? AND idx = ?",
+                (result, errors, records or None, *_chunk_key(lease)),
             )
             _bump(
                 conn,
@@ -615,7 +633,8 @@ class SqliteStore(RunStore):
             def batch(conn: sqlite3.Connection, after: int = after) -> list[ChunkResult]:
                 rows = conn.execute(
                     "SELECT c.idx, c.first_record, c.count, d.result, d.errors, c.items_ok, "
-                    "c.items_failed, c.duration_s, c.attempt FROM chunks c JOIN chunk_data d "
+                    "c.items_failed, c.duration_s, c.attempt, COALESCE(d.result_records, x'') "
+                    "FROM chunks c JOIN chunk_data d "
                     "USING (task_id, node, idx) WHERE c.task_id = ? AND c.node = ? "
                     "AND c.state = 'done' AND c.idx > ? ORDER BY c.idx LIMIT ?",
                     (task_id, node, after, batch_size),
@@ -632,8 +651,8 @@ class SqliteStore(RunStore):
     async def failed_chunks(self, task_id: str, node: str) -> list[FailedChunk]:
         def failed(conn: sqlite3.Connection) -> list[FailedChunk]:
             rows = conn.execute(
-                "SELECT c.idx, c.first_record, c.count, d.payload, c.error, c.attempt "
-                "FROM chunks c JOIN chunk_data d USING (task_id, node, idx) "
+                "SELECT c.idx, c.first_record, c.count, COALESCE(d.payload, x''), c.error, "
+                "c.attempt, COALESCE(d.records, x'') FROM chunks c JOIN chunk_data d USING (task_id, node, idx) "
                 "WHERE c.task_id = ? AND c.node = ? AND c.state = 'failed' ORDER BY c.idx",
                 (task_id, node),
             ).fetchall()
@@ -712,12 +731,34 @@ def _bump(conn: sqlite3.Connection, task_id: str, node: str, **deltas: int) -> N
     )
 
 
-def _payload(conn: sqlite3.Connection, task_id: str, node: str, index: int) -> bytes:
+def _payload(conn: sqlite3.Connection, task_id: str, node: str, index: int) -> tuple[bytes, bytes]:
+    """A chunk's payload and the numbers of its records (empty when missing)."""
     row = conn.execute(
-        "SELECT payload FROM chunk_data WHERE task_id = ? AND node = ? AND idx = ?",
+        "SELECT payload, records FROM chunk_data WHERE task_id = ? AND node = ? AND idx = ?",
         (task_id, node, index),
     ).fetchone()
-    return bytes(row[0]) if row is not None and row[0] is not None else b"[]"
+    if row is None:
+        return b"", b""
+    return bytes(row[0] or b""), bytes(row[1] or b"")
+
+
+_RECORD_COLUMNS = ("records", "result_records")
+
+
+def _missing_record_columns(conn: sqlite3.Connection) -> list[str]:
+    names = {row[0] for row in conn.execute("SELECT name FROM pragma_table_info('chunk_data')")}
+    return [column for column in _RECORD_COLUMNS if column not in names]
+
+
+def _lacks_record_numbers(conn: sqlite3.Connection) -> bool:
+    return bool(_missing_record_columns(conn))
+
+
+def _add_record_numbers(conn: sqlite3.Connection) -> None:
+    """Give a state file from before record numbers were kept their columns (NULL: in a row,
+    which is what its chunks are)."""
+    for column in _missing_record_columns(conn):
+        conn.execute(f"ALTER TABLE chunk_data ADD COLUMN {column} BLOB")
 
 
 def _run_info(row: Sequence[Any]) -> RunInfo:

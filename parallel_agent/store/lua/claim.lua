@@ -1,6 +1,7 @@
--- KEYS: run, counters, meta, payload, ready, delayed, leases, failed.
+-- KEYS: run, counters, meta, payload, ready, delayed, leases, failed, records.
 -- ARGV: owner, lease_s, limit, max_attempts, now ('' = server time).
--- Returns 'LOST' or a flat list of (index, token, attempt, first, count, payload, expires_at).
+-- Returns 'LOST' or a flat list of (index, token, attempt, first, count, payload, expires_at,
+-- records).
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 'LOST'
 end
@@ -61,8 +62,9 @@ for i = 1, math.min(limit, #candidates) do
   end
   save(KEYS[3], index, m)
   redis.call('ZADD', KEYS[7], num(m.exp), index)
-  local payload = redis.call('HGET', KEYS[4], index)
-  for _, v in ipairs({index, m.tok, m.att, m.first, m.count, payload, num(m.exp)}) do
+  local payload = redis.call('HGET', KEYS[4], index) or ''
+  local records = redis.call('HGET', KEYS[9], index) or ''
+  for _, v in ipairs({index, m.tok, m.att, m.first, m.count, payload, num(m.exp), records}) do
     table.insert(out, v)
   end
 end

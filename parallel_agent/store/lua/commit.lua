@@ -1,5 +1,5 @@
--- KEYS: run, counters, meta, payload, result, errors, leases, done.
--- ARGV: index, token, result, errors, items_ok, items_failed, duration_s.
+-- KEYS: run, counters, meta, payload, result, errors, leases, done, records, result_records.
+-- ARGV: index, token, result, errors, items_ok, items_failed, duration_s, result's records.
 -- Fenced: only the current token of a LEASED chunk commits; the same lease again returns 1.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 'LOST'
@@ -24,6 +24,10 @@ save(KEYS[3], index, m)
 redis.call('HSET', KEYS[5], index, ARGV[3])
 redis.call('HSET', KEYS[6], index, ARGV[4])
 redis.call('HDEL', KEYS[4], index)
+redis.call('HDEL', KEYS[9], index)
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[10], index, ARGV[8])
+end
 redis.call('ZREM', KEYS[7], index)
 redis.call('ZADD', KEYS[8], index, index)
 redis.call('HINCRBY', KEYS[2], 'leased', -1)
