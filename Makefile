@@ -30,7 +30,10 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# Bytecode first: machines that set PYTHONDONTWRITEBYTECODE (these do) would otherwise compile
+# every module again in each of the hundreds of `pagent` processes the tests start.
 test: install
+	$(BIN)/python -m compileall -q parallel_agent tests
 	$(BIN)/pytest
 
 test-fast: install

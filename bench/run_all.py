@@ -129,7 +129,19 @@ def measure_rounds(
     return fastest
 
 
+def write_bytecode() -> None:
+    """Compile pagent's modules as `pip install` does: with PYTHONDONTWRITEBYTECODE set (as on
+    these machines) an editable install would recompile every module at each start, a cost no
+    installed pagent pays."""
+    import compileall
+
+    import parallel_agent
+
+    compileall.compile_dir(Path(parallel_agent.__file__).parent, quiet=1)
+
+
 def main() -> None:
+    write_bytecode()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
