@@ -464,20 +464,17 @@ def test_malformed_json_exit_3(cli: Any, tmp_path: Path) -> None:
     assert_one_line_error(result, 3, "bad.json", "line 2")
 
 
-def test_csv_unterminated_quote_names_where_it_opened(cli: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text",
+    ['a,b\n1,2\n3,"oops\n5,6\n7,8\n', "a,b\n1,2\n3,4,5\n"],
+    ids=["unterminated quote: where it opened", "ragged row"],
+)
+def test_bad_csv_names_its_line(cli: Any, tmp_path: Path, text: str) -> None:
     data = tmp_path / "bad.csv"
-    data.write_text('a,b\n1,2\n3,"oops\n5,6\n7,8\n')
+    data.write_text(text)
     pipeline = write_pipeline(tmp_path, map_pipeline("{use: map, expr: item}"))
     result = cli("run", pipeline, "--data", str(data))
     assert_one_line_error(result, 3, "bad.csv", "line 3")
-
-
-def test_csv_ragged_row(cli: Any, tmp_path: Path) -> None:
-    data = tmp_path / "ragged.csv"
-    data.write_text("a,b\n1,2\n3,4,5\n")
-    pipeline = write_pipeline(tmp_path, map_pipeline("{use: map, expr: item}"))
-    result = cli("run", pipeline, "--data", str(data))
-    assert_one_line_error(result, 3, "ragged.csv", "line 3")
 
 
 def test_unwritable_output_exit_5_before_running(cli: Any, tmp_path: Path) -> None:
