@@ -105,7 +105,7 @@ class TaskBusyError(PagentError):
 
 
 class InterruptedRunError(PagentError):
-    """Raised when a run stops on SIGINT/SIGTERM; its state is kept for `pagent resume`."""
+    """Raised when a run stops on SIGINT/SIGTERM/SIGHUP; its state is kept for `pagent resume`."""
 
     exit_code = 130
 

@@ -7,6 +7,7 @@ worker processes.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -30,11 +31,22 @@ def encode_lines(values: list[Any]) -> tuple[bytes, list[int]]:
 
 
 def decode_lines(data: bytes) -> list[Any]:
-    """Decode JSON Lines bytes written by `encode_lines` in one C-level pass."""
+    """Decode JSON Lines bytes, as written by `encode_lines` or passed by `check_jsonl` (every
+    payload in the run store is one or the other).
+
+    The lines are read as one JSON array, one C-level parse (about twice as fast as a parse per
+    line): for lines that are each one JSON value, that gives each line's value. The array nests
+    every value a level deeper, so a line at orjson's limit of 1024 levels fails that way; any
+    failure is settled by parsing each line on its own, which reads exactly what `check_jsonl`
+    accepts.
+    """
     if not data:
         return []
     body = data[:-1] if data.endswith(b"\n") else data
-    return list(orjson.loads(b"[" + body.replace(b"\n", b",") + b"]"))
+    try:
+        return list(orjson.loads(b"[" + body.replace(b"\n", b",") + b"]"))
+    except orjson.JSONDecodeError:
+        return list(_values(_lines(data)))
 
 
 def check_jsonl(payload: bytes) -> int | None:
@@ -42,11 +54,9 @@ def check_jsonl(payload: bytes) -> int | None:
 
     Parsing is the only way to know; the values are dropped (the payload is what gets stored).
     """
-    lines = payload.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
+    lines = _lines(payload)
     try:
-        collections.deque(map(orjson.loads, lines), maxlen=0)
+        collections.deque(_values(lines), maxlen=0)
     except orjson.JSONDecodeError:
         for position, text in enumerate(lines):
             try:
@@ -54,3 +64,15 @@ def check_jsonl(payload: bytes) -> int | None:
             except orjson.JSONDecodeError:
                 return position
     return None
+
+
+def _lines(data: bytes) -> list[bytes]:
+    """The lines of JSON Lines bytes; a final newline ends the last line rather than adding one."""
+    if not data:
+        return []
+    return (data[:-1] if data.endswith(b"\n") else data).split(b"\n")
+
+
+def _values(lines: list[bytes]) -> Iterator[Any]:
+    """The one way both functions parse: each line on its own."""
+    return map(orjson.loads, lines)

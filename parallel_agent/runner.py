@@ -612,14 +612,21 @@ def _write_value(value: Any, target: str, fmt: str, stdout: BinaryIO | None) -> 
     return len(rows)
 
 
+#: Signals that interrupt a run resumably (SIGHUP: the terminal went away; not on Windows).
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
 def run_pipeline(options: RunOptions, events: EventSink | None = None) -> RunSummary:
-    """Run a pipeline to the end (blocking); SIGINT/SIGTERM stop it resumably (InterruptedRunError)."""
+    """Run a pipeline to the end (blocking); SIGINT, SIGTERM and SIGHUP (the terminal closed) stop
+    it resumably (InterruptedRunError)."""
     run = PipelineRun(options, events)
 
     async def main() -> RunSummary:
         loop = asyncio.get_running_loop()
         installed = []
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signum, run.interrupt)
                 installed.append(signum)

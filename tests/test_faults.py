@@ -99,8 +99,19 @@ def workers_of(ledger: Path) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("processes", [0, 2])
-def test_sigint_exits_130_and_resume_completes(setup: dict[str, Any], processes: int) -> None:
+@pytest.mark.parametrize(
+    ("stop", "processes"),
+    [
+        (signal.SIGINT, 0),
+        (signal.SIGINT, 2),
+        (signal.SIGTERM, 2),
+        (signal.SIGHUP, 2),  # the terminal went away
+    ],
+    ids=["SIGINT", "SIGINT-processes", "SIGTERM-processes", "SIGHUP-processes"],
+)
+def test_stop_signal_exits_130_and_resume_completes(
+    setup: dict[str, Any], stop: signal.Signals, processes: int
+) -> None:
     if processes:
         pipeline = Path(setup["pipeline"])
         pipeline.write_text(
@@ -125,7 +136,7 @@ def test_sigint_exits_130_and_resume_completes(setup: dict[str, Any], processes:
     while not setup["ledger"].exists() or len(setup["ledger"].read_text().split()) < 40:
         assert time.monotonic() < deadline, "the run never started working"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     code, stderr = finish(proc)
     assert code == 130, stderr
     assert "pagent resume interrupt-me" in stderr
@@ -147,6 +158,26 @@ def test_sigint_exits_130_and_resume_completes(setup: dict[str, Any], processes:
     assert resumed.returncode == 0, resumed.stderr.decode()
     missing, duplicated, _ = report(output, setup["ledger"])
     assert missing == [] and duplicated == []
+
+
+def test_worker_processes_die_with_a_killed_coordinator(setup: dict[str, Any]) -> None:
+    """Workers lead their own process groups (so a kill takes along what the user's code
+    started), so nothing in the terminal reaches them: a coordinator killed outright takes them
+    along (Linux's parent-death signal), even in the middle of a long item."""
+    pipeline = Path(setup["pipeline"])
+    pipeline.write_text(pipeline.read_text().replace("concurrency: 3,", "processes: 2,"))
+    env = {**setup["env"], "PAGENT_LEDGER_SLEEP": "600"}
+    proc = pagent(["run", setup["pipeline"], "--data", setup["data"]], env)
+    deadline = time.monotonic() + 30
+    while len(workers_of(setup["ledger"])) < 2 or not setup["ledger"].exists():
+        assert time.monotonic() < deadline, "the workers never started working"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # the coordinator alone, as the OOM killer would
+    proc.wait(timeout=10)  # (its pipes may stay open as long as a worker holds them)
+    while workers_of(setup["ledger"]):
+        assert time.monotonic() < deadline + 30, "a worker outlived its killed coordinator"
+        time.sleep(0.02)
+    proc.communicate(timeout=10)
 
 
 @pytest.fixture(params=["sqlite", "redis"])

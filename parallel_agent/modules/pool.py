@@ -6,6 +6,10 @@ and returns its outputs already encoded, so the coordinator never decodes record
 sends its chunks; a split sends JSON Lines input to be checked. A chunk that times out, loses its
 lease or is interrupted kills its worker (the only way to stop a running Python function); a fresh
 one takes its place for the next chunk.
+
+Each worker leads its own process group, so a kill takes along whatever the user's code started.
+That also keeps the terminal's Ctrl-C from reaching workers: the coordinator stops them itself,
+through `close` at the end of a run however it ends.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,17 +61,30 @@ class _Worker:
         return header, await stdout.readexactly(body_size)
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
+        """SIGKILL the worker's process group: the worker and what the user's code started."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
-    async def close(self) -> None:
-        if self.process.stdin is not None:
-            self.process.stdin.close()
+    def close_pipes(self) -> None:
+        """Close our ends of the pipes now: end of input tells the worker to exit, and a process
+        it started may hold the other ends, which must not keep our file descriptors (or, on
+        Python 3.11, `wait`) waiting for that process. A request not yet sent is dropped."""
+        stdin = self.process.stdin
+        if stdin is not None and not stdin.transport.is_closing():  # abort() is not idempotent
+            stdin.transport.abort()
+        transport = _transport(self.process.stdout)
+        if transport is not None:
+            transport.close()
+
+    async def close(self) -> int:
+        """Let the worker exit, killing its process group if it has not within `EXIT_GRACE_S`;
+        its exit status (negative: the signal that ended it)."""
+        self.close_pipes()
         try:
-            await asyncio.wait_for(self.process.wait(), EXIT_GRACE_S)
+            return await asyncio.wait_for(self.process.wait(), EXIT_GRACE_S)
         except TimeoutError:
             self.kill()
-            await self.process.wait()
+            return await self.process.wait()
 
 
 @dataclass
@@ -81,6 +99,7 @@ class PooledProcessor:
     dead: list[_Worker] = field(default_factory=list)
     starting: list[asyncio.Future[_Worker]] = field(default_factory=list)
     slots: asyncio.Semaphore | None = None
+    closed: bool = False
 
     async def process_chunk(
         self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
@@ -121,23 +140,25 @@ class PooledProcessor:
             self.busy.add(worker)
             try:
                 header, reply = await worker.call(frame(request, body))
-            except asyncio.IncompleteReadError:
+            except (asyncio.IncompleteReadError, ConnectionError):  # its pipes closed: it died
                 self.busy.discard(worker)
                 raise ChunkFailure(await self._died(worker, request)) from None
             except BaseException:  # timeout, lost lease, interrupt: stop the work for good
                 self.busy.discard(worker)
-                worker.kill()
-                self.dead.append(worker)
+                self._kill(worker)
                 raise
             self.busy.discard(worker)
-            self.idle.append(worker)
+            if self.closed:  # the run stopped meanwhile: nothing will come to an idle worker
+                await worker.close()
+            else:
+                self.idle.append(worker)
         if "fail" in header:
             raise ChunkFailure(str(header["fail"]))
         return header, reply
 
     def warm_up(self, params: dict[str, Any]) -> None:
         """Start the workers in the background, so they are ready when the first chunk is."""
-        while len(self.idle) + len(self.starting) < self.size:
+        while not self.closed and len(self.idle) + len(self.starting) < self.size:
             self.starting.append(asyncio.ensure_future(self._start(params)))
 
     async def _take(self, params: dict[str, Any]) -> _Worker:
@@ -155,6 +176,7 @@ class PooledProcessor:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=4 * PIPE_SIZE,  # buffer a reply in big reads, without pausing the pipe
+            start_new_session=True,  # its own process group, for `_Worker.kill`
             # The coordinator's import path, so the worker imports what the pipeline imported.
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
@@ -173,20 +195,41 @@ class PooledProcessor:
         process.stdin.write(frame(description))
         return _Worker(process)
 
+    def _kill(self, worker: _Worker) -> None:
+        """Kill a worker and let go of its pipes at once; `close` collects its exit."""
+        worker.kill()
+        worker.close_pipes()
+        self.dead = [dead for dead in self.dead if dead.process.returncode is None]
+        self.dead.append(worker)
+
     async def _died(self, worker: _Worker, request: dict[str, Any]) -> str:
+        """Why a call failed: its worker's exit status. Whatever the worker started goes too,
+        like its chunk's work."""
+        self._kill(worker)
         status = await worker.process.wait()
+        if status < 0:
+            try:
+                ended = f"was killed by {signal.Signals(-status).name}"
+            except ValueError:  # a signal without a name
+                ended = f"was killed by signal {-status}"
+        else:
+            ended = f"exited with status {status}"
         where = f" on the chunk starting at record {request['first'] + 1}" if request else ""
-        return f"{self.job.what}: worker process exited with status {status}{where}"
+        return f"{self.job.what}: worker process {ended}{where}"
 
     async def close(self) -> None:
-        """Let idle workers exit; kill any still busy (the run is stopping)."""
+        """Stop every worker: idle ones exit, busy ones are killed (the run is stopping). Every
+        worker is told before the first wait, so a close cut short still stops them all."""
+        self.closed = True
+        for worker in self.busy:
+            self._kill(worker)
+        for worker in self.idle:
+            worker.close_pipes()
+        workers = [*self.idle, *self.dead]
+        self.idle, self.busy, self.dead = [], set(), []
         started = await asyncio.gather(*self.starting, return_exceptions=True)
         self.starting = []
-        for worker in self.busy:
-            worker.kill()
-        workers = [*self.idle, *self.busy, *self.dead]
         workers.extend(worker for worker in started if isinstance(worker, _Worker))
-        self.idle, self.busy, self.dead = [], set(), []
         await asyncio.gather(*(worker.close() for worker in workers), return_exceptions=True)
 
 
@@ -201,8 +244,13 @@ def _widen_pipes(process: asyncio.subprocess.Process) -> None:
     if setsize is None:
         return
     for stream in (process.stdin, process.stdout):
-        transport = getattr(stream, "transport", None) or getattr(stream, "_transport", None)
+        transport = _transport(stream)
         pipe = transport.get_extra_info("pipe") if transport is not None else None
         if pipe is not None:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(pipe.fileno(), setsize, PIPE_SIZE)
+
+
+def _transport(stream: asyncio.StreamReader | asyncio.StreamWriter | None) -> Any:
+    """The pipe transport under a process's stream (a reader's is not public)."""
+    return getattr(stream, "transport", None) or getattr(stream, "_transport", None)

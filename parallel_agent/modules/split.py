@@ -44,7 +44,11 @@ async def split_input(
         data_key=source.data_key,
         display_name=source.path,
     )
-    splitter = _Splitter(ctx, targets, reader, checker if source.fmt == "jsonl" else None)
+    if source.fmt != "jsonl":
+        checker = None  # JSON and CSV are parsed as they are read
+    if checker is not None:
+        checker.warm_up(ctx.params)  # while the first chunk is read
+    splitter = _Splitter(ctx, targets, reader, checker)
     await splitter.run()
     for target in targets:
         await ctx.store.seal(ctx.task_id, target)

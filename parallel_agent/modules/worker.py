@@ -123,7 +123,29 @@ def _job(description: dict[str, Any]) -> _MapJob | _CheckJob | _BrokenJob:
         return _BrokenJob(f"worker process could not load {description['source']}: {exc}")
 
 
+#: prctl(2) option: the signal a process gets when its parent dies (Linux).
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_coordinator() -> None:
+    """A worker leads its own process group (so that a kill takes along what the user's code
+    started), which also shields it from the terminal's signals: if the coordinator is killed
+    outright, Linux sends the worker SIGKILL, so it never runs on orphaned."""
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere a worker ends at its next request, when it reads end of input
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the coordinator was gone before the request took effect
+        os._exit(1)
+
+
 def main() -> None:
+    _die_with_coordinator()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when its workers stop
     # Requests arrive on a private copy of stdin; the user's code (and anything it starts) reads
     # /dev/null, as in-process, and can never eat a request.

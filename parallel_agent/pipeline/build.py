@@ -67,22 +67,24 @@ class BuiltPipeline:
 
     @contextlib.asynccontextmanager
     async def workers(self) -> AsyncIterator[None]:
-        """Start the worker processes of `processes:` nodes now, while the input is split, and
-        stop every processor's workers when the run ends, however it ends."""
+        """Start the worker processes of `processes:` maps and filters now, while the input is
+        split (a split starts its own only if it will use them), and stop every processor's
+        workers when the run ends, however it ends."""
         processors: list[ChunkProcessor] = []
+        checkers: list[PooledProcessor] = []
         for node in self.agent.nodes.values():
             for module in node.modules:
                 if isinstance(module, ChunkModule):
                     processors.append(module.processor)
                 elif isinstance(module, SplitModule) and module.checker is not None:
-                    processors.append(module.checker)
+                    checkers.append(module.checker)
         for processor in processors:
             if isinstance(processor, PooledProcessor):
                 processor.warm_up(self.ctx.params)
         try:
             yield
         finally:
-            for processor in processors:
+            for processor in [*processors, *checkers]:
                 await processor.close()
 
     def make_task(self, task_id: str) -> Task:

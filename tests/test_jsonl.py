@@ -1,0 +1,105 @@
+"""JSON Lines payloads: what `check_jsonl` lets into the run store, `decode_lines` reads back, line for
+line, with the same values as parsing each line on its own (no stored payload is anything else)."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from parallel_agent.jsonl import check_jsonl, decode_lines, encode_lines
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def each_line(payload: bytes) -> tuple[list[Any] | None, int | None]:
+    """The reference: every line parsed on its own; the values, or the first bad line."""
+    if not payload:
+        return [], None
+    lines = (payload[:-1] if payload.endswith(b"\n") else payload).split(b"\n")
+    values = []
+    for position, line in enumerate(lines):
+        try:
+            values.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            return None, position
+    return values, None
+
+
+@pytest.mark.parametrize(
+    ("depth", "valid"),
+    [(1023, True), (1024, True), (1025, False)],  # orjson's limit: 1024 levels
+)
+@pytest.mark.parametrize("before", [b"", b'{"x": 1}\n'])
+def test_nesting_at_the_parser_limit_is_refused_or_read_by_both(
+    depth: int, valid: bool, before: bytes
+) -> None:
+    payload = before + nested(depth) + b"\n"
+    assert (check_jsonl(payload) is None) is valid
+    if valid:
+        assert len(decode_lines(payload)) == (2 if before else 1)
+    else:
+        assert check_jsonl(payload) == (1 if before else 0)
+
+
+TRICKY = [
+    nested(1024),
+    nested(1025),
+    b'{"a":' * 1024 + b"1" + b"}" * 1024,
+    b"1" * 400,  # past a double: refused
+    b"18446744073709551616",  # past 64 bits: read as a float
+    b"NaN",
+    b'"\\ud800"',  # a lone surrogate
+    b"\xef\xbb\xbf1",  # a byte order mark
+    b'{"x": 1} \t\r',
+    b"",
+    b"  ",
+    b"1,2",  # two values on one line
+    b"[3",  # a value split over two lines
+    b"4]",
+    b'"a\\u0000b"',
+]
+
+
+@pytest.fixture
+def deep_compare() -> Iterator[None]:
+    """Comparing values nested 1024 deep needs more than Python's default recursion limit."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)
+    yield
+    sys.setrecursionlimit(limit)
+
+
+@pytest.mark.usefixtures("deep_compare")
+def test_decode_reads_what_check_accepts_as_each_line_says() -> None:
+    """Every payload of up to three tricky lines, with and without a final newline."""
+    for count in (1, 2, 3):
+        for lines in itertools.product(TRICKY, repeat=count):
+            for end in (b"", b"\n"):
+                payload = b"\n".join(lines) + end
+                values, bad = each_line(payload)
+                assert check_jsonl(payload) == bad, payload[:80]
+                if bad is None:
+                    assert decode_lines(payload) == values, payload[:80]
+
+
+@pytest.mark.parametrize("payload", [b"", b"\n", b"  \n", b"1\n\n", b"1\n2", b"1\r\n2\r\n"])
+def test_empty_and_blank_lines(payload: bytes) -> None:
+    values, bad = each_line(payload)
+    assert check_jsonl(payload) == bad
+    if bad is None:
+        assert decode_lines(payload) == values
+
+
+def test_what_encode_writes_decode_reads() -> None:
+    values = [1, "two", {"three": [3.5, None, True]}, [], {}, "line\nbreak"]
+    data, bad = encode_lines(values)
+    assert bad == []
+    assert check_jsonl(data) is None
+    assert decode_lines(data) == values
