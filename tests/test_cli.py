@@ -931,8 +931,9 @@ nodes:
     failed = tmp_path / "failed.jsonl"
     output = tmp_path / "out.json"
     data = numbers(tmp_path)
+    events = tmp_path / "events.jsonl"
     args = ["--data", data, "--output", str(output), "--failed-output", str(failed), "--json"]
-    result = cli("run", pipeline, *args)
+    result = cli("run", pipeline, *args, "--events", str(events))
     assert result.exit_code == 1
     summary = json.loads(result.stdout)
     assert summary["failed_output"] == {"path": str(failed), "records": 3}
@@ -949,3 +950,10 @@ nodes:
     # each node counts the items it received: 10 read, 4 kept (0 2 6 8), 3 scaled (0 2 6)
     assert [nodes[name]["items"] for name in ("keep", "scale", "invert")] == [10, 4, 3]
     assert [nodes[name]["items_failed"] for name in ("keep", "scale", "invert")] == [1, 1, 1]
+    # every data node tells the displays what it was given (its row shows done/total chunks)
+    planned = {
+        line["node"]: (line["chunks"], line["items"])
+        for line in map(json.loads, events.read_text().splitlines())
+        if line["kind"] == "chunks_planned"
+    }
+    assert planned == {"keep": (4, 10), "scale": (4, 4), "invert": (4, 3)}

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from parallel_agent.errors import StoreError
-from parallel_agent.events import ChunkDone, ChunkFailed, ChunkStarted, ItemFailed
+from parallel_agent.events import ChunkDone, ChunkFailed, ChunksPlanned, ChunkStarted, ItemFailed
 from parallel_agent.jsonl import encode_lines
 from parallel_agent.modules.context import RunContext, stop_loop, wait_or_timeout
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError, describe
@@ -51,11 +51,19 @@ def retry_delay(settings: NodeSettings, attempt: int) -> float:
 
 async def feed_from_producer(ctx: RunContext, node: str) -> None:
     """Queue the producer's committed outputs as this node's chunks (idempotent, so a resume may
-    call it again), then seal the queue."""
+    call it again), then seal the queue and tell the displays how much it holds."""
     store = ctx.store
     counts = await store.counts(ctx.task_id, node)
-    if counts.sealed:
-        return
+    if not counts.sealed:
+        await _queue_producer_results(ctx, node)
+        counts = await store.counts(ctx.task_id, node)
+    ctx.emit(
+        ChunksPlanned(at=ctx.now(), node=node, chunks=counts.chunks_total, items=counts.items_total)
+    )
+
+
+async def _queue_producer_results(ctx: RunContext, node: str) -> None:
+    store = ctx.store
     producer = ctx.producers[node]
     batch: list[ChunkSpec] = []
     async for result in store.results(ctx.task_id, producer):

@@ -33,6 +33,12 @@ async def split_input(
     sealed = [(await ctx.store.counts(ctx.task_id, target)).sealed for target in targets]
     if all(sealed):
         counts = await ctx.store.counts(ctx.task_id, targets[0])
+        for target in targets:
+            ctx.emit(
+                ChunksPlanned(
+                    at=ctx.now(), node=target, chunks=counts.chunks_total, items=counts.items_total
+                )
+            )
         return {"chunks": counts.chunks_total, "items": counts.items_total, "resumed": True}
     if ctx.source is None:
         raise UsageError(f"node '{node}' splits the input, but the run has no input data (--data)")
