@@ -620,13 +620,15 @@ STOP_SIGNALS = tuple(
 
 def run_pipeline(options: RunOptions, events: EventSink | None = None) -> RunSummary:
     """Run a pipeline to the end (blocking); SIGINT, SIGTERM and SIGHUP (the terminal closed) stop
-    it resumably (InterruptedRunError)."""
+    it resumably (InterruptedRunError), unless they were ignored when it started (`nohup`)."""
     run = PipelineRun(options, events)
 
     async def main() -> RunSummary:
         loop = asyncio.get_running_loop()
         installed = []
         for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # `nohup`, a background job: whoever started us chose to ignore it
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signum, run.interrupt)
                 installed.append(signum)

@@ -8,9 +8,11 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from helpers.runs import make_info
 
-from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings
+from parallel_agent.errors import UsageError
+from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings, feed_from_producer
 from parallel_agent.modules.context import RunContext
 from parallel_agent.modules.items import ChunkOutcome
 from parallel_agent.store.base import ChunkSpec, Lease
@@ -80,3 +82,58 @@ def test_heartbeat_stops_when_its_chunk_is_done_even_if_a_cancel_is_swallowed() 
 
     store = asyncio.run(main())
     assert store.swallowed == 0, "the heartbeat is told to stop, never cut off mid-renewal"
+
+
+class MustNotRun:
+    """A processor for chunks that need no processing."""
+
+    async def process_payload(
+        self, payload: bytes, numbers: Sequence[int], params: dict[str, Any]
+    ) -> ChunkOutcome:
+        raise AssertionError("an empty chunk was sent to the processor")
+
+    async def process_chunk(
+        self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
+    ) -> ChunkOutcome:
+        raise AssertionError("an empty chunk was sent to the processor")
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def test_a_chunk_emptied_upstream_is_done_without_processing() -> None:
+    """A filter upstream dropped every item of chunk 1: it is committed empty at once (a command
+    or a batch function never sees an empty chunk, and cannot fail on one)."""
+
+    async def main() -> None:
+        store = MemoryStore("memory://")
+        await store.open()
+        await store.create_run(make_info("t"))
+        await store.add_chunks("t", NODE, [ChunkSpec(1, 3, 0, b"", b"[]")])
+        await store.seal("t", NODE)
+        ctx = RunContext(task_id="t", store=store, owner="me")
+        await ChunkWorkers(ctx, NodeSettings(node=NODE), MustNotRun()).run()
+        counts = await store.counts("t", NODE)
+        assert (counts.done, counts.items_done, counts.items_failed) == (1, 0, 0)
+
+    asyncio.run(main())
+
+
+def test_results_without_record_numbers_of_an_older_pagent_are_refused() -> None:
+    """An older pagent committed a filter's kept items without their record numbers: a resume
+    cannot number what follows, so it says so instead of numbering it wrong."""
+
+    async def main() -> None:
+        store = MemoryStore("memory://")
+        await store.open()
+        await store.create_run(make_info("t"))
+        await store.add_chunks("t", "keep", [ChunkSpec(0, 0, 3, b"1\n2\n3\n")])
+        (lease,) = await store.claim("t", "keep", "old", lease_s=30)
+        await store.commit(
+            lease, result=b"2\n", errors=b"[]", items_ok=3, items_failed=0, duration_s=0
+        )
+        ctx = RunContext(task_id="t", store=store, owner="me", producers={NODE: "keep"})
+        with pytest.raises(UsageError, match="older pagent.*new --task-id"):
+            await feed_from_producer(ctx, NODE)
+
+    asyncio.run(main())

@@ -160,6 +160,29 @@ def test_stop_signal_exits_130_and_resume_completes(
     assert missing == [] and duplicated == []
 
 
+def test_sighup_ignored_at_start_is_left_ignored(setup: dict[str, Any]) -> None:
+    """`nohup pagent run ...`: whoever started the run chose to ignore SIGHUP, so it carries on."""
+    env = {**setup["env"], "PAGENT_LEDGER_SLEEP": "0.01"}
+    output = setup["tmp"] / "out.jsonl"
+    proc = subprocess.Popen(
+        [*PAGENT, "run", setup["pipeline"], "--data", setup["data"], "--output", str(output)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    deadline = time.monotonic() + 30
+    while not setup["ledger"].exists() or len(setup["ledger"].read_text().split()) < 40:
+        assert time.monotonic() < deadline, "the run never started working"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGHUP)
+    code, stderr = finish(proc)
+    assert code == 0, stderr
+    missing, duplicated, _ = report(output, setup["ledger"])
+    assert missing == [] and duplicated == []
+
+
 def test_worker_processes_die_with_a_killed_coordinator(setup: dict[str, Any]) -> None:
     """Workers lead their own process groups (so a kill takes along what the user's code
     started), so nothing in the terminal reaches them: a coordinator killed outright takes them

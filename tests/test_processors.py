@@ -145,3 +145,45 @@ def test_exception_escaping_a_batch_function_reaches_the_chunk() -> None:
     processor = FunctionProcessor(broken, "test", batch=True)
     with pytest.raises(KeyError, match="missing"):
         asyncio.run(processor.process_chunk([1, 2], range(1, 3), {}))
+
+
+def stops(item: int) -> int:
+    if item == 2:
+        next(iter([]))  # StopIteration, which no asyncio future may hold
+    return item
+
+
+def exits(item: int) -> int:
+    raise SystemExit(3)
+
+
+def test_stop_iteration_from_a_rate_limited_function_is_an_item_error() -> None:
+    processor = FunctionProcessor(stops, "test", rate_limit=1000.0)
+
+    async def main() -> Any:
+        async with asyncio.timeout(BLOCK_S):  # it used to hang for ever
+            return await processor.process_chunk([1, 2, 3], range(1, 4), {})
+
+    outcome = asyncio.run(main())
+    assert outcome.outputs == [1, 3]
+    assert [(error.record, "StopIteration" in error.error) for error in outcome.errors] == [
+        (2, True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("function", "batch"),
+    [(lambda items: next(iter([])), True), (exits, False), (exits, True)],
+    ids=["StopIteration from a batch", "SystemExit per item", "SystemExit from a batch"],
+)
+def test_what_no_exception_should_be_fails_the_chunk_not_the_run(
+    function: Any, batch: bool
+) -> None:
+    processor = FunctionProcessor(function, "test", batch=batch)
+
+    async def main() -> Any:
+        async with asyncio.timeout(BLOCK_S):
+            return await processor.process_chunk([1, 2], range(1, 3), {})
+
+    with pytest.raises(RuntimeError, match="StopIteration|SystemExit: 3"):
+        asyncio.run(main())

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from parallel_agent.errors import StoreError
+from parallel_agent.errors import StoreError, UsageError
 from parallel_agent.events import ChunkDone, ChunkFailed, ChunksPlanned, ChunkStarted, ItemFailed
 from parallel_agent.jsonl import encode_lines
 from parallel_agent.modules.context import RunContext, stop_loop, wait_or_timeout
@@ -69,6 +69,11 @@ async def _queue_producer_results(ctx: RunContext, node: str) -> None:
     async for result in store.results(ctx.task_id, producer):
         # A chunk's results are JSON Lines, the form its consumer's payload takes, and keep the
         # input record numbers of their items.
+        if not result.records and result.result.count(b"\n") != result.count:
+            raise UsageError(
+                f"task '{ctx.task_id}' was started by an older pagent that did not keep the "
+                f"record numbers of node '{producer}''s outputs; run it again with a new --task-id"
+            )
         numbers = result.numbers
         records = encode_record_numbers(result.first_record, numbers)
         batch.append(
@@ -157,7 +162,8 @@ class ChunkWorkers:
             )
         )
         try:
-            outcome = await self._process_with_lease(lease)
+            # A chunk whose every item was dropped upstream has nothing to process.
+            outcome = await self._process_with_lease(lease) if lease.count else ChunkOutcome()
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.ctx.store.release(lease))

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from parallel_agent.modules.items import describe
+
 T = TypeVar("T")
 
 
@@ -38,8 +40,12 @@ async def run_in_thread(function: Callable[..., T], *args: Any) -> T:
         error: BaseException | None = None
         try:
             result = context.run(function, *args)
-        except BaseException as exc:  # handed to the awaiting task, whatever it is
-            error = exc
+        except Exception as exc:
+            # A future cannot hold StopIteration (asyncio refuses it, and the await would never
+            # end): it becomes a plain error of the call, as in a coroutine.
+            error = RuntimeError(describe(exc)) if isinstance(exc, StopIteration) else exc
+        except BaseException as exc:  # SystemExit & co from user code end its call, not the run
+            error = RuntimeError(describe(exc))
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             loop.call_soon_threadsafe(settle, result, error)
 
