@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from helpers import runs
 
 from parallel_agent.report import (
     FailureGroup,
@@ -63,22 +64,7 @@ def test_error_type_is_the_exception_name_or_the_message_head(error: str, kind: 
 
 def make_info() -> RunInfo:
     pipeline = {"name": "demo", "nodes": [{"name": "split"}, {"name": "work"}, {"name": "collect"}]}
-    return RunInfo(
-        task_id=TASK,
-        pipeline_name="demo",
-        pipeline_hash="h",
-        pipeline_text=orjson.dumps(pipeline).decode(),
-        input_path=None,
-        input_size=None,
-        input_hash=None,
-        input_format="jsonl",
-        params={},
-        status="executing",
-        created_at=0.0,
-        updated_at=0.0,
-        finished_at=None,
-        generation="g",
-    )
+    return runs.make_info(TASK, pipeline_text=orjson.dumps(pipeline).decode())
 
 
 def item_errors(*records: tuple[int, str]) -> bytes:

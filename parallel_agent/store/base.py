@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -107,8 +108,9 @@ class Lease:
     records: bytes = b""
     """The input record numbers of the payload's items (see `record_numbers`)."""
 
-    @property
+    @cached_property
     def numbers(self) -> Sequence[int]:
+        """Decoded once: the processor and the commit both read them."""
         return record_numbers(self.first_record, self.count, self.records)
 
 
