@@ -38,10 +38,10 @@ from typing import TextIO
 
 from rich.console import Console
 
+from parallel_agent.app import RunOptions, run_pipeline
 from parallel_agent.display.live import LiveDisplay
 from parallel_agent.display.plain import PlainLines
 from parallel_agent.events import EventSink
-from parallel_agent.runner import RunOptions, run_pipeline
 
 PIPELINE = """
 name: display-overhead

@@ -1,6 +1,6 @@
-"""Run events: what the engine and runner report, and the no-op sink that displays override.
+"""Run events: what the engine and the application services report, and the no-op sink that displays override.
 
-The engine and the runner never print; they call an `EventSink`. The display layer (Rich live view,
+The engine and the application services never print; they call an `EventSink`. The display layer (Rich live view,
 plain CI lines, JSON Lines events) subclasses it and overrides what it needs.
 """
 

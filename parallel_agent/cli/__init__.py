@@ -1,4 +1,4 @@
-"""The `pagent` command line: a thin Typer shell over `parallel_agent.runner`."""
+"""The `pagent` command line: a thin Typer shell over `parallel_agent.app`."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def status(
     ] = False,
 ) -> None:
     """Show where a run stands (exit 0 found, 2 unknown id, 4 store unreachable)."""
-    from parallel_agent.runner import get_status
+    from parallel_agent.app import get_status
 
     with handled_errors(_debug(ctx)):
         if watch:
@@ -89,7 +89,7 @@ def results(
     store: StoreOption = None,
 ) -> None:
     """Write a run's results again from the store, without reprocessing."""
-    from parallel_agent.runner import export_results
+    from parallel_agent.app import export_results
 
     with handled_errors(_debug(ctx)):
         count = export_results(
@@ -117,8 +117,8 @@ def failures(
     ] = None,
 ) -> None:
     """List failed records as JSON Lines: node, record number, input record, error."""
+    from parallel_agent.app import export_failed, iter_failures
     from parallel_agent.report import failed_output_message
-    from parallel_agent.runner import export_failed, iter_failures
 
     if output is not None:
         with handled_errors(_debug(ctx)):
@@ -138,7 +138,7 @@ def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON Lines.")] = False,
 ) -> None:
     """List the runs the store remembers, newest first."""
-    from parallel_agent.runner import list_runs
+    from parallel_agent.app import list_runs
 
     with handled_errors(_debug(ctx)):
         runs = list_runs(store)
@@ -170,8 +170,8 @@ def resume(
     failed_output: FailedOutputOption = None,
 ) -> None:
     """Continue an interrupted or failed run, reusing every finished chunk."""
+    from parallel_agent.app import resume_run
     from parallel_agent.display import make_sink
-    from parallel_agent.runner import resume_run
 
     with handled_errors(_debug(ctx)):
         sink = make_sink(quiet=quiet)
@@ -199,7 +199,7 @@ def cancel(
     store: StoreOption = None,
 ) -> None:
     """Cancel a run: its coordinator stops claiming chunks."""
-    from parallel_agent.runner import cancel_run
+    from parallel_agent.app import cancel_run
 
     with handled_errors(_debug(ctx)):
         state = cancel_run(task_id, store)
@@ -214,7 +214,7 @@ def gc(
     store: StoreOption = None,
 ) -> None:
     """Drop finished runs older than --older-than hours (Redis keys also expire on their own)."""
-    from parallel_agent.runner import gc_runs
+    from parallel_agent.app import gc_runs
 
     with handled_errors(_debug(ctx)):
         dropped = gc_runs(older_than * 3600, store)

@@ -84,8 +84,8 @@ def run(
     ] = 10.0,
 ) -> None:
     """Run a pipeline over input data."""
+    from parallel_agent.app import RunOptions, run_pipeline
     from parallel_agent.display import make_sink
-    from parallel_agent.runner import RunOptions, run_pipeline
 
     with handled_errors(_debug(ctx)):
         options = RunOptions(

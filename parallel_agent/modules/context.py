@@ -1,6 +1,6 @@
 """What a built-in data module needs to know about the run it belongs to.
 
-The runner builds one `RunContext` per run and hands it to every built-in module, so modules reach
+The run service (`app.run`) builds one `RunContext` per run and hands it to every built-in module, so modules reach
 the run store, the input and the event sink without global state.
 """
 
@@ -68,7 +68,7 @@ class RunContext:
         self.events.emit(event)
 
     def fail_run(self, error: PagentError) -> None:
-        """Stop the run because of `error`; the runner raises it once the engine has stopped."""
+        """Stop the run because of `error`; the run service raises it once the engine has stopped."""
         if self.fatal is None:
             self.fatal = error
         self.request_stop(str(error))

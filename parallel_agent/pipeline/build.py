@@ -55,7 +55,7 @@ DATA_USES = ("split", "map", "filter", "aggregate")
 
 @dataclass
 class BuiltPipeline:
-    """An agent ready to run, plus what the runner needs to report on and write its output."""
+    """An agent ready to run, plus what the run service needs to report on and write its output."""
 
     pipeline: Pipeline
     agent: Agent

@@ -1,7 +1,7 @@
 """The run store interface: what every backend (memory, SQLite, Redis) guarantees.
 
 This is the only heavily documented store module; backends implement the abstract methods and add
-nothing the runner may rely on. A behaviour that differs between backends is a bug caught by
+nothing the application services may rely on. A behaviour that differs between backends is a bug caught by
 `tests/test_store_contract.py`.
 
 Vocabulary:

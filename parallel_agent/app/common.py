@@ -1,0 +1,67 @@
+"""What every application service shares: the store URL, the run lookup, the input's fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from parallel_agent.errors import InputDataError, UsageError
+from parallel_agent.store import default_store_url, open_store
+from parallel_agent.store.base import RunInfo, RunStore
+
+T = TypeVar("T")
+
+#: Run states after which nothing more happens to a run (until a resume).
+FINISHED = {"complete", "partial_failure", "failed", "cancelled"}
+
+
+def new_task_id() -> str:
+    """A task id that sorts by start time and is unique enough to share a Redis."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def resolve_store_url(url: str | None) -> str:
+    """`--store`, else `PAGENT_STORE`, else the embedded SQLite file under the user's state folder."""
+    return url or os.environ.get("PAGENT_STORE") or default_store_url()
+
+
+async def with_store(url: str | None, action: Callable[[RunStore], Awaitable[T]]) -> T:
+    store = open_store(resolve_store_url(url))
+    await store.open()
+    try:
+        return await action(store)
+    finally:
+        await store.close()
+
+
+async def require_run(store: RunStore, task_id: str) -> RunInfo:
+    info = await store.get_run(task_id)
+    if info is None:
+        raise UsageError(f"unknown task id '{task_id}' in {store.url}")
+    return info
+
+
+def check_input_unchanged(info: RunInfo) -> None:
+    """Refuse (InputDataError) an input file that is gone or differs from the one the run read."""
+    path = info.input_path
+    assert path is not None
+    if not Path(path).is_file():
+        raise InputDataError(f"the input of task '{info.task_id}' is gone: {path}")
+    if info.input_size is not None and Path(path).stat().st_size != info.input_size:
+        raise InputDataError(f"the input of task '{info.task_id}' changed since it started: {path}")
+    if info.input_hash is not None and hash_file(path) != info.input_hash:
+        raise InputDataError(f"the input of task '{info.task_id}' changed since it started: {path}")
+
+
+def hash_file(path: str) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,470 @@
+"""Running a pipeline: take the task's lock, create or reuse the run, execute the graph, finish.
+
+`run_pipeline` and `resume_run` are the library calls behind `pagent run` and `pagent resume`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from parallel_agent.app.common import (
+    FINISHED,
+    check_input_unchanged,
+    hash_file,
+    new_task_id,
+    require_run,
+    resolve_store_url,
+    with_store,
+)
+from parallel_agent.app.outputs import failed_output_format, write_failed_records, write_results
+from parallel_agent.app.summary import RunSummary, node_durations, summarize
+from parallel_agent.errors import InterruptedRunError, PagentError, TaskBusyError, UsageError
+from parallel_agent.events import EventSink, MultiSink, NodeFinished, RunFinished, RunStarted
+from parallel_agent.graph import TaskStatus
+from parallel_agent.io import check_writable, detect_format, detect_output_format
+from parallel_agent.modules.context import (
+    FailureBudget,
+    InputSource,
+    RunContext,
+    stop_loop,
+    wait_or_timeout,
+)
+from parallel_agent.pipeline import Pipeline, load_pipeline, pipeline_hash
+from parallel_agent.pipeline.build import BuiltPipeline, build_pipeline
+from parallel_agent.report import build_report
+from parallel_agent.store import open_store
+from parallel_agent.store.base import RunInfo, RunStore
+
+#: How long a coordinator's claim on a task id lives without renewal (a dead holder's expires).
+COORDINATOR_TTL_S = 30.0
+
+
+@dataclass
+class RunOptions:
+    """Everything `pagent run` takes, as a library call."""
+
+    pipeline: str
+    data: str | None = None
+    data_format: str | None = None
+    data_key: str = "data"
+    output: str | None = None
+    output_format: str | None = None
+    task_id: str | None = None
+    store: str | None = None
+    overrides: Sequence[str] = ()
+    max_failures: int | None = None
+    #: write the failed input records here, in the input's format, when the run ends
+    failed_output: str | None = None
+    stdin: BinaryIO | None = None
+    stdout: BinaryIO | None = None
+
+
+def holder_is_dead(owner: str) -> bool:
+    """True when `owner` ("host:pid:nonce") names a process of this machine that no longer runs."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class _NodeTimes(EventSink):
+    """Adds up how long each node ran, for the summary."""
+
+    def __init__(self) -> None:
+        self.durations: dict[str, float] = {}
+
+    def on_node_finished(self, event: NodeFinished) -> None:
+        self.durations[event.node] = self.durations.get(event.node, 0.0) + event.duration_s
+
+
+class PipelineRun:
+    """One run of a pipeline: prepare (validate everything before any side effect), execute, report."""
+
+    def __init__(self, options: RunOptions, events: EventSink | None = None) -> None:
+        self.options = options
+        self.timer = _NodeTimes()
+        self.events: EventSink = MultiSink(events or EventSink(), self.timer)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+        self.ctx: RunContext | None = None
+        self.interrupted = False
+
+    def interrupt(self) -> None:
+        """Stop claiming chunks; in-flight chunks finish, and the run ends resumable (exit 130)."""
+        self.interrupted = True
+        if self.ctx is not None:
+            self.ctx.request_stop("interrupted")
+
+    async def execute(self) -> RunSummary:
+        options = self.options
+        started = time.monotonic()
+        pipeline = load_pipeline(options.pipeline, options.overrides)
+        source = self._input_source(pipeline)
+        output_format = None
+        if options.output is not None:
+            output_format = detect_output_format(options.output, options.output_format)
+            if options.output != "-":
+                check_writable(options.output)
+        if options.failed_output is not None:
+            if source is None or source.path == "-":
+                raise UsageError(
+                    "--failed-output needs --data PATH: failed records are read back from the "
+                    "input file"
+                )
+            if options.failed_output == "-":
+                raise UsageError("--failed-output needs a file (stdout carries the results)")
+            taken = {Path(source.path).resolve()}
+            if options.output is not None and options.output != "-":
+                taken.add(Path(options.output).resolve())
+            if Path(options.failed_output).resolve() in taken:
+                raise UsageError("--failed-output must differ from --data and --output")
+            failed_output_format(options.failed_output, source.fmt)
+            check_writable(options.failed_output)
+        store = open_store(resolve_store_url(options.store))
+        await store.open()
+        try:
+            return await self._run_with_store(store, pipeline, source, output_format, started)
+        finally:
+            await store.close()
+
+    def _input_source(self, pipeline: Pipeline) -> InputSource | None:
+        options = self.options
+        if options.data is None:
+            if any(module.use == "split" for node in pipeline.nodes for module in node.modules):
+                raise UsageError(
+                    "this pipeline splits input data: pass --data PATH (or - for stdin)"
+                )
+            return None
+        fmt = detect_format(options.data, options.data_format)
+        if options.data == "-":
+            return InputSource("-", fmt, options.data_key, stream=options.stdin)
+        if not Path(options.data).is_file():
+            raise UsageError(f"--data: no such file: {options.data}")
+        return InputSource(options.data, fmt, options.data_key)
+
+    async def _run_with_store(
+        self,
+        store: RunStore,
+        pipeline: Pipeline,
+        source: InputSource | None,
+        output_format: str | None,
+        started: float,
+    ) -> RunSummary:
+        options = self.options
+        task_id = options.task_id or new_task_id()
+        digest = pipeline_hash(pipeline)
+        existing = await store.get_run(task_id)
+        if existing is not None:
+            self._check_same_run(existing, digest, source)
+            if existing.status == "complete":
+                summary = await summarize(store, existing)
+                summary.reused = True
+                if options.output is not None and output_format is not None:
+                    summary.items_output = await write_results(
+                        store, existing, options.output, output_format, options.stdout
+                    )
+                    summary.output = options.output
+                await self._write_failed(store, existing, summary)
+                self.events.emit(
+                    RunFinished(
+                        at=time.time(),
+                        task_id=task_id,
+                        status=summary.status,
+                        summary=summary.to_dict(),
+                    )
+                )
+                return summary
+        if not await self._take_lock(store, task_id):
+            holder = await store.lock_holder(task_id)
+            raise TaskBusyError(
+                f"task '{task_id}' is being run by another coordinator ({holder or 'unknown'})"
+            )
+        done = asyncio.Event()
+        keep_lock = asyncio.ensure_future(self._renew_lock(store, task_id, done))
+        try:
+            info = existing or await self._create_run(store, pipeline, digest, task_id, source)
+            return await self._run_graph(store, pipeline, info, source, output_format, started)
+        finally:
+            with contextlib.suppress(PagentError):
+                await stop_loop(keep_lock, done)
+            with contextlib.suppress(PagentError):
+                await store.release_lock(task_id, self.owner)
+
+    async def _take_lock(self, store: RunStore, task_id: str) -> bool:
+        """Take the coordinator lock; a lock left by a dead process on this machine is taken over
+        at once instead of waiting for it to expire."""
+        if await store.acquire_lock(task_id, self.owner, COORDINATOR_TTL_S):
+            return True
+        holder = await store.lock_holder(task_id)
+        if holder is None or not holder_is_dead(holder):
+            return False
+        await store.release_lock(task_id, holder)
+        return await store.acquire_lock(task_id, self.owner, COORDINATOR_TTL_S)
+
+    def _check_same_run(self, existing: RunInfo, digest: str, source: InputSource | None) -> None:
+        if existing.pipeline_hash != digest:
+            raise UsageError(
+                f"task '{existing.task_id}' was started with a different pipeline; "
+                "use a new --task-id"
+            )
+        path = source.path if source is not None else None
+        if path not in (None, "-") and existing.input_path not in (None, str(Path(path).resolve())):
+            raise UsageError(
+                f"task '{existing.task_id}' was started on {existing.input_path}, not {path}; "
+                "use a new --task-id"
+            )
+
+    async def _renew_lock(self, store: RunStore, task_id: str, done: asyncio.Event) -> None:
+        """Keep the coordinator lock until `done`, and stop the run if someone cancelled it."""
+        while not await wait_or_timeout(done, COORDINATOR_TTL_S / 3):
+            await store.renew_lock(task_id, self.owner, COORDINATOR_TTL_S)
+            info = await store.get_run(task_id)
+            if info is not None and info.status == TaskStatus.CANCELLED.value and self.ctx:
+                self.ctx.request_stop("cancelled")
+
+    async def _create_run(
+        self,
+        store: RunStore,
+        pipeline: Pipeline,
+        digest: str,
+        task_id: str,
+        source: InputSource | None,
+    ) -> RunInfo:
+        now = time.time()
+        path = None if source is None or source.path == "-" else str(Path(source.path).resolve())
+        info = RunInfo(
+            task_id=task_id,
+            pipeline_name=pipeline.name,
+            pipeline_hash=digest,
+            pipeline_text=pipeline.model_dump_json(by_alias=True),
+            input_path=path,
+            input_size=Path(path).stat().st_size if path else None,
+            input_hash=await asyncio.to_thread(hash_file, path) if path else None,
+            input_format=source.fmt if source else None,
+            params=dict(pipeline.task.params),
+            status=TaskStatus.WAITING.value,
+            created_at=now,
+            updated_at=now,
+            finished_at=None,
+            generation=secrets.token_hex(8),
+            output_path=self.options.output,
+            extra={
+                "pipeline_file": str(Path(self.options.pipeline).resolve()),
+                "data_key": self.options.data_key,
+            },
+        )
+        if not await store.create_run(info):
+            raise TaskBusyError(f"task '{task_id}' was created by another coordinator just now")
+        return info
+
+    async def _run_graph(
+        self,
+        store: RunStore,
+        pipeline: Pipeline,
+        info: RunInfo,
+        source: InputSource | None,
+        output_format: str | None,
+        started: float,
+    ) -> RunSummary:
+        options = self.options
+        ctx = RunContext(
+            task_id=info.task_id,
+            store=store,
+            owner=self.owner,
+            source=source,
+            params=dict(pipeline.task.params),
+            events=self.events,
+            failures=FailureBudget(options.max_failures),
+        )
+        self.ctx = ctx
+        if self.interrupted:
+            ctx.request_stop("interrupted")
+        built = build_pipeline(pipeline, ctx, pipeline_dir=Path(options.pipeline).parent)
+        self.events.emit(
+            RunStarted(
+                at=time.time(),
+                task_id=info.task_id,
+                pipeline=pipeline.name,
+                nodes=tuple(node.name for node in pipeline.nodes),
+            )
+        )
+        await store.update_run(info.task_id, status=TaskStatus.EXECUTING.value)
+        async with built.workers():
+            task = await built.agent.run_task(built.make_task(info.task_id))
+        if ctx.fatal is not None:
+            await store.update_run(
+                info.task_id,
+                status=TaskStatus.FAILED.value,
+                finished_at=time.time(),
+                extra={"error": str(ctx.fatal)},
+            )
+            raise ctx.fatal
+        summary = await self._finish(store, built, info, task.status, task.error, output_format)
+        summary.duration_s = time.monotonic() - started
+        durations = node_durations(info, self.timer.durations)
+        for node, seconds in durations.items():
+            summary.nodes.setdefault(node, {})["duration_s"] = round(seconds, 4)
+        summary.report = await build_report(
+            store,
+            info.task_id,
+            nodes=[node.name for node in pipeline.nodes],
+            durations=durations,
+        )
+        await store.update_run(
+            info.task_id,
+            status=summary.status,
+            finished_at=time.time() if summary.status in FINISHED else None,
+            extra={"summary": summary.to_dict()},
+        )
+        if summary.status in FINISHED:
+            # After the run is recorded: a failed write (exit 5) leaves a finished run whose
+            # failed records `pagent failures ID --output PATH` can still write.
+            await self._write_failed(store, info, summary)
+        self.events.emit(
+            RunFinished(
+                at=time.time(),
+                task_id=info.task_id,
+                status=summary.status,
+                summary=summary.to_dict(),
+            )
+        )
+        if summary.status == TaskStatus.INTERRUPTED.value:
+            raise InterruptedRunError(
+                f"run interrupted; resume it with: pagent resume {info.task_id}"
+            )
+        return summary
+
+    async def _write_failed(self, store: RunStore, info: RunInfo, summary: RunSummary) -> None:
+        """`--failed-output`: the failed input records, in the input's format."""
+        target = self.options.failed_output
+        if target is None:
+            return
+        summary.failed_output_records = await write_failed_records(store, info, target)
+        summary.failed_output = target
+
+    async def _finish(
+        self,
+        store: RunStore,
+        built: BuiltPipeline,
+        info: RunInfo,
+        engine_status: TaskStatus,
+        engine_error: str | None,
+        output_format: str | None,
+    ) -> RunSummary:
+        ctx = built.ctx
+        summary = await summarize(store, info, built=built)
+        summary.store = store.url
+        if ctx.stop_reason == "interrupted":
+            summary.status = TaskStatus.INTERRUPTED.value
+            return summary
+        if ctx.stop_reason == "cancelled":
+            summary.status = TaskStatus.CANCELLED.value
+            summary.error = "cancelled by pagent cancel"
+            return summary
+        if ctx.stop_reason is not None:
+            summary.status = TaskStatus.FAILED.value
+            summary.error = ctx.stop_reason
+            return summary
+        if engine_status != TaskStatus.COMPLETE:
+            summary.status = engine_status.value
+            summary.error = engine_error
+            if summary.status == TaskStatus.COMPLETE.value:
+                summary.status = TaskStatus.FAILED.value
+            return summary
+        unfinished = summary.items_total - summary.items_done - summary.items_failed
+        if summary.items_failed or summary.chunks_failed or unfinished > 0:
+            summary.status = TaskStatus.PARTIAL.value
+        else:
+            summary.status = TaskStatus.COMPLETE.value
+        if self.options.output is not None and output_format is not None:
+            summary.items_output = await write_results(
+                store, info, self.options.output, output_format, self.options.stdout, built=built
+            )
+            summary.output = self.options.output
+        return summary
+
+
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+def run_pipeline(options: RunOptions, events: EventSink | None = None) -> RunSummary:
+    """Run a pipeline to the end (blocking); SIGINT, SIGTERM and SIGHUP (the terminal closed) stop
+    it resumably (InterruptedRunError), unless they were ignored when it started (`nohup`)."""
+    run = PipelineRun(options, events)
+
+    async def main() -> RunSummary:
+        loop = asyncio.get_running_loop()
+        installed = []
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # `nohup`, a background job: whoever started us chose to ignore it
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signum, run.interrupt)
+                installed.append(signum)
+        try:
+            return await run.execute()
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+    return asyncio.run(main())
+
+
+def resume_run(
+    task_id: str,
+    *,
+    output: str | None = None,
+    retry_failed: bool = False,
+    store: str | None = None,
+    events: EventSink | None = None,
+    stdout: BinaryIO | None = None,
+    failed_output: str | None = None,
+) -> RunSummary:
+    """Continue an interrupted or failed run, reusing every finished chunk."""
+
+    async def prepare(s: RunStore) -> RunOptions:
+        info = await require_run(s, task_id)
+        pipeline_file = info.extra.get("pipeline_file")
+        if not pipeline_file or not Path(pipeline_file).is_file():
+            raise UsageError(f"task '{task_id}': its pipeline file {pipeline_file} is gone")
+        if info.input_path is None:
+            raise UsageError(f"task '{task_id}' read stdin; it cannot be resumed, run it again")
+        check_input_unchanged(info)
+        if retry_failed:
+            for node in await s.nodes(task_id):
+                await s.retry_failed(task_id, node)
+        ended_short = info.status in FINISHED and info.status != TaskStatus.COMPLETE.value
+        if retry_failed or ended_short:
+            await s.update_run(task_id, status=TaskStatus.INTERRUPTED.value)
+        return RunOptions(
+            pipeline=pipeline_file,
+            data=info.input_path,
+            data_format=info.input_format,
+            data_key=info.extra.get("data_key", "data"),
+            output=output or info.output_path,
+            task_id=task_id,
+            store=store,
+            stdout=stdout,
+            failed_output=failed_output,
+        )
+
+    options = asyncio.run(with_store(store, prepare))
+    return run_pipeline(options, events)
