@@ -17,7 +17,7 @@ from parallel_agent.store.base import RunInfo, RunStore
 T = TypeVar("T")
 
 #: Run states after which nothing more happens to a run (until a resume).
-FINISHED = {"complete", "partial_failure", "failed", "cancelled"}
+FINISHED = {"complete", "partial_failure", "no_output", "failed", "cancelled"}
 
 
 def new_task_id() -> str:

@@ -33,6 +33,8 @@ class RunSummary:
     report: RunReport | None = None
     failed_output: str | None = None
     failed_output_records: int | None = None
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """`--output-node NODE=PATH`: {node: {path, rows}} written besides `--output`."""
 
     @property
     def exit_code(self) -> int:
@@ -65,6 +67,7 @@ class RunSummary:
                 if self.failed_output is not None
                 else None
             ),
+            "outputs": self.outputs,
         }
 
 
@@ -147,4 +150,5 @@ def summary_from_dict(data: dict[str, Any]) -> RunSummary:
         error=data.get("error"),
         nodes=data.get("nodes", {}),
         report=RunReport.from_dict(data["report"]) if data.get("report") else None,
+        outputs=data.get("outputs") or {},
     )

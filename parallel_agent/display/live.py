@@ -205,6 +205,8 @@ class LiveDisplay(EventSink):
         self.live.refresh()
         self.live.stop()
         summary = self.finished.summary
+        if summary.get("error"):
+            self.console.print(f"pagent: {summary['error']}", highlight=False, markup=False)
         if summary.get("report"):
             self.console.print(report_renderable(RunReport.from_dict(summary["report"])))
         failed_output = summary.get("failed_output")
@@ -255,7 +257,7 @@ def watch_status(
     *,
     interval: float = 0.5,
     finished: frozenset[str] = frozenset(
-        {"complete", "partial_failure", "failed", "cancelled", "interrupted", "stalled", "lost"}
+        {"complete", "partial_failure", "no_output", "failed", "cancelled", "interrupted", "stalled", "lost"}
     ),
 ) -> dict[str, Any]:
     """Show a run from the store alone until it ends; return its last status."""

@@ -97,6 +97,8 @@ class PlainLines(EventSink):
             f"{items.get('total', 0)} items done, {items.get('failed', 0)} failed, "
             f"{summary.get('duration_s', 0):.2f} s"
         )
+        if summary.get("error"):
+            lines.append(f"pagent: {summary['error']}")
         report = summary.get("report")
         if report:
             lines.extend(report_lines(RunReport.from_dict(report), self.width))

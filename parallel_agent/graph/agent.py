@@ -132,6 +132,10 @@ class Agent:
         self._flows = {n.name: _decisions(n) for n in self.nodes.values() if is_flow_control(n)}
         return plan
 
+    def warnings(self) -> list[str]:
+        """Branches that validate but will not do what they seem to (see Plan.warnings)."""
+        return Plan(self.nodes).warnings()
+
     def _controllers(self) -> list[Node]:
         """Flow-control nodes with no dependencies that no node depends on: loop controllers."""
         depended = {d for n in self.nodes.values() for d in n.dependencies}
@@ -154,7 +158,7 @@ class Agent:
         task.status = TaskStatus.EXECUTING
         task.result, task.error = None, None
         await self.cache.set("task", task)
-        selected: set[str] = work
+        selected = plan.runnable(work)
         try:
             while True:
                 before = await self._fingerprint() if controller else ""
@@ -164,7 +168,7 @@ class Agent:
                 target = await self._visit_controller(run, controller)
                 if target is None:
                     break
-                selected = plan.downstream_of(target) & work
+                selected = plan.runnable(work, target)
         except _Stop as stop:
             run.stop = str(stop)
         self._finish(task, run)
@@ -193,7 +197,7 @@ class Agent:
                     break
             if jump is None:
                 return
-            selected = plan.downstream_of(jump) & work
+            selected = plan.runnable(work, jump)
 
     def _admit(self, run: _Run, name: str) -> bool:
         """Count a visit, or record which limit stops the run."""

@@ -62,6 +62,8 @@ class BuiltPipeline:
     ctx: RunContext
     processing_nodes: list[str] = field(default_factory=list)
     main_node: str | None = None
+    result_node: str | None = None
+    """The node whose result `--output` writes (see `output_node`)."""
     output_node: str | None = None
     value_node: str | None = None
 
@@ -96,14 +98,22 @@ class BuiltPipeline:
             params=dict(settings.params),
         )
 
-    async def output_plan(self) -> dict[str, Any] | None:
-        """Where the output comes from: a node's results in input order, or one computed value."""
-        if self.value_node is not None:
+    async def output_plan(self, node: str | None = None) -> dict[str, Any] | None:
+        """Where `node`'s output (default: the pipeline's output node) comes from: a node's
+        results in input order, or one computed value."""
+        if node is None or node == self.result_node:
+            value_node, results_node = self.value_node, self.output_node
+        else:
+            uses, producers, _ = _wire_data_nodes(self.pipeline)
+            if uses.get(node) not in ("map", "filter", "aggregate"):
+                raise PipelineError(f"--output-node: '{node}' is not a map, filter or aggregate")
+            value_node, results_node = _output_source(self.pipeline, node, uses, producers)
+        if value_node is not None:
             run = await self.ctx.store.get_run(self.ctx.task_id)
             values = (run.extra.get("aggregate") or {}) if run is not None else {}
-            return {"value": values.get(self.value_node)}
-        if self.output_node is not None:
-            return {"node": self.output_node}
+            return {"value": values.get(value_node)}
+        if results_node is not None:
+            return {"node": results_node}
         return None
 
 
@@ -313,23 +323,59 @@ def build_pipeline(pipeline: Pipeline, ctx: RunContext, *, pipeline_dir: Path) -
         agent.add_node(_engine_node(node, ctx, pipeline_dir, uses))
     agent.validate()
     built.agent = agent
-    aggregates = [n for n in pipeline.nodes if uses.get(n.name) == "aggregate"]
-    if aggregates:
-        last = aggregates[-1]
-        spec = last.modules[0]
-        assert isinstance(spec, AggregateSpec)
-        if any(v is not None for v in (spec.reduce, spec.group_by, spec.expr)):
-            built.value_node = last.name
-        else:
-            built.output_node = producers[last.name]
-    elif processing:
-        built.output_node = processing[-1]
+    built.result_node = output_node(pipeline, uses, producers)
+    if built.result_node is not None:
+        built.value_node, built.output_node = _output_source(
+            pipeline, built.result_node, uses, producers
+        )
     return built
 
 
-def check_pipeline(pipeline: Pipeline, *, pipeline_dir: Path) -> None:
-    """Build the pipeline against a throwaway in-memory store: schema, graph, conditions, imports."""
+def output_node(
+    pipeline: Pipeline, uses: dict[str, str], producers: dict[str, str]
+) -> str | None:
+    """The node `--output` writes: `output:` if given, else the one data node nothing consumes
+    (the sink of the data graph); several sinks without `output:` are refused, naming them."""
+    if pipeline.output is not None:
+        if uses.get(pipeline.output) not in ("map", "filter", "aggregate"):
+            raise PipelineError(
+                f"output: node '{pipeline.output}' is not a map, filter or aggregate node"
+            )
+        return pipeline.output
+    consumed = set(producers.values())
+    sinks = [
+        n.name
+        for n in pipeline.nodes
+        if uses.get(n.name) in ("map", "filter", "aggregate") and n.name not in consumed
+    ]
+    if len(sinks) > 1:
+        raise PipelineError(
+            f"the output is ambiguous: the data flow ends in {len(sinks)} nodes "
+            f"({', '.join(sinks)}); name the one --output writes with a top-level "
+            f"`output: NODE` (--output-node NODE=PATH writes others)"
+        )
+    return sinks[0] if sinks else None
+
+
+def _output_source(
+    pipeline: Pipeline, node: str, uses: dict[str, str], producers: dict[str, str]
+) -> tuple[str | None, str | None]:
+    """(value node, results node) for writing `node`: an aggregate that computes a value, or the
+    results in input order of a map/filter (a plain aggregate's producer)."""
+    if uses[node] != "aggregate":
+        return None, node
+    spec = next(n for n in pipeline.nodes if n.name == node).modules[0]
+    assert isinstance(spec, AggregateSpec)
+    if spec.computes_value:
+        return node, None
+    return None, producers[node]
+
+
+def check_pipeline(pipeline: Pipeline, *, pipeline_dir: Path) -> list[str]:
+    """Build the pipeline against a throwaway in-memory store: schema, graph, conditions, imports.
+    Returns warnings about branches that will not do what they seem to."""
     from parallel_agent.store.memory import MemoryStore
 
     ctx = RunContext(task_id="validate", store=MemoryStore(), owner="validate")
-    build_pipeline(pipeline, ctx, pipeline_dir=pipeline_dir)
+    built = build_pipeline(pipeline, ctx, pipeline_dir=pipeline_dir)
+    return built.agent.warnings()

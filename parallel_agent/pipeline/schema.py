@@ -190,6 +190,11 @@ class AggregateSpec(Strict):
         None, description="With `reduce`: reduce this key of each result instead of the result."
     )
 
+    @property
+    def computes_value(self) -> bool:
+        """False for the default form: every result in input order."""
+        return any(v is not None for v in (self.reduce, self.group_by, self.expr))
+
     @model_validator(mode="after")
     def _at_most_one(self) -> AggregateSpec:
         problems: list[Problem] = []
@@ -353,10 +358,18 @@ class Pipeline(Strict):
     agent: AgentSettings = Field(default_factory=AgentSettings, description="Engine limits.")
     task: TaskSettings = Field(default_factory=TaskSettings, description="The task to run.")
     nodes: list[NodeSpec] = Field(min_length=1, description="The nodes of the graph.")
+    output: str | None = Field(
+        None,
+        description="The node whose result `--output` writes (a map, filter or aggregate); "
+        "by default the one data node nothing consumes.",
+    )
 
     @model_validator(mode="after")
     def _references(self) -> Pipeline:
         problems = _reference_problems(self.nodes)
+        names = [node.name for node in self.nodes]
+        if self.output is not None and self.output not in names:
+            problems.append((("output",), _unknown(self.output, names)))
         if not problems:
             problems = _cycle_problems(self.nodes)
         if problems:

@@ -32,7 +32,7 @@ import orjson
 from parallel_agent.errors import StateLostError
 
 #: Run statuses after which a run never changes by itself; `gc` drops them and Redis expires them.
-FINISHED_STATUSES = frozenset({"complete", "partial_failure", "failed", "cancelled"})
+FINISHED_STATUSES = frozenset({"complete", "partial_failure", "no_output", "failed", "cancelled"})
 
 #: How long a finished run's Redis keys live before they expire (7 days).
 DEFAULT_FINISHED_TTL_S = 7 * 24 * 3600.0

@@ -1,0 +1,200 @@
+"""Issue 12: flow decisions gate the nodes they choose; the output is explicit and never a node
+that did not run (RELIABILITY: exit 0 means the output is right)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from parallel_agent.cli import app
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("PAGENT_STORE", f"sqlite:///{tmp_path / 'state.db'}")
+    runner = CliRunner()
+
+    def invoke(*args: str) -> Any:
+        return runner.invoke(app, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def branch_pipeline(condition: str, target_deps: str, output: str = "") -> str:
+    """The pipeline from the issue: filter, a branch point, two aggregates on the filter."""
+    return f"""
+name: branches
+{output}
+nodes:
+  - {{name: split, type: planner, modules: [{{use: split, chunk_size: 7}}]}}
+  - name: domestic
+    dependencies: [split]
+    modules: [{{use: filter, expr: "item['country'] == 'US'"}}]
+  - name: gate
+    type: flow_control
+    dependencies: [domestic]
+    decisions: [{{next_node: by_state, condition: "{condition}"}}]
+    default: quarantine
+  - name: by_state
+    dependencies: {target_deps}
+    modules: [{{use: aggregate, group_by: state, compute: {{n: count}}}}]
+  - name: quarantine
+    dependencies: {target_deps}
+    modules: [{{use: aggregate, reduce: count}}]
+"""
+
+
+def records(tmp_path: Path, count: int = 100) -> str:
+    path = tmp_path / "in.jsonl"
+    states = ["CA", "NY", "TX"]
+    rows = [
+        {"country": "US" if i % 4 else "CA", "state": states[i % 3], "n": i} for i in range(count)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def expected_by_state(count: int = 100) -> list[dict[str, Any]]:
+    groups: dict[str, int] = {}
+    for i in range(count):
+        if i % 4:
+            state = ["CA", "NY", "TX"][i % 3]
+            groups[state] = groups.get(state, 0) + 1
+    return [{"state": state, "n": n} for state, n in groups.items()]
+
+
+@pytest.mark.parametrize("target_deps", ["[domestic]", "[domestic, gate]"])
+@pytest.mark.parametrize("chosen", ["by_state", "quarantine"])
+def test_the_chosen_branch_runs_once_and_is_the_output(
+    cli: Any, tmp_path: Path, target_deps: str, chosen: str
+) -> None:
+    condition = "len(failed_subtasks) == 0" if chosen == "by_state" else "false"
+    other = "quarantine" if chosen == "by_state" else "by_state"
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(branch_pipeline(condition, target_deps, output=f"output: {chosen}"))
+    events = tmp_path / "events.jsonl"
+    out = tmp_path / "out.json"
+    result = cli(
+        "run", str(pipeline), "--data", records(tmp_path), "--output", str(out),
+        "--events", str(events), "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    finished = [
+        e["node"]
+        for e in map(json.loads, events.read_text().splitlines())
+        if e["event"] == "node_finished"
+    ]
+    assert finished.count(chosen) == 1
+    assert other not in finished
+    value = json.loads(out.read_text())
+    assert value == (expected_by_state() if chosen == "by_state" else 75)
+
+
+@pytest.mark.parametrize("chosen", ["by_state", "quarantine"])
+def test_an_output_node_that_was_not_chosen_is_no_output_exit_1(
+    cli: Any, tmp_path: Path, chosen: str
+) -> None:
+    """The issue's bug: the output was the branch not taken, written as null with exit 0."""
+    condition = "true" if chosen == "by_state" else "false"
+    other = "quarantine" if chosen == "by_state" else "by_state"
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(branch_pipeline(condition, "[domestic]", output=f"output: {other}"))
+    out = tmp_path / "out.json"
+    result = cli("run", str(pipeline), "--data", records(tmp_path), "--output", str(out), "--json")
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "no_output"
+    assert f"output node '{other}' did not run" in summary["error"]
+    assert not out.exists()
+
+
+def test_a_guarded_output_node_that_was_skipped_writes_nothing(cli: Any, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("""
+name: guarded
+nodes:
+  - {name: split, type: planner, modules: [{use: split}]}
+  - {name: work, dependencies: [split], modules: [{use: map, expr: "item"}]}
+  - {name: total, dependencies: [work], modules: [{use: aggregate, reduce: count}],
+     node_config: {condition: "false"}}
+""")
+    out = tmp_path / "out.json"
+    result = cli("run", str(pipeline), "--data", records(tmp_path), "--output", str(out))
+    assert result.exit_code == 1
+    assert "output node 'total' did not run: its condition was false" in result.stderr
+    assert not out.exists()
+
+
+def test_several_sinks_without_output_are_refused_naming_them(cli: Any, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(branch_pipeline("true", "[domestic]"))
+    for command in (["validate", str(pipeline)], ["run", str(pipeline), "--data", records(tmp_path)]):
+        result = cli(*command)
+        assert result.exit_code == 2, result.stderr
+        assert "the output is ambiguous" in result.stderr
+        assert "(by_state, quarantine)" in result.stderr
+
+
+def test_output_must_name_a_data_node(cli: Any, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(branch_pipeline("true", "[domestic]", output="output: gate"))
+    result = cli("validate", str(pipeline))
+    assert result.exit_code == 2
+    assert "output: node 'gate' is not a map, filter or aggregate node" in result.stderr
+    pipeline.write_text(branch_pipeline("true", "[domestic]", output="output: by_stat"))
+    result = cli("validate", str(pipeline))
+    assert result.exit_code == 2
+    assert "unknown node 'by_stat' (did you mean 'by_state'?)" in result.stderr
+
+
+def test_output_node_option_writes_other_sinks(cli: Any, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("""
+name: two-sinks
+output: total
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 7}]}
+  - {name: work, dependencies: [split], modules: [{use: map, expr: "item['n']"}]}
+  - {name: total, dependencies: [work], modules: [{use: aggregate, reduce: sum}]}
+  - {name: listing, dependencies: [work], modules: [{use: aggregate}]}
+""")
+    out, listing = tmp_path / "total.json", tmp_path / "listing.csv"
+    result = cli(
+        "run", str(pipeline), "--data", records(tmp_path, 10), "--output", str(out),
+        "--output-node", f"listing={listing}", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(out.read_text()) == sum(range(10))
+    assert listing.read_text().split() == [str(i) for i in range(10)]
+    summary = json.loads(result.stdout)
+    assert summary["outputs"] == {"listing": {"path": str(listing), "rows": 10}}
+    bad = cli("run", str(pipeline), "--data", records(tmp_path, 10), "--output-node", "nope=x.json")
+    assert bad.exit_code == 2 and "'nope' is not a map, filter or aggregate" in bad.stderr
+    bad = cli("run", str(pipeline), "--data", records(tmp_path, 10), "--output-node", "listing")
+    assert bad.exit_code == 2 and "expected NODE=PATH" in bad.stderr
+
+
+def test_validate_warns_about_a_target_that_runs_anyway(cli: Any, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("""
+name: loop-back
+nodes:
+  - {name: split, type: planner, modules: [{use: split}]}
+  - {name: work, dependencies: [split], modules: [{use: map, expr: "item"}]}
+  - {name: gate, type: flow_control, dependencies: [work], default: work}
+""")
+    result = cli("validate", str(pipeline))
+    assert result.exit_code == 0
+    assert "pagent: warning: node 'work' is a target of flow control node 'gate'" in result.stderr
+
+
+def test_graph_marks_gated_nodes(cli: Any, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(branch_pipeline("true", "[domestic]", output="output: by_state"))
+    text = cli("graph", str(pipeline)).stdout
+    assert "runs only when gate chooses it" in text
+    assert text.count("runs only when gate chooses it") == 2
