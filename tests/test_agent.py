@@ -490,7 +490,9 @@ def _branch_agent(condition: str, *, target_deps: list[str]) -> tuple[Agent, Out
 
 
 @pytest.mark.parametrize("target_deps", [["work"], ["work", "flow"]])
-@pytest.mark.parametrize(("condition", "chosen", "other"), [("w == 1", "b", "q"), ("w == 2", "q", "b")])
+@pytest.mark.parametrize(
+    ("condition", "chosen", "other"), [("w == 1", "b", "q"), ("w == 2", "q", "b")]
+)
 async def test_branch_targets_run_only_when_chosen_and_once(
     target_deps: list[str], condition: str, chosen: str, other: str
 ) -> None:
@@ -552,7 +554,10 @@ def test_warnings_name_unconditional_and_unreachable_targets() -> None:
     agent.add_node(Node(name="b", modules=[Incr("b")], dependencies=["flow"]))
     agent.add_node(Node(name="both", modules=[Incr("c")], dependencies=["a", "b"]))
     warnings = agent.warnings()
-    assert any("'work' is a target of flow control node 'flow' but runs unconditionally" in w for w in warnings)
+    assert any(
+        "'work' is a target of flow control node 'flow' but runs unconditionally" in w
+        for w in warnings
+    )
     assert any("node 'both' can never run" in w and "'a' and 'b'" in w for w in warnings)
     clean, _ = _branch_agent("true", target_deps=["work"])
     assert clean.warnings() == []

@@ -86,7 +86,7 @@ def test_the_chosen_branch_runs_once_and_is_the_output(
     finished = [
         e["node"]
         for e in map(json.loads, events.read_text().splitlines())
-        if e["event"] == "node_finished"
+        if e["kind"] == "node_finished"
     ]
     assert finished.count(chosen) == 1
     assert other not in finished
@@ -132,7 +132,10 @@ nodes:
 def test_several_sinks_without_output_are_refused_naming_them(cli: Any, tmp_path: Path) -> None:
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(branch_pipeline("true", "[domestic]"))
-    for command in (["validate", str(pipeline)], ["run", str(pipeline), "--data", records(tmp_path)]):
+    for command in (
+        ["validate", str(pipeline)],
+        ["run", str(pipeline), "--data", records(tmp_path)],
+    ):
         result = cli(*command)
         assert result.exit_code == 2, result.stderr
         assert "the output is ambiguous" in result.stderr
@@ -162,7 +165,7 @@ nodes:
   - {name: total, dependencies: [work], modules: [{use: aggregate, reduce: sum}]}
   - {name: listing, dependencies: [work], modules: [{use: aggregate}]}
 """)
-    out, listing = tmp_path / "total.json", tmp_path / "listing.csv"
+    out, listing = tmp_path / "total.json", tmp_path / "listing.jsonl"
     result = cli(
         "run", str(pipeline), "--data", records(tmp_path, 10), "--output", str(out),
         "--output-node", f"listing={listing}", "--json",

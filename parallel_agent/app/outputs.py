@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import itertools
+import json
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -41,6 +42,8 @@ async def write_results(
         raise PipelineError("this pipeline produces no output (no aggregate or data node)")
     if built is not None and node is None:
         await store.update_run(info.task_id, extra={"output_plan": output})
+    if "value_json" in output:
+        return _write_value(json.loads(output["value_json"]), target, fmt, stdout)
     if "value" in output:
         return _write_value(output["value"], target, fmt, stdout)
     written = 0

@@ -142,7 +142,10 @@ class PipelineRun:
                 check_writable(options.output)
         for node, path in parse_output_nodes(options.output_nodes):
             detect_output_format(path)
-            if options.output is not None and Path(path).resolve() == Path(options.output).resolve():
+            if (
+                options.output is not None
+                and Path(path).resolve() == Path(options.output).resolve()
+            ):
                 raise UsageError(f"--output-node {node}={path}: the same file as --output")
             check_writable(path)
         if options.failed_output is not None:

@@ -257,7 +257,16 @@ def watch_status(
     *,
     interval: float = 0.5,
     finished: frozenset[str] = frozenset(
-        {"complete", "partial_failure", "no_output", "failed", "cancelled", "interrupted", "stalled", "lost"}
+        {
+            "complete",
+            "partial_failure",
+            "no_output",
+            "failed",
+            "cancelled",
+            "interrupted",
+            "stalled",
+            "lost",
+        }
     ),
 ) -> dict[str, Any]:
     """Show a run from the store alone until it ends; return its last status."""

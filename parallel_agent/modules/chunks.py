@@ -17,8 +17,10 @@ from parallel_agent.errors import StoreError, UsageError
 from parallel_agent.events import ChunkDone, ChunkFailed, ChunksPlanned, ChunkStarted, ItemFailed
 from parallel_agent.jsonl import encode_lines
 from parallel_agent.modules.context import RunContext, stop_loop, wait_or_timeout
+from parallel_agent.modules.grouping import Grouper, build_groupers, chunk_partials
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError, describe
 from parallel_agent.modules.processors import ChunkProcessor
+from parallel_agent.modules.threads import run_in_thread
 from parallel_agent.store.base import ChunkSpec, Lease, encode_record_numbers
 
 #: How many item errors of one chunk are also sent as events (all are stored).
@@ -90,10 +92,19 @@ async def _queue_producer_results(ctx: RunContext, node: str) -> None:
 class ChunkWorkers:
     """Runs `settings.concurrency` workers over one node's chunk queue until it is drained."""
 
-    def __init__(self, ctx: RunContext, settings: NodeSettings, processor: ChunkProcessor) -> None:
+    def __init__(
+        self,
+        ctx: RunContext,
+        settings: NodeSettings,
+        processor: ChunkProcessor,
+        aggregates: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.settings = settings
         self.processor = processor
+        self.groupers: dict[str, Grouper] = build_groupers(aggregates or {}, ctx.params)
+        """The consuming aggregates whose partials are computed with each chunk (a pooled
+        processor's workers compute them themselves)."""
         self.progress = asyncio.Event()
         """Set (and replaced) each time a worker of this node here is done with a chunk."""
 
@@ -183,11 +194,7 @@ class ChunkWorkers:
     async def _process_with_lease(self, lease: Lease) -> ChunkOutcome | None:
         """Run the processor while a heartbeat renews the lease; None if the lease was lost."""
         lost, finished = asyncio.Event(), asyncio.Event()
-        work = asyncio.ensure_future(
-            self._timed(
-                self.processor.process_payload(lease.payload, lease.numbers, self.ctx.params)
-            )
-        )
+        work = asyncio.ensure_future(self._timed(self._process(lease)))
         heartbeat = asyncio.ensure_future(self._heartbeat(lease, lost, finished, work))
         try:
             return await work
@@ -197,6 +204,17 @@ class ChunkWorkers:
             raise
         finally:
             await stop_loop(heartbeat, finished)
+
+    async def _process(self, lease: Lease) -> ChunkOutcome:
+        """The processor's outcome, with the consuming aggregates' partials of its outputs."""
+        outcome = await self.processor.process_payload(
+            lease.payload, lease.numbers, self.ctx.params
+        )
+        if self.groupers and outcome.partials is None:
+            outcome.partials = await run_in_thread(
+                chunk_partials, self.groupers, outcome.outputs, lease.numbers, outcome.origins
+            )
+        return outcome
 
     async def _timed(self, coro: Any) -> ChunkOutcome:
         if self.settings.timeout is None:
@@ -254,6 +272,7 @@ class ChunkWorkers:
             items_failed=len(errors),
             duration_s=duration,
             records=records,
+            partial=(outcome.partials or "").encode(),
         )
         if not committed:
             return

@@ -44,6 +44,9 @@ class WorkerJob:
     keep_if_true: bool = False
     batch: bool = False
     roots: tuple[str, ...] = ()
+    aggregates: str = ""
+    """JSON {aggregate node: options} of the aggregates fed by this node: the workers compute
+    their partials of each chunk's outputs (modules/grouping.py)."""
 
 
 class _Worker:
@@ -122,6 +125,7 @@ class PooledProcessor:
             encoded=body,
             unencodable=list(header["unencodable"]),
             origins=header.get("origins"),
+            partials=header.get("partials"),
         )
 
     async def check_jsonl(self, payload: bytes) -> int | None:
@@ -189,6 +193,7 @@ class PooledProcessor:
             "keep_if_true": job.keep_if_true,
             "batch": job.batch,
             "roots": list(job.roots),
+            "aggregates": job.aggregates,
             "params": params,
         }
         assert process.stdin is not None

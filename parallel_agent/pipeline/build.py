@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from parallel_agent.conditions import compile_condition, compile_expression
 from parallel_agent.errors import PipelineError
 from parallel_agent.graph import (
@@ -31,6 +33,7 @@ from parallel_agent.graph.tasks import Task
 from parallel_agent.modules.builtin import AggregateModule, ChunkModule, SplitModule
 from parallel_agent.modules.chunks import NodeSettings
 from parallel_agent.modules.context import RunContext
+from parallel_agent.modules.grouping import GroupingError, build_groupers
 from parallel_agent.modules.loading import add_import_roots, import_object
 from parallel_agent.modules.pool import PooledProcessor, WorkerJob
 from parallel_agent.modules.processors import (
@@ -110,8 +113,11 @@ class BuiltPipeline:
             value_node, results_node = _output_source(self.pipeline, node, uses, producers)
         if value_node is not None:
             run = await self.ctx.store.get_run(self.ctx.task_id)
-            values = (run.extra.get("aggregate") or {}) if run is not None else {}
-            return {"value": values.get(value_node)}
+            extra = run.extra if run is not None else {}
+            texts = extra.get("aggregate_json") or {}
+            if value_node in texts:  # group-by rows, as JSON text: exact integers past 64 bits
+                return {"value_json": texts[value_node]}
+            return {"value": (extra.get("aggregate") or {}).get(value_node)}
         if results_node is not None:
             return {"node": results_node}
         return None
@@ -155,14 +161,44 @@ def _wire_data_nodes(
     return uses, producers, consumers
 
 
-def _processor(node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path) -> ChunkProcessor:
+GROUPING_KEYS = ("group_by", "compute", "sort_by", "descending", "top")
+
+
+def partial_aggregates(
+    pipeline: Pipeline, producers: dict[str, str], params: dict[str, Any]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """{producer: {aggregate node: its grouping options}} for every `compute:` aggregate, whose
+    partials the producer computes with each chunk; each is checked (reducers, expressions,
+    functions) so a mistake fails before any work."""
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for node in pipeline.nodes:
+        for spec in node.modules:
+            if isinstance(spec, AggregateSpec) and spec.compute is not None:
+                options = spec.model_dump(include=set(GROUPING_KEYS))
+                try:
+                    build_groupers({node.name: options}, params)
+                except GroupingError as exc:
+                    raise PipelineError(str(exc)) from None
+                found.setdefault(producers[node.name], {})[node.name] = options
+    return found
+
+
+def _processor(
+    node: NodeSpec,
+    spec: MapSpec | FilterSpec,
+    pipeline_dir: Path,
+    aggregates: dict[str, dict[str, Any]] | None = None,
+) -> ChunkProcessor:
     what = f"node '{node.name}', {spec.use}"
+    grouping = orjson.dumps(aggregates).decode() if aggregates else ""
     keep = isinstance(spec, FilterSpec)
     config = node.node_config
     if spec.expr is not None:
         processor = ExpressionProcessor(spec.expr, what, keep_if_true=keep)
         if config.processes:
-            return _pooled("expr", spec.expr, what, keep, False, config.processes, pipeline_dir)
+            return _pooled(
+                "expr", spec.expr, what, keep, False, config.processes, pipeline_dir, grouping
+            )
         return processor
     if spec.function is not None:
         target = ensure_callable(import_object(spec.function, what=what), spec.function, what)
@@ -176,7 +212,14 @@ def _processor(node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path) -
                     "(async functions already overlap their waits in one process)"
                 )
             return _pooled(
-                "function", spec.function, what, keep, batch, config.processes, pipeline_dir
+                "function",
+                spec.function,
+                what,
+                keep,
+                batch,
+                config.processes,
+                pipeline_dir,
+                grouping,
             )
         return FunctionProcessor(
             target,
@@ -194,7 +237,14 @@ def _processor(node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path) -
 
 
 def _pooled(
-    kind: str, source: str, what: str, keep: bool, batch: bool, size: int, pipeline_dir: Path
+    kind: str,
+    source: str,
+    what: str,
+    keep: bool,
+    batch: bool,
+    size: int,
+    pipeline_dir: Path,
+    aggregates: str = "",
 ) -> PooledProcessor:
     job = WorkerJob(
         kind=kind,
@@ -203,6 +253,7 @@ def _pooled(
         keep_if_true=keep,
         batch=batch,
         roots=(str(Path.cwd()), str(pipeline_dir.resolve())),
+        aggregates=aggregates,
     )
     return PooledProcessor(job, size)
 
@@ -232,7 +283,13 @@ def _class_module(spec: ClassSpec, node: NodeSpec) -> AgentModule:
         raise PipelineError(f"{what}: cannot create '{spec.class_}': {exc}") from None
 
 
-def _engine_node(node: NodeSpec, ctx: RunContext, pipeline_dir: Path, uses: dict[str, str]) -> Node:
+def _engine_node(
+    node: NodeSpec,
+    ctx: RunContext,
+    pipeline_dir: Path,
+    uses: dict[str, str],
+    aggregates: dict[str, dict[str, Any]] | None = None,
+) -> Node:
     config = node.node_config
     kind = ModuleType(node.type)
     if kind == ModuleType.FLOW_CONTROL:
@@ -266,8 +323,10 @@ def _engine_node(node: NodeSpec, ctx: RunContext, pipeline_dir: Path, uses: dict
                 checker = PooledProcessor(job, config.processes)
             modules.append(SplitModule(ctx, node.name, spec.chunk_size, checker))
         elif isinstance(spec, MapSpec | FilterSpec):
-            processor = _processor(node, spec, pipeline_dir)
-            modules.append(ChunkModule(ctx, node.name, _settings(node), processor, spec.use))
+            processor = _processor(node, spec, pipeline_dir, aggregates)
+            modules.append(
+                ChunkModule(ctx, node.name, _settings(node), processor, spec.use, aggregates)
+            )
         elif isinstance(spec, AggregateSpec):
             if spec.expr is not None:
                 compile_expression(spec.expr, what=f"node '{node.name}', aggregate expr")
@@ -319,8 +378,9 @@ def build_pipeline(pipeline: Pipeline, ctx: RunContext, *, pipeline_dir: Path) -
         events=ctx.events,
         views=views,
     )
+    partials = partial_aggregates(pipeline, producers, ctx.params)
     for node in pipeline.nodes:
-        agent.add_node(_engine_node(node, ctx, pipeline_dir, uses))
+        agent.add_node(_engine_node(node, ctx, pipeline_dir, uses, partials.get(node.name)))
     agent.validate()
     built.agent = agent
     built.result_node = output_node(pipeline, uses, producers)
@@ -331,9 +391,7 @@ def build_pipeline(pipeline: Pipeline, ctx: RunContext, *, pipeline_dir: Path) -
     return built
 
 
-def output_node(
-    pipeline: Pipeline, uses: dict[str, str], producers: dict[str, str]
-) -> str | None:
+def output_node(pipeline: Pipeline, uses: dict[str, str], producers: dict[str, str]) -> str | None:
     """The node `--output` writes: `output:` if given, else the one data node nothing consumes
     (the sink of the data graph); several sinks without `output:` are refused, naming them."""
     if pipeline.output is not None:

@@ -130,6 +130,8 @@ class ChunkResult:
     records: bytes = b""
     """The input record numbers of the result's items (see `record_numbers`); `count` is the
     chunk's input size, which the result has only when `records` is empty."""
+    partial: bytes = b""
+    """The consuming aggregates' partials of the result (JSON), committed with it; may be empty."""
 
     @property
     def numbers(self) -> Sequence[int]:
@@ -415,9 +417,11 @@ class RunStore(ABC):
         items_failed: int,
         duration_s: float,
         records: bytes = b"",
+        partial: bytes = b"",
     ) -> bool:
         """Store the chunk's outputs and mark it DONE, with the counters, in one atomic step.
-        `records` numbers the result's items (see `record_numbers`; empty: the chunk's range).
+        `records` numbers the result's items (see `record_numbers`; empty: the chunk's range);
+        `partial` is the consuming aggregates' partials of them, committed under the same token.
 
         Fenced: accepted only while the chunk is LEASED under this lease's token, so a commit from
         an expired lease nobody reclaimed yet is accepted, and a stale token after a reclaim is

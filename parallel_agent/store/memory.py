@@ -46,6 +46,7 @@ class _Chunk:
     result: bytes = b""
     errors: bytes = b""
     result_records: bytes = b""
+    partial: bytes = b""
     items_ok: int = 0
     items_failed: int = 0
     duration_s: float = 0.0
@@ -229,6 +230,7 @@ class MemoryStore(RunStore):
         items_failed: int,
         duration_s: float,
         records: bytes = b"",
+        partial: bytes = b"",
     ) -> bool:
         async with self._mutex:
             chunk = self._node(lease.task_id, lease.node).chunks.get(lease.index)
@@ -241,6 +243,7 @@ class MemoryStore(RunStore):
             chunk.state = ChunkState.DONE
             chunk.owner = None
             chunk.result, chunk.errors, chunk.result_records = result, errors, records
+            chunk.partial = partial
             chunk.items_ok, chunk.items_failed = items_ok, items_failed
             chunk.duration_s = duration_s
             chunk.payload = b""
@@ -408,4 +411,5 @@ def _result(chunk: _Chunk) -> ChunkResult:
         duration_s=chunk.duration_s,
         attempt=chunk.attempt,
         records=chunk.result_records,
+        partial=chunk.partial,
     )

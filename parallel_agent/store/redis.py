@@ -409,6 +409,7 @@ class RedisStore(RunStore):
         items_failed: int,
         duration_s: float,
         records: bytes = b"",
+        partial: bytes = b"",
     ) -> bool:
         keys = self._node_keys(
             lease.task_id,
@@ -422,9 +423,10 @@ class RedisStore(RunStore):
             "done",
             "records",
             "result_records",
+            "partial",
         )
         args = [lease.index, lease.token, result, errors, items_ok, items_failed, repr(duration_s)]
-        args.append(records)
+        args += [records, partial]
         return bool(await self._checked(lease.task_id, "commit", keys, args) == 1)
 
     async def fail(
@@ -500,9 +502,9 @@ class RedisStore(RunStore):
     async def results(self, task_id: str, node: str) -> AsyncIterator[ChunkResult]:
         batch = results_batch(await self.counts(task_id, node))
         async for rows in self._done_batches(
-            task_id, node, "meta", "result", "errors", "result_records", batch=batch
+            task_id, node, "meta", "result", "errors", "result_records", "partial", batch=batch
         ):
-            for index, (meta, result, errors, records) in rows:
+            for index, (meta, result, errors, records, partial) in rows:
                 if meta is None:
                     continue
                 m = orjson.loads(meta)
@@ -517,6 +519,7 @@ class RedisStore(RunStore):
                     duration_s=float(m.get("dur", 0.0)),
                     attempt=int(m["att"]),
                     records=records or b"",
+                    partial=partial or b"",
                 )
 
     async def chunk_durations(self, task_id: str, node: str) -> list[float]:

@@ -108,6 +108,7 @@ CREATE TABLE IF NOT EXISTS chunk_data (  -- the blobs, apart: SQLite rewrites a 
     errors  BLOB,
     records BLOB,                          -- numbers of the payload's records, if not in a row
     result_records BLOB,                   -- numbers of the result's records, if not in a row
+    partial BLOB,                          -- the consuming aggregates' partials of the result
     PRIMARY KEY (task_id, node, idx)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (task_id, node, state, idx);
@@ -518,6 +519,7 @@ class SqliteStore(RunStore):
         items_failed: int,
         duration_s: float,
         records: bytes = b"",
+        partial: bytes = b"",
     ) -> bool:
         def commit(conn: sqlite3.Connection) -> bool:
             self._require_run(conn, lease.task_id)
@@ -538,8 +540,8 @@ class SqliteStore(RunStore):
             )
             conn.execute(
                 "UPDATE chunk_data SET payload = NULL, records = NULL, result = ?, errors = ?, "
-                "result_records = ? WHERE task_id = ? AND node = ? AND idx = ?",
-                (result, errors, records or None, *_chunk_key(lease)),
+                "result_records = ?, partial = ? WHERE task_id = ? AND node = ? AND idx = ?",
+                (result, errors, records or None, partial or None, *_chunk_key(lease)),
             )
             _bump(
                 conn,
@@ -633,7 +635,8 @@ class SqliteStore(RunStore):
             def batch(conn: sqlite3.Connection, after: int = after) -> list[ChunkResult]:
                 rows = conn.execute(
                     "SELECT c.idx, c.first_record, c.count, d.result, d.errors, c.items_ok, "
-                    "c.items_failed, c.duration_s, c.attempt, COALESCE(d.result_records, x'') "
+                    "c.items_failed, c.duration_s, c.attempt, COALESCE(d.result_records, x''), "
+                    "COALESCE(d.partial, x'') "
                     "FROM chunks c JOIN chunk_data d "
                     "USING (task_id, node, idx) WHERE c.task_id = ? AND c.node = ? "
                     "AND c.state = 'done' AND c.idx > ? ORDER BY c.idx LIMIT ?",
@@ -742,7 +745,7 @@ def _payload(conn: sqlite3.Connection, task_id: str, node: str, index: int) -> t
     return bytes(row[0] or b""), bytes(row[1] or b"")
 
 
-_RECORD_COLUMNS = ("records", "result_records")
+_RECORD_COLUMNS = ("records", "result_records", "partial")
 
 
 def _missing_record_columns(conn: sqlite3.Connection) -> list[str]:
