@@ -416,6 +416,9 @@ class PipelineRun:
             if summary.status == TaskStatus.COMPLETE.value:
                 summary.status = TaskStatus.FAILED.value
             return summary
+        stored = await store.get_run(info.task_id)
+        for notices in ((stored.extra if stored else {}).get("aggregate_notices") or {}).values():
+            summary.notices.extend(notices)
         unfinished = summary.items_total - summary.items_done - summary.items_failed
         if summary.items_failed or summary.chunks_failed or unfinished > 0:
             summary.status = TaskStatus.PARTIAL.value

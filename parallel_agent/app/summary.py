@@ -34,6 +34,8 @@ class RunSummary:
     failed_output: str | None = None
     failed_output_records: int | None = None
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
+    """What aggregates skipped (missing fields, nulls) or cut (collect past its limit)."""
     """`--output-node NODE=PATH`: {node: {path, rows}} written besides `--output`."""
 
     @property
@@ -68,6 +70,7 @@ class RunSummary:
                 else None
             ),
             "outputs": self.outputs,
+            "notices": self.notices,
         }
 
 
@@ -151,4 +154,5 @@ def summary_from_dict(data: dict[str, Any]) -> RunSummary:
         nodes=data.get("nodes", {}),
         report=RunReport.from_dict(data["report"]) if data.get("report") else None,
         outputs=data.get("outputs") or {},
+        notices=data.get("notices") or [],
     )

@@ -207,6 +207,8 @@ class LiveDisplay(EventSink):
         summary = self.finished.summary
         if summary.get("error"):
             self.console.print(f"pagent: {summary['error']}", highlight=False, markup=False)
+        for notice in summary.get("notices") or []:
+            self.console.print(f"pagent: note: {notice}", highlight=False, markup=False)
         if summary.get("report"):
             self.console.print(report_renderable(RunReport.from_dict(summary["report"])))
         failed_output = summary.get("failed_output")

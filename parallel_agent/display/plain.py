@@ -99,6 +99,7 @@ class PlainLines(EventSink):
         )
         if summary.get("error"):
             lines.append(f"pagent: {summary['error']}")
+        lines.extend(f"pagent: note: {notice}" for notice in summary.get("notices") or [])
         report = summary.get("report")
         if report:
             lines.extend(report_lines(RunReport.from_dict(report), self.width))
