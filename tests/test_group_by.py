@@ -188,17 +188,17 @@ def test_group_by_in_worker_processes_with_a_filter(cli: Any, tmp_path: Path) ->
 
 def test_several_keys_expressions_sort_and_top(cli: Any, tmp_path: Path) -> None:
     rows = generate(200, seed=5)
-    text = f"""
+    text = """
 name: top
 nodes:
-  - {{name: split, type: planner, modules: [{{use: split, chunk_size: 9}}]}}
-  - {{name: work, dependencies: [split], modules: [{{use: map, expr: "item"}}]}}
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 9}]}
+  - {name: work, dependencies: [split], modules: [{use: map, expr: "item"}]}
   - name: top_pairs
     dependencies: [work]
     modules:
     - use: aggregate
-      group_by: {{name: "item['name']", odd: "record % 2 == 1"}}
-      compute: {{n: count, total: {{sum: id}}}}
+      group_by: {name: "item['name']", odd: "record % 2 == 1"}
+      compute: {n: count, total: {sum: id}}
       sort_by: [n, total]
       descending: true
       top: 4

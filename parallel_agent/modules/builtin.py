@@ -158,14 +158,14 @@ class AggregateModule(BuiltinModule):
         grouper = Grouper.from_options(self.options, what, ctx.params)
         merger = grouper.merger()
         try:
-            async for result in ctx.store.results(ctx.task_id, producer):
-                partial = json.loads(result.partial).get(self.node) if result.partial else None
+            async for chunk in ctx.store.results(ctx.task_id, producer):
+                partial = json.loads(chunk.partial).get(self.node) if chunk.partial else None
                 if partial is None:
-                    partial = grouper.partial(decode_lines(result.result), result.numbers)
+                    partial = grouper.partial(decode_lines(chunk.result), chunk.numbers)
                 merger.add(partial)
             rows = merger.rows()
-        except GroupingError as exc:
-            raise PipelineError(str(exc)) from None
+        except GroupingError as exc:  # values the reducers cannot combine: this node fails
+            return {"status": "error", "result": str(exc)}
         text = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
         notices = merger.notices()
         await ctx.store.update_run(

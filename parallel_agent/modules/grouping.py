@@ -282,14 +282,20 @@ def _import(reference: str, what: str) -> Any:
     return import_object(reference, what=what)
 
 
-def parse_reducer(name: str, spec: Any, what: str) -> _Column:
-    """A `compute:` entry: `count`, `{count_if: EXPR}`, `{KIND: FIELD}`, `{KIND: {expr: E}}`,
-    `{collect: FIELD, limit: N}` or `{function: pkg.mod:obj, field|expr: ...}`."""
-    here = f"{what}, compute '{name}'"
-    if spec == "count":
-        return _Column(name, "count", Count())
-    if not isinstance(spec, dict):
-        raise GroupingError(f"{here}: give count or a mapping like {{sum: field}}")
+_BUILTIN: dict[str, Callable[[], Reducer]] = {
+    "count": Count,
+    "sum": Sum,
+    "mean": Mean,
+    "min": lambda: Extreme(min),
+    "max": lambda: Extreme(max),
+    "first": First,
+    "last": Last,
+    "count_distinct": CountDistinct,
+}
+
+
+def _kind(spec: dict[str, Any], here: str) -> str:
+    """The one reducer a `compute:` mapping names, checking its other keys."""
     kinds = [key for key in spec if key in REDUCERS]
     if len(kinds) != 1:
         raise GroupingError(f"{here}: name exactly one reducer of {', '.join(REDUCERS)}")
@@ -300,46 +306,46 @@ def parse_reducer(name: str, spec: Any, what: str) -> _Column:
     extra = sorted(set(spec) - allowed)
     if extra:
         raise GroupingError(f"{here}: unknown key '{extra[0]}'")
+    return kind
+
+
+def _source(column: _Column, source: Any, here: str) -> _Column:
+    """Where a reducer's values come from: a field, `{expr: ...}`, or (function) the item."""
+    if isinstance(source, dict) and set(source) == {"expr"} and isinstance(source["expr"], str):
+        column.evaluate = _compile(source["expr"], f"{here} ({column.kind})")
+    elif isinstance(source, str) and source:
+        column.field = source
+    elif not (source is None and column.kind == "function"):
+        raise GroupingError(f"{here}: {column.kind} takes a field name or {{expr: ...}}")
+    return column
+
+
+def parse_reducer(name: str, spec: Any, what: str) -> _Column:
+    """A `compute:` entry: `count`, `{count_if: EXPR}`, `{KIND: FIELD}`, `{KIND: {expr: E}}`,
+    `{collect: FIELD, limit: N}` or `{function: pkg.mod:obj, field|expr: ...}`."""
+    here = f"{what}, compute '{name}'"
+    if spec == "count":
+        return _Column(name, "count", Count())
+    if not isinstance(spec, dict):
+        raise GroupingError(f"{here}: give count or a mapping like {{sum: field}}")
+    kind = _kind(spec, here)
     argument = spec[kind]
-    column = _Column(name, kind, Count())
     if kind == "count_if":
         if not isinstance(argument, str):
             raise GroupingError(f"{here}: count_if takes an expression over item")
-        column.reducer = CountIf()
-        column.evaluate = _compile(argument, f"{here} (count_if)")
-        return column
+        return _Column(name, kind, CountIf(), evaluate=_compile(argument, f"{here} (count_if)"))
     if kind == "function":
         if not isinstance(argument, str):
             raise GroupingError(f"{here}: function takes 'package.module:object'")
-        target = _import(argument, here)
-        column.reducer = UserReducer(target, argument)
+        reducer: Reducer = UserReducer(_import(argument, here), argument)
         source: Any = {"expr": spec["expr"]} if "expr" in spec else spec.get("field")
-    else:
-        source = argument
-        column.reducer = {
-            "count": Count,
-            "sum": Sum,
-            "mean": Mean,
-            "first": First,
-            "last": Last,
-            "count_distinct": CountDistinct,
-        }.get(kind, Count)()
-        if kind in ("min", "max"):
-            column.reducer = Extreme(min if kind == "min" else max)
-        elif kind == "collect":
-            limit = spec.get("limit", COLLECT_LIMIT)
-            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-                raise GroupingError(f"{here}: limit must be an integer >= 1")
-            column.reducer = Collect(limit)
-    if isinstance(source, dict) and set(source) == {"expr"} and isinstance(source["expr"], str):
-        column.evaluate = _compile(source["expr"], f"{here} ({kind})")
-    elif isinstance(source, str) and source:
-        column.field = source
-    elif source is None and kind == "function":
-        pass  # the whole item
-    else:
-        raise GroupingError(f"{here}: {kind} takes a field name or {{expr: ...}}")
-    return column
+        return _source(_Column(name, kind, reducer), source, here)
+    if kind == "collect":
+        limit = spec.get("limit", COLLECT_LIMIT)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise GroupingError(f"{here}: limit must be an integer >= 1")
+        return _source(_Column(name, kind, Collect(limit)), argument, here)
+    return _source(_Column(name, kind, _BUILTIN[kind]()), argument, here)
 
 
 def parse_keys(group_by: Any, what: str) -> list[tuple[str, str | None, Evaluate | None]]:
