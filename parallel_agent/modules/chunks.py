@@ -273,6 +273,7 @@ class ChunkWorkers:
             duration_s=duration,
             records=records,
             partial=(outcome.partials or "").encode(),
+            outputs=len(origins) if origins is not None else lease.count,
         )
         if not committed:
             return

@@ -171,6 +171,8 @@ class NodeCounts:
     items_failed: int
     retries: int
     sealed: bool
+    items_out: int = 0
+    """Outputs committed (a filter's kept items; a map's results): what the node emitted."""
 
 
 def record_numbers(first_record: int, count: int, records: bytes) -> Sequence[int]:
@@ -418,10 +420,12 @@ class RunStore(ABC):
         duration_s: float,
         records: bytes = b"",
         partial: bytes = b"",
+        outputs: int | None = None,
     ) -> bool:
         """Store the chunk's outputs and mark it DONE, with the counters, in one atomic step.
         `records` numbers the result's items (see `record_numbers`; empty: the chunk's range);
-        `partial` is the consuming aggregates' partials of them, committed under the same token.
+        `partial` is the consuming aggregates' partials of them, committed under the same token;
+        `outputs` how many outputs `result` holds (default `items_ok`), added to `items_out`.
 
         Fenced: accepted only while the chunk is LEASED under this lease's token, so a commit from
         an expired lease nobody reclaimed yet is accepted, and a stale token after a reclaim is

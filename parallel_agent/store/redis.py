@@ -410,6 +410,7 @@ class RedisStore(RunStore):
         duration_s: float,
         records: bytes = b"",
         partial: bytes = b"",
+        outputs: int | None = None,
     ) -> bool:
         keys = self._node_keys(
             lease.task_id,
@@ -426,7 +427,7 @@ class RedisStore(RunStore):
             "partial",
         )
         args = [lease.index, lease.token, result, errors, items_ok, items_failed, repr(duration_s)]
-        args += [records, partial]
+        args += [records, partial, items_ok if outputs is None else outputs]
         return bool(await self._checked(lease.task_id, "commit", keys, args) == 1)
 
     async def fail(
@@ -457,11 +458,11 @@ class RedisStore(RunStore):
         exists, raw = await self._call(read)
         if not exists:
             raise run_missing(self.url, task_id)
-        total, pending, leased, done, failed, items, ok, bad, retries, sealed = (
+        total, pending, leased, done, failed, items, ok, bad, retries, sealed, out = (
             int(raw.get(name.encode(), 0)) for name in _COUNTER_FIELDS
         )
         return NodeCounts(
-            total, pending, leased, done, failed, items, ok, bad, retries, bool(sealed)
+            total, pending, leased, done, failed, items, ok, bad, retries, bool(sealed), out
         )
 
     async def nodes(self, task_id: str) -> list[str]:

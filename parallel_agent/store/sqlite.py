@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS nodes (     -- one row per (task, node): the counters
     items_failed INTEGER NOT NULL DEFAULT 0,
     retries      INTEGER NOT NULL DEFAULT 0,
     sealed       INTEGER NOT NULL DEFAULT 0,
+    items_out    INTEGER NOT NULL DEFAULT 0,  -- outputs committed
     PRIMARY KEY (task_id, node)
 );
 CREATE TABLE IF NOT EXISTS chunks (
@@ -520,6 +521,7 @@ class SqliteStore(RunStore):
         duration_s: float,
         records: bytes = b"",
         partial: bytes = b"",
+        outputs: int | None = None,
     ) -> bool:
         def commit(conn: sqlite3.Connection) -> bool:
             self._require_run(conn, lease.task_id)
@@ -551,6 +553,7 @@ class SqliteStore(RunStore):
                 done=1,
                 items_done=items_ok,
                 items_failed=items_failed,
+                items_out=items_ok if outputs is None else outputs,
             )
             return True
 
@@ -603,17 +606,17 @@ class SqliteStore(RunStore):
         def counts(conn: sqlite3.Connection) -> NodeCounts:
             row = conn.execute(
                 "SELECT runs.task_id, chunks_total, pending, leased, done, failed, items_total, "
-                "items_done, items_failed, retries, sealed FROM runs LEFT JOIN nodes "
+                "items_done, items_failed, retries, sealed, items_out FROM runs LEFT JOIN nodes "
                 "ON nodes.task_id = runs.task_id AND nodes.node = ? WHERE runs.task_id = ?",
                 (node, task_id),
             ).fetchone()
             if row is None:
                 raise run_missing(self.url, task_id)
-            total, pending, leased, done, failed, items, ok, bad, retries, sealed = (
+            total, pending, leased, done, failed, items, ok, bad, retries, sealed, out = (
                 value or 0 for value in row[1:]
             )
             return NodeCounts(
-                total, pending, leased, done, failed, items, ok, bad, retries, bool(sealed)
+                total, pending, leased, done, failed, items, ok, bad, retries, bool(sealed), out
             )
 
         return await self._read(counts)
@@ -753,8 +756,13 @@ def _missing_record_columns(conn: sqlite3.Connection) -> list[str]:
     return [column for column in _RECORD_COLUMNS if column not in names]
 
 
+def _lacks_items_out(conn: sqlite3.Connection) -> bool:
+    names = {row[0] for row in conn.execute("SELECT name FROM pragma_table_info('nodes')")}
+    return "items_out" not in names
+
+
 def _lacks_record_numbers(conn: sqlite3.Connection) -> bool:
-    return bool(_missing_record_columns(conn))
+    return bool(_missing_record_columns(conn)) or _lacks_items_out(conn)
 
 
 def _add_record_numbers(conn: sqlite3.Connection) -> None:
@@ -762,6 +770,8 @@ def _add_record_numbers(conn: sqlite3.Connection) -> None:
     which is what its chunks are)."""
     for column in _missing_record_columns(conn):
         conn.execute(f"ALTER TABLE chunk_data ADD COLUMN {column} BLOB")
+    if _lacks_items_out(conn):
+        conn.execute("ALTER TABLE nodes ADD COLUMN items_out INTEGER NOT NULL DEFAULT 0")
 
 
 def _run_info(row: Sequence[Any]) -> RunInfo:

@@ -1,7 +1,7 @@
 -- KEYS: run, counters, meta, payload, result, errors, leases, done, records, result_records,
 --       partial.
 -- ARGV: index, token, result, errors, items_ok, items_failed, duration_s, result's records,
---       the consuming aggregates' partials (empty: none).
+--       the consuming aggregates' partials (empty: none), the number of outputs.
 -- Fenced: only the current token of a LEASED chunk commits; the same lease again returns 1.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 'LOST'
@@ -39,4 +39,5 @@ redis.call('HINCRBY', KEYS[2], 'leased', -1)
 redis.call('HINCRBY', KEYS[2], 'done', 1)
 redis.call('HINCRBY', KEYS[2], 'items_done', m.ok)
 redis.call('HINCRBY', KEYS[2], 'items_failed', m.bad)
+redis.call('HINCRBY', KEYS[2], 'items_out', tonumber(ARGV[10]))
 return 1
