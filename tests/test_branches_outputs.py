@@ -201,3 +201,35 @@ def test_graph_marks_gated_nodes(cli: Any, tmp_path: Path) -> None:
     text = cli("graph", str(pipeline)).stdout
     assert "runs only when gate chooses it" in text
     assert text.count("runs only when gate chooses it") == 2
+
+
+def test_report_counts_records_in_out_and_dropped(cli: Any, tmp_path: Path) -> None:
+    """Issue 12 item 5: each node's received/emitted/dropped records and the rows written."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("""
+name: counts
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 7}]}
+  - {name: keep, dependencies: [split], modules: [{use: filter, expr: "item['n'] % 4 != 0"}]}
+  - {name: half, dependencies: [keep], modules: [{use: map, expr: "10 // (item['n'] % 5)"}]}
+  - {name: rows, dependencies: [half], modules: [{use: aggregate}]}
+""")
+    out = tmp_path / "out.jsonl"
+    result = cli(
+        "run", str(pipeline), "--data", records(tmp_path, 100), "--output", str(out), "--json"
+    )
+    assert result.exit_code == 1  # n % 5 == 0 fails
+    summary = json.loads(result.stdout)
+    nodes = {node["node"]: node for node in summary["report"]["nodes"]}
+    kept = [n for n in range(100) if n % 4]
+    failing = [n for n in kept if n % 5 == 0]
+    assert (nodes["keep"]["items_in"], nodes["keep"]["items_out"]) == (100, len(kept))
+    assert nodes["keep"]["items_dropped"] == 100 - len(kept)
+    assert nodes["half"]["items_in"] == len(kept)
+    assert nodes["half"]["items_out"] == len(kept) - len(failing)
+    assert nodes["half"]["items_dropped"] == 0 and nodes["half"]["items_failed"] == len(failing)
+    assert (
+        summary["items"]["output"] == len(out.read_text().splitlines()) == len(kept) - len(failing)
+    )
+    assert f"  keep  100 -> {len(kept)}  ({100 - len(kept)} dropped)" in result.stderr
+    assert f"pagent: {len(kept) - len(failing)} rows written to {out}" in result.stderr

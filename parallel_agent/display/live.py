@@ -25,6 +25,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from parallel_agent.display.report import outputs_lines
 from parallel_agent.display.report_table import report_renderable
 from parallel_agent.events import (
     ChunkDone,
@@ -209,6 +210,8 @@ class LiveDisplay(EventSink):
             self.console.print(f"pagent: {summary['error']}", highlight=False, markup=False)
         for notice in summary.get("notices") or []:
             self.console.print(f"pagent: note: {notice}", highlight=False, markup=False)
+        for line in outputs_lines(summary):
+            self.console.print(line, highlight=False, markup=False)
         if summary.get("report"):
             self.console.print(report_renderable(RunReport.from_dict(summary["report"])))
         failed_output = summary.get("failed_output")

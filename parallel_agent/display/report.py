@@ -9,6 +9,7 @@ there). The data comes from `parallel_agent.report`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from parallel_agent.report import FailureGroup, NodeReport, RunReport
 
@@ -75,6 +76,17 @@ def column_widths(rows: Sequence[Sequence[str]], width: int) -> list[int]:
 
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(0, width - 1)] + _ELLIPSIS
+
+
+def outputs_lines(summary: dict[str, Any]) -> list[str]:
+    """How many rows went to `--output` and to each `--output-node` file."""
+    lines = []
+    written = (summary.get("items") or {}).get("output")
+    if summary.get("output") and summary["output"] != "-" and written is not None:
+        lines.append(f"pagent: {written:,} rows written to {summary['output']}")
+    for node, target in (summary.get("outputs") or {}).items():
+        lines.append(f"pagent: {target['rows']:,} rows of {node} written to {target['path']}")
+    return lines
 
 
 def records_lines(report: RunReport) -> list[str]:

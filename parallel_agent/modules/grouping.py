@@ -6,8 +6,8 @@ merges partials: one pass, memory in the number of groups. Every reducer state i
 (encoded with the standard library, so integers past 64 bits stay exact), and merging partials in
 input order gives the same answer whatever the chunk size:
 
-- integer sums are Python ints; float sums are exact (each float scaled to an integer multiple of
-  2**-1074) and rounded once at the end, so they do not depend on how records were chunked;
+- integer sums are Python ints; float sums are kept exact (as a few floats whose exact sum is the
+  sum, `math.fsum` style) and rounded once at the end, so they do not depend on the chunking;
 - groups come out in the order their first record came in the input.
 
 No asyncio here: worker processes import this module.
@@ -19,15 +19,13 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import orjson
 
 #: Values `collect` keeps per group unless told otherwise.
 COLLECT_LIMIT = 1000
-#: Float sums are kept as integers in units of 2**-1074, the smallest subnormal float.
-_SCALE = 1074
-_MISSING = object()
 
 REDUCERS = (
     "count",
@@ -98,50 +96,73 @@ class CountIf(Count):
         return sum(1 for value in values if value)
 
 
-def _exact(value: float) -> int:
-    numerator, denominator = value.as_integer_ratio()
-    return numerator << (_SCALE - denominator.bit_length() + 1)
+def _exact_floats(values: Sequence[float]) -> list[float]:
+    """Floats whose exact sum is the exact sum of `values`: the correctly rounded sum, then the
+    rounding error of that, and so on until nothing is left (each step is `math.fsum`, exact
+    over its inputs; a few steps at most). Non-finite sums are kept as they are."""
+    total = math.fsum(values)
+    parts = [total]
+    if not math.isfinite(total):
+        return parts
+    rest = [*values, -total]
+    try:
+        while True:
+            error = math.fsum(rest)
+            if error == 0.0:
+                return parts
+            parts.append(error)
+            rest.append(-error)
+    except OverflowError:  # an intermediate sum past the float range: rounded once, as fsum does
+        return [total]
+
+
+def _fsum(values: Sequence[float]) -> float:
+    try:
+        return math.fsum(values)
+    except (ValueError, OverflowError):  # inf - inf
+        return math.nan
 
 
 class Sum(Reducer):
-    """State: [integer total, float total in units of 2**-1074, floats seen, inf/nan total, n]."""
+    """State: [integer total, floats whose exact sum is the float total, floats seen, n]. Both
+    totals are exact, so the result is rounded once, whatever the chunking."""
 
     def of(self, values: list[Any]) -> Any:
-        ints = 0
-        floats = 0
-        seen = 0
-        special = 0.0
-        for value in values:
-            kind = type(value)
-            if kind is int or kind is bool:
-                ints += value
-            elif kind is float:
-                seen += 1
-                if math.isfinite(value):
-                    floats += _exact(value)
-                else:
-                    special += value
-            else:
-                raise TypeError(f"needs numbers, got {kind.__name__}")
-        return [ints, floats, seen, special, len(values)]
+        kinds = set(map(type, values))
+        if kinds <= {int, bool}:
+            return [sum(values), [], 0, len(values)]
+        if kinds == {float}:
+            return [0, _exact_floats(values), len(values), len(values)]
+        if not kinds <= {int, bool, float}:
+            odd = next(kind for kind in kinds if kind not in (int, bool, float))
+            raise TypeError(f"needs numbers, got {odd.__name__}")
+        floats = [value for value in values if type(value) is float]
+        ints = sum(value for value in values if type(value) is not float)
+        return [ints, _exact_floats(floats), len(floats), len(values)]
 
     def merge(self, a: Any, b: Any) -> Any:
-        return [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4]]
+        floats = a[1] + b[1]
+        if len(floats) > 4:
+            finite = all(math.isfinite(value) for value in floats)
+            floats = _exact_floats(floats) if finite else [_fsum(floats)]
+        return [a[0] + b[0], floats, a[2] + b[2], a[3] + b[3]]
 
     def total(self, state: Any, divisor: int = 1) -> Any:
-        ints, floats, seen, special, _ = state
+        ints, floats, seen, _ = state
         if not seen:
             return ints if divisor == 1 else ints / divisor
-        exact = (ints << _SCALE) + floats
-        return exact / (divisor << _SCALE) + special
+        if not all(math.isfinite(value) for value in floats):
+            return _fsum(floats) / divisor
+        exact = Fraction(ints) + sum(map(Fraction, floats))
+        return float(exact / divisor)
 
     def result(self, state: Any) -> Any:
-        return self.total(state) if state[4] else None
+        return self.total(state) if state[3] else None
 
 
 class Mean(Sum):
     def result(self, state: Any) -> Any:
-        return self.total(state, state[4]) if state[4] else None
+        return self.total(state, state[3]) if state[3] else None
 
 
 class Extreme(Reducer):
@@ -420,23 +441,14 @@ class Grouper:
 
     def partial(self, items: Sequence[Any], numbers: Sequence[int]) -> dict[str, Any]:
         """The partial of one chunk's outputs (`numbers`: their input record numbers)."""
-        groups: dict[str, list[int]] = {}
-        if self.keys:
-            for position, item in enumerate(items):
-                key = self._key(item, numbers[position])
-                found = groups.get(key)
-                if found is None:
-                    groups[key] = [position]
-                else:
-                    found.append(position)
-        elif items:
-            groups["[]"] = list(range(len(items)))
+        groups = self._groups(items, numbers)
         skipped = [0] * len(self.columns)
         rows = []
         for key, positions in groups.items():
             states = []
+            picked: dict[str, list[Any]] = {}  # one field's values, shared by its reducers
             for index, column in enumerate(self.columns):
-                values = self._values(column, items, numbers, positions)
+                values = self._values(column, items, numbers, positions, picked)
                 skipped[index] += len(positions) - len(values)
                 try:
                     states.append(column.reducer.of(values))
@@ -448,8 +460,58 @@ class Grouper:
             rows.append([key, states])
         return {"groups": rows, "skipped": skipped}
 
+    def _groups(self, items: Sequence[Any], numbers: Sequence[int]) -> dict[str, list[int]]:
+        """Positions of the items of each group, groups in first-seen order, by key text."""
+        if not self.keys:
+            return {"[]": list(range(len(items)))} if items else {}
+        if len(self.keys) == 1 and self.keys[0][2] is None:
+            return self._groups_by_field(items, numbers, self.keys[0][1] or self.keys[0][0])
+        groups: dict[str, list[int]] = {}
+        for position, item in enumerate(items):
+            key = self._key(item, numbers[position])
+            found = groups.get(key)
+            if found is None:
+                groups[key] = [position]
+            else:
+                found.append(position)
+        return groups
+
+    def _groups_by_field(
+        self, items: Sequence[Any], numbers: Sequence[int], name: str
+    ) -> dict[str, list[int]]:
+        """The common case, one field: strings are grouped as they are and encoded once per
+        group; other values by their JSON text (so 1, 1.0 and true stay apart)."""
+        try:
+            values = [item.get(name) for item in items]
+        except AttributeError:
+            for position, item in enumerate(items):
+                self._field(item, name, numbers[position])
+            raise
+        groups: dict[Any, list[int]] = {}
+        if set(map(type, values)) == {str}:
+            for position, value in enumerate(values):
+                found = groups.get(value)
+                if found is None:
+                    groups[value] = [position]
+                else:
+                    found.append(position)
+            return {_encode([value]): positions for value, positions in groups.items()}
+        for position, value in enumerate(values):
+            key = _encode([value])
+            found = groups.get(key)
+            if found is None:
+                groups[key] = [position]
+            else:
+                found.append(position)
+        return groups
+
     def _values(
-        self, column: _Column, items: Sequence[Any], numbers: Sequence[int], positions: list[int]
+        self,
+        column: _Column,
+        items: Sequence[Any],
+        numbers: Sequence[int],
+        positions: list[int],
+        picked: dict[str, list[Any]],
     ) -> list[Any]:
         if column.kind == "count" and column.field is None and column.evaluate is None:
             return positions
@@ -469,15 +531,15 @@ class Grouper:
         name = column.field
         if name is None:  # a function over whole items
             return [items[position] for position in positions]
-        values = []
-        for position in positions:
-            item = items[position]
-            if type(item) is not dict:
-                self._field(item, name, numbers[position])
-            value = item.get(name, None)
-            if value is not None:
-                values.append(value)
-        return values
+        if name not in picked:
+            try:
+                raw = [items[position].get(name) for position in positions]
+            except AttributeError:
+                for position in positions:
+                    self._field(items[position], name, numbers[position])
+                raise
+            picked[name] = [value for value in raw if value is not None]
+        return picked[name]
 
     def encode_partial(self, items: Sequence[Any], numbers: Sequence[int]) -> str:
         return json.dumps(self.partial(items, numbers), ensure_ascii=False, separators=(",", ":"))
