@@ -240,6 +240,13 @@ def main() -> None:
         outputs["pagent"] = folder / "pagent.json"
         seconds, summary, peak = pagent(pipeline, data, outputs["pagent"], folder, args.repeat)
         figures["pagent processes: 2"] = (seconds, peak)
+        copying = folder / "group_function.yaml"
+        copying.write_text(PIPELINE.replace('expr: "item"', 'function: "copy:copy"'))
+        outputs["pagent_function"] = folder / "pagent_function.json"
+        seconds, function_summary, _ = pagent(
+            copying, data, outputs["pagent_function"], folder, args.repeat
+        )
+        figures["pagent map function"] = (seconds, 0)
         _, _, small_peak = pagent(pipeline, small, folder / "small.json", folder, 1)
         reference = rows_of(outputs["json"])
         json_s, orjson_s = figures["json"][0], figures["orjson"][0]
@@ -250,14 +257,18 @@ def main() -> None:
             f"{'command':<22} {'seconds':>8} {'records/s':>12} {'vs json':>8} {'vs orjson':>9} {'peak MiB':>9}  output"
         )
         for name, (secs, rss) in figures.items():
-            key = "pagent" if name.startswith("pagent") else name
+            key = {"pagent processes: 2": "pagent", "pagent map function": "pagent_function"}.get(
+                name, name
+            )
             ok = "ok" if close(rows_of(outputs[key]), reference) else "WRONG OUTPUT"
             print(
                 f"{name:<22} {secs:8.2f} {args.records / secs:12,.0f} {json_s / secs:7.2f}x "
                 f"{orjson_s / secs:8.2f}x {rss / 1024:9.0f}  {ok}"
             )
-        node_s = {node: values.get("duration_s", 0.0) for node, values in summary["nodes"].items()}
-        print(f"pagent node times: {', '.join(f'{n} {s:.2f} s' for n, s in node_s.items())}")
+        for label, run in (("expr map", summary), ("function map", function_summary)):
+            node_s = {node: values.get("duration_s", 0.0) for node, values in run["nodes"].items()}
+            times = ", ".join(f"{n} {s:.2f} s" for n, s in node_s.items())
+            print(f"pagent node times ({label}): {times}")
         print(
             f"pagent peak memory: {small_peak / 1024:.0f} MiB at {min(100_000, args.records):,} "
             f"records, {peak / 1024:.0f} MiB at {args.records:,} ({peak / max(small_peak, 1):.2f}x;"

@@ -233,3 +233,39 @@ nodes:
     )
     assert f"  keep  100 -> {len(kept)}  ({100 - len(kept)} dropped)" in result.stderr
     assert f"pagent: {len(kept) - len(failing)} rows written to {out}" in result.stderr
+
+
+def test_orders_by_currency_example(cli: Any, tmp_path: Path) -> None:
+    """pipelines/orders_by_currency.yaml: the gate chooses the group-by; rows by total, largest
+    first, equal to a plain-Python computation over the example data."""
+    root = Path(__file__).resolve().parent.parent / "pipelines"
+    data = root / "data" / "orders.jsonl"
+    out = tmp_path / "by_currency.json"
+    result = cli(
+        "run", str(root / "orders_by_currency.yaml"), "--data", str(data), "--output", str(out)
+    )
+    assert result.exit_code == 0, result.stderr
+    groups: dict[str, list[float]] = {}
+    for line in data.read_text().splitlines():
+        order = json.loads(line)
+        if order.get("price") is not None and order["price"] > 0:
+            groups.setdefault(order["currency"], []).append(order["price"])
+    from fractions import Fraction
+
+    want = sorted(
+        (
+            {
+                "currency": currency,
+                "orders": len(prices),
+                "total": float(sum(map(Fraction, prices))),
+                "mean": float(sum(map(Fraction, prices)) / len(prices)),
+                "largest": max(prices),
+            }
+            for currency, prices in groups.items()
+        ),
+        key=lambda row: row["total"],
+        reverse=True,
+    )
+    assert json.loads(out.read_text()) == want
+    validate = cli("validate", str(root / "orders_by_currency.yaml"))
+    assert validate.exit_code == 0 and "warning" not in validate.stderr
