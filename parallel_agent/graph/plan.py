@@ -109,6 +109,7 @@ class Plan:
                         f"unconditionally before it (it is upstream of '{point}'); choosing it "
                         "runs it again"
                     )
+            found.extend(self._shadowed(point))
             gated = [t for t in targets if t in self.gates]
             for name in self.nodes:
                 needs = [t for t in gated if name in self.gates[t]]
@@ -119,6 +120,23 @@ class Plan:
                         f"node '{point}' (only one of them is chosen)"
                     )
         return found
+
+    def _shadowed(self, point: str) -> list[str]:
+        """Decisions (and a default) after one whose condition is always true never apply."""
+        for module in self.nodes[point].modules:
+            if not isinstance(module, FlowControlModule):
+                continue
+            config = module.flow_config
+            for number, decision in enumerate(config.decisions, start=1):
+                if decision.condition.strip() in ("true", "True", "1"):
+                    later = [d.next_node for d in config.decisions[number:]]
+                    later += [config.default] if config.default else []
+                    if later:
+                        return [
+                            f"flow control node '{point}': decision {number} always holds, so "
+                            f"{', '.join(repr(t) for t in later)} after it can never be chosen"
+                        ]
+        return []
 
     def _order(self) -> list[str]:
         sorter: TopologicalSorter[str] = TopologicalSorter(
