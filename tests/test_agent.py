@@ -560,7 +560,7 @@ def test_warnings_name_unconditional_and_unreachable_targets() -> None:
     )
     assert any("node 'both' can never run" in w and "'a' and 'b'" in w for w in warnings)
     assert any(
-        "decision 2 always holds, so 'b' after it can never be chosen" in w for w in warnings
+        "decision 1 always holds, so 'a', 'b' after it can never be chosen" in w for w in warnings
     )
     clean, _ = _branch_agent("w == 1", target_deps=["work"])
     assert clean.warnings() == []
