@@ -33,3 +33,21 @@ def median(values: list[float]) -> float:
     if len(ordered) % 2:
         return ordered[middle]
     return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+class Pids:
+    """A mergeable reducer whose state is the set of process ids that computed it."""
+
+    @staticmethod
+    def init() -> list[int]:
+        import os
+
+        return [os.getpid()]
+
+    @staticmethod
+    def add(state: list[int], item: Any) -> list[int]:
+        return state
+
+    @staticmethod
+    def merge(a: list[int], b: list[int]) -> list[int]:
+        return sorted(set(a) | set(b))
