@@ -269,3 +269,30 @@ def test_orders_by_currency_example(cli: Any, tmp_path: Path) -> None:
     assert json.loads(out.read_text()) == want
     validate = cli("validate", str(root / "orders_by_currency.yaml"))
     assert validate.exit_code == 0 and "warning" not in validate.stderr
+
+
+def test_maps_chosen_right_after_the_split(cli: Any, tmp_path: Path) -> None:
+    """A branch between two maps that both consume the split: only the chosen one runs, and the
+    run is counted by it (the other's queued chunks are not unfinished work)."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        """
+name: pick-a-map
+output: plus
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 3}]}
+  - {name: gate, type: flow_control, dependencies: [split], decisions: [{next_node: plus, condition: "len(subtasks) > 0"}], default: minus}
+  - {name: minus, dependencies: [split], modules: [{use: map, expr: "-item['n']"}]}
+  - {name: plus, dependencies: [split], modules: [{use: map, expr: "item['n']"}]}
+  - {name: total, dependencies: [plus], modules: [{use: aggregate, reduce: sum}]}
+  - {name: negative, dependencies: [minus], modules: [{use: aggregate, reduce: sum}]}
+""".replace("output: plus", "output: total")
+    )
+    out = tmp_path / "out.json"
+    result = cli(
+        "run", str(pipeline), "--data", records(tmp_path, 10), "--output", str(out), "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(out.read_text()) == sum(range(10))
+    summary = json.loads(result.stdout)
+    assert summary["items"]["done"] == summary["items"]["total"] == 10

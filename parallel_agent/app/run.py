@@ -397,6 +397,11 @@ class PipelineRun:
         output_format: str | None,
     ) -> RunSummary:
         ctx = built.ctx
+        ran = [
+            n for n in built.main_candidates if self.timer.outcomes.get(n, ("",))[0] == "succeeded"
+        ]
+        if ran and built.main_node not in ran:  # a branch did not choose it
+            built.main_node = ran[0]
         summary = await summarize(store, info, built=built)
         summary.store = store.url
         if ctx.stop_reason == "interrupted":

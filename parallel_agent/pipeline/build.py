@@ -65,6 +65,8 @@ class BuiltPipeline:
     ctx: RunContext
     processing_nodes: list[str] = field(default_factory=list)
     main_node: str | None = None
+    main_candidates: list[str] = field(default_factory=list)
+    """The split's consumers: the run is counted by one that ran (a branch may skip some)."""
     result_node: str | None = None
     """The node whose result `--output` writes (see `output_node`)."""
     output_node: str | None = None
@@ -370,6 +372,7 @@ def build_pipeline(pipeline: Pipeline, ctx: RunContext, *, pipeline_dir: Path) -
     built = BuiltPipeline(pipeline=pipeline, agent=None, ctx=ctx)  # type: ignore[arg-type]
     built.processing_nodes = processing
     built.main_node = main
+    built.main_candidates = [c for s in splits for c in consumers.get(s, [])]
     views = StoreViews(ctx, main, built)
     agent = Agent(
         cache=MemoryCache(),
@@ -381,7 +384,10 @@ def build_pipeline(pipeline: Pipeline, ctx: RunContext, *, pipeline_dir: Path) -
     partials = partial_aggregates(pipeline, producers, ctx.params)
     for node in pipeline.nodes:
         agent.add_node(_engine_node(node, ctx, pipeline_dir, uses, partials.get(node.name)))
-    agent.validate()
+    gated = set().union(*agent.validate().gates.values())
+    if main in gated:  # a branch may never choose it: count the run by one that always runs
+        main = next((c for s in splits for c in consumers.get(s, []) if c not in gated), main)
+        built.main_node = views.node = main
     built.agent = agent
     built.result_node = output_node(pipeline, uses, producers)
     if built.result_node is not None:
