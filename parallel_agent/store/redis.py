@@ -4,7 +4,9 @@ Each chunk transition (add, seal, claim, renew, commit, fail, release, retry) is
 call, so it is atomic and one round trip; scripts live in `store/lua/` and are re-sent by redis-py
 after a server restart (NOSCRIPT). Lease deadlines use the server's clock unless a caller passes
 `now`. Every connection has connect and read timeouts, and lost connections are retried with
-backoff within a budget, then reported as StoreError naming the masked URL. Key layout: keys.py.
+backoff within a budget shared by every call of one outage, then reported as StoreError naming the
+masked URL. Connections come from a bounded pool that callers wait on (any `concurrency` works).
+Key layout: keys.py.
 """
 
 from __future__ import annotations
@@ -59,10 +61,14 @@ DEFAULT_SOCKET_TIMEOUT_S = 5.0
 #: Connections one store opens at most; more concurrent calls wait for a free one (URL option
 #: `max_connections`), so a node's `concurrency` never exceeds the pool or the server's limit.
 DEFAULT_MAX_CONNECTIONS = 32
-#: Query options a store URL may carry (besides `prefix`, taken off before the store is built).
+#: Query options a store URL may carry (besides `prefix`, taken off before the store is built,
+#: and redis-py's TLS options `ssl_*`, passed through).
 URL_OPTIONS = frozenset(
-    {"connect_timeout", "socket_timeout", "retry_budget", "finished_ttl", "max_connections", "db"}
-)
+    {
+        "connect_timeout", "socket_timeout", "retry_budget", "finished_ttl", "max_connections",
+        "db", "client_name", "health_check_interval", "socket_keepalive",
+    }
+)  # fmt: skip
 #: Eviction policies that may drop keys without a TTL, i.e. the state of a running run.
 EVICTING_POLICIES = ("allkeys-",)
 #: Runs read per round trip by list_runs.
@@ -637,11 +643,11 @@ async def _members(
 def _check_url(scheme: str, path: str, query: dict[str, str], masked: str) -> None:
     """Refuse what redis-py would silently ignore or misread: an unknown option, a database that
     is not a number (it would run on database 0)."""
-    unknown = sorted(set(query) - URL_OPTIONS)
+    unknown = sorted(name for name in set(query) - URL_OPTIONS if not name.startswith("ssl_"))
     if unknown:
         raise UsageError(
             f"store URL {masked}: unknown option {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(URL_OPTIONS | {'prefix'}))})"
+            f"(known: {', '.join(sorted(URL_OPTIONS | {'prefix'}))}, ssl_*)"
         )
     databases = [query["db"]] if "db" in query else []
     if scheme != "unix" and path.strip("/"):
