@@ -405,14 +405,18 @@ def test_an_evicting_redis_is_refused_as_store_loss(
 
     server = own_redis(durable=False)
     client = redis.Redis(port=server.port)
-    client.config_set("maxmemory", "64mb")
     client.config_set("maxmemory-policy", "allkeys-lru")
-    client.close()
     case = Case(tmp_path, pipeline_text('{use: map, expr: "item"}'), records=3, store=server.url)
-    result = case.pagent(case.run_args("--output", str(tmp_path / "out.jsonl")))
+    out = tmp_path / "out.jsonl"
+    unlimited = case.pagent(case.run_args("--output", str(out)))
+    assert unlimited.returncode == 0, "without a maxmemory limit nothing is ever evicted"
+    out.unlink()
+    client.config_set("maxmemory", "64mb")
+    client.close()
+    result = case.pagent(case.run_args("--output", str(out)))
     assert result.returncode == 4, result.stderr
     assert "evicts keys" in result.stderr
-    assert not (tmp_path / "out.jsonl").exists()
+    assert not out.exists()
 
 
 @needs_redis_server

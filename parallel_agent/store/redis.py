@@ -177,19 +177,21 @@ class RedisStore(RunStore):
         await self._check_eviction()
 
     async def _check_eviction(self) -> None:
-        """Refuse a server that may evict the keys of a running run (`maxmemory-policy
-        allkeys-*`): it loses state as silently as a restart without persistence. A server that
-        hides CONFIG is trusted."""
+        """Refuse a server that may evict the keys of a running run (a `maxmemory` limit with
+        `maxmemory-policy allkeys-*`): it loses state as silently as a restart without
+        persistence. A server that hides CONFIG is trusted."""
         try:
-            reply = await self._call(lambda c: c.config_get("maxmemory-policy"))
+            reply = await self._call(lambda c: c.config_get("maxmemory*"))
         except StoreError:
             return
         values = {_text(key): _text(value) for key, value in dict(reply).items()}
         policy = values.get("maxmemory-policy", "")
-        if policy.startswith(EVICTING_POLICIES):
+        limited = values.get("maxmemory", "0") not in ("", "0")
+        if limited and policy.startswith(EVICTING_POLICIES):
             raise StateLostError(
-                f"{self.url} evicts keys when full (maxmemory-policy {policy}): the state of a "
-                "run could be lost; use maxmemory-policy noeviction (or volatile-*)"
+                f"{self.url} evicts keys when full (maxmemory {values['maxmemory']}, "
+                f"maxmemory-policy {policy}): the state of a run could be lost; use "
+                "maxmemory-policy noeviction (or volatile-*)"
             )
 
     async def close(self) -> None:
