@@ -1,8 +1,8 @@
 """Redis-backed cache on redis.asyncio.
 
-A value lives at `prefix + key` as JSON. Versions live in one hash at the *root* prefix (the one
-the cache was created with; `with_prefix` views share it), one field per full key, so every view of
-the same keys sees the same versions. Versions only ever go up, even across `clear()`, so a version
+A value lives at `prefix + key` as JSON (a scoped key at `prefix + "p:" + key`). Versions live in
+one hash at the prefix (`with_prefix` views and scopes share it), one field per full key, so every
+view of the same keys sees the same versions. Versions only ever go up, even across `clear()`, so a version
 number is never reused for a different value. A conditional commit is one Lua script: atomic for
 every client of the server.
 """
@@ -16,7 +16,7 @@ from typing import Any, Self
 
 import redis.asyncio as aioredis
 
-from parallel_agent.caches.cache import Cache, KeySet
+from parallel_agent.caches.cache import Cache, KeySet, Scope
 from parallel_agent.caches.codec import decode, encode
 
 HIDDEN = "\x00"
@@ -70,54 +70,58 @@ class RedisCache(Cache):
         *,
         client: aioredis.Redis | None = None,
         socket_timeout: float = 5.0,
-        _root: str | None = None,
+        scope: Scope = ("", ""),
     ) -> None:
-        super().__init__(prefix)
+        super().__init__(prefix, scope=scope)
         self.url = url
-        self._root = prefix if _root is None else _root
         self._owns_client = client is None
         self._client: aioredis.Redis = client or aioredis.Redis.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
         )
         self._commit = self._client.register_script(_COMMIT)
 
-    def with_prefix(self, prefix: str) -> Self:
-        """A view under `self.prefix + prefix` on the same connection; closing it is a no-op."""
-        return type(self)(self.url, self.prefix + prefix, client=self._client, _root=self._root)
+    def _view(self, scope: Scope) -> Self:
+        """Another scope on the same connection; closing it is a no-op."""
+        return type(self)(self.url, self.prefix, client=self._client, scope=scope)
+
+    def _full(self, key: str) -> str:
+        return self.prefix + self._scoped(key)
 
     @property
     def _versions(self) -> str:
-        return self._root + HIDDEN + "versions"
+        return self.prefix + HIDDEN + "versions"
 
     def _mailbox(self, mailbox: str) -> str:
-        return self.prefix + HIDDEN + "mailbox:" + mailbox
+        return self.prefix + HIDDEN + "mailbox:" + self._scoped(mailbox)
 
     async def get(self, key: str, default: Any = None) -> Any:
-        raw = await self._client.get(self.prefix + key)
+        raw = await self._client.get(self._full(key))
         return default if raw is None else decode(raw)
 
     async def set(self, key: str, value: Any) -> None:
-        full = self.prefix + key
+        full = self._full(key)
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.set(full, encode(value))
             pipe.hincrby(self._versions, full, 1)
             await pipe.execute()
 
     async def delete(self, key: str) -> None:
-        full = self.prefix + key
+        full = self._full(key)
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.delete(full)
             pipe.hincrby(self._versions, full, 1)
             await pipe.execute()
 
-    async def _scan(self) -> list[str]:
-        """Full names of this prefix's keys, internal ones included."""
-        match = _glob_escape(self.prefix) + "*"
+    async def _scan(self, within: str = "") -> list[str]:
+        """Full names of the keys under `prefix + within` in this scope (internal ones too)."""
+        before, after = self._scope.get()
+        match = _glob_escape(self.prefix + within + before) + "*" + _glob_escape(after)
         return [k.decode() async for k in self._client.scan_iter(match=match, count=500)]
 
     def _user_keys(self, names: list[str]) -> list[str]:
         cut = len(self.prefix)
-        return [n[cut:] for n in names if HIDDEN not in n[cut:]]
+        keys = (self._unscoped(n[cut:]) for n in names if HIDDEN not in n[cut:])
+        return [k for k in keys if k is not None]
 
     async def keys(self) -> KeySet:
         return set(self._user_keys(await self._scan()))
@@ -129,12 +133,13 @@ class RedisCache(Cache):
         names = list(keys)
         if not names:
             return {}
-        raws = await self._client.mget([self.prefix + k for k in names])
+        raws = await self._client.mget([self._full(k) for k in names])
         return {k: decode(raw) for k, raw in zip(names, raws, strict=True) if raw is not None}
 
     async def clear(self) -> None:
-        """UNLINK this prefix's keys and mailboxes; bump versions so none is ever reused."""
-        names = [n for n in await self._scan() if n != self._versions]
+        """UNLINK this scope's keys and mailboxes; bump versions so none is ever reused."""
+        found = await self._scan() + await self._scan(HIDDEN + "mailbox:")
+        names = [n for n in dict.fromkeys(found) if n != self._versions]
         for start in range(0, len(names), 500):
             batch = names[start : start + 500]
             async with self._client.pipeline(transaction=True) as pipe:
@@ -166,7 +171,7 @@ class RedisCache(Cache):
         names = list(keys)
         if not names:
             return {}
-        full = [self.prefix + k for k in names]
+        full = [self._full(k) for k in names]
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.mget(full)
             pipe.hmget(self._versions, full)
@@ -186,10 +191,10 @@ class RedisCache(Cache):
         keys: list[str] = [self._versions]
         argv: list[Any] = [len(expected), len(writes), len(deletes), len(messages)]
         for key, version in expected.items():
-            argv += [self.prefix + key, version]
-        keys += [self.prefix + key for key in writes]
+            argv += [self._full(key), version]
+        keys += [self._full(key) for key in writes]
         argv += payloads
-        keys += [self.prefix + key for key in deletes]
+        keys += [self._full(key) for key in deletes]
         for mailbox, value in messages:
             keys.append(self._mailbox(mailbox))
             argv.append(encode(value))
