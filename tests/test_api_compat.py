@@ -423,6 +423,38 @@ async def test_a_result_that_cannot_be_stored_fails_its_node(cache: Cache) -> No
     assert (await outcome(agent))["result"]["opaque"]["status"] == "error"
 
 
+async def test_max_concurrent_tasks_changed_after_construction_is_honoured(cache: Cache) -> None:
+    running = peak = 0
+
+    class Probe(AgentModule):
+        async def process(self, cache: Cache, semaphore: asyncio.Semaphore) -> dict[str, Any]:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            for _ in range(5):
+                await asyncio.sleep(0)
+            running -= 1
+            return {"status": "success"}
+
+    agent = Agent(cache=cache)
+    agent.max_concurrent_tasks = 2
+    agent.add_multiple_nodes([node(f"n{i}", Probe(name="p")) for i in range(6)])
+    assert (await agent.run_task(Task(type="t", objective="o"))).status == TaskStatus.COMPLETE
+    assert peak == 2
+
+
+async def test_generator_modules_fail_clearly(cache: Cache) -> None:
+    class Streams(AgentModule):
+        async def process(self, cache: Cache, semaphore: asyncio.Semaphore) -> Any:
+            yield {"status": "success"}
+
+    agent = Agent(cache=cache)
+    agent.add_node(node("gen", Streams(name="s"), node_config=NodeConfig(max_retries=0)))
+    task = await agent.run_task(Task(type="t", objective="o"))
+    assert task.status == TaskStatus.FAILED
+    assert "module 's' failed after 1 attempt(s): TypeError" in str(task.error)
+
+
 # -- 6. scoped caches inside modules -------------------------------------------------------
 
 
