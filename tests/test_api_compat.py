@@ -122,6 +122,8 @@ def test_unknown_keywords_are_errors_that_name_them() -> None:
         FlowControlModule(name="f", flow_config=FlowControlConfig(), retries=1)
     with pytest.raises(TypeError, match="flow_config"):
         FlowControlModule(name="f")
+    with pytest.raises(ValidationError, match="objectiv"):
+        Task(type="t", objectiv="o")  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="'graph_name'"):
         Agent(graph_name="x")  # type: ignore[call-arg]
 
