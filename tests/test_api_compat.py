@@ -386,6 +386,34 @@ async def test_new_nodes_are_inserted_into_the_running_plan(cache: Cache) -> Non
     assert (await outcome(agent))["result"]["dynamic"]["status"] == "success"
 
 
+async def test_a_revisited_parent_may_return_its_new_node_again(cache: Cache) -> None:
+    dynamic_module = say("dyn")
+    dynamic = node("dynamic", dynamic_module)
+
+    class Creator(AgentModule):
+        async def process(self, cache: Cache, semaphore: asyncio.Semaphore) -> dict[str, Any]:
+            await cache.set("rounds", await cache.get("rounds", 0) + 1)
+            return {"status": "success", "new_nodes": [dynamic]}
+
+    loop = FlowControlModule(
+        name="loop",
+        flow_config=FlowControlConfig(
+            decisions=[FlowDecision(condition="rounds < 2", next_node="creator")]
+        ),
+    )
+    agent = Agent(cache=cache)
+    agent.add_multiple_nodes(
+        [
+            node("creator", Creator(name="c")),
+            node("final", say("f"), deps=("creator",)),
+            node("loop", loop, type=ModuleType.FLOW_CONTROL),
+        ]
+    )
+    task = await agent.run_task(Task(type="t", objective="o"))
+    assert task.status == TaskStatus.COMPLETE, task.error
+    assert dynamic_module.runs == 2 and task.result["creator"][0]["new_nodes"] == ["dynamic"]
+
+
 async def test_bad_new_nodes_fail_the_creating_node(cache: Cache) -> None:
     class Creator(AgentModule):
         new: Any = None

@@ -424,9 +424,8 @@ class Agent:
         kept: list[Any] = []
         for module, result in zip(node.modules, results, strict=False):
             if isinstance(result, dict) and "new_nodes" in result:
-                names = self._insert(node.name, result["new_nodes"])
-                run.inserted.extend(names)
-                result = {**result, "new_nodes": names}
+                run.inserted.extend(self._insert(node.name, result["new_nodes"]))
+                result = {**result, "new_nodes": [n.name for n in result["new_nodes"]]}
             try:
                 encode(result)
             except TypeError as exc:
@@ -439,7 +438,8 @@ class Agent:
 
     def _insert(self, parent: str, new_nodes: Any) -> list[str]:
         """Add `new_nodes` after `parent`: each depends on it (and on its own dependencies), and
-        the nodes that depended on `parent` now also wait for them. Returns the added names."""
+        the nodes that depended on `parent` now also wait for them. Returns the names added
+        (a node object already in the graph, returned again by a re-visited parent, is not)."""
         if not isinstance(new_nodes, list | tuple) or not all(
             isinstance(n, Node) for n in new_nodes
         ):
