@@ -173,6 +173,31 @@ async def test_decision_without_condition_is_a_jump(
     assert message["result"]["start"]["results"][0]["result"] == {"next_node": chosen}
 
 
+async def test_a_flow_control_node_runs_its_other_modules_before_deciding(cache: Cache) -> None:
+    def build(first: AgentModule) -> Agent:
+        router = FlowControlModule(
+            name="router",
+            flow_config=FlowControlConfig(decisions=[FlowDecision(next_node="next")]),
+        )
+        agent = Agent(cache=cache)
+        agent.add_node(node("start", first, router, node_config=NodeConfig(max_retries=0)))
+        agent.add_node(node("next", say("n"), deps=("start",)))
+        return agent
+
+    worker = say("work")
+    agent = build(worker)
+    task = await agent.run_task(Task(type="t", objective="o"))
+    assert task.status == TaskStatus.COMPLETE and worker.runs == 1
+    assert task.result["start"] == [
+        {"status": "success", "result": "Said work"},
+        {"status": "success", "result": {"next_node": "next"}},
+    ]
+    failing = build(Boom(name="bad"))
+    task = await failing.run_task(Task(type="t", objective="o"))
+    assert task.status == TaskStatus.FAILED and "next" not in task.result
+    assert "node 'start', module 'bad' failed after 1 attempt(s)" in str(task.error)
+
+
 # -- 3. mailboxes --------------------------------------------------------------------------
 
 
@@ -312,7 +337,9 @@ async def test_module_timeout_fails_the_attempt_and_is_retried(cache: Cache) -> 
     task = await agent.run_task(Task(type="t", objective="o"))
     assert task.result["ok"] == [{"status": "success", "result": 2}]
     assert never.runs == 3 and task.status == TaskStatus.PARTIAL
-    assert "module 'never' failed after 3 attempt(s): timed out after 0.05s" in str(task.error)
+    assert "module 'never' failed after 3 attempt(s): execution timed out after 0.05s" in str(
+        task.error
+    )
 
 
 async def test_stop_on_success_skips_the_rest_of_a_sequential_node(cache: Cache) -> None:

@@ -19,7 +19,7 @@ from parallel_agent.errors import ConditionError, NodeExecutionError, PipelineEr
 from parallel_agent.events import Event, EventSink, NodeFinished, NodeStarted
 from parallel_agent.graph import snapshots
 from parallel_agent.graph.execution import module_label, run_modules
-from parallel_agent.graph.modules import FlowControlModule, ModuleType
+from parallel_agent.graph.modules import AgentModule, FlowControlModule, ModuleType
 from parallel_agent.graph.nodes import Node, SnapshotControl
 from parallel_agent.graph.plan import Plan
 from parallel_agent.graph.tasks import Task, TaskStatus
@@ -371,6 +371,17 @@ class Agent:
             if run.stop is None:
                 self._finished(run, name, SKIPPED, start, None)
             return None
+        node = self.nodes[name]
+        workers = [m for m in node.modules if not isinstance(m, FlowControlModule)]
+        done: list[Any] = []
+        if workers:  # a flow-control node's other modules run first, then it decides
+            budget = asyncio.Semaphore(self.max_concurrent_tasks)
+            try:
+                done = await run_modules(node, self.cache, budget, workers)
+                done = self._storable(run, node, done, workers)
+            except NodeExecutionError as exc:
+                self._finished(run, name, FAILED, start, str(exc))
+                return None
         decisions = self._flows.get(name, [])
         names: frozenset[str] = frozenset().union(*(c.names for _, c in decisions if c))
         namespace = await self._namespace(names)  # all decisions see the same snapshot
@@ -386,7 +397,7 @@ class Agent:
             run.stop = str(exc)
             self._finished(run, name, FAILED, start, str(exc))
             return None
-        run.results[name] = [{"status": "success", "result": {"next_node": target}}]
+        run.results[name] = [*done, {"status": "success", "result": {"next_node": target}}]
         self.node_results[name] = {"status": "success", "results": run.results[name]}
         self._finished(run, name, SUCCEEDED, start, None)
         return target
@@ -410,7 +421,7 @@ class Agent:
         try:
             async with slots:
                 results = await run_modules(node, self.cache, budget)
-            results = self._storable(run, node, results)
+            results = self._storable(run, node, results, node.modules)
         except NodeExecutionError as exc:
             self._finished(run, name, FAILED, start, str(exc))
             return
@@ -418,11 +429,13 @@ class Agent:
         self.node_results[name] = {"status": "success", "results": results}
         self._finished(run, name, SUCCEEDED, start, None)
 
-    def _storable(self, run: _Run, node: Node, results: list[Any]) -> list[Any]:
+    def _storable(
+        self, run: _Run, node: Node, results: list[Any], modules: list[AgentModule]
+    ) -> list[Any]:
         """Results as they are kept: `new_nodes` inserted into the graph and replaced by their
         names; anything else that is not JSON fails the node (NodeExecutionError)."""
         kept: list[Any] = []
-        for module, result in zip(node.modules, results, strict=False):
+        for module, result in zip(modules, results, strict=False):
             if isinstance(result, dict) and "new_nodes" in result:
                 run.inserted.extend(self._insert(node.name, result["new_nodes"]))
                 result = {**result, "new_nodes": [n.name for n in result["new_nodes"]]}

@@ -30,14 +30,21 @@ def module_label(node: Node, module: AgentModule) -> str:
     return f"node '{node.name}', module '{module.name or type(module).__name__}'"
 
 
-async def run_modules(node: Node, cache: Cache, budget: asyncio.Semaphore) -> list[Any]:
-    """Run the node's modules (concurrently when `parallel`); their results in module order.
+async def run_modules(
+    node: Node,
+    cache: Cache,
+    budget: asyncio.Semaphore,
+    modules: list[AgentModule] | None = None,
+) -> list[Any]:
+    """Run the node's `modules` (default: all; concurrently when `parallel`); their results in
+    module order.
 
     Raises NodeExecutionError for the first module that gives up. In a sequential node a module
     whose `config.stop_on_success` is set ends the node when it succeeds."""
+    chosen = node.modules if modules is None else modules
     if node.node_config.parallel:
         outcomes = await asyncio.gather(
-            *(run_module(node, m, cache, budget) for m in node.modules),
+            *(run_module(node, m, cache, budget) for m in chosen),
             return_exceptions=True,
         )
         for outcome in outcomes:
@@ -45,7 +52,7 @@ async def run_modules(node: Node, cache: Cache, budget: asyncio.Semaphore) -> li
                 raise outcome
         return list(outcomes)
     results = []
-    for module in node.modules:
+    for module in chosen:
         results.append(await run_module(node, module, cache, budget))
         if module.config.stop_on_success:
             break
@@ -64,13 +71,17 @@ async def run_module(
     limit = min(limits, default=None)
     last = ""
     for attempt in range(attempts):
+        deadline = asyncio.timeout(limit)
         try:
-            async with asyncio.timeout(limit):
+            async with deadline:
                 result = await _attempt(module, cache, budget)
         except NonRetryableException as exc:
             raise NodeExecutionError(f"{label}: {exc}") from exc
-        except TimeoutError:
-            last = f"timed out after {limit}s"
+        except TimeoutError as exc:
+            if limit is not None and deadline.expired():
+                last = f"execution timed out after {limit:g}s"
+            else:  # raised by the module itself
+                last = f"TimeoutError: {exc}"
         except Exception as exc:  # a module may raise anything; it is a failed attempt
             last = f"{type(exc).__name__}: {exc}"
         else:
