@@ -532,6 +532,37 @@ async def test_modules_scope_their_keys_with_async_with(cache: Cache) -> None:
         assert await cache.get_message("done") == "beta"
 
 
+def test_redis_cache_takes_the_frameworks_connection_keywords() -> None:
+    from parallel_agent.caches.redis_cache import RedisCache
+
+    assert RedisCache(host="cache.local", port=6380, db=2, password="p@ss:").url == (
+        "redis://:p%40ss%3A@cache.local:6380/2"
+    )
+    assert RedisCache(host="::1").url == "redis://[::1]:6379/0"
+    assert RedisCache(db=3).url == "redis://localhost:6379/3"
+    with pytest.raises(ValueError, match="either url or host"):
+        RedisCache("redis://elsewhere:6379/0", host="cache.local")
+
+
+async def test_default_prefix_and_suffix_start_the_cache_scoped(cache: Cache) -> None:
+    if isinstance(cache, MemoryCache):
+        scoped: Cache = MemoryCache(default_prefix="test", default_suffix="v1", _store=cache._store)
+    else:
+        from parallel_agent.caches.redis_cache import RedisCache
+
+        assert isinstance(cache, RedisCache)
+        scoped = RedisCache(cache.url, cache.prefix, default_prefix="test", default_suffix="v1")
+    await scoped.set("k", 1)
+    await scoped.publish_to_mailbox("box", "m")
+    assert await scoped.get_all() == {"k": 1} and await scoped.keys() == {"k"}
+    assert await cache.get_all() == {"test:k:v1": 1}
+    assert await cache.get_message("test:box:v1") == "m"
+    async with scoped.with_prefix("inner"):
+        await scoped.set("k", 2)
+    assert await cache.get("test:inner:k:v1") == 2
+    await scoped.close()
+
+
 # -- 7. snapshots --------------------------------------------------------------------------
 
 

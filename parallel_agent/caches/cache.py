@@ -30,7 +30,22 @@ class Cache(ABC):
     `get_all()` list the keys of the current scope without it.
     """
 
-    def __init__(self, prefix: str = "", *, scope: Scope = ("", "")) -> None:
+    def __init__(
+        self,
+        prefix: str = "",
+        *,
+        scope: Scope = ("", ""),
+        default_prefix: str = "",
+        default_suffix: str = "",
+    ) -> None:
+        """`default_prefix`/`default_suffix` (the framework's names) start the cache inside that
+        scope, as if `with_prefix(default_prefix)` were entered for good."""
+        before, after = scope
+        if default_prefix:
+            before += default_prefix + SEPARATOR
+        if default_suffix:
+            after = SEPARATOR + default_suffix + after
+        scope = (before, after)
         self.prefix = prefix
         self._scope: ContextVar[Scope] = ContextVar("cache_scope", default=scope)
         self._parent: Cache | None = None

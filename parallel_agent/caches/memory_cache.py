@@ -27,9 +27,17 @@ class MemoryCache(Cache):
     """A dict-backed Cache; no awaits inside an operation, so each one is atomic."""
 
     def __init__(
-        self, prefix: str = "", *, scope: Scope = ("", ""), _store: _Store | None = None
+        self,
+        prefix: str = "",
+        *,
+        scope: Scope = ("", ""),
+        default_prefix: str = "",
+        default_suffix: str = "",
+        _store: _Store | None = None,
     ) -> None:
-        super().__init__(prefix, scope=scope)
+        super().__init__(
+            prefix, scope=scope, default_prefix=default_prefix, default_suffix=default_suffix
+        )
         self._store = _store if _store is not None else _Store()
 
     def _view(self, scope: Scope) -> Self:

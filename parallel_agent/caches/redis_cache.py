@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import Iterable
 from typing import Any, Self
+from urllib.parse import quote
 
 import redis.asyncio as aioredis
 
@@ -52,6 +53,15 @@ return 1
 """
 
 
+DEFAULT_URL = "redis://localhost:6379/0"
+
+
+def _url(host: str, port: int, db: int, password: str | None) -> str:
+    auth = f":{quote(password, safe='')}@" if password else ""
+    where = f"[{host}]" if ":" in host else host  # an IPv6 address
+    return f"redis://{auth}{where}:{port}/{db}"
+
+
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
@@ -60,19 +70,32 @@ class RedisCache(Cache):
     """A Cache on a Redis server; several processes may share one prefix safely.
 
     `RedisCache()` talks to localhost:6379; pass `url` for another server (redis://, rediss://,
-    unix://). Every command has connect and read timeouts, so a dead server fails instead of hanging.
+    unix://), or the framework's `host`, `port`, `db` and `password`. Every command has connect and
+    read timeouts, so a dead server fails instead of hanging.
     """
 
     def __init__(
         self,
-        url: str = "redis://localhost:6379/0",
+        url: str = DEFAULT_URL,
         prefix: str = "pagent:cache:",
         *,
         client: aioredis.Redis | None = None,
         socket_timeout: float = 5.0,
         scope: Scope = ("", ""),
+        host: str | None = None,
+        port: int | None = None,
+        db: int | None = None,
+        password: str | None = None,
+        default_prefix: str = "",
+        default_suffix: str = "",
     ) -> None:
-        super().__init__(prefix, scope=scope)
+        super().__init__(
+            prefix, scope=scope, default_prefix=default_prefix, default_suffix=default_suffix
+        )
+        if (host, port, db, password) != (None, None, None, None):
+            if url != DEFAULT_URL:
+                raise ValueError("RedisCache: give either url or host/port/db/password, not both")
+            url = _url(host or "localhost", port or 6379, db or 0, password)
         self.url = url
         self._owns_client = client is None
         self._client: aioredis.Redis = client or aioredis.Redis.from_url(
