@@ -44,7 +44,8 @@ class MemoryCache(Cache):
         return type(self)(self.prefix, scope=scope, _store=self._store)
 
     def _full(self, key: str) -> str:
-        return self.prefix + self._scoped(key)
+        before, after = self._scope.get()
+        return self.prefix + before + key + after
 
     def _bump(self, full: str) -> None:
         self._store.versions[full] = self._store.versions.get(full, 0) + 1

@@ -108,7 +108,8 @@ class RedisCache(Cache):
         return type(self)(self.url, self.prefix, client=self._client, scope=scope)
 
     def _full(self, key: str) -> str:
-        return self.prefix + self._scoped(key)
+        before, after = self._scope.get()
+        return self.prefix + before + key + after
 
     @property
     def _versions(self) -> str:

@@ -10,6 +10,7 @@ an unknown keyword is a TypeError naming it.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,19 @@ class ModuleType(str, Enum):  # noqa: UP042 (str mixin kept for the public API)
     SUBGRAPH = "subgraph"
 
 
-def _field_names(cls: type) -> set[str]:
-    """Public names `cls` declares as data: annotations and non-callable class attributes."""
+_FIELDS: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    """Public names `cls` declares as data (annotations, non-callable class attributes); cached
+    per class, since walking the MRO costs more than the rest of building a module."""
+    known = _FIELDS.get(cls)
+    if known is None:
+        known = _FIELDS[cls] = _declared(cls)
+    return known
+
+
+def _declared(cls: type) -> frozenset[str]:
     names: set[str] = set()
     for klass in cls.__mro__:
         if klass is object:
@@ -42,7 +54,7 @@ def _field_names(cls: type) -> set[str]:
             is_data = not callable(value) and not isinstance(value, property | staticmethod)
             if is_data or isinstance(value, FieldInfo | ModuleType):
                 names.add(name)
-    return {n for n in names if not n.startswith("_")}
+    return frozenset(n for n in names if not n.startswith("_"))
 
 
 class KeywordFields:
