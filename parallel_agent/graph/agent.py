@@ -55,6 +55,16 @@ def _decisions(node: Node) -> list[tuple[str, Condition | None]]:
     return out
 
 
+def _first_duplicate(names: list[str], existing: Mapping[str, Node]) -> str | None:
+    """The first of `names` already in `existing` or earlier in `names`."""
+    seen: set[str] = set()
+    for name in names:
+        if name in existing or name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
 def _default(node: Node) -> str | None:
     for module in node.modules:
         if isinstance(module, FlowControlModule) and module.flow_config.default is not None:
@@ -135,10 +145,9 @@ class Agent:
     def add_multiple_nodes(self, nodes: Iterable[Node]) -> None:
         """Add several nodes; on a duplicate name none of them is added."""
         new = list(nodes)
-        names = [n.name for n in new]
-        taken = [n for i, n in enumerate(names) if n in self.nodes or n in names[:i]]
-        if taken:
-            raise PipelineError(f"duplicate node name '{taken[0]}'")
+        taken = _first_duplicate([n.name for n in new], self.nodes)
+        if taken is not None:
+            raise PipelineError(f"duplicate node name '{taken}'")
         for node in new:
             self.add_node(node)
 
@@ -459,9 +468,9 @@ class Agent:
             raise NodeExecutionError(f"node '{parent}': new_nodes must be a list of Node")
         fresh = [n for n in new_nodes if self.nodes.get(n.name) is not n]
         names = [n.name for n in fresh]
-        taken = [n for i, n in enumerate(names) if n in self.nodes or n in names[:i]]
-        if taken:
-            raise NodeExecutionError(f"node '{parent}': new node name '{taken[0]}' is already used")
+        taken = _first_duplicate(names, self.nodes)
+        if taken is not None:
+            raise NodeExecutionError(f"node '{parent}': new node name '{taken}' is already used")
         own = {n.name: list(dict.fromkeys([*n.dependencies, parent])) for n in fresh}
         children = {
             n.name: list(dict.fromkeys([*n.dependencies, *names]))
