@@ -654,6 +654,37 @@ async def test_snapshot_control_once_and_always(
     assert resumed.status == TaskStatus.COMPLETE and await cache.get("n") == 3
 
 
+async def test_the_loop_controller_can_be_snapshotted(cache: Cache, tmp_path: Path) -> None:
+    class Bump(AgentModule):
+        async def process(self, cache: Cache, semaphore: asyncio.Semaphore) -> dict[str, Any]:
+            await cache.set("n", await cache.get("n", 0) + 1)
+            return {"status": "success", "result": None}
+
+    def build() -> Agent:
+        loop = FlowControlModule(
+            name="loop",
+            flow_config=FlowControlConfig(
+                decisions=[FlowDecision(condition="n < 3", next_node="A")]
+            ),
+        )
+        agent = Agent(cache=cache, auto_snapshot=True, snapshot_dir=tmp_path)
+        agent.add_node(node("A", Bump(name="bump")))
+        agent.add_node(
+            node("loop", loop, type=ModuleType.FLOW_CONTROL, snapshot=SnapshotControl.ALWAYS)
+        )
+        return agent
+
+    first = build()
+    task = await first.run_task(Task(type="t", objective="o"))
+    assert task.status == TaskStatus.COMPLETE and await cache.get("n") == 3
+    assert [p.name for p in first.snapshots] == ["0_loop", "1_loop", "2_loop"]
+    second = build()
+    resumed = await second.run_from_snapshot(first.snapshots[1])  # taken when n was 2
+    assert resumed.status == TaskStatus.COMPLETE and await cache.get("n") == 3
+    assert [p.name for p in second.snapshots] == ["3_loop", "4_loop"]  # numbering goes on
+    assert resumed.result["A"] == [{"status": "success", "result": None}]
+
+
 async def test_no_snapshots_without_auto_snapshot(cache: Cache, tmp_path: Path) -> None:
     agent = Agent(cache=cache, snapshot_dir=tmp_path)
     snapshot_graph(agent, block=False)

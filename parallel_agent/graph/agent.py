@@ -366,6 +366,8 @@ class Agent:
 
     async def _visit_controller(self, run: _Run, node: Node) -> str | None:
         """Consult the loop controller (one visit); None ends the run."""
+        if self.auto_snapshot:  # resuming runs an empty pass, then consults it again
+            await self._snapshot_before(run, [node.name], [], self._work())
         if not self._admit(run, node.name):
             raise _Stop(run.stop or "limit reached")
         target = await self._branch(run, node.name)
@@ -544,9 +546,8 @@ class Agent:
             node_results=self.node_results,
             cache=await self.cache.get_all(),
         )
-        root = snapshots.directory(self.snapshot_dir)
-        name = f"{len(self.snapshots)}_{'-'.join(wanted)}"
-        self.snapshots.append(await snapshots.write(state, root / run.task.id / name))
+        folder = snapshots.directory(self.snapshot_dir) / run.task.id
+        self.snapshots.append(await snapshots.write(state, folder, "-".join(wanted)))
 
     def _finish(self, task: Task, run: _Run) -> None:
         unfinished = {

@@ -52,15 +52,25 @@ def directory(configured: Path | None) -> Path:
     return Path(env) if env else Path(tempfile.gettempdir()) / "pagent_snapshot"
 
 
-def _write_sync(state: Snapshot, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=target.parent))
+def _next_number(folder: Path) -> int:
+    """One more than the highest `<n>_...` snapshot in `folder`: a resumed run (another agent)
+    goes on numbering instead of replacing the snapshots it came from."""
+    numbers = [
+        int(head)
+        for entry in folder.iterdir()
+        if (head := entry.name.split("_", 1)[0]).isdigit() and "_" in entry.name
+    ]
+    return max(numbers, default=-1) + 1
+
+
+def _write_sync(state: Snapshot, folder: Path, hint: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=folder))
     try:
         body = {f.name: getattr(state, f.name) for f in fields(state) if f.name != "cache"}
         (staging / "agent.json").write_bytes(encode({"format": FORMAT, **body}))
         (staging / "cache.json").write_bytes(encode(state.cache))
-        if target.exists():
-            shutil.rmtree(target)
+        target = folder / f"{_next_number(folder)}_{hint}"
         staging.rename(target)  # a snapshot directory is complete or absent
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -68,9 +78,9 @@ def _write_sync(state: Snapshot, target: Path) -> Path:
     return target
 
 
-async def write(state: Snapshot, target: Path) -> Path:
-    """Write `state` to the directory `target` (replacing it) without blocking the loop."""
-    return await asyncio.to_thread(_write_sync, state, target)
+async def write(state: Snapshot, folder: Path, hint: str) -> Path:
+    """Write `state` as `folder/<n>_<hint>` without blocking the loop; returns that path."""
+    return await asyncio.to_thread(_write_sync, state, folder, hint)
 
 
 def read(path: Path) -> Snapshot:
