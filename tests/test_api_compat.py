@@ -563,6 +563,24 @@ async def test_default_prefix_and_suffix_start_the_cache_scoped(cache: Cache) ->
     await scoped.close()
 
 
+async def test_an_agent_can_run_on_a_scoped_view(cache: Cache) -> None:
+    class Count(AgentModule):
+        output_mailbox = "counted"
+
+        async def process(self, cache: Cache, semaphore: asyncio.Semaphore) -> dict[str, Any]:
+            await cache.set("n", await cache.get("n", 0) + 1)
+            return {"status": "success", "result": sorted(await cache.keys())}
+
+    agent = Agent(cache=cache.with_prefix("run1"))
+    agent.add_node(node("A", Count(name="c")))
+    task = await agent.run_task(Task(type="t", objective="o"))
+    assert task.result["A"][0]["result"] == ["n", "task"]
+    assert await cache.keys() == {"run1:n", "run1:task"}
+    async with cache.with_prefix("run1"):
+        assert (await cache.get_message("counted"))["result"] == ["n", "task"]
+        assert (await cache.get_message("agent_output"))["status"] == TaskStatus.COMPLETE
+
+
 # -- 7. snapshots --------------------------------------------------------------------------
 
 
