@@ -51,8 +51,7 @@ def _declared(cls: type) -> frozenset[str]:
             continue
         names.update(getattr(klass, "__annotations__", {}))
         for name, value in vars(klass).items():
-            is_data = not callable(value) and not isinstance(value, property | staticmethod)
-            if is_data or isinstance(value, FieldInfo | ModuleType):
+            if not callable(value) and not isinstance(value, property | staticmethod | classmethod):
                 names.add(name)
     return frozenset(n for n in names if not n.startswith("_"))
 
