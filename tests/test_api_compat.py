@@ -286,6 +286,21 @@ async def test_module_output_mailbox_feeds_a_later_module(cache: Cache) -> None:
     assert await cache.get_message("from_a") is None  # each result was published once
 
 
+async def test_several_modules_read_one_message_with_peek_mailbox(cache: Cache) -> None:
+    class Peeker(AgentModule):
+        async def process(self, cache: Cache, semaphore: asyncio.Semaphore) -> dict[str, Any]:
+            seen = [(await cache.peek_mailbox(box))[0]["result"] for box in self.input_mailboxes]
+            return {"status": "success", "result": f"{self.name} saw {', '.join(seen)}"}
+
+    agent = Agent(cache=cache)
+    agent.add_node(node("A", say("a", output_mailbox="from_a")))
+    for name in ("B1", "B2"):
+        agent.add_node(node(name, Peeker(name=name, input_mailboxes=["from_a"]), deps=("A",)))
+    task = await agent.run_task(Task(type="t", objective="o"))
+    assert [task.result[n][0]["result"] for n in ("B1", "B2")] == ["B1 saw Said a", "B2 saw Said a"]
+    assert len(await cache.peek_mailbox("from_a")) == 1
+
+
 async def test_empty_mailbox_names_publish_nothing(cache: Cache) -> None:
     agent = Agent(cache=cache, output_mailbox="", error_mailbox="")
     agent.add_node(node("A", Boom(name="b"), node_config=NodeConfig(max_retries=0)))

@@ -259,3 +259,30 @@ async def test_transactional_view_scopes_like_its_base(cache: Cache) -> None:
     assert await cache.get_all() == {"p:seen": 1, "p:k": 2}
     async with cache.with_prefix("p"):
         assert await cache.get_message("box") == "m"
+
+
+async def test_peek_mailbox_reads_without_taking(cache: Cache) -> None:
+    assert await cache.peek_mailbox("box") == []
+    await cache.publish_to_mailbox("box", {"n": 1})
+    await cache.publish_to_mailbox("box", {"n": 2})
+    first = await cache.peek_mailbox("box")
+    first[0]["n"] = 99  # a copy: changing it changes nothing stored
+    assert await cache.peek_mailbox("box") == [{"n": 1}, {"n": 2}]
+    assert await cache.get_message("box") == {"n": 1}
+    assert await cache.peek_mailbox("box") == [{"n": 2}]
+    async with cache.with_prefix("p"):
+        await cache.publish_to_mailbox("box", "scoped")
+        assert await cache.peek_mailbox("box") == ["scoped"]
+    assert await cache.peek_mailbox("p:box") == ["scoped"]
+
+
+async def test_transactional_peek_sees_its_own_messages_after_committed_ones(cache: Cache) -> None:
+    from parallel_agent.caches.transactional import TransactionalCache
+
+    await cache.publish_to_mailbox("box", "old")
+    view = TransactionalCache(cache)
+    await view.publish_to_mailbox("box", "new")
+    assert await view.peek_mailbox("box") == ["old", "new"]
+    assert await cache.peek_mailbox("box") == ["old"]
+    assert await view.commit()
+    assert await cache.peek_mailbox("box") == ["old", "new"]

@@ -137,6 +137,10 @@ class Cache(ABC):
         """Pop the oldest message; wait up to `timeout` seconds (None: do not wait). None if empty."""
 
     @abstractmethod
+    async def peek_mailbox(self, mailbox: str) -> list[Any]:
+        """Every message in `mailbox`, oldest first, without removing any (a broadcast read)."""
+
+    @abstractmethod
     async def read_versioned(self, keys: Iterable[str]) -> dict[str, tuple[Any, int]]:
         """`{key: (value, version)}` for every requested key (absent: `(None, version)`)."""
 

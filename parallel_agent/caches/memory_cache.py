@@ -7,11 +7,22 @@ never changes the cache behind the engine's back and both backends behave the sa
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Iterable
 from typing import Any, Self
 
 from parallel_agent.caches.cache import Cache, KeySet, Scope
 from parallel_agent.caches.codec import decode, encode
+
+
+class _Mailbox(asyncio.Queue[bytes]):
+    """A FIFO queue whose messages can also be read without taking them."""
+
+    def _init(self, maxsize: int) -> None:  # the hook asyncio's own queue variants override
+        self._queue: deque[bytes] = deque()
+
+    def peek(self) -> list[bytes]:
+        return list(self._queue)
 
 
 class _Store:
@@ -20,7 +31,7 @@ class _Store:
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
         self.versions: dict[str, int] = {}
-        self.mailboxes: dict[str, asyncio.Queue[bytes]] = {}
+        self.mailboxes: dict[str, _Mailbox] = {}
 
 
 class MemoryCache(Cache):
@@ -95,8 +106,8 @@ class MemoryCache(Cache):
         for name in self._own(list(self._store.mailboxes)):
             del self._store.mailboxes[name]
 
-    def _queue(self, mailbox: str) -> asyncio.Queue[bytes]:
-        return self._store.mailboxes.setdefault(self._full(mailbox), asyncio.Queue())
+    def _queue(self, mailbox: str) -> _Mailbox:
+        return self._store.mailboxes.setdefault(self._full(mailbox), _Mailbox())
 
     async def publish_to_mailbox(self, mailbox: str, value: Any) -> None:
         self._queue(mailbox).put_nowait(encode(value))
@@ -110,6 +121,9 @@ class MemoryCache(Cache):
                 return decode(await queue.get())
         except TimeoutError:
             return None
+
+    async def peek_mailbox(self, mailbox: str) -> list[Any]:
+        return [decode(raw) for raw in self._queue(mailbox).peek()]
 
     async def read_versioned(self, keys: Iterable[str]) -> dict[str, tuple[Any, int]]:
         data, versions = self._store.data, self._store.versions

@@ -191,6 +191,10 @@ class RedisCache(Cache):
                 return decode(popped[1])
             await asyncio.sleep(0)
 
+    async def peek_mailbox(self, mailbox: str) -> list[Any]:
+        raws = await self._client.lrange(self._mailbox(mailbox), 0, -1)
+        return [decode(raw) for raw in raws]
+
     async def read_versioned(self, keys: Iterable[str]) -> dict[str, tuple[Any, int]]:
         names = list(keys)
         if not names:

@@ -88,6 +88,12 @@ class TransactionalCache(Cache):
         """Not transactional: a popped message is consumed even if the attempt is retried."""
         return await self._base.get_message(self._scoped(mailbox), timeout)
 
+    async def peek_mailbox(self, mailbox: str) -> list[Any]:
+        """The committed messages, then this attempt's own (not transactional, like get_message)."""
+        name = self._scoped(mailbox)
+        own = [copy.deepcopy(value) for box, value in self._messages if box == name]
+        return [*await self._base.peek_mailbox(name), *own]
+
     async def read_versioned(self, keys: Iterable[str]) -> dict[str, tuple[Any, int]]:
         return await self._base.read_versioned(keys)
 
