@@ -198,6 +198,53 @@ async def test_a_flow_control_node_runs_its_other_modules_before_deciding(cache:
     assert "node 'start', module 'bad' failed after 1 attempt(s)" in str(task.error)
 
 
+async def test_a_decision_consumes_its_condition_variables_and_keeps_metadata(
+    cache: Cache,
+) -> None:
+    class Flag(AgentModule):
+        async def process(self, cache: Cache, semaphore: asyncio.Semaphore) -> dict[str, Any]:
+            await cache.set("rounds", await cache.get("rounds", 0) + 1)
+            if await cache.get("rounds") < 3:
+                await cache.set("again", True)
+            return {"status": "success"}
+
+    loop = FlowControlModule(
+        name="loop",
+        flow_config=FlowControlConfig(
+            decisions=[
+                FlowDecision(
+                    condition="again == true",
+                    next_node="work",
+                    condition_variables=["again"],
+                    metadata={"why": "flag set"},
+                )
+            ]
+        ),
+    )
+    agent = Agent(cache=cache)
+    agent.add_node(node("work", Flag(name="flag")))
+    agent.add_node(node("loop", loop, type=ModuleType.FLOW_CONTROL))
+    task = await agent.run_task(Task(type="t", objective="o"))
+    assert task.status == TaskStatus.COMPLETE and await cache.get("rounds") == 3
+    assert await cache.get("again") is None  # consumed by the last jump
+    assert agent.node_results["loop"]["results"][0]["result"] == {"next_node": None}
+    assert agent.node_results["work"]["status"] == "success"
+    jump = FlowDecision(next_node="x", metadata={"why": "always"})
+    router = FlowControlModule(name="r", flow_config=FlowControlConfig(decisions=[jump]))
+    branching = Agent(cache=cache)
+    branching.add_multiple_nodes([node("start", router), node("x", say("x"), deps=("start",))])
+    task = await branching.run_task(Task(type="t", objective="o"))
+    assert task.result["start"] == [
+        {"status": "success", "result": {"next_node": "x", "metadata": {"why": "always"}}}
+    ]
+
+
+def test_node_fields_are_validated_on_assignment() -> None:
+    built = node("n", say("a"))
+    with pytest.raises(ValidationError, match="dependencies"):
+        built.dependencies = (["x"],)  # type: ignore[assignment]
+
+
 # -- 3. mailboxes --------------------------------------------------------------------------
 
 

@@ -19,7 +19,12 @@ from parallel_agent.errors import ConditionError, NodeExecutionError, PipelineEr
 from parallel_agent.events import Event, EventSink, NodeFinished, NodeStarted
 from parallel_agent.graph import snapshots
 from parallel_agent.graph.execution import module_label, run_modules
-from parallel_agent.graph.modules import AgentModule, FlowControlModule, ModuleType
+from parallel_agent.graph.modules import (
+    AgentModule,
+    FlowControlModule,
+    FlowDecision,
+    ModuleType,
+)
 from parallel_agent.graph.nodes import Node, SnapshotControl
 from parallel_agent.graph.plan import Plan
 from parallel_agent.graph.tasks import Task, TaskStatus
@@ -41,9 +46,9 @@ def is_flow_control(node: Node) -> bool:
     )
 
 
-def _decisions(node: Node) -> list[tuple[str, Condition | None]]:
-    """(next_node, compiled condition or None: always) for every decision, in order."""
-    out: list[tuple[str, Condition | None]] = []
+def _decisions(node: Node) -> list[tuple[FlowDecision, Condition | None]]:
+    """(decision, compiled condition or None: always) for every decision, in order."""
+    out: list[tuple[FlowDecision, Condition | None]] = []
     for module in node.modules:
         if isinstance(module, FlowControlModule):
             for number, d in enumerate(module.flow_config.decisions, start=1):
@@ -51,7 +56,7 @@ def _decisions(node: Node) -> list[tuple[str, Condition | None]]:
                 condition = (
                     None if d.condition is None else compile_condition(d.condition, what=what)
                 )
-                out.append((d.next_node, condition))
+                out.append((d, condition))
     return out
 
 
@@ -133,7 +138,7 @@ class Agent:
         `{"status": "error", "error": ...}` (the framework's shape; not kept for skipped nodes)."""
         self.nodes: dict[str, Node] = {}
         self._guards: dict[str, Condition] = {}
-        self._flows: dict[str, list[tuple[str, Condition | None]]] = {}
+        self._flows: dict[str, list[tuple[FlowDecision, Condition | None]]] = {}
         self.add_multiple_nodes(nodes.values() if isinstance(nodes, Mapping) else nodes)
 
     def add_node(self, node: Node) -> None:
@@ -396,19 +401,21 @@ class Agent:
         decisions = self._flows.get(name, [])
         names: frozenset[str] = frozenset().union(*(c.names for _, c in decisions if c))
         namespace = await self._namespace(names)  # all decisions see the same snapshot
-        target: str | None = None
+        chosen: FlowDecision | None = None
         try:
-            for next_node, cond in decisions:
-                if cond is None or cond.evaluate(namespace):
-                    target = next_node
-                    break
-            else:
-                target = _default(self.nodes[name])
+            chosen = next((d for d, c in decisions if c is None or c.evaluate(namespace)), None)
         except ConditionError as exc:
             run.stop = str(exc)
             self._finished(run, name, FAILED, start, str(exc))
             return None
-        run.results[name] = [*done, {"status": "success", "result": {"next_node": target}}]
+        target = chosen.next_node if chosen is not None else _default(node)
+        decided: dict[str, Any] = {"next_node": target}
+        if chosen is not None:
+            for key in chosen.condition_variables:  # consumed by the jump
+                await self.cache.delete(key)
+            if chosen.metadata:
+                decided["metadata"] = chosen.metadata
+        run.results[name] = [*done, {"status": "success", "result": decided}]
         self.node_results[name] = {"status": "success", "results": run.results[name]}
         self._finished(run, name, SUCCEEDED, start, None)
         return target

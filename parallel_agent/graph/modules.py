@@ -160,6 +160,10 @@ class FlowDecision(BaseModel):
 
     next_node: str
     condition: str | None = None
+    condition_variables: list[str] = Field(default_factory=list)
+    """Cache keys deleted when this decision is taken (a flag the jump consumes)."""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    """Kept in the flow-control node's result next to `next_node` when the decision is taken."""
 
 
 class FlowControlConfig(BaseModel):

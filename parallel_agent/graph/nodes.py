@@ -50,7 +50,9 @@ class NodeConfig(BaseModel):
 class Node(BaseModel):
     """A graph vertex; `dependencies` name the nodes that must run before it."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True, extra="forbid", validate_assignment=True
+    )
 
     name: str = Field(min_length=1)
     type: ModuleType = ModuleType.EXECUTOR
