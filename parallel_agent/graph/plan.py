@@ -128,7 +128,11 @@ class Plan:
                 continue
             config = module.flow_config
             for number, decision in enumerate(config.decisions, start=1):
-                if decision.condition.strip() in ("true", "True", "1"):
+                if decision.condition is None or decision.condition.strip() in (
+                    "true",
+                    "True",
+                    "1",
+                ):
                     later = [d.next_node for d in config.decisions[number:]]
                     later += [config.default] if config.default else []
                     if later:
