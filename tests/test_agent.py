@@ -564,3 +564,24 @@ def test_warnings_name_unconditional_and_unreachable_targets() -> None:
     )
     clean, _ = _branch_agent("w == 1", target_deps=["work"])
     assert clean.warnings() == []
+
+
+def test_an_unconditional_decision_shadows_the_rest() -> None:
+    agent = Agent()
+    agent.add_node(Node(name="work", modules=[Incr("w")]))
+    config = FlowControlConfig(
+        decisions=[FlowDecision(next_node="a"), FlowDecision(next_node="b", condition="w > 1")]
+    )
+    agent.add_node(
+        Node(
+            name="flow",
+            type=ModuleType.FLOW_CONTROL,
+            modules=[FlowControlModule(config)],
+            dependencies=["work"],
+        )
+    )
+    agent.add_node(Node(name="a", modules=[Incr("a")], dependencies=["flow"]))
+    agent.add_node(Node(name="b", modules=[Incr("b")], dependencies=["flow"]))
+    assert agent.warnings() == [
+        "flow control node 'flow': decision 1 always holds, so 'b' after it can never be chosen"
+    ]
