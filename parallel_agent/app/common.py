@@ -30,6 +30,14 @@ def resolve_store_url(url: str | None) -> str:
     return url or os.environ.get("PAGENT_STORE") or default_store_url()
 
 
+def store_file(url: str) -> str | None:
+    """The file an embedded SQLite store lives in (outputs must never replace it), else None."""
+    if not url.startswith("sqlite://"):
+        return None
+    path = url[len("sqlite://") :].split("?", 1)[0]
+    return path or None
+
+
 async def with_store(url: str | None, action: Callable[[RunStore], Awaitable[T]]) -> T:
     store = open_store(resolve_store_url(url))
     await store.open()

@@ -15,6 +15,7 @@ from parallel_agent.io.readers import (
     read_chunks,
 )
 from parallel_agent.io.records import Chunk, InputIdentity, Record
+from parallel_agent.io.targets import check_targets
 from parallel_agent.io.writers import (
     OutputFormat,
     Writer,
@@ -34,6 +35,7 @@ __all__ = [
     "OutputFormat",
     "Record",
     "Writer",
+    "check_targets",
     "check_writable",
     "detect_format",
     "detect_output_format",
