@@ -29,7 +29,7 @@ import orjson
 
 from parallel_agent.errors import InputDataError, Location, UsageError
 from parallel_agent.io.records import Chunk, InputIdentity, PayloadChunk, Record
-from parallel_agent.jsonl import check_jsonl, encode_lines
+from parallel_agent.jsonl import check_jsonl, encode_lines, loads, may_hold_big_ints
 
 Format = Literal["json", "jsonl", "csv"]
 FORMATS: tuple[Format, ...] = ("json", "jsonl", "csv")
@@ -200,7 +200,7 @@ class ChunkReader:
             for chunk in self:
                 payload, bad = encode_lines(chunk.records)
                 if bad:
-                    number = chunk.first_record + bad[0] + 1
+                    number = chunk.first_record + bad[0][0] + 1
                     raise _located(
                         self.name,
                         "this record cannot be stored as JSON (nested too deep)",
@@ -340,6 +340,8 @@ def _read_jsonl(source: _Source, name: str, data_key: str, locate: bool) -> Iter
     for texts, first, blanks in _jsonl_lines(source):
         try:
             values = list(map(orjson.loads, texts))
+            if may_hold_big_ints(b"\n".join(texts)):  # read exactly the lines that need it
+                values = list(map(loads, texts))
         except orjson.JSONDecodeError:
             position = check_jsonl(b"\n".join(texts))
             assert position is not None
@@ -540,7 +542,7 @@ class _JsonScanner:
         else:
             return None
         try:
-            values: list[Any] = orjson.loads(b"[" + buf[start:cut] + b"]")
+            values: list[Any] = loads(b"[" + buf[start:cut] + b"]")
         except orjson.JSONDecodeError:
             self.careful_until = self.offset + cut + 1
             return None
@@ -595,7 +597,7 @@ class _JsonScanner:
         start = self.pos
         text = self.buf[start:end]
         try:
-            value = orjson.loads(text)
+            value = loads(text)
         except orjson.JSONDecodeError as exc:
             message, at = _explain_json(text, exc)
             raise self.fail(message, start + at, record) from None

@@ -41,6 +41,7 @@ from parallel_agent.io.targets import (
     temp_name,
     writes_in_place,
 )
+from parallel_agent.jsonl import decode_lines, dumps
 
 OutputFormat = Literal["json", "jsonl", "csv"]
 _FORMATS: tuple[OutputFormat, ...] = ("json", "jsonl", "csv")
@@ -178,7 +179,7 @@ class Writer:
     def write_document(self, value: Any) -> None:
         """Write `value` as the whole JSON document (opened with `document=True`)."""
         try:
-            self._put(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
+            self._put(dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
         except TypeError as exc:
             self.discard()
             raise OutputError(f"cannot write {self.target}: {exc}") from None
@@ -192,7 +193,7 @@ class Writer:
         encoded: list[bytes] = []
         for value in values:
             try:
-                encoded.append(orjson.dumps(value))
+                encoded.append(dumps(value))
             except TypeError as exc:
                 self.discard()
                 number = self.count + len(encoded) + 1
@@ -207,7 +208,7 @@ class Writer:
         if not lines:
             return
         if self.fmt == "csv":
-            self.write(orjson.loads(b"[" + lines.rstrip(b"\n").replace(b"\n", b",") + b"]"))
+            self.write(decode_lines(lines))
             return
         if not lines.endswith(b"\n"):
             lines += b"\n"
@@ -306,7 +307,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict | list):
-        return orjson.dumps(value).decode()
+        return dumps(value).decode()
     return str(value)
 
 

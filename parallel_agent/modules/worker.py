@@ -17,9 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-import orjson
-
-from parallel_agent.jsonl import check_jsonl, decode_lines, encode_lines
+from parallel_agent.jsonl import check_jsonl, decode_lines, dumps, encode_lines, loads
 from parallel_agent.modules.items import (
     ChunkFailure,
     ChunkOutcome,
@@ -34,7 +32,7 @@ _LENGTHS = struct.Struct("<II")
 
 def frame(header: dict[str, Any], body: bytes = b"") -> bytes:
     """One protocol message: lengths, JSON header, body."""
-    head = orjson.dumps(header)
+    head = dumps(header)
     return _LENGTHS.pack(len(head), len(body)) + head + body
 
 
@@ -51,7 +49,7 @@ def _read_frame(stream: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
     if len(prefix) < FRAME_PREFIX:
         return None
     head_size, body_size = split_lengths(prefix)
-    header = orjson.loads(stream.read(head_size))
+    header = loads(stream.read(head_size))
     return header, stream.read(body_size)
 
 

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-import orjson
-
 from parallel_agent.errors import StoreError, UsageError
+from parallel_agent.jsonl import dumps, loads
 from parallel_agent.store.base import (
     DEFAULT_RETRY_BUDGET_S,
     ChunkResult,
@@ -241,7 +240,7 @@ class SqliteStore(RunStore):
 
     async def create_run(self, info: RunInfo) -> bool:
         fields = asdict(info)
-        fixed = orjson.dumps({k: v for k, v in fields.items() if k not in _COLUMNS})
+        fixed = dumps({k: v for k, v in fields.items() if k not in _COLUMNS})
 
         def create(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
@@ -261,7 +260,7 @@ class SqliteStore(RunStore):
                     info.generation,
                     info.output_path,
                     fixed,
-                    orjson.dumps(info.extra),
+                    dumps(info.extra),
                 ),
             )
             return True
@@ -292,13 +291,13 @@ class SqliteStore(RunStore):
             row = conn.execute("SELECT extra FROM runs WHERE task_id = ?", (task_id,)).fetchone()
             if row is None:
                 raise run_missing(self.url, task_id)
-            merged = orjson.loads(row[0])
+            merged = loads(row[0])
             merged.update(extra or {})
             conn.execute(
                 "UPDATE runs SET status = COALESCE(?, status), "
                 "finished_at = COALESCE(?, finished_at), output_path = COALESCE(?, output_path), "
                 "updated_at = ?, extra = ? WHERE task_id = ?",
-                (status, finished_at, output_path, now, orjson.dumps(merged), task_id),
+                (status, finished_at, output_path, now, dumps(merged), task_id),
             )
 
         await self._write(update)
@@ -771,6 +770,6 @@ def _run_info(row: Sequence[Any]) -> RunInfo:
         finished_at=finished,
         generation=generation,
         output_path=output_path,
-        extra=orjson.loads(extra),
-        **orjson.loads(info),
+        extra=loads(extra),
+        **loads(info),
     )
