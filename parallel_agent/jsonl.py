@@ -134,11 +134,13 @@ def decode_lines(data: bytes) -> list[Any]:
 
 
 def check_jsonl(payload: bytes) -> int | None:
-    """The position of the first line of a JSON Lines payload that is not one JSON value, or None.
+    """The position of the first line of a JSON Lines payload that is not one JSON value (or one
+    nested deeper than `MAX_DEPTH`, which could not be stored), or None.
 
     Parsing is the only way to know; the values are dropped (the payload is what gets stored).
     """
     lines = _lines(payload)
+    bad = None
     try:
         collections.deque(_values(lines), maxlen=0)
     except orjson.JSONDecodeError:
@@ -146,8 +148,38 @@ def check_jsonl(payload: bytes) -> int | None:
             try:
                 orjson.loads(text)
             except orjson.JSONDecodeError:
-                return position
+                bad = position
+                break
+    deep = first_too_deep(payload, lines if bad is None else lines[:bad])
+    return deep if deep is not None else bad
+
+
+#: Every byte but the opening brackets and the newline.
+_NOT_OPENING = bytes(byte for byte in range(256) if byte not in b"[{\n")
+
+
+def first_too_deep(payload: bytes, lines: list[bytes]) -> int | None:
+    """The position of the first of `lines` (valid JSON, the lines of `payload`) nested deeper
+    than `MAX_DEPTH`. Only a line with that many opening brackets can be: C-level counts find
+    them, so ordinary data is never walked."""
+    if payload.count(b"[") + payload.count(b"{") <= MAX_DEPTH:
+        return None
+    openers = b"\n".join(lines).translate(None, _NOT_OPENING).split(b"\n")
+    if max(map(len, openers)) <= MAX_DEPTH:
+        return None
+    for position, count in enumerate(map(len, openers)):
+        if count > MAX_DEPTH and too_deep(lines[position]):
+            return position
     return None
+
+
+def too_deep(text: bytes) -> bool:
+    """True when the JSON value `text` is nested deeper than `MAX_DEPTH` (orjson cannot write it)."""
+    try:
+        orjson.dumps(orjson.loads(text))
+    except TypeError:
+        return True
+    return False
 
 
 def _lines(data: bytes) -> list[bytes]:

@@ -8,6 +8,7 @@ before any work, then `open_writer` as a context manager.
 from parallel_agent.io.readers import (
     BLOCK_SIZE,
     FORMATS,
+    MAX_RECORD_SIZE,
     ChunkReader,
     Format,
     detect_format,
@@ -28,6 +29,7 @@ from parallel_agent.io.writers import (
 __all__ = [
     "BLOCK_SIZE",
     "FORMATS",
+    "MAX_RECORD_SIZE",
     "Chunk",
     "ChunkReader",
     "Format",
