@@ -77,8 +77,23 @@ def test_jsonl_skips_blank_lines_and_handles_bom_and_crlf(block_size: int) -> No
 
 def test_jsonl_final_newline_and_empty_input() -> None:
     assert values(b"1\n2\n", "jsonl") == [1, 2]
-    assert values(b"", "jsonl") == []
-    assert values(b"\xef\xbb\xbf\n\n", "jsonl") == []
+    expected = "in.x, line 1, column 1: empty input: expected JSON Lines records"
+    assert error(b"", "jsonl") == expected
+    assert error(b"\xef\xbb\xbf\n\n", "jsonl") == expected
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
+def test_an_empty_input_is_an_error_in_every_format(fmt: str) -> None:
+    """RELIABILITY.md promise 13: an input with nothing in it (an upstream step that wrote
+    nothing) is exit 3 in every format, never a silent run over 0 records."""
+    assert "empty input" in error(b"", fmt)
+    assert "empty input" in error(b" \n\n", fmt)
+
+
+def test_an_empty_array_and_a_header_only_csv_are_zero_records() -> None:
+    assert values(b"[]", "json") == []
+    assert values(b'{"data": []}', "json") == []
+    assert values(b"a,b\n", "csv") == []
 
 
 @pytest.mark.parametrize("block_size", [1, 4, BLOCK_SIZE])
@@ -232,7 +247,6 @@ def test_csv_values_stay_strings_and_single_column_keeps_blanks() -> None:
     assert values(b"zip,n\n02134,1.50\n", "csv") == [{"zip": "02134", "n": "1.50"}]
     assert values(b"only\n  \nx\n", "csv") == [{"only": "  "}, {"only": "x"}]
     assert values(b"a,b\n", "csv") == []
-    assert values(b"", "csv") == []
 
 
 def test_csv_many_rows_cross_batches(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from typing import BinaryIO
 from parallel_agent.app.common import (
     FINISHED,
     check_input_unchanged,
+    check_task_id,
     hash_file,
     new_task_id,
     require_run,
@@ -131,6 +132,8 @@ class PipelineRun:
     async def execute(self) -> RunSummary:
         options = self.options
         started = time.monotonic()
+        if options.task_id is not None:
+            check_task_id(options.task_id)
         pipeline = load_pipeline(options.pipeline, options.overrides)
         source = self._input_source(pipeline)
         output_format = None

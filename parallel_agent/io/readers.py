@@ -89,6 +89,12 @@ def detect_format(path: str, explicit: str | None = None) -> Format:
     return _EXTENSIONS[suffix]
 
 
+def _empty(name: str, expected: str) -> InputDataError:
+    """An input with nothing in it (no bytes, or only blank lines): refused in every format, so
+    an upstream step that wrote nothing is noticed; `[]` or a header-only CSV is 0 records."""
+    return _located(name, f"empty input: {expected}", 1, 1, None)
+
+
 def _located(
     name: str, message: str, line: int | None, column: int | None, record: int | None
 ) -> InputDataError:
@@ -272,6 +278,8 @@ class ChunkReader:
         if lines:
             yield self._payload(index, record, lines, first_line, list(blanks), check)
             record += len(lines)
+        if record == 0:
+            raise _empty(self.name, "expected JSON Lines records")
         self.records = record
 
     def _payload(
@@ -383,6 +391,8 @@ def _read_jsonl(
             raise _jsonl_error(texts[position], name, line, record + position + 1) from None
         record += len(values)
         yield values, (_lines_of(first, blanks, len(texts)) if locate else None)
+    if record == 0:
+        raise _empty(name, "expected JSON Lines records")
 
 
 #: A blank line in "\n" + block + "\n" (a literal first byte keeps the search fast).
@@ -708,7 +718,7 @@ def _read_json(
     scanner = _JsonScanner(source, name, max_record)
     first = scanner.skip_ws()
     if first is None:
-        raise _located(name, "empty input: expected a JSON array or object", 1, 1, None)
+        raise _empty(name, "expected a JSON array or object")
     if first == _OPEN_OBJECT:
         _find_key(scanner, data_key)
     elif first != _OPEN_ARRAY:
@@ -947,6 +957,8 @@ def _read_csv(
     except csv.Error as exc:
         record = handed + len(values) + 1 if width >= 0 else None
         raise feed.error(exc, record, reader.line_num) from None
+    if width < 0:
+        raise _empty(name, "expected a CSV header row")
     if values:
         yield values, starts if locate else None
 
