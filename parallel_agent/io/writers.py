@@ -56,13 +56,14 @@ _NO_FOLDER_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES}
 
 
 def detect_output_format(path: str, explicit: str | None = None) -> OutputFormat:
-    """`--output-format`, else the output's extension; stdout (`-`) defaults to JSON Lines."""
+    """`--output-format`, else the output's extension; stdout (`-`, `/dev/stdout`) and other
+    descriptors (`/dev/fd/N`) default to JSON Lines."""
     if explicit is not None:
         lowered = explicit.lower()
         if lowered not in _FORMATS:
             raise UsageError(f"unknown output format '{explicit}'; use one of: json, jsonl, csv")
         return lowered
-    if path == "-":
+    if descriptor_of(path) is not None:  # stdout, /dev/stdout, /dev/fd/N: a stream
         return "jsonl"
     suffix = Path(path).suffix.lower()
     if suffix not in _EXTENSIONS:

@@ -13,7 +13,7 @@ from typing import Any
 
 from parallel_agent.errors import StoreError, UsageError
 from parallel_agent.events import ChunkDone, ChunkFailed, ChunksPlanned, ChunkStarted, ItemFailed
-from parallel_agent.jsonl import dumps, encode_lines
+from parallel_agent.jsonl import decode_lines, dumps, encode_lines
 from parallel_agent.modules.context import RunContext, stop_loop, wait_or_timeout
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError, describe
 from parallel_agent.modules.processors import ChunkProcessor
@@ -229,8 +229,9 @@ class ChunkWorkers:
         if unencodable:
             origins = origins if origins is not None else list(range(lease.count))
             dropped = {position for position, _ in unencodable}
+            items = decode_lines(lease.payload)  # rare: name the input of each item it failed
             errors += [
-                ItemError(numbers[origins[position]], reason, None)
+                ItemError(numbers[origins[position]], reason, items[origins[position]])
                 for position, reason in unencodable
             ]
             errors.sort(key=_record)

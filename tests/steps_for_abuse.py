@@ -1,0 +1,19 @@
+"""Functions the abuse tests' pipelines call: user code that makes numbers JSON cannot hold."""
+
+from __future__ import annotations
+
+import math
+
+
+def not_a_number_on_three(item: int) -> float | int:
+    """NaN for 3, an infinity for 4, the item otherwise."""
+    if item == 3:
+        return math.nan
+    if item == 4:
+        return -math.inf
+    return item
+
+
+def times_ten_to_the_thirty(item: int) -> int:
+    """An integer far past 64 bits, made by user code."""
+    return item * 10**30
