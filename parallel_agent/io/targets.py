@@ -91,8 +91,8 @@ def _may_be_harmed(path: str) -> bool:
     return found is None or stat.S_ISREG(found.st_mode)
 
 
-def _named(option: str, path: str) -> str:
-    return f"{option} {'- (stdout)' if path == '-' else '- (stdin)' if path == 'stdin' else path}"
+def _named(option: str, path: str, stream: str = "stdout") -> str:
+    return f"{option} {f'- ({stream})' if path == '-' else path}"
 
 
 def check_targets(
@@ -103,9 +103,11 @@ def check_targets(
     `-` is stdin."""
     read: list[tuple[str, str, tuple[object, ...]]] = []
     for option, path in inputs:
+        if path is None:
+            continue
         real = "/dev/stdin" if path == "-" else path
-        if real is not None and _may_be_harmed(real):
-            read.append((option, real if path != "-" else "stdin", _identity(real)))
+        if _may_be_harmed(real):
+            read.append((option, path, _identity(real)))
     seen: list[tuple[str, str, tuple[object, ...]]] = []
     for option, path in outputs:
         if path is None:
@@ -115,8 +117,8 @@ def check_targets(
         for other_option, other, other_identity in read:
             if identity == other_identity:
                 raise UsageError(
-                    f"{_named(option, path)} is the same file as {_named(other_option, other)}: "
-                    "writing it would destroy what is read"
+                    f"{_named(option, path)} is the same file as "
+                    f"{_named(other_option, other, 'stdin')}: writing it would destroy what is read"
                 )
         for other_option, other, other_identity in seen:
             if identity == other_identity:
