@@ -15,10 +15,12 @@ Nothing asserts on time; the figures are for reading.
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -37,6 +39,16 @@ def before_decode(data: bytes) -> list[Any]:
 def before_encode(values: list[Any]) -> bytes:
     """`encode_lines` before exact integers and the NaN check."""
     return b"".join([orjson.dumps(value) + b"\n" for value in values])
+
+
+def before_check(payload: bytes) -> int | None:
+    """`check_jsonl` before the nesting check: every line parsed by orjson, values dropped."""
+    lines = (payload[:-1] if payload.endswith(b"\n") else payload).split(b"\n")
+    try:
+        collections.deque(map(orjson.loads, lines), maxlen=0)
+    except orjson.JSONDecodeError:
+        return 0
+    return None
 
 
 def ordinary(count: int) -> list[dict[str, Any]]:
@@ -83,14 +95,31 @@ def codec_table(records: int, rounds: int) -> None:
         finally:
             readers_module.loads = saved
 
+    # What the store holds: chunks of 1,000 records.
+    parts = [values[start : start + 1000] for start in range(0, len(values), 1000)]
+    chunks = [before_encode(part) for part in parts]
     steps = [
         (
-            "decode stored JSON Lines",
-            lambda: before_decode(lines),
-            lambda: jsonl.decode_lines(lines),
+            "check JSON Lines input (split)",
+            lambda: [before_check(chunk) for chunk in chunks],
+            lambda: [jsonl.check_jsonl(chunk) for chunk in chunks],
         ),
-        ("encode results", lambda: before_encode(values), lambda: jsonl.encode_lines(values)),
+        (
+            "decode stored chunks",
+            lambda: [before_decode(chunk) for chunk in chunks],
+            lambda: [jsonl.decode_lines(chunk) for chunk in chunks],
+        ),
+        (
+            "encode chunk results",
+            lambda: [before_encode(part) for part in parts],
+            lambda: [jsonl.encode_lines(part) for part in parts],
+        ),
         ("read a JSON array", json_reader_before, lambda: read_all(array, "json")),
+        (
+            "whole run (JSON Lines, map expr)",
+            lambda: whole_run(lines, exact=False),
+            lambda: whole_run(lines, exact=True),
+        ),
     ]
     print(f"## Exact numbers on ordinary data: {records:,} records, {len(lines) / 1e6:.1f} MB")
     print("| step | before (orjson alone) | now (exact) | now / before |")
@@ -102,6 +131,51 @@ def codec_table(records: int, rounds: int) -> None:
             timings["new"].append(best(new, 1))
         before, now = min(timings["old"]), min(timings["new"])
         print(f"| {name} | {before * 1000:.1f} ms | {now * 1000:.1f} ms | {now / before:.2f} |")
+
+
+def whole_run(lines: bytes, *, exact: bool) -> None:
+    """`pagent run` in this process (memory store, no display) over `lines`; `exact=False` runs
+    it with every detour of exact numbers and the NaN and nesting checks switched off."""
+    import tempfile
+
+    from parallel_agent.app import RunOptions, run_pipeline
+    from parallel_agent.modules import chunks as chunks_module
+
+    patches = [
+        (jsonl, "may_hold_big_ints", lambda data: False),
+        (readers_module, "may_hold_big_ints", lambda data: False),
+        (readers_module, "check_jsonl", before_check),
+        (chunks_module, "encode_lines", lambda values: (before_encode(values), [])),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    if not exact:
+        for module, name, replacement in patches:
+            setattr(module, name, replacement)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            data, pipeline = Path(folder) / "in.jsonl", Path(folder) / "p.yaml"
+            data.write_bytes(lines)
+            pipeline.write_text(PIPELINE)
+            options = RunOptions(
+                pipeline=str(pipeline),
+                data=str(data),
+                output=str(Path(folder) / "out.jsonl"),
+                store="memory://",
+            )
+            summary = run_pipeline(options)
+            assert summary.status == "complete", summary.error
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+PIPELINE = """
+name: bench
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 1000}]}
+  - {name: work, dependencies: [split], modules: [{use: map, expr: "item['id'] * 2"}]}
+  - {name: collect, dependencies: [work], modules: [{use: aggregate}]}
+"""
 
 
 def long_record_table(max_mb: int, rounds: int) -> None:

@@ -160,14 +160,15 @@ _NOT_OPENING = bytes(byte for byte in range(256) if byte not in b"[{\n")
 
 def first_too_deep(payload: bytes, lines: list[bytes]) -> int | None:
     """The position of the first of `lines` (valid JSON, the lines of `payload`) nested deeper
-    than `MAX_DEPTH`. Only a line with that many opening brackets can be: C-level counts find
-    them, so ordinary data is never walked."""
+    than `MAX_DEPTH`. Only a line of more than 2 x `MAX_DEPTH` bytes with that many opening
+    brackets can be: C-level length checks and counts find them, so ordinary data is never
+    walked."""
+    if not lines or max(map(len, lines)) <= 2 * MAX_DEPTH + 1:
+        return None  # a level takes two bytes, its opening and closing bracket
     if payload.count(b"[") + payload.count(b"{") <= MAX_DEPTH:
         return None
-    openers = b"\n".join(lines).translate(None, _NOT_OPENING).split(b"\n")
-    if max(map(len, openers)) <= MAX_DEPTH:
-        return None
-    for position, count in enumerate(map(len, openers)):
+    openers = payload.translate(None, _NOT_OPENING).split(b"\n")
+    for position, count in enumerate(map(len, openers[: len(lines)])):
         if count > MAX_DEPTH and too_deep(lines[position]):
             return position
     return None

@@ -467,6 +467,17 @@ def test_integers_past_64_bits_through_redis(
     assert failure["input"] == {"n": BIG[1], "i": 1}
 
 
+def test_integers_past_64_bits_through_the_memory_store(pagent: Pagent, tmp_path: Path) -> None:
+    """Promise 14: the memory store (`memory://`) keeps big integers too, and `sum` adds them."""
+    data = big_input(tmp_path, "jsonl")
+    pipeline = pagent.pipeline(
+        pipeline_text("{use: map, expr: \"item['n']\"}", aggregate=", reduce: sum")
+    )
+    run = pagent("run", pipeline, "--data", data, "--store", "memory://", "--output", "sum.json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "sum.json").read_text()) == sum(BIG)
+
+
 def test_csv_values_stay_strings(pagent: Pagent, tmp_path: Path) -> None:
     """Promise 14: a CSV's long digit strings stay strings, digit for digit."""
     (tmp_path / "in.csv").write_text("id,zip\n18446744073709551617,02134\n")
