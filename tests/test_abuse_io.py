@@ -236,7 +236,8 @@ def test_folders_sockets_and_block_devices_are_refused(pagent: Pagent, tmp_path:
 def test_a_character_device_is_written_in_place(process: Pagent, tmp_path: Path) -> None:
     """Promise 13: `--output` onto a character device (a null device and a full device of the
     test's own, made with mknod; never the system's) writes to the device and leaves it a
-    device: the null one takes the output (exit 0), the full one says the disk is full (exit 5)."""
+    device: the null one takes the output and events (exit 0), the full one says the disk is full
+    (exit 5, one line)."""
     write_numbers(tmp_path)
     pipeline = process.pipeline()
     os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
@@ -250,6 +251,8 @@ def test_a_character_device_is_written_in_place(process: Pagent, tmp_path: Path)
     assert events.returncode == 0, events.stderr
     full = process("results", "t", "--output", "full", *fmt)
     one_error(full, 5, "No space left on device")
+    full_events = process("run", pipeline, "--data", "in.jsonl", "--events", "full", "-q")
+    one_error(full_events, 5, "cannot write full: No space left on device")
     for name in ("null", "full"):
         assert stat.S_ISCHR(os.lstat(tmp_path / name).st_mode)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
