@@ -12,7 +12,6 @@ appending), and `-` is the same as `/dev/stdout`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import stat
@@ -134,10 +133,24 @@ def temp_name(target: Path, token: str) -> Path:
     return target.parent / f".{target.name}{TEMP_MARK}{token}.tmp"
 
 
-def hold(descriptor: int) -> None:
-    """Mark a temp file as in use for as long as its writer lives (an advisory lock)."""
-    with contextlib.suppress(OSError):
+def _lock(descriptor: int) -> bool | None:
+    """Take an advisory lock on an open file without waiting: False if another process holds it,
+    None where there are no such locks (not POSIX)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def hold(descriptor: int) -> bool:
+    """Mark a new temp file as in use for as long as its writer lives (an advisory lock); False
+    if a cleaner got to it first (the writer then makes another)."""
+    return _lock(descriptor) is not False
 
 
 def remove_leftovers(target: Path) -> list[Path]:
@@ -160,10 +173,8 @@ def remove_leftovers(target: Path) -> list[Path]:
         try:
             if not stat.S_ISREG(os.fstat(descriptor).st_mode):
                 continue
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # a live writer holds it
+            if not _lock(descriptor):
+                continue  # a live writer holds it (or, without locks, it may)
             with contextlib.suppress(OSError):
                 path.unlink()
                 removed.append(path)

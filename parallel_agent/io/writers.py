@@ -155,9 +155,11 @@ class Writer:
                 stream = temp.open("xb")
             except OSError as exc:
                 raise _failed(self.target, exc) from None
-            hold(stream.fileno())
             try:
-                if os.stat(temp).st_ino == os.fstat(stream.fileno()).st_ino:
+                if (
+                    hold(stream.fileno())
+                    and os.stat(temp).st_ino == os.fstat(stream.fileno()).st_ino
+                ):
                     self.temp = temp
                     return stream
             except FileNotFoundError:
