@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import random
 import tracemalloc
 from pathlib import Path
@@ -395,3 +396,33 @@ def test_a_record_json_cannot_store_again_is_an_input_error_not_a_lost_record() 
     with pytest.raises(InputDataError) as caught:
         list(reader.payload_chunks())
     assert "record 2" in str(caught.value)
+
+
+@pytest.mark.parametrize("block_size", [1, 7, BLOCK_SIZE])
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_integers_past_64_bits_are_read_exactly(fmt: str, block_size: int) -> None:
+    """RELIABILITY.md promise 14: orjson would round these to floats; the readers keep them."""
+    numbers = [18446744073709551617, -9223372036854775809, 2**64 - 1, 10**40, 1.5]
+    records = [{"n": number, "s": "12345678901234567890"} for number in numbers]
+    text = "\n".join(json.dumps(record) for record in records)
+    data = (text + "\n" if fmt == "jsonl" else "[" + text.replace("\n", ",") + "]").encode()
+    found = values(data, fmt, block_size)
+    assert found == records
+    assert [type(record["n"]) for record in found] == [int, int, int, int, float]
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 16, BLOCK_SIZE])
+def test_a_json_lines_record_past_the_maximum_size(block_size: int) -> None:
+    """Promise 15: a line of exactly `max_record_size` bytes is read, one byte more is located,
+    however the line falls across the read blocks."""
+    fits, past = b'"' + b"x" * 8 + b'"', b'"' + b"y" * 9 + b'"'
+    assert values(b"1\n\n" + fits + b"\n", "jsonl", block_size, max_record_size=10) == [1, "x" * 8]
+    message = error(
+        b"1\n\n" + fits + b"\n" + past + b"\n2\n", "jsonl", block_size, max_record_size=10
+    )
+    assert message == (
+        "in.x, line 4, record 3: record longer than the maximum record size "
+        "(10 bytes; the split's max_record_size sets it)"
+    )
+    unterminated = error(b"1\n" + past, "jsonl", block_size, max_record_size=10)
+    assert "line 2, record 2: record longer" in unterminated

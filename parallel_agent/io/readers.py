@@ -360,10 +360,17 @@ def iter_records(
     data_key: str = "data",
     display_name: str | None = None,
     block_size: int = BLOCK_SIZE,
+    max_record_size: int = MAX_RECORD_SIZE,
 ) -> Iterator[Record]:
     """Every record of `source` as a `Record(number, line, value)`, streamed."""
     reader = read_chunks(
-        source, fmt, 1, data_key=data_key, display_name=display_name, block_size=block_size
+        source,
+        fmt,
+        1,
+        data_key=data_key,
+        display_name=display_name,
+        block_size=block_size,
+        max_record_size=max_record_size,
     )
     return reader.iter_records()
 
