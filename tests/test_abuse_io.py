@@ -199,6 +199,20 @@ def test_outputs_of_one_command_must_differ(pagent: Pagent, tmp_path: Path) -> N
     assert pagent.runs() == []
 
 
+def test_a_symlinked_output_is_written_through_the_link(pagent: Pagent, tmp_path: Path) -> None:
+    """Promise 13: `--output link` where link points at a file replaces the file's content and
+    keeps the link (the rename used to put a regular file in the link's place)."""
+    write_numbers(tmp_path)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "out.jsonl").write_text("old\n")
+    (tmp_path / "link.jsonl").symlink_to("real/out.jsonl")
+    run = pagent("run", pagent.pipeline(), "--data", "in.jsonl", "--output", "link.jsonl", "-q")
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "link.jsonl").is_symlink()
+    expected = b"".join(b"%d\n" % n for n in range(6))
+    assert (tmp_path / "real" / "out.jsonl").read_bytes() == expected
+
+
 def make_socket(path: Path) -> socket.socket:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
