@@ -508,7 +508,7 @@ def test_csv_values_stay_strings(pagent: Pagent, tmp_path: Path) -> None:
     "module",
     [
         "{use: map, expr: \"float('nan') if item == 3 else (-float('inf') if item == 4 else item)\"}",
-        "{use: map, function: 'steps_for_abuse:not_a_number_on_three'}",
+        "{use: map, function: 'steps_for_abuse_io:not_a_number_on_three'}",
     ],
 )
 def test_nan_and_infinity_from_user_code_are_item_errors(
