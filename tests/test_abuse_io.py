@@ -585,6 +585,9 @@ def test_json_lines_nested_too_deep_is_refused_at_read_time(
     one_error(refused, 3, "deep.jsonl, line 2, column 1, record 2: nested deeper than 254 levels")
     fine = pagent("run", pipeline, "--data", "ok.jsonl", "--output", "out.jsonl")
     assert fine.returncode == 0, fine.stderr
+    (tmp_path / "deep.json").write_text("[1, " + "[" * 300 + "]" * 300 + ", 2]")
+    as_json = pagent("run", pipeline, "--data", "deep.json", "--output", "out.jsonl")
+    one_error(as_json, 3, "deep.json, record 2: nested deeper than 254 levels")
 
 
 # ---- small rules --------------------------------------------------------------------------------

@@ -235,7 +235,7 @@ class ChunkReader:
                     number = chunk.first_record + bad[0][0] + 1
                     raise _located(
                         self.name,
-                        "this record cannot be stored as JSON (nested too deep)",
+                        f"nested deeper than {MAX_DEPTH} levels",
                         None,
                         None,
                         number,
