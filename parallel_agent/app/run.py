@@ -30,7 +30,14 @@ from parallel_agent.app.common import (
 )
 from parallel_agent.app.outputs import failed_output_format, write_failed_records, write_results
 from parallel_agent.app.summary import RunSummary, node_durations, summarize
-from parallel_agent.errors import InterruptedRunError, PagentError, TaskBusyError, UsageError
+from parallel_agent.errors import (
+    CoordinatorLockLostError,
+    InterruptedRunError,
+    PagentError,
+    StateLostError,
+    TaskBusyError,
+    UsageError,
+)
 from parallel_agent.events import EventSink, MultiSink, NodeFinished, RunFinished, RunStarted
 from parallel_agent.graph import TaskStatus
 from parallel_agent.io import check_targets, check_writable, detect_format, detect_output_format
@@ -141,6 +148,10 @@ class PipelineRun:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.ctx: RunContext | None = None
         self.interrupted = False
+        self.generation: str | None = None
+        """The run's generation marker, once the coordinator checked it under its lock."""
+        self.store_lost: PagentError | None = None
+        """What the lock renewal found before the run context existed (the run then stops)."""
 
     def interrupt(self) -> None:
         """Stop claiming chunks; in-flight chunks get a short grace (HANDBACK_GRACE_S), then are
@@ -273,12 +284,37 @@ class PipelineRun:
             )
 
     async def _renew_lock(self, store: RunStore, task_id: str, done: asyncio.Event) -> None:
-        """Keep the coordinator lock until `done`, and stop the run if someone cancelled it."""
+        """Keep the coordinator lock until `done`; stop the run if someone cancelled it, and end
+        it (exit 4) if the lock or the run's state is lost or the store stays unreachable."""
         while not await wait_or_timeout(done, COORDINATOR_TTL_S / 3):
-            await store.renew_lock(task_id, self.owner, COORDINATOR_TTL_S)
-            info = await store.get_run(task_id)
+            try:
+                info = await self._check_still_ours(store, task_id)
+            except PagentError as error:
+                if self.ctx is None:
+                    self.store_lost = error
+                else:
+                    self.ctx.fail_run(error)
+                return
             if info is not None and info.status == TaskStatus.CANCELLED.value and self.ctx:
                 self.ctx.request_stop("cancelled")
+
+    async def _check_still_ours(self, store: RunStore, task_id: str) -> RunInfo | None:
+        """Check the run's generation marker and renew the lock: StateLostError when the run is
+        gone or recreated (a flush, a restart without persistence, eviction),
+        CoordinatorLockLostError when the lock expired, was evicted or was taken over (another
+        coordinator may run the task: this one must not go on beside it)."""
+        if self.generation is None:
+            info = await store.get_run(task_id)
+        else:
+            info = await store.check_generation(task_id, self.generation)
+        if not await store.renew_lock(task_id, self.owner, COORDINATOR_TTL_S):
+            holder = await store.lock_holder(task_id)
+            raise CoordinatorLockLostError(
+                f"the coordinator lock of task '{task_id}' in {store.url} was lost ("
+                + (f"now held by {holder}" if holder else "expired or evicted")
+                + "): this coordinator stopped without recording a status"
+            )
+        return info
 
     async def _create_run(
         self,
@@ -335,6 +371,10 @@ class PipelineRun:
             failures=FailureBudget(options.max_failures),
         )
         self.ctx = ctx
+        await store.check_generation(info.task_id, info.generation)
+        self.generation = info.generation
+        if self.store_lost is not None:
+            ctx.fail_run(self.store_lost)
         if self.interrupted:
             ctx.request_stop("interrupted")
         built = build_pipeline(pipeline, ctx, pipeline_dir=Path(options.pipeline).parent)
@@ -352,14 +392,10 @@ class PipelineRun:
         async with built.workers():
             task = await built.agent.run_task(built.make_task(info.task_id))
         if ctx.fatal is not None:
-            await store.update_run(
-                info.task_id,
-                status=TaskStatus.FAILED.value,
-                finished_at=time.time(),
-                extra={"error": str(ctx.fatal)},
-                unless_cancelled=True,
-            )
+            await self._record_fatal(store, info.task_id, ctx.fatal)
             raise ctx.fatal
+        # the lock may have been lost since its last renewal: never write beside another coordinator
+        await self._check_still_ours(store, info.task_id)
         summary = await self._finish(store, built, info, task.status, task.error, output_format)
         summary.duration_s = time.monotonic() - started
         durations = node_durations(info, self.timer.durations)
@@ -399,6 +435,23 @@ class PipelineRun:
                 f"run interrupted; resume it with: pagent resume {info.task_id}"
             )
         return summary
+
+    async def _record_fatal(self, store: RunStore, task_id: str, fatal: PagentError) -> None:
+        """Record `failed` with the error, unless the task is no longer this coordinator's (its
+        lock is lost) or its state is gone (then the error that says so is raised, not this)."""
+        if isinstance(fatal, CoordinatorLockLostError):
+            return
+        try:
+            await store.update_run(
+                task_id,
+                status=TaskStatus.FAILED.value,
+                finished_at=time.time(),
+                extra={"error": str(fatal)},
+                unless_cancelled=True,
+            )
+        except StateLostError:
+            if not isinstance(fatal, StateLostError):
+                raise
 
     async def _write_failed(self, store: RunStore, info: RunInfo, summary: RunSummary) -> None:
         """`--failed-output`: the failed input records, in the input's format."""
