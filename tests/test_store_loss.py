@@ -181,23 +181,45 @@ def test_a_run_key_deleted_mid_run_ends_in_store_loss(
 
 @needs_redis_server
 @pytest.mark.fault
-def test_a_flush_mid_run_is_noticed_without_waiting_for_the_chunk(
+def test_a_flush_mid_run_then_a_new_coordinator_is_a_clean_takeover(
     tmp_path: Path, own_redis: RedisServerFactory
 ) -> None:
-    """Promise 6: FLUSHDB (or a restart without persistence) while a chunk runs for long: the
-    coordinator's periodic generation check ends the run, exit 4 (before: it waited for the
-    chunk, however long)."""
+    """Promise 6: FLUSHDB (or a restart without persistence) while chunk 0 runs, then a second
+    `pagent run` of the same task id creates the run again and takes the (flushed) lock. The
+    first coordinator's generation check (at its lock renewal, and in every script) ends it,
+    exit 4, without touching the new run; the second finishes with the right output. Before,
+    the first renewed its chunk lease in the new run (same token) and ran on beside it. A long
+    lease keeps the chunk heartbeat out of the way."""
     server = own_redis(durable=False)
-    case = gated_case(tmp_path, server.url)
-    process = case.start(case.run_args("--task-id", "flushed"))
+    case = Case(
+        tmp_path,
+        pipeline_text(GATED, "{concurrency: 1, lease: 300}"),
+        records=6,
+        store=server.url,
+    )
+    out = tmp_path / "out.jsonl"
+    first = case.start(case.run_args("--task-id", "flushed"))
+    second = None
     try:
-        case.wait_started(process)
+        case.wait_started(first)
         with redis.Redis(port=server.port) as client:
             client.flushdb()
-        code, _, err = finish(process, NOTICE_BOUND_S)
+        case.started.unlink()
+        second = case.start(case.run_args("--task-id", "flushed", "--output", str(out)))
+        case.wait_started(second)
+        code, _, err = finish(first, NOTICE_BOUND_S)
+        assert_store_loss(code, err, "flushed")
+        assert "belongs to another run" in err or "is gone" in err, err
+        case.go.touch()
+        code, _, err = finish(second, NOTICE_BOUND_S)
     finally:
-        kill_group(process)
-    assert_store_loss(code, err, "flushed", "is gone")
+        kill_group(first)
+        if second is not None:
+            kill_group(second)
+    assert code == 0, err
+    assert sorted(json.loads(line) for line in out.read_text().splitlines()) == [
+        2 * i for i in range(6)
+    ]
 
 
 @needs_redis_server
