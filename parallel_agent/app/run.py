@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from parallel_agent import __version__
 from parallel_agent.app.common import (
     FINISHED,
     check_input_unchanged,
@@ -27,8 +28,15 @@ from parallel_agent.app.common import (
     with_store,
 )
 from parallel_agent.app.outputs import failed_output_format, write_failed_records, write_results
+from parallel_agent.app.stored import code_manifest
 from parallel_agent.app.summary import RunSummary, node_durations, summarize
-from parallel_agent.errors import InterruptedRunError, PagentError, TaskBusyError, UsageError
+from parallel_agent.errors import (
+    InterruptedRunError,
+    PagentError,
+    PipelineError,
+    TaskBusyError,
+    UsageError,
+)
 from parallel_agent.events import EventSink, MultiSink, NodeFinished, RunFinished, RunStarted
 from parallel_agent.graph import TaskStatus
 from parallel_agent.io import check_writable, detect_format, detect_output_format
@@ -67,6 +75,8 @@ class RunOptions:
     failed_output: str | None = None
     stdin: BinaryIO | None = None
     stdout: BinaryIO | None = None
+    #: split and aggregate, but leave every chunk to `pagent worker` processes (Redis only)
+    workers_only: bool = False
 
 
 def holder_is_dead(owner: str) -> bool:
@@ -136,7 +146,13 @@ class PipelineRun:
                 raise UsageError("--failed-output must differ from --data and --output")
             failed_output_format(options.failed_output, source.fmt)
             check_writable(options.failed_output)
-        store = open_store(resolve_store_url(options.store))
+        store_url = resolve_store_url(options.store)
+        if options.workers_only and not store_url.lower().startswith(("redis", "unix")):
+            raise UsageError(
+                "--workers-only needs a Redis store (--store redis://...) that `pagent worker` "
+                "processes share; with this store nobody would process the chunks"
+            )
+        store = open_store(store_url)
         await store.open()
         try:
             return await self._run_with_store(store, pipeline, source, output_format, started)
@@ -198,6 +214,9 @@ class PipelineRun:
         done = asyncio.Event()
         keep_lock = asyncio.ensure_future(self._renew_lock(store, task_id, done))
         try:
+            if existing is not None:
+                # A resume runs today's code: workers compare theirs with this.
+                await store.update_run(task_id, extra={"code": self._code_manifest(pipeline)})
             info = existing or await self._create_run(store, pipeline, digest, task_id, source)
             return await self._run_graph(store, pipeline, info, source, output_format, started)
         finally:
@@ -229,6 +248,14 @@ class PipelineRun:
                 f"task '{existing.task_id}' was started on {existing.input_path}, not {path}; "
                 "use a new --task-id"
             )
+
+    def _code_manifest(self, pipeline: Pipeline) -> dict[str, object]:
+        """pagent's version and the digests of the code the pipeline runs, for `pagent worker`;
+        a module that cannot be found is left to the build to report, with its own message."""
+        try:
+            return code_manifest(pipeline, Path(self.options.pipeline).parent)
+        except PipelineError as exc:
+            return {"version": __version__, "digests": None, "error": str(exc)}
 
     async def _renew_lock(self, store: RunStore, task_id: str, done: asyncio.Event) -> None:
         """Keep the coordinator lock until `done`, and stop the run if someone cancelled it."""
@@ -267,6 +294,7 @@ class PipelineRun:
             extra={
                 "pipeline_file": str(Path(self.options.pipeline).resolve()),
                 "data_key": self.options.data_key,
+                "code": self._code_manifest(pipeline),
             },
         )
         if not await store.create_run(info):
@@ -291,6 +319,7 @@ class PipelineRun:
             params=dict(pipeline.task.params),
             events=self.events,
             failures=FailureBudget(options.max_failures),
+            claims_chunks=not options.workers_only,
         )
         self.ctx = ctx
         if self.interrupted:

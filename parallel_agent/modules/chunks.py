@@ -98,6 +98,9 @@ class ChunkWorkers:
         """Set (and replaced) each time a worker of this node here is done with a chunk."""
 
     async def run(self) -> None:
+        if not self.ctx.claims_chunks:
+            await self._wait_for_others()
+            return
         counts = await self.ctx.store.counts(self.ctx.task_id, self.settings.node)
         # More workers than open chunks would only poll the store; a sealed queue cannot grow.
         open_chunks = counts.pending + counts.leased
@@ -129,6 +132,15 @@ class ChunkWorkers:
             idle = 0.01
             for lease in leases:
                 await self._handle(lease)
+
+    async def _wait_for_others(self) -> None:
+        """Wait until workers elsewhere have drained the node's queue, or the run stops."""
+        ctx = self.ctx
+        while not ctx.stop.is_set():
+            counts = await ctx.store.counts(ctx.task_id, self.settings.node)
+            if counts.sealed and counts.pending == 0 and counts.leased == 0:
+                return
+            await self._idle(MAX_IDLE_POLL_S)
 
     async def _idle(self, seconds: float) -> None:
         """Wait before claiming again: until the run stops, one of this node's workers here

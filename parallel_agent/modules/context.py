@@ -63,6 +63,8 @@ class RunContext:
     """An error that ends the whole run with its own exit code (bad input, store lost, ...)."""
     producers: dict[str, str] = field(default_factory=dict)
     """For each data node but the split, the data node whose output it consumes."""
+    claims_chunks: bool = True
+    """False on a `--workers-only` coordinator: `pagent worker` processes claim every chunk."""
 
     def emit(self, event: Event) -> None:
         self.events.emit(event)

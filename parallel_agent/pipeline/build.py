@@ -79,7 +79,7 @@ class BuiltPipeline:
                 elif isinstance(module, SplitModule) and module.checker is not None:
                     checkers.append(module.checker)
         for processor in processors:
-            if isinstance(processor, PooledProcessor):
+            if isinstance(processor, PooledProcessor) and self.ctx.claims_chunks:
                 processor.warm_up(self.ctx.params)
         try:
             yield
@@ -333,3 +333,24 @@ def check_pipeline(pipeline: Pipeline, *, pipeline_dir: Path) -> None:
 
     ctx = RunContext(task_id="validate", store=MemoryStore(), owner="validate")
     build_pipeline(pipeline, ctx, pipeline_dir=pipeline_dir)
+
+
+def chunk_node_specs(pipeline: Pipeline) -> list[tuple[NodeSpec, MapSpec | FilterSpec]]:
+    """The pipeline's map and filter nodes with their module, in file order (checks the wiring)."""
+    uses = _wire_data_nodes(pipeline)[0]
+    found = []
+    for node in pipeline.nodes:
+        if uses.get(node.name) in ("map", "filter"):
+            spec = node.modules[0]
+            assert isinstance(spec, MapSpec | FilterSpec)
+            found.append((node, spec))
+    return found
+
+
+def build_chunk_node(
+    node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path
+) -> tuple[NodeSettings, ChunkProcessor]:
+    """How a map or filter node works its chunks and what processes them, without the rest of
+    the graph: what a process that only works chunks (`pagent worker`) needs."""
+    add_import_roots(Path.cwd(), pipeline_dir)
+    return _settings(node), _processor(node, spec, pipeline_dir)

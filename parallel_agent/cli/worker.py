@@ -1,0 +1,71 @@
+"""`pagent worker`: join the runs of a Redis store and work their chunks."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from parallel_agent.cli.errors import handled_errors
+
+
+def worker(
+    ctx: typer.Context,
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store", envvar="PAGENT_STORE", help="The runs' Redis store: redis://host:6379/0."
+        ),
+    ],
+    pipelines: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pipeline",
+            "-p",
+            help="A pipeline file whose runs this worker joins (same hash); repeatable.",
+        ),
+    ] = None,
+    task_ids: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task-id", help="Join only these runs (and exit once they ended); repeatable."
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", min=1, help="Cap each node's concurrency on this host."),
+    ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option("--processes", min=1, help="Cap each node's worker processes on this host."),
+    ] = None,
+    idle_exit: Annotated[
+        float | None,
+        typer.Option("--idle-exit", min=0, help="Exit 0 after S seconds with nothing to claim."),
+    ] = None,
+    any_pipeline: Annotated[
+        bool,
+        typer.Option(
+            "--any-pipeline",
+            help="Also run code named only by a pipeline stored in Redis (trusted setups only).",
+        ),
+    ] = False,
+) -> None:
+    """Help the runs of a Redis store: claim their chunks, process them, commit them."""
+    from parallel_agent.app.worker import WorkerOptions, run_worker
+
+    with handled_errors(bool((ctx.obj or {}).get("debug"))):
+        options = WorkerOptions(
+            store=store,
+            pipelines=pipelines or [],
+            task_ids=task_ids or [],
+            concurrency=concurrency,
+            processes=processes,
+            idle_exit=idle_exit,
+            any_pipeline=any_pipeline,
+        )
+        raise typer.Exit(run_worker(options))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(worker)
