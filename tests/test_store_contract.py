@@ -120,6 +120,21 @@ async def test_update_run_merges_extra_and_sets_fields(store: RunStore, run: Run
         await store.update_run("missing", status="executing")
 
 
+async def test_add_to_count_is_shared_and_atomic(store: RunStore, run: RunInfo) -> None:
+    """Issue 13: a run-wide count (failed items) that every process adds to."""
+    assert await store.add_to_count("t1", "failed_items", 3) == 3
+    results = await asyncio.gather(
+        *(store.add_to_count("t1", "failed_items", 1) for _ in range(20))
+    )
+    assert sorted(results) == list(range(4, 24))
+    info = await store.get_run("t1")
+    assert info is not None and info.extra["failed_items"] == 23
+    await store.update_run("t1", extra={"failed_items": 0})  # a resume starts the count again
+    assert await store.add_to_count("t1", "failed_items", 2) == 2
+    with pytest.raises(StateLostError):
+        await store.add_to_count("nope", "failed_items", 1)
+
+
 async def test_list_and_delete_runs(store: RunStore) -> None:
     for number in range(3):
         assert await store.create_run(make_info(f"t{number}", created_at=T0 + 10 - number))

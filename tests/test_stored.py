@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers.runs import make_info
 
 from parallel_agent import __version__
 from parallel_agent.app.stored import (
@@ -17,7 +18,6 @@ from parallel_agent.app.stored import (
 )
 from parallel_agent.errors import UsageError
 from parallel_agent.pipeline import load_pipeline, pipeline_hash
-from tests.helpers.runs import make_info
 
 PIPELINE = """
 name: code

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -277,6 +278,34 @@ def test_cancel_stops_every_worker(fleet: Fleet) -> None:
         assert "left run cx (cancelled)" in stderr
     finish(coordinator, timeout=30)
     assert len({item for _, item, _ in fleet.ledger_rows()}) < fleet.records
+
+
+@pytest.mark.parametrize("limit", ["max-failures", "on_error-stop"])
+def test_failure_limits_are_counted_in_the_store_and_stop_every_worker(
+    fleet: Fleet, limit: str
+) -> None:
+    """The coordinator claims nothing (--workers-only), so only the count the workers share in
+    the store can stop the run; every worker leaves it with the run's reason."""
+    fleet.env.update({"PAGENT_LEDGER_SLEEP": "0.05", "PAGENT_FAIL_EVERY": "7"})
+    extra = ", on_error: stop" if limit == "on_error-stop" else ""
+    fleet.pipeline = make_pipeline(
+        fleet.tmp / "failing.yaml", function="steps_for_workers:ledger_fail_multiples", extra=extra
+    )
+    workers = [fleet.worker("--task-id", "mf") for _ in range(3)]
+    options = ["--max-failures", "10"] if limit == "max-failures" else []
+    coordinator = fleet.run("mf", "--workers-only", "--json", *options)
+    stdout, stderr = coordinator.communicate(timeout=90)
+    assert coordinator.returncode == 1, stderr
+    summary = json.loads(stdout)
+    reason = "more than 10 items failed" if limit == "max-failures" else "(on_error: stop)"
+    assert summary["status"] == "failed" and reason in summary["error"]
+    for worker in workers:
+        code, stderr = finish(worker)
+        assert code == 0, stderr
+        assert "left run mf (" in stderr and reason in stderr
+    rows = fleet.ledger_rows()
+    assert coordinator.pid not in {pid for pid, _, _ in rows}
+    assert len({item for _, item, _ in rows}) < fleet.records, "the run stopped early"
 
 
 def test_worker_of_another_pipeline_claims_nothing(fleet: Fleet) -> None:

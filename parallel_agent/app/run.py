@@ -25,6 +25,8 @@ from parallel_agent.app.common import (
     new_task_id,
     require_run,
     resolve_store_url,
+    watch_interval,
+    watch_run,
     with_store,
 )
 from parallel_agent.app.outputs import failed_output_format, write_failed_records, write_results
@@ -40,7 +42,9 @@ from parallel_agent.errors import (
 from parallel_agent.events import EventSink, MultiSink, NodeFinished, RunFinished, RunStarted
 from parallel_agent.graph import TaskStatus
 from parallel_agent.io import check_writable, detect_format, detect_output_format
+from parallel_agent.modules.chunks import FAILED_ITEMS_KEY
 from parallel_agent.modules.context import (
+    RUN_STOP_KEY,
     FailureBudget,
     InputSource,
     RunContext,
@@ -216,7 +220,7 @@ class PipelineRun:
         try:
             if existing is not None:
                 # A resume runs today's code: workers compare theirs with this.
-                await store.update_run(task_id, extra={"code": self._code_manifest(pipeline)})
+                await store.update_run(task_id, extra=self._shared_extra(pipeline))
             info = existing or await self._create_run(store, pipeline, digest, task_id, source)
             return await self._run_graph(store, pipeline, info, source, output_format, started)
         finally:
@@ -248,6 +252,16 @@ class PipelineRun:
                 f"task '{existing.task_id}' was started on {existing.input_path}, not {path}; "
                 "use a new --task-id"
             )
+
+    def _shared_extra(self, pipeline: Pipeline) -> dict[str, object]:
+        """What every process of the run reads from the store: the code to run, the failure
+        budget (counted from zero again by a resume) and no stop yet."""
+        return {
+            "code": self._code_manifest(pipeline),
+            "max_failures": self.options.max_failures,
+            FAILED_ITEMS_KEY: 0,
+            RUN_STOP_KEY: None,
+        }
 
     def _code_manifest(self, pipeline: Pipeline) -> dict[str, object]:
         """pagent's version and the digests of the code the pipeline runs, for `pagent worker`;
@@ -294,7 +308,7 @@ class PipelineRun:
             extra={
                 "pipeline_file": str(Path(self.options.pipeline).resolve()),
                 "data_key": self.options.data_key,
-                "code": self._code_manifest(pipeline),
+                **self._shared_extra(pipeline),
             },
         )
         if not await store.create_run(info):
@@ -334,8 +348,17 @@ class PipelineRun:
             )
         )
         await store.update_run(info.task_id, status=TaskStatus.EXECUTING.value)
-        async with built.workers():
-            task = await built.agent.run_task(built.make_task(info.task_id))
+        leases = [n.node_config.lease for n in pipeline.nodes if n.name in built.processing_nodes]
+        watched = asyncio.Event()
+        watcher = asyncio.ensure_future(
+            watch_run(ctx, info.generation, watch_interval(leases), watched)
+        )
+        try:
+            async with built.workers():
+                task = await built.agent.run_task(built.make_task(info.task_id))
+        finally:
+            with contextlib.suppress(PagentError):
+                await stop_loop(watcher, watched)
         if ctx.fatal is not None:
             await store.update_run(
                 info.task_id,

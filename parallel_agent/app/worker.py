@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parallel_agent.app.common import WORKING_STATES, watch_interval, watch_run
 from parallel_agent.app.stored import (
     StoredNode,
     build_stored_nodes,
@@ -32,10 +33,9 @@ from parallel_agent.app.stored import (
     code_references,
     stored_pipeline,
 )
-from parallel_agent.errors import PagentError, StateLostError, StoreError, UsageError
-from parallel_agent.graph import TaskStatus
+from parallel_agent.errors import PagentError, StoreError, UsageError
 from parallel_agent.modules.chunks import ChunkWorkers
-from parallel_agent.modules.context import RunContext, stop_loop, wait_or_timeout
+from parallel_agent.modules.context import FailureBudget, RunContext, stop_loop, wait_or_timeout
 from parallel_agent.modules.items import ChunkOutcome
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.modules.processors import ChunkProcessor
@@ -45,10 +45,6 @@ from parallel_agent.store.base import RunInfo, RunStore
 
 #: How long in-flight chunks may finish after SIGTERM before they are handed back.
 DRAIN_GRACE_S = 3.0
-#: Run states a worker works in; every other state makes it leave the run.
-WORKING_STATES = frozenset({TaskStatus.WAITING.value, TaskStatus.EXECUTING.value})
-#: Longest pause between two checks of a joined run's status (cancel is seen within lease/3).
-MAX_WATCH_S = 5.0
 
 EXIT_OK, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -280,7 +276,13 @@ class PipelineWorker:
         self.say(f"refusing run {info.task_id}: {why}")
 
     def _join(self, store: RunStore, info: RunInfo, nodes: list[StoredNode]) -> None:
-        ctx = RunContext(task_id=info.task_id, store=store, owner=self.owner, params=info.params)
+        ctx = RunContext(
+            task_id=info.task_id,
+            store=store,
+            owner=self.owner,
+            params=info.params,
+            failures=FailureBudget(info.extra.get("max_failures")),
+        )
         for node in nodes:
             if isinstance(node.processor, PooledProcessor):
                 node.processor.warm_up(ctx.params)
@@ -293,7 +295,8 @@ class PipelineWorker:
     async def _work(self, joined: _JoinedRun) -> None:
         ctx = joined.ctx
         done = asyncio.Event()
-        watcher = asyncio.ensure_future(self._watch(joined, done))
+        interval = watch_interval([node.settings.lease_s for node in joined.nodes])
+        watcher = asyncio.ensure_future(watch_run(ctx, joined.info.generation, interval, done))
         try:
             async with asyncio.TaskGroup() as group:
                 for node in joined.nodes:
@@ -306,30 +309,6 @@ class PipelineWorker:
             for node in joined.nodes:
                 await node.processor.close()
             self.wake.set()
-
-    async def _watch(self, joined: _JoinedRun, done: asyncio.Event) -> None:
-        """Stop working the run once it ended (complete, failed, cancelled, interrupted) or
-        is gone; checked every third of its shortest lease."""
-        ctx, info = joined.ctx, joined.info
-        leases = [node.settings.lease_s for node in joined.nodes] or [MAX_WATCH_S * 3]
-        interval = min(MAX_WATCH_S, max(0.05, min(leases) / 3))
-        while not await wait_or_timeout(done, interval):
-            try:
-                current = await ctx.store.get_run(info.task_id)
-            except StoreError as exc:
-                ctx.fail_run(exc)
-                return
-            if current is None or current.generation != info.generation:
-                ctx.fail_run(
-                    StateLostError(
-                        f"task '{info.task_id}' is gone from {ctx.store.url} (the store lost "
-                        "its state)"
-                    )
-                )
-                return
-            if current.status not in WORKING_STATES:
-                ctx.request_stop(current.status)
-                return
 
     async def _leave_all(self) -> None:
         """Stop every joined run; chunks still in flight after the grace are handed back."""

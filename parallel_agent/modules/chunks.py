@@ -27,6 +27,8 @@ ITEM_EVENTS_PER_CHUNK = 20
 MAX_IDLE_POLL_S = 0.5
 #: Longest backoff between two attempts of one chunk.
 MAX_RETRY_DELAY_S = 30.0
+#: The run's shared count of failed items (run extra), against `--max-failures`.
+FAILED_ITEMS_KEY = "failed_items"
 _UNENCODABLE = "TypeError: result is not JSON-serialisable"
 
 
@@ -288,12 +290,12 @@ class ChunkWorkers:
         )
         if errors:
             if settings.on_error == "stop":
-                ctx.request_stop(
+                await ctx.stop_run(
                     f"record {errors[0].record} failed in node '{settings.node}' "
                     f"(on_error: stop): {errors[0].error}"
                 )
             else:
-                self._count_failures(len(errors))
+                await self._count_failures(len(errors))
 
     async def _fail(self, lease: Lease, error: str, duration: float) -> None:
         ctx, settings = self.ctx, self.settings
@@ -313,14 +315,20 @@ class ChunkWorkers:
             )
         )
         if not will_retry:
-            self._count_failures(lease.count)
+            await self._count_failures(lease.count)
 
-    def _count_failures(self, count: int) -> None:
-        """Add failed items to the run's budget; stop the run once `--max-failures` is passed."""
-        if self.ctx.failures.add(count):
-            self.ctx.request_stop(
-                f"more than {self.ctx.failures.limit} items failed (--max-failures)"
-            )
+    async def _count_failures(self, count: int) -> None:
+        """Add failed items to the run's budget; stop the run once `--max-failures` is passed.
+        With a limit the count is kept in the store, so every process of the run shares it."""
+        failures = self.ctx.failures
+        if failures.limit is None:
+            failures.add(count)
+            return
+        failures.failed = await self.ctx.store.add_to_count(
+            self.ctx.task_id, FAILED_ITEMS_KEY, count
+        )
+        if failures.exceeded:
+            await self.ctx.stop_run(f"more than {failures.limit} items failed (--max-failures)")
 
 
 def _record(error: ItemError) -> int:

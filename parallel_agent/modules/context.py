@@ -81,11 +81,19 @@ class RunContext:
             self.stop_reason = reason
         self.stop.set()
 
+    async def stop_run(self, reason: str) -> None:
+        """Stop the run in every process: here at once, and in the store (`extra.stop`), where
+        the coordinator and each `pagent worker` look every third of a lease."""
+        self.request_stop(reason)
+        await self.store.update_run(self.task_id, extra={RUN_STOP_KEY: reason})
+
     @staticmethod
     def now() -> float:
         return time.time()
 
 
+#: Run extra key holding why a process stopped the whole run (`--max-failures`, `on_error: stop`).
+RUN_STOP_KEY = "stop"
 #: How long a background loop gets to finish its current step once told to stop.
 STOP_GRACE_S = 2.0
 

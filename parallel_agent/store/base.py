@@ -319,6 +319,13 @@ class RunStore(ABC):
         """Remove every row or key of the task (run, chunks, results, counters, lock).
         Idempotent."""
 
+    @abstractmethod
+    async def add_to_count(self, task_id: str, key: str, amount: int) -> int:
+        """Add `amount` to the integer `extra[key]` (0 when absent) atomically and return the
+        new value: a count every process of a run shares (failed items against
+        `--max-failures`, across the coordinator and every `pagent worker`). Raises
+        StateLostError if the run is gone."""
+
     async def gc(self, older_than_s: float, now: float | None = None) -> list[str]:
         """Delete finished runs whose `finished_at` (else `updated_at`) is older than
         `older_than_s`; return their task ids. Unfinished runs are never collected."""

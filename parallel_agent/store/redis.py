@@ -71,6 +71,7 @@ SCRIPTS = (
     "release",
     "retry_failed",
     "lock",
+    "add_to_count",
 )
 _RUN_FIELDS = [f.name for f in fields(RunInfo) if f.name != "extra"]
 _COUNTER_FIELDS = [f.name for f in fields(NodeCounts)]
@@ -260,6 +261,10 @@ class RedisStore(RunStore):
                 await pipe.execute()
 
         await self._call(expire)
+
+    async def add_to_count(self, task_id: str, key: str, amount: int) -> int:
+        k = self._keys(task_id)
+        return int(await self._checked(task_id, "add_to_count", [k.run, k.extra], [key, amount]))
 
     async def list_runs(self) -> list[RunInfo]:
         index = runs_index(self.prefix)
