@@ -135,6 +135,23 @@ async def test_add_to_count_is_shared_and_atomic(store: RunStore, run: RunInfo) 
         await store.add_to_count("nope", "failed_items", 1)
 
 
+async def test_worker_heartbeats_expire(store: RunStore) -> None:
+    """Issue 13: `pagent worker` beats into a shared store; a worker that stops beating drops
+    out. Stores that are one machine's (memory, SQLite) keep no workers."""
+    await store.beat_worker("h:1:ab", {"host": "h", "pid": 1, "runs": ["t1"]}, ttl_s=0.3)
+    await store.beat_worker("h:2:cd", {"host": "h", "pid": 2, "runs": []}, ttl_s=30)
+    workers = await store.live_workers()
+    if not isinstance(store, RedisStore):
+        assert workers == []
+        return
+    assert sorted(w["pid"] for w in workers) == [1, 2]
+    assert all(0 <= w["last_seen"] < 30 for w in workers)
+    await asyncio.sleep(0.4)
+    assert [w["pid"] for w in await store.live_workers()] == [2]
+    await store.beat_worker("h:2:cd", {"host": "h", "pid": 2, "runs": ["t1"]}, ttl_s=30)
+    assert [w["runs"] for w in await store.live_workers()] == [["t1"]]
+
+
 async def test_list_and_delete_runs(store: RunStore) -> None:
     for number in range(3):
         assert await store.create_run(make_info(f"t{number}", created_at=T0 + 10 - number))

@@ -308,6 +308,33 @@ def test_failure_limits_are_counted_in_the_store_and_stop_every_worker(
     assert len({item for _, item, _ in rows}) < fleet.records, "the run stopped early"
 
 
+def test_workers_and_status_show_the_live_workers(fleet: Fleet) -> None:
+    fleet.env["PAGENT_LEDGER_SLEEP"] = "0.1"  # the run lasts until it is cancelled below
+    workers = [fleet.worker("--task-id", "hb") for _ in range(2)]
+    coordinator = fleet.run("hb")
+
+    def pagent_json(*args: str) -> Any:
+        done = subprocess.run([*PAGENT, *args, "--store", fleet.store, "--json"],
+                              env=fleet.env, capture_output=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        return json.loads(done.stdout)
+
+    def both_listed() -> bool:
+        listed = pagent_json("workers")
+        working = [w for w in listed if w["runs"].get("hb", {}).get("chunks", 0) > 0]
+        return sorted(w["pid"] for w in working) == sorted(w.pid for w in workers)
+
+    fleet.wait_for(both_listed, "both workers beat with chunks of run hb")
+    status = pagent_json("status", "hb")
+    assert sorted(w["pid"] for w in status["workers"]) == sorted(w.pid for w in workers)
+    assert all(w["run"]["items"] > 0 for w in status["workers"])
+    subprocess.run([*PAGENT, "cancel", "hb", "--store", fleet.store], env=fleet.env, timeout=60)
+    finish(coordinator)
+    for worker in workers:
+        assert finish(worker)[0] == 0
+    assert pagent_json("workers") == [], "a worker that exits takes its entry with it"
+
+
 def test_worker_of_another_pipeline_claims_nothing(fleet: Fleet) -> None:
     other = make_pipeline(fleet.tmp / "other.yaml", lease=2.0)
     stranger = fleet.worker("--idle-exit", "1", pipeline=other)

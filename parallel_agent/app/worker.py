@@ -46,6 +46,10 @@ from parallel_agent.store.base import RunInfo, RunStore
 #: How long in-flight chunks may finish after SIGTERM before they are handed back.
 DRAIN_GRACE_S = 3.0
 
+#: How often a worker writes its heartbeat, and how long one lives without the next.
+HEARTBEAT_S = 2.0
+HEARTBEAT_TTL_S = 10.0
+
 EXIT_OK, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 130
 
 
@@ -76,9 +80,10 @@ class WorkerStats:
 
 
 class _Counted:
-    """A processor that counts the chunks it works (a chunk in flight is never idle time)."""
+    """A processor that counts the chunks it works, for the worker and for the run (a chunk in
+    flight is never idle time)."""
 
-    def __init__(self, inner: ChunkProcessor, stats: WorkerStats) -> None:
+    def __init__(self, inner: ChunkProcessor, *stats: WorkerStats) -> None:
         self.inner = inner
         self.stats = stats
 
@@ -93,15 +98,17 @@ class _Counted:
         return await self._counted(self.inner.process_payload(payload, numbers, params), numbers)
 
     async def _counted(self, work: Any, numbers: Sequence[int]) -> ChunkOutcome:
-        stats = self.stats
-        stats.in_flight += 1
+        for stats in self.stats:
+            stats.in_flight += 1
         try:
             outcome: ChunkOutcome = await work
         finally:
-            stats.in_flight -= 1
-            stats.last_busy = time.monotonic()
-        stats.chunks += 1
-        stats.items += len(numbers)
+            for stats in self.stats:
+                stats.in_flight -= 1
+                stats.last_busy = time.monotonic()
+        for stats in self.stats:
+            stats.chunks += 1
+            stats.items += len(numbers)
         return outcome
 
     async def close(self) -> None:
@@ -120,6 +127,7 @@ class _JoinedRun:
     info: RunInfo
     ctx: RunContext
     nodes: list[StoredNode]
+    stats: WorkerStats = field(default_factory=WorkerStats)
     task: asyncio.Task[None] | None = None
 
 
@@ -131,6 +139,7 @@ class PipelineWorker:
         self.say = say or _say
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.stats = WorkerStats()
+        self.started_at = time.time()
         self.joined: dict[str, _JoinedRun] = {}
         self.refused: set[str] = set()
         self.ended: set[str] = set()
@@ -155,11 +164,45 @@ class PipelineWorker:
         """Work until the named runs ended, `idle_exit` passed or a drain; the exit code."""
         store = open_store(self.options.store)
         await store.open()
+        stopped = asyncio.Event()
+        beating = asyncio.ensure_future(self._beat(store, stopped))
         try:
             return await self._serve(store)
         finally:
             await self._leave_all()
+            with contextlib.suppress(PagentError):
+                await stop_loop(beating, stopped)
+            with contextlib.suppress(StoreError):  # gone from `pagent workers` at once
+                await store.beat_worker(self.owner, self.heartbeat(), ttl_s=0.001)
             await store.close()
+
+    def heartbeat(self) -> dict[str, Any]:
+        """What `pagent workers` and `pagent status` show of this worker."""
+        stats = self.stats
+        elapsed = max(1e-9, time.monotonic() - stats.started)
+        return {
+            "worker": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "runs": {
+                task_id: {"chunks": joined.stats.chunks, "items": joined.stats.items}
+                for task_id, joined in self.joined.items()
+            },
+            "chunks": stats.chunks,
+            "items": stats.items,
+            "in_flight": stats.in_flight,
+            "items_per_s": round(stats.items / elapsed, 1),
+            "draining": self.draining,
+        }
+
+    async def _beat(self, store: RunStore, stopped: asyncio.Event) -> None:
+        """Beat every HEARTBEAT_S; a missed beat is not fatal (a lost store is seen elsewhere)."""
+        while True:
+            with contextlib.suppress(StoreError):
+                await store.beat_worker(self.owner, self.heartbeat(), ttl_s=HEARTBEAT_TTL_S)
+            if await wait_or_timeout(stopped, HEARTBEAT_S):
+                return
 
     async def _serve(self, store: RunStore) -> int:
         options = self.options
@@ -286,8 +329,9 @@ class PipelineWorker:
         for node in nodes:
             if isinstance(node.processor, PooledProcessor):
                 node.processor.warm_up(ctx.params)
-            node.processor = _Counted(node.processor, self.stats)
         joined = _JoinedRun(info, ctx, nodes)
+        for node in nodes:
+            node.processor = _Counted(node.processor, self.stats, joined.stats)
         joined.task = asyncio.ensure_future(self._work(joined))
         self.joined[info.task_id] = joined
         self.say(f"joined run {info.task_id} ({info.pipeline_name})")
@@ -377,3 +421,16 @@ def run_worker(options: WorkerOptions, say: Callable[[str], None] | None = None)
                 loop.remove_signal_handler(signum)
 
     return asyncio.run(main())
+
+
+def list_workers(store: str) -> list[dict[str, Any]]:
+    """The live `pagent worker` processes of a Redis store (from their heartbeats)."""
+    from parallel_agent.app.common import with_store
+
+    check_worker_store(store)
+
+    async def action(s: RunStore) -> list[dict[str, Any]]:
+        workers = await s.live_workers()
+        return sorted(workers, key=lambda w: (str(w.get("host")), int(w.get("pid") or 0)))
+
+    return asyncio.run(with_store(store, action))

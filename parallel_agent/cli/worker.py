@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Annotated
 
 import typer
@@ -67,5 +69,37 @@ def worker(
         raise typer.Exit(run_worker(options))
 
 
+def workers(
+    ctx: typer.Context,
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store", envvar="PAGENT_STORE", help="The runs' Redis store: redis://host:6379/0."
+        ),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the workers as JSON.")] = False,
+) -> None:
+    """List the live `pagent worker` processes of a Redis store."""
+    from parallel_agent.app.worker import list_workers
+
+    with handled_errors(bool((ctx.obj or {}).get("debug"))):
+        found = list_workers(store)
+    if as_json:
+        sys.stdout.write(json.dumps(found) + "\n")
+        return
+    if not found:
+        sys.stdout.write("no live workers\n")
+        return
+    lines = [f"{'host':<20} {'pid':>7} {'runs':<24} {'chunks':>7} {'items/s':>9} {'seen':>7}"]
+    for worker in found:
+        runs = ",".join(worker.get("runs") or {}) or "-"
+        lines.append(
+            f"{worker['host']:<20} {worker['pid']:>7} {runs:<24} {worker['chunks']:>7} "
+            f"{worker['items_per_s']:>9,.1f} {worker['last_seen']:>5.1f} s"
+        )
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(worker)
+    app.command()(workers)

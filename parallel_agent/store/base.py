@@ -353,6 +353,19 @@ class RunStore(ABC):
                 f"{info.generation}, expected {generation}); its earlier state is gone"
             )
 
+    # -- worker heartbeats -----------------------------------------------------------------------
+
+    async def beat_worker(self, worker: str, state: dict[str, Any], ttl_s: float) -> None:
+        """Record that `pagent worker` `worker` is alive, with what it does (`state`, JSON);
+        the entry expires `ttl_s` after the last beat. Only a shared store (Redis) keeps them:
+        workers never use the others, so they drop the beat."""
+        return None
+
+    async def live_workers(self) -> list[dict[str, Any]]:
+        """The last heartbeat of every worker whose entry has not expired, each with
+        `last_seen` (seconds ago, by the store's clock)."""
+        return []
+
     # -- coordinator lock ------------------------------------------------------------------------
 
     @abstractmethod

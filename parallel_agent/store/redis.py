@@ -46,7 +46,7 @@ from parallel_agent.store.base import (
     results_batch,
     run_missing,
 )
-from parallel_agent.store.keys import TaskKeys, runs_index
+from parallel_agent.store.keys import TaskKeys, runs_index, worker_key, workers_index
 
 T = TypeVar("T")
 
@@ -72,6 +72,7 @@ SCRIPTS = (
     "retry_failed",
     "lock",
     "add_to_count",
+    "beat",
 )
 _RUN_FIELDS = [f.name for f in fields(RunInfo) if f.name != "extra"]
 _COUNTER_FIELDS = [f.name for f in fields(NodeCounts)]
@@ -304,6 +305,36 @@ class RedisStore(RunStore):
                 await pipe.execute()
 
         await self._call(delete)
+
+    # -- worker heartbeats -----------------------------------------------------------------------
+
+    async def beat_worker(self, worker: str, state: dict[str, Any], ttl_s: float) -> None:
+        keys = [workers_index(self.prefix), worker_key(self.prefix, worker)]
+        ttl_ms = max(1, int(ttl_s * 1000))
+        payload = orjson.dumps({**state, "ttl_ms": ttl_ms})
+        await self._script("beat", keys, [worker, payload, ttl_ms])
+
+    async def live_workers(self) -> list[dict[str, Any]]:
+        index = workers_index(self.prefix)
+        ids = [raw.decode() for raw in await self._call(lambda c: _members(c, index))]
+
+        async def read(c: aioredis.Redis) -> list[Any]:
+            async with c.pipeline(transaction=False) as pipe:
+                for worker in ids:
+                    pipe.get(worker_key(self.prefix, worker))
+                    pipe.pttl(worker_key(self.prefix, worker))
+                return await pipe.execute()
+
+        replies = await self._call(read) if ids else []
+        workers = []
+        for at in range(0, len(replies), 2):
+            state, left_ms = replies[at : at + 2]
+            if state is None:  # expired since the index was read; the next beat prunes it
+                continue
+            entry = orjson.loads(state)
+            seen_ms = max(0, int(entry.get("ttl_ms", 0)) - max(0, int(left_ms)))
+            workers.append({**entry, "last_seen": seen_ms / 1000})
+        return workers
 
     # -- lock ------------------------------------------------------------------------------------
 
