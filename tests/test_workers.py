@@ -205,6 +205,21 @@ def test_workers_only_coordinator_claims_nothing(fleet: Fleet) -> None:
     fleet.check_output("wo")
 
 
+def test_workers_only_coordinator_displays_progress_from_the_store(fleet: Fleet) -> None:
+    """Its own process commits nothing: every count it shows comes from the store."""
+    events = fleet.tmp / "events.jsonl"
+    worker = fleet.worker("--task-id", "pg")
+    coordinator = fleet.run("pg", "--workers-only", "--events", str(events))
+    code, stderr = finish(coordinator)
+    assert code == 0, stderr
+    assert finish(worker)[0] == 0
+    seen = [json.loads(line) for line in events.read_text().splitlines()]
+    assert not [e for e in seen if e["kind"] == "chunk_done"]
+    progress = [e for e in seen if e["kind"] == "node_progress" and e["node"] == "work"]
+    assert progress and progress[-1]["items_done"] == fleet.records
+    assert progress[-1]["chunks_done"] == fleet.records // 10
+
+
 def test_worker_killed_mid_chunk_is_reclaimed(fleet: Fleet) -> None:
     victim = fleet.worker("--task-id", "k9")
     other = fleet.worker("--task-id", "k9")

@@ -39,7 +39,14 @@ from parallel_agent.errors import (
     TaskBusyError,
     UsageError,
 )
-from parallel_agent.events import EventSink, MultiSink, NodeFinished, RunFinished, RunStarted
+from parallel_agent.events import (
+    EventSink,
+    MultiSink,
+    NodeFinished,
+    NodeProgress,
+    RunFinished,
+    RunStarted,
+)
 from parallel_agent.graph import TaskStatus
 from parallel_agent.io import check_writable, detect_format, detect_output_format
 from parallel_agent.modules.chunks import FAILED_ITEMS_KEY
@@ -57,6 +64,8 @@ from parallel_agent.report import build_report
 from parallel_agent.store import open_store
 from parallel_agent.store.base import RunInfo, RunStore
 
+#: How often a coordinator on a shared store sends the displays the store's counts.
+PROGRESS_S = 1.0
 #: How long a coordinator's claim on a task id lives without renewal (a dead holder's expires).
 COORDINATOR_TTL_S = 30.0
 
@@ -253,6 +262,29 @@ class PipelineRun:
                 "use a new --task-id"
             )
 
+    async def _progress(self, store: RunStore, built: BuiltPipeline, done: asyncio.Event) -> None:
+        """On a shared store (Redis), send the displays the store's counts every
+        PROGRESS_S, so they count the chunks `pagent worker`s commit too."""
+        if not store.url.lower().startswith(("redis", "unix")):
+            return  # nobody else works on a run in a one-machine store
+        while not await wait_or_timeout(done, PROGRESS_S):
+            await self._emit_progress(store, built)
+        await self._emit_progress(store, built)  # the final counts
+
+    async def _emit_progress(self, store: RunStore, built: BuiltPipeline) -> None:
+        for node in built.processing_nodes:
+            counts = await store.counts(built.ctx.task_id, node)
+            self.events.emit(
+                NodeProgress(
+                    at=time.time(),
+                    node=node,
+                    chunks_done=counts.done,
+                    items_done=counts.items_done,
+                    items_failed=counts.items_failed,
+                    in_flight=counts.leased,
+                )
+            )
+
     def _shared_extra(self, pipeline: Pipeline) -> dict[str, object]:
         """What every process of the run reads from the store: the code to run, the failure
         budget (counted from zero again by a resume) and no stop yet."""
@@ -353,12 +385,15 @@ class PipelineRun:
         watcher = asyncio.ensure_future(
             watch_run(ctx, info.generation, watch_interval(leases), watched)
         )
+        progress = asyncio.ensure_future(self._progress(store, built, watched))
         try:
             async with built.workers():
                 task = await built.agent.run_task(built.make_task(info.task_id))
         finally:
             with contextlib.suppress(PagentError):
                 await stop_loop(watcher, watched)
+            with contextlib.suppress(PagentError):
+                await stop_loop(progress, watched)
         if ctx.fatal is not None:
             await store.update_run(
                 info.task_id,
