@@ -26,6 +26,7 @@ from helpers.runs import T0, make_info
 from parallel_agent.errors import StateLostError, StoreError, UsageError
 from parallel_agent.store import default_store_url, mask_url, open_store
 from parallel_agent.store.base import (
+    rate_burst,
     ChunkSpec,
     ChunkState,
     Lease,
@@ -150,6 +151,32 @@ async def test_worker_heartbeats_expire(store: RunStore) -> None:
     assert [w["pid"] for w in await store.live_workers()] == [2]
     await store.beat_worker("h:2:cd", {"host": "h", "pid": 2, "runs": ["t1"]}, ttl_s=30)
     assert [w["runs"] for w in await store.live_workers()] == [["t1"]]
+
+
+async def test_token_bucket_is_shared_by_every_caller(store: RunStore, run: RunInfo) -> None:
+    """Issue 13: `rate_limit` is one budget for the whole run. Two callers (two processes) of
+    one bucket together never get more than its burst plus the rate times the time passed."""
+    first = store.token_bucket("t1", "work", rate=8.0)
+    second = store.token_bucket("t1", "work", rate=8.0)
+    if not isinstance(store, RedisStore):
+        assert first is None  # one process is the whole run: its own limiter is exact
+        return
+    assert first is not None and second is not None
+    started = time.monotonic()
+    granted = 0
+    for take in (first, second, first, second):
+        got, wait = await take(5)
+        assert 0 <= got <= rate_burst(8.0)
+        assert got == 5 or wait > 0
+        granted += got
+    elapsed = time.monotonic() - started
+    assert granted <= rate_burst(8.0) + 8.0 * elapsed + 1
+    other_node = store.token_bucket("t1", "other", rate=8.0)  # its own budget, empty at first
+    assert other_node is not None
+    got, wait = await other_node(1)
+    assert got == 0 and 0 < wait <= 1 / 8.0
+    await asyncio.sleep(wait)
+    assert (await other_node(1))[0] == 1
 
 
 async def test_list_and_delete_runs(store: RunStore) -> None:

@@ -17,7 +17,9 @@ from parallel_agent.app.stored import (
     stored_pipeline,
 )
 from parallel_agent.errors import UsageError
+from parallel_agent.modules.context import RunContext
 from parallel_agent.pipeline import load_pipeline, pipeline_hash
+from parallel_agent.store.memory import MemoryStore
 
 PIPELINE = """
 name: code
@@ -78,9 +80,10 @@ def test_stored_pipeline_is_checked_against_its_hash(folder: Path) -> None:
 
 def test_rebuilt_nodes_are_capped_for_this_host(folder: Path) -> None:
     pipeline = load_pipeline(str(folder / "p.yaml"))
-    nodes = build_stored_nodes(pipeline, folder, max_concurrency=2, max_processes=1)
+    ctx = RunContext(task_id="t1", store=MemoryStore(), owner="test")
+    nodes = build_stored_nodes(pipeline, folder, ctx, max_concurrency=2, max_processes=1)
     assert [node.settings.node for node in nodes] == ["shell", "py"]
     assert nodes[0].settings.concurrency == 2
     assert nodes[1].settings.concurrency == 1  # one chunk per worker process, one process
-    uncapped = build_stored_nodes(pipeline, folder)
+    uncapped = build_stored_nodes(pipeline, folder, ctx)
     assert [node.settings.concurrency for node in uncapped] == [4, 4]

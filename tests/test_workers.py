@@ -350,6 +350,31 @@ def test_workers_and_status_show_the_live_workers(fleet: Fleet) -> None:
     assert pagent_json("workers") == [], "a worker that exits takes its entry with it"
 
 
+def test_rate_limit_is_one_budget_across_every_process(fleet: Fleet) -> None:
+    """rate_limit 40/s with a coordinator and 3 workers: from the ledger's times, no one-second
+    window holds more calls than the limit plus its burst (each process alone would allow 40)."""
+    from parallel_agent.store.base import rate_burst
+
+    records = 160
+    fleet.data.write_text("".join(f"{i}\n" for i in range(records)))
+    fleet.records = records
+    fleet.env["PAGENT_LEDGER_SLEEP"] = "0"
+    fleet.pipeline = make_pipeline(fleet.tmp / "limited.yaml", extra=", rate_limit: 40")
+    workers = [fleet.worker("--task-id", "rl") for _ in range(3)]
+    coordinator = fleet.run("rl")
+    code, stderr = finish(coordinator)
+    assert code == 0, stderr
+    for worker in workers:
+        assert finish(worker)[0] == 0
+    rows = fleet.ledger_rows()
+    assert len({pid for pid, _, _ in rows}) >= 2, "several processes called the function"
+    times = sorted(at for _, _, at in rows)
+    busiest = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+    print(f"busiest one-second window: {busiest} calls")
+    assert busiest <= 40 + rate_burst(40)
+    fleet.check_output("rl")
+
+
 def test_worker_of_another_pipeline_claims_nothing(fleet: Fleet) -> None:
     other = make_pipeline(fleet.tmp / "other.yaml", lease=2.0)
     stranger = fleet.worker("--idle-exit", "1", pipeline=other)

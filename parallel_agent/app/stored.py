@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from parallel_agent import __version__
 from parallel_agent.errors import PipelineError, UsageError
 from parallel_agent.modules.chunks import NodeSettings
+from parallel_agent.modules.context import RunContext
 from parallel_agent.modules.loading import add_import_roots
 from parallel_agent.modules.processors import ChunkProcessor
 from parallel_agent.pipeline import Pipeline, pipeline_hash
@@ -156,6 +157,7 @@ def code_mismatch(
 def build_stored_nodes(
     pipeline: Pipeline,
     pipeline_dir: Path,
+    ctx: RunContext,
     *,
     max_concurrency: int | None = None,
     max_processes: int | None = None,
@@ -170,6 +172,6 @@ def build_stored_nodes(
         if max_processes is not None and config.processes:
             changes["processes"] = min(config.processes, max_processes)
         capped = node.model_copy(update={"node_config": config.model_copy(update=changes)})
-        settings, processor = build_chunk_node(capped, spec, pipeline_dir)
+        settings, processor = build_chunk_node(capped, spec, pipeline_dir, ctx)
         nodes.append(StoredNode(settings, processor))
     return nodes

@@ -283,17 +283,25 @@ class PipelineWorker:
         if mismatch is not None:
             self._refuse(info, f"not the coordinator's code: {mismatch}")
             return
+        ctx = RunContext(
+            task_id=info.task_id,
+            store=store,
+            owner=self.owner,
+            params=info.params,
+            failures=FailureBudget(info.extra.get("max_failures")),
+        )
         try:
             nodes = build_stored_nodes(
                 pipeline,
                 folder,
+                ctx,
                 max_concurrency=self.options.concurrency,
                 max_processes=self.options.processes,
             )
         except PagentError as exc:
             self._refuse(info, str(exc))
             return
-        self._join(store, info, nodes)
+        self._join(ctx, info, nodes)
 
     def _local_references(self) -> set[tuple[str, ...]]:
         return set().union(*(local.references for local in self.local))
@@ -318,14 +326,7 @@ class PipelineWorker:
         self.refused.add(info.task_id)
         self.say(f"refusing run {info.task_id}: {why}")
 
-    def _join(self, store: RunStore, info: RunInfo, nodes: list[StoredNode]) -> None:
-        ctx = RunContext(
-            task_id=info.task_id,
-            store=store,
-            owner=self.owner,
-            params=info.params,
-            failures=FailureBudget(info.extra.get("max_failures")),
-        )
+    def _join(self, ctx: RunContext, info: RunInfo, nodes: list[StoredNode]) -> None:
         for node in nodes:
             if isinstance(node.processor, PooledProcessor):
                 node.processor.warm_up(ctx.params)

@@ -257,6 +257,7 @@ def _engine_node(node: NodeSpec, ctx: RunContext, pipeline_dir: Path, uses: dict
             modules.append(SplitModule(ctx, node.name, spec.chunk_size, checker))
         elif isinstance(spec, MapSpec | FilterSpec):
             processor = _processor(node, spec, pipeline_dir)
+            share_rate_limit(processor, ctx, node.name)
             modules.append(ChunkModule(ctx, node.name, _settings(node), processor, spec.use))
         elif isinstance(spec, AggregateSpec):
             if spec.expr is not None:
@@ -348,9 +349,18 @@ def chunk_node_specs(pipeline: Pipeline) -> list[tuple[NodeSpec, MapSpec | Filte
 
 
 def build_chunk_node(
-    node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path
+    node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path, ctx: RunContext
 ) -> tuple[NodeSettings, ChunkProcessor]:
     """How a map or filter node works its chunks and what processes them, without the rest of
     the graph: what a process that only works chunks (`pagent worker`) needs."""
     add_import_roots(Path.cwd(), pipeline_dir)
-    return _settings(node), _processor(node, spec, pipeline_dir)
+    processor = _processor(node, spec, pipeline_dir)
+    share_rate_limit(processor, ctx, node.name)
+    return _settings(node), processor
+
+
+def share_rate_limit(processor: ChunkProcessor, ctx: RunContext, node: str) -> None:
+    """`rate_limit` is the node's budget across every process of the run: on a shared store
+    its limiter draws from the store's bucket."""
+    if isinstance(processor, FunctionProcessor) and processor.limiter is not None:
+        processor.limiter.bucket = ctx.store.token_bucket(ctx.task_id, node, processor.limiter.rate)

@@ -17,10 +17,11 @@ Vocabulary:
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
@@ -366,6 +367,14 @@ class RunStore(ABC):
         `last_seen` (seconds ago, by the store's clock)."""
         return []
 
+    # -- run-wide rate limits --------------------------------------------------------------------
+
+    def token_bucket(self, task_id: str, name: str, rate: float) -> TokenBucket | None:
+        """A token bucket of `rate` tokens a second that every process of the run draws from
+        (`rate_limit` across hosts), or None where one process is the whole run (memory,
+        SQLite: the process's own limiter is exact there)."""
+        return None
+
     # -- coordinator lock ------------------------------------------------------------------------
 
     @abstractmethod
@@ -490,6 +499,17 @@ class RunStore(ABC):
     def _now(self) -> float:
         """The store's clock when a caller passes no `now`."""
         return time.time()
+
+
+#: Takes up to `want` tokens from a shared bucket in one round trip: (granted, seconds until
+#: the next token when fewer were granted).
+TokenBucket = Callable[[int], Awaitable[tuple[int, float]]]
+
+
+def rate_burst(rate: float) -> int:
+    """How many tokens a shared bucket holds (and hands out per round trip): a quarter second
+    of the rate, at least one. Any one-second window holds at most `rate + burst` calls."""
+    return max(1, math.ceil(rate / 4))
 
 
 def run_missing(url: str, task_id: str) -> StateLostError:

@@ -6,6 +6,7 @@
     <prefix>:<task>:run                HASH  RunInfo fields, each value JSON (extra is separate)
     <prefix>:<task>:extra              HASH  RunInfo.extra: top-level key → JSON (merge = HSET)
     <prefix>:<task>:lock               STRING owner of the coordinator lock, with a PX expiry
+    <prefix>:<task>:bucket:<node>      HASH  a node's run-wide rate_limit bucket (expires unused)
     <prefix>:<task>:nodes              ZSET  node → creation sequence number
     <prefix>:<task>:n:<node>:counters  HASH  chunks_total pending leased done failed items_total
                                              items_done items_failed retries sealed

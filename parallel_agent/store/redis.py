@@ -42,7 +42,9 @@ from parallel_agent.store.base import (
     RetryBudget,
     RunInfo,
     RunStore,
+    TokenBucket,
     mask_url,
+    rate_burst,
     results_batch,
     run_missing,
 )
@@ -73,6 +75,7 @@ SCRIPTS = (
     "lock",
     "add_to_count",
     "beat",
+    "take_tokens",
 )
 _RUN_FIELDS = [f.name for f in fields(RunInfo) if f.name != "extra"]
 _COUNTER_FIELDS = [f.name for f in fields(NodeCounts)]
@@ -335,6 +338,18 @@ class RedisStore(RunStore):
             seen_ms = max(0, int(entry.get("ttl_ms", 0)) - max(0, int(left_ms)))
             workers.append({**entry, "last_seen": seen_ms / 1000})
         return workers
+
+    # -- run-wide rate limits --------------------------------------------------------------------
+
+    def token_bucket(self, task_id: str, name: str, rate: float) -> TokenBucket | None:
+        key = f"{self._keys(task_id).base}:bucket:{name}"
+        burst = rate_burst(rate)
+
+        async def take(want: int) -> tuple[int, float]:
+            reply = await self._script("take_tokens", [key], [repr(rate), burst, want, ""])
+            return int(reply[0]), float(reply[1])
+
+        return take
 
     # -- lock ------------------------------------------------------------------------------------
 
