@@ -26,13 +26,13 @@ from helpers.runs import T0, make_info
 from parallel_agent.errors import StateLostError, StoreError, UsageError
 from parallel_agent.store import default_store_url, mask_url, open_store
 from parallel_agent.store.base import (
-    rate_burst,
     ChunkSpec,
     ChunkState,
     Lease,
     NodeCounts,
     RunInfo,
     RunStore,
+    rate_burst,
 )
 from parallel_agent.store.memory import MemoryStore
 from parallel_agent.store.redis import RedisStore
