@@ -50,6 +50,10 @@ DRAIN_GRACE_S = 3.0
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_S = 10.0
 
+#: Pause between two looks for runs to join, by task id and by a scan of the store's runs.
+NAMED_POLL_S = 0.2
+SCAN_POLL_S = 1.0
+
 EXIT_OK, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 130
 
 
@@ -64,8 +68,9 @@ class WorkerOptions:
     processes: int | None = None
     idle_exit: float | None = None
     any_pipeline: bool = False
-    #: seconds between two looks for runs to join
-    poll_s: float = 1.0
+    #: seconds between two looks for runs to join: the named runs (one read each) are looked
+    #: for often, a scan of every run of the store less so
+    poll_s: float | None = None
 
 
 @dataclass
@@ -215,10 +220,15 @@ class PipelineWorker:
                 self.say(f"idle for {options.idle_exit:g} s: exiting")
                 break
             self.wake.clear()
-            await wait_or_timeout(self.wake, options.poll_s)
+            await wait_or_timeout(self.wake, self._poll_s())
         if self.draining:
             return EXIT_INTERRUPTED
         return EXIT_REFUSED if self.refused else EXIT_OK
+
+    def _poll_s(self) -> float:
+        if self.options.poll_s is not None:
+            return self.options.poll_s
+        return NAMED_POLL_S if self.options.task_ids else SCAN_POLL_S
 
     def _named_runs_over(self) -> bool:
         over = self.ended | self.refused
