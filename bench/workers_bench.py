@@ -72,8 +72,19 @@ def one_run(
     """Seconds from the coordinator's start to its exit, with `workers` workers waiting."""
     helpers = [
         subprocess.Popen(
-            [*PAGENT, "worker", "--store", store, "--pipeline", str(pipeline), "--task-id", task_id],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                *PAGENT,
+                "worker",
+                "--store",
+                store,
+                "--pipeline",
+                str(pipeline),
+                "--task-id",
+                task_id,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )  # fmt: skip
         for _ in range(workers)
     ]

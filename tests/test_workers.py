@@ -478,6 +478,34 @@ def test_sigterm_drains_the_worker_and_hands_chunks_back(fleet: Fleet) -> None:
     fleet.check_output("dr")
 
 
+def test_an_acl_user_limited_to_pagents_keys_runs_coordinator_and_worker(fleet: Fleet) -> None:
+    """docs/workers.md's ACL user, on a server with a password: a coordinator and a worker."""
+    import redis
+    from helpers.redis_server import RedisServer
+
+    server = RedisServer(fleet.tmp / "acl-redis", durable=False, password="admin-secret")
+    server.start()
+    try:
+        admin = redis.Redis(port=server.port, password="admin-secret")
+        admin.execute_command(
+            "ACL", "SETUSER", "pagent", "on", ">worker-secret", "~pagent:*",
+            "+@read", "+@write", "+@scripting", "+@connection", "+@transaction", "+time",
+        )  # fmt: skip
+        admin.close()
+        fleet.store = f"redis://pagent:worker-secret@127.0.0.1:{server.port}/0"
+        worker = fleet.worker("--task-id", "acl")
+        coordinator = fleet.run("acl")
+        code, stderr = finish(coordinator)
+        assert code == 0, stderr
+        code, stderr = finish(worker)
+        assert code == 0, stderr
+        assert "worker-secret" not in stderr
+        assert worker.pid in {pid for pid, _, _ in fleet.ledger_rows()}
+        fleet.check_output("acl")
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("store", ["sqlite:///x.db", "memory://"])
 def test_worker_refuses_a_store_other_than_redis(tmp_path: Path, store: str) -> None:
     pipeline = make_pipeline(tmp_path / "p.yaml")
