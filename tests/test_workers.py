@@ -431,6 +431,36 @@ def test_worker_with_other_module_code_refuses(fleet: Fleet, variant: str) -> No
     fleet.check_output("md")
 
 
+def test_any_pipeline_runs_the_stored_pipelines_code(fleet: Fleet) -> None:
+    """The opt-out: a worker without the run's pipeline file works it all the same."""
+    other = make_pipeline(
+        fleet.tmp / "other.yaml", function="steps_for_workers:ledger_fail_multiples"
+    )
+    trusting = fleet.worker("--task-id", "ap", "--any-pipeline", pipeline=other)
+    coordinator = fleet.run("ap", "--workers-only")
+    code, stderr = finish(coordinator)
+    assert code == 0, stderr
+    assert finish(trusting)[0] == 0
+    assert {pid for pid, _, _ in fleet.ledger_rows()} == {trusting.pid}
+    fleet.check_output("ap")
+
+
+def test_worker_caps_processes_on_its_host(fleet: Fleet) -> None:
+    """`processes: 3` in the pipeline, `--processes 1` on the worker: one worker process of its
+    own does every chunk."""
+    fleet.pipeline = make_pipeline(fleet.tmp / "procs.yaml", extra=", processes: 3")
+    fleet.records = 200
+    fleet.data.write_text("".join(f"{i}\n" for i in range(fleet.records)))
+    worker = fleet.worker("--task-id", "pc", "--processes", "1")
+    coordinator = fleet.run("pc", "--workers-only")
+    code, stderr = finish(coordinator)
+    assert code == 0, stderr
+    assert finish(worker)[0] == 0
+    pids = {pid for pid, _, _ in fleet.ledger_rows()}
+    assert len(pids) == 1 and pids != {worker.pid}, "one child process of the worker"
+    fleet.check_output("pc")
+
+
 def test_redis_restart_without_persistence_exits_4(fleet: Fleet) -> None:
     workers = [fleet.worker("--task-id", "rr") for _ in range(2)]
     coordinator = fleet.run("rr")
