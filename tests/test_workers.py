@@ -350,16 +350,19 @@ def test_workers_and_status_show_the_live_workers(fleet: Fleet) -> None:
     assert pagent_json("workers") == [], "a worker that exits takes its entry with it"
 
 
-def test_rate_limit_is_one_budget_across_every_process(fleet: Fleet) -> None:
-    """rate_limit 40/s with a coordinator and 3 workers: from the ledger's times, no one-second
-    window holds more calls than the limit plus its burst (each process alone would allow 40)."""
+@pytest.mark.parametrize("processes", [0, 2])
+def test_rate_limit_is_one_budget_across_every_process(fleet: Fleet, processes: int) -> None:
+    """rate_limit 40/s with a coordinator and 3 workers (each with 2 worker processes of its own,
+    or none): from the ledger's times, no one-second window holds more calls than the limit plus
+    its burst (each process alone would allow 40)."""
     from parallel_agent.store.base import rate_burst
 
     records = 160
     fleet.data.write_text("".join(f"{i}\n" for i in range(records)))
     fleet.records = records
     fleet.env["PAGENT_LEDGER_SLEEP"] = "0"
-    fleet.pipeline = make_pipeline(fleet.tmp / "limited.yaml", extra=", rate_limit: 40")
+    extra = ", rate_limit: 40" + (f", processes: {processes}" if processes else "")
+    fleet.pipeline = make_pipeline(fleet.tmp / "limited.yaml", extra=extra)
     workers = [fleet.worker("--task-id", "rl") for _ in range(3)]
     coordinator = fleet.run("rl")
     code, stderr = finish(coordinator)
@@ -367,7 +370,7 @@ def test_rate_limit_is_one_budget_across_every_process(fleet: Fleet) -> None:
     for worker in workers:
         assert finish(worker)[0] == 0
     rows = fleet.ledger_rows()
-    assert len({pid for pid, _, _ in rows}) >= 2, "several processes called the function"
+    assert len({pid for pid, _, _ in rows}) >= 3, "several processes called the function"
     times = sorted(at for _, _, at in rows)
     busiest = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
     print(f"busiest one-second window: {busiest} calls")
@@ -534,6 +537,33 @@ def test_an_acl_user_limited_to_pagents_keys_runs_coordinator_and_worker(fleet: 
         fleet.check_output("acl")
     finally:
         server.stop()
+
+
+def test_rate_limit_with_processes_on_one_machine(tmp_path: Path) -> None:
+    """`processes: 2` with `rate_limit` (refused before): each worker process asks the run's
+    process for a token before every call, so the node's one limiter paces both."""
+    pipeline = make_pipeline(tmp_path / "p.yaml", extra=", rate_limit: 20, processes: 2")
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(f"{i}\n" for i in range(60)))
+    ledger = tmp_path / "ledger.txt"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(TESTS),
+        "PAGENT_LEDGER": str(ledger),
+        "PAGENT_LEDGER_SLEEP": "0",
+    }
+    done = subprocess.run(
+        [*PAGENT, "run", str(pipeline), "--data", str(data), "--output", str(tmp_path / "o.jsonl"),
+         "--store", f"sqlite:///{tmp_path / 's.db'}", "-q"],
+        env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert (tmp_path / "o.jsonl").read_text() == "".join(f"{i * 3}\n" for i in range(60))
+    rows = [line.split() for line in ledger.read_text().splitlines()]
+    assert len({pid for _, pid, _, _ in rows}) == 2, "both worker processes called it"
+    times = sorted(float(at) for _, _, _, at in rows)
+    busiest = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+    assert busiest <= 20 + 1
 
 
 @pytest.mark.parametrize("store", ["sqlite:///x.db", "memory://"])

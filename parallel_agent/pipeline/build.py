@@ -166,7 +166,14 @@ def _processor(node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path) -
                     "(async functions already overlap their waits in one process)"
                 )
             return _pooled(
-                "function", spec.function, what, keep, batch, config.processes, pipeline_dir
+                "function",
+                spec.function,
+                what,
+                keep,
+                batch,
+                config.processes,
+                pipeline_dir,
+                config.rate_limit,
             )
         return FunctionProcessor(
             target,
@@ -184,7 +191,14 @@ def _processor(node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path) -
 
 
 def _pooled(
-    kind: str, source: str, what: str, keep: bool, batch: bool, size: int, pipeline_dir: Path
+    kind: str,
+    source: str,
+    what: str,
+    keep: bool,
+    batch: bool,
+    size: int,
+    pipeline_dir: Path,
+    rate_limit: float | None = None,
 ) -> PooledProcessor:
     job = WorkerJob(
         kind=kind,
@@ -193,6 +207,7 @@ def _pooled(
         keep_if_true=keep,
         batch=batch,
         roots=(str(Path.cwd()), str(pipeline_dir.resolve())),
+        rate_limit=rate_limit,
     )
     return PooledProcessor(job, size)
 
@@ -362,5 +377,10 @@ def build_chunk_node(
 def share_rate_limit(processor: ChunkProcessor, ctx: RunContext, node: str) -> None:
     """`rate_limit` is the node's budget across every process of the run: on a shared store
     its limiter draws from the store's bucket."""
-    if isinstance(processor, FunctionProcessor) and processor.limiter is not None:
+    if (
+        isinstance(processor, FunctionProcessor)
+        and processor.limiter is not None
+        or isinstance(processor, PooledProcessor)
+        and processor.limiter is not None
+    ):
         processor.limiter.bucket = ctx.store.token_bucket(ctx.task_id, node, processor.limiter.rate)
