@@ -177,6 +177,10 @@ async def test_token_bucket_is_shared_by_every_caller(store: RunStore, run: RunI
     assert got == 0 and 0 < wait <= 1 / 8.0
     await asyncio.sleep(wait)
     assert (await other_node(1))[0] == 1
+    await store.add_chunks("t1", "work", [ChunkSpec(0, 0, 1, b"1\n")])
+    await store.add_chunks("t1", "other", [ChunkSpec(0, 0, 1, b"1\n")])
+    await store.delete_run("t1")  # the buckets go with the run
+    assert await store.client.keys(f"{store.prefix}:t1:*") == []
 
 
 async def test_list_and_delete_runs(store: RunStore) -> None:

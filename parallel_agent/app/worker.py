@@ -148,6 +148,9 @@ class PipelineWorker:
         self.joined: dict[str, _JoinedRun] = {}
         self.refused: set[str] = set()
         self.ended: set[str] = set()
+        self.finished_work: dict[str, float | None] = {}
+        """Runs left with every chunk done while the run goes on (aggregating): not joined again
+        until the run changes (`updated_at`, e.g. a resume with --retry-failed)."""
         self.draining = False
         self.wake = asyncio.Event()
         self.local = [self._load_local(path) for path in options.pipelines]
@@ -251,6 +254,8 @@ class PipelineWorker:
                 raise error
             if joined.ctx.fatal is not None:
                 raise joined.ctx.fatal
+            if joined.ctx.stop_reason is None:
+                self.finished_work[task_id] = None
             self.say(f"left run {task_id} ({joined.ctx.stop_reason or 'its chunks are done'})")
 
     async def _discover(self, store: RunStore) -> None:
@@ -264,7 +269,14 @@ class PipelineWorker:
                 continue
             if info.status not in WORKING_STATES:
                 self.ended.add(task_id)
+                self.finished_work.pop(task_id, None)
                 continue
+            if task_id in self.finished_work:
+                seen = self.finished_work[task_id]
+                self.finished_work[task_id] = info.updated_at
+                if seen is None or seen == info.updated_at:
+                    continue
+                del self.finished_work[task_id]
             self.ended.discard(task_id)
             await self._consider(store, info)
 

@@ -6,7 +6,6 @@
     <prefix>:<task>:run                HASH  RunInfo fields, each value JSON (extra is separate)
     <prefix>:<task>:extra              HASH  RunInfo.extra: top-level key → JSON (merge = HSET)
     <prefix>:<task>:lock               STRING owner of the coordinator lock, with a PX expiry
-    <prefix>:<task>:bucket:<node>      HASH  a node's run-wide rate_limit bucket (expires unused)
     <prefix>:<task>:nodes              ZSET  node → creation sequence number
     <prefix>:<task>:n:<node>:counters  HASH  chunks_total pending leased done failed items_total
                                              items_done items_failed retries sealed
@@ -22,6 +21,7 @@
     <prefix>:<task>:n:<node>:leases    ZSET  index → lease expiry: LEASED chunks (reclaim scan)
     <prefix>:<task>:n:<node>:done      ZSET  index → index: DONE chunks, for ordered streaming
     <prefix>:<task>:n:<node>:failed    ZSET  index → index: FAILED chunks
+    <prefix>:<task>:n:<node>:bucket    HASH  the node's run-wide rate_limit tokens (expires unused)
 
 The run and worker indexes and the heartbeats are the only keys outside a task's namespace; it holds no data of its own and members
 whose run expired are pruned by list_runs/gc. Every other key of a finished run gets the finished

@@ -303,7 +303,7 @@ class RedisStore(RunStore):
 
         async def delete(c: aioredis.Redis) -> None:
             async with c.pipeline(transaction=True) as pipe:
-                pipe.unlink(*k.data_keys(nodes), k.lock)
+                pipe.unlink(*k.data_keys(nodes), k.lock, *(k.node(n, "bucket") for n in nodes))
                 pipe.zrem(k.runs, task_id)
                 await pipe.execute()
 
@@ -342,7 +342,7 @@ class RedisStore(RunStore):
     # -- run-wide rate limits --------------------------------------------------------------------
 
     def token_bucket(self, task_id: str, name: str, rate: float) -> TokenBucket | None:
-        key = f"{self._keys(task_id).base}:bucket:{name}"
+        key = self._keys(task_id).node(name, "bucket")
         burst = rate_burst(rate)
 
         async def take(want: int) -> tuple[int, float]:
