@@ -65,6 +65,23 @@ def redis_figures(client: redis.Redis) -> tuple[float, int]:
     )
 
 
+def wait_for_workers(store: str, count: int) -> None:
+    """Until `count` workers beat in the store (they are up and looking for the run)."""
+    client = redis.Redis.from_url(store)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            seconds, micros = client.time()
+            now_ms = seconds * 1000 + micros // 1000
+            if client.zcount("pagent:workers", now_ms, "+inf") >= count:
+                break
+            if time.monotonic() > deadline:
+                sys.exit("the workers did not start")
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
 def one_run(
     store: str, pipeline: Path, data: Path, workers: int, task_id: str, env: dict[str, str],
     *, workers_only: bool = False,
@@ -88,7 +105,7 @@ def one_run(
         )  # fmt: skip
         for _ in range(workers)
     ]
-    time.sleep(1.0 if workers else 0)  # their start-up is not the run's
+    wait_for_workers(store, workers)  # their start-up is not the run's
     started = time.perf_counter()
     extra = ["--workers-only"] if workers_only else []
     done = subprocess.run(
