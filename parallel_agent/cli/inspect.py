@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from parallel_agent.cli.errors import handled_errors
+from parallel_agent.cli.errors import handled_errors, say_stop_reason
 from parallel_agent.cli.options import FailedOutputOption, StoreOption
 from parallel_agent.cli.process import freeze_startup_objects
 
@@ -195,6 +195,7 @@ def resume(
             sink.close()
         if as_json:
             _emit_json(summary.to_dict())
+        say_stop_reason(summary.exit_code, summary.error)
         raise typer.Exit(summary.exit_code)
 
 

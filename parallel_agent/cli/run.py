@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from parallel_agent.cli.errors import handled_errors
+from parallel_agent.cli.errors import handled_errors, say_stop_reason
 from parallel_agent.cli.options import FailedOutputOption, StoreOption
 from parallel_agent.cli.process import freeze_startup_objects
 from parallel_agent.errors import UsageError
@@ -122,6 +122,7 @@ def run(
         if as_json:
             sys.stdout.write(json.dumps(summary.to_dict()) + "\n")
             sys.stdout.flush()
+        say_stop_reason(summary.exit_code, summary.error)
         raise typer.Exit(summary.exit_code)
 
 

@@ -57,6 +57,9 @@ class RunContext:
     failures: FailureBudget = field(default_factory=FailureBudget)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: str | None = None
+    handback: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set HANDBACK_GRACE_S after `stop`: chunks still in flight are then abandoned and their
+    leases released, so a resume (or another worker) redoes them."""
     consumers: dict[str, list[str]] = field(default_factory=dict)
     """For each data node, the data nodes that consume its output."""
     fatal: PagentError | None = None
@@ -76,10 +79,13 @@ class RunContext:
         self.request_stop(str(error))
 
     def request_stop(self, reason: str) -> None:
-        """Ask every worker to stop claiming new chunks (first reason wins)."""
+        """Ask every worker to stop claiming new chunks (first reason wins); chunks in flight get
+        HANDBACK_GRACE_S to finish, then are handed back."""
         if self.stop_reason is None:
             self.stop_reason = reason
-        self.stop.set()
+        if not self.stop.is_set():
+            self.stop.set()
+            asyncio.get_running_loop().call_later(HANDBACK_GRACE_S, self.handback.set)
 
     async def stop_run(self, reason: str) -> None:
         """Stop the run in every process: here at once, and in the store (`extra.stop`), where
@@ -96,6 +102,9 @@ class RunContext:
 RUN_STOP_KEY = "stop"
 #: How long a background loop gets to finish its current step once told to stop.
 STOP_GRACE_S = 2.0
+#: How long chunks in flight get to finish once the run stops (a signal, `pagent cancel`,
+#: `--max-failures`, a fatal error) before they are abandoned and handed back (README).
+HANDBACK_GRACE_S = 3.0
 
 
 async def wait_or_timeout(event: asyncio.Event, seconds: float) -> bool:
