@@ -478,13 +478,13 @@ def test_redis_restart_without_persistence_exits_4(fleet: Fleet) -> None:
 def test_sigterm_drains_the_worker_and_hands_chunks_back(fleet: Fleet) -> None:
     """In-flight chunks outlive the drain grace: they are handed back at once (no lease of the
     drained worker is left), and the next worker finishes the run."""
-    from parallel_agent.app.worker import DRAIN_GRACE_S
+    from parallel_agent.modules.context import HANDBACK_GRACE_S
     from parallel_agent.store import open_store
 
     fleet.pipeline = make_pipeline(
         fleet.tmp / "slow.yaml", function="steps_for_workers:ledger_slow_start", lease=60.0
     )
-    slow = {"PAGENT_SLOW_BELOW": "20", "PAGENT_SLOW_SLEEP": str(DRAIN_GRACE_S / 5)}
+    slow = {"PAGENT_SLOW_BELOW": "20", "PAGENT_SLOW_SLEEP": str(HANDBACK_GRACE_S / 5)}
     leaver = fleet.worker("--task-id", "dr", **slow)
     coordinator = fleet.run("dr", "--workers-only")
     fleet.wait_for(

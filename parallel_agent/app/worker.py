@@ -35,7 +35,14 @@ from parallel_agent.app.stored import (
 )
 from parallel_agent.errors import PagentError, StoreError, UsageError
 from parallel_agent.modules.chunks import ChunkWorkers
-from parallel_agent.modules.context import FailureBudget, RunContext, stop_loop, wait_or_timeout
+from parallel_agent.modules.context import (
+    HANDBACK_GRACE_S,
+    STOP_GRACE_S,
+    FailureBudget,
+    RunContext,
+    stop_loop,
+    wait_or_timeout,
+)
 from parallel_agent.modules.items import ChunkOutcome
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.modules.processors import ChunkProcessor
@@ -43,8 +50,10 @@ from parallel_agent.pipeline import Pipeline, load_pipeline, pipeline_hash
 from parallel_agent.store import open_store
 from parallel_agent.store.base import RunInfo, RunStore
 
-#: How long in-flight chunks may finish after SIGTERM before they are handed back.
-DRAIN_GRACE_S = 3.0
+#: How long a drained worker waits for its runs to stop: in-flight chunks get HANDBACK_GRACE_S
+#: (as in a run), then the chunk workers hand them back; past this, their tasks are cancelled
+#: (which hands the chunks back too).
+DRAIN_GRACE_S = HANDBACK_GRACE_S + STOP_GRACE_S
 
 #: How often a worker writes its heartbeat, and how long one lives without the next.
 HEARTBEAT_S = 2.0
