@@ -480,7 +480,7 @@ def test_json_schema_is_self_contained_and_documented() -> None:
     assert schema["type"] == "object"
     assert set(schema["required"]) == {"name", "nodes"}
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"name", "description", "agent", "task", "nodes"}
+    assert set(schema["properties"]) == {"name", "description", "agent", "task", "nodes", "output"}
     defs = schema["$defs"]
     for part in walk(schema):
         ref = part.get("$ref")

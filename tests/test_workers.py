@@ -220,6 +220,28 @@ def test_workers_only_coordinator_displays_progress_from_the_store(fleet: Fleet)
     assert progress[-1]["chunks_done"] == fleet.records // 10
 
 
+def test_workers_compute_the_partial_aggregates_of_their_chunks(fleet: Fleet) -> None:
+    """A `compute:` aggregate's partials are computed with each chunk, by whoever works it:
+    rows equal to a single-host run's with every chunk done by a worker."""
+    fleet.pipeline.write_text(
+        fleet.pipeline.read_text().replace(
+            "modules: [{use: aggregate}]",
+            "modules: [{use: aggregate, group_by: {rest: 'item % 7'}, "
+            "compute: {n: count, total: {sum: {expr: 'item'}}}}]",
+        )
+    )
+    workers = [fleet.worker("--task-id", "pa") for _ in range(2)]
+    coordinator = fleet.run("pa", "--workers-only")
+    code, stderr = finish(coordinator)
+    assert code == 0, stderr
+    for worker in workers:
+        assert finish(worker)[0] == 0
+    assert coordinator.pid not in {pid for pid, _, _ in fleet.ledger_rows()}
+    rows = [json.loads(line) for line in (fleet.tmp / "pa.jsonl").read_text().splitlines()]
+    assert sum(row["n"] for row in rows) == fleet.records
+    assert (fleet.tmp / "pa.jsonl").read_bytes() == fleet.single_host_output()
+
+
 def test_worker_killed_mid_chunk_is_reclaimed(fleet: Fleet) -> None:
     victim = fleet.worker("--task-id", "k9")
     other = fleet.worker("--task-id", "k9")

@@ -19,7 +19,7 @@ from parallel_agent.store.base import RunInfo, RunStore
 T = TypeVar("T")
 
 #: Run states after which nothing more happens to a run (until a resume).
-FINISHED = {"complete", "partial_failure", "failed", "cancelled"}
+FINISHED = {"complete", "partial_failure", "no_output", "failed", "cancelled"}
 #: Run states in which chunks are worked; any other makes every process of the run stop.
 WORKING_STATES = frozenset({"waiting", "executing"})
 #: Longest pause between two looks at a run's stored state by one of its processes.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import itertools
+import json
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -29,13 +30,20 @@ async def write_results(
     fmt: str,
     stdout: BinaryIO | None = None,
     built: BuiltPipeline | None = None,
+    node: str | None = None,
 ) -> int:
-    """Write a run's output atomically from what the store holds; return the number of items."""
-    output = await built.output_plan() if built is not None else info.extra.get("output_plan")
+    """Write a run's output (or, with `node`, that node's) atomically from what the store holds;
+    return the number of items or rows written."""
+    if node is not None and built is not None:
+        output = await built.output_plan(node)
+    else:
+        output = await built.output_plan() if built is not None else info.extra.get("output_plan")
     if output is None:
         raise PipelineError("this pipeline produces no output (no aggregate or data node)")
-    if built is not None:
+    if built is not None and node is None:
         await store.update_run(info.task_id, extra={"output_plan": output})
+    if "value_json" in output:
+        return _write_value(json.loads(output["value_json"]), target, fmt, stdout)
     if "value" in output:
         return _write_value(output["value"], target, fmt, stdout)
     written = 0

@@ -86,6 +86,8 @@ class RunOptions:
     max_failures: int | None = None
     #: write the failed input records here, in the input's format, when the run ends
     failed_output: str | None = None
+    #: `--output-node NODE=PATH`: write other nodes' results too (several sinks)
+    output_nodes: Sequence[str] = ()
     stdin: BinaryIO | None = None
     stdout: BinaryIO | None = None
     #: split and aggregate, but leave every chunk to `pagent worker` processes (Redis only)
@@ -108,13 +110,30 @@ def holder_is_dead(owner: str) -> bool:
 
 
 class _NodeTimes(EventSink):
-    """Adds up how long each node ran, for the summary."""
+    """Adds up how long each node ran, for the summary, and keeps each node's last outcome."""
 
     def __init__(self) -> None:
         self.durations: dict[str, float] = {}
+        self.outcomes: dict[str, tuple[str, str | None]] = {}
 
     def on_node_finished(self, event: NodeFinished) -> None:
         self.durations[event.node] = self.durations.get(event.node, 0.0) + event.duration_s
+        self.outcomes[event.node] = (event.outcome, event.error)
+
+
+def parse_output_nodes(values: Sequence[str]) -> list[tuple[str, str]]:
+    """`--output-node NODE=PATH` values as (node, path); a malformed one is a UsageError."""
+    pairs: list[tuple[str, str]] = []
+    for value in values:
+        node, sep, path = value.partition("=")
+        if not sep or not node or not path:
+            raise UsageError(f"--output-node {value!r}: expected NODE=PATH")
+        if path == "-":
+            raise UsageError(f"--output-node {value!r}: give a file (stdout is for --output -)")
+        if any(node == seen for seen, _ in pairs):
+            raise UsageError(f"--output-node {value!r}: node '{node}' is given twice")
+        pairs.append((node, path))
+    return pairs
 
 
 class PipelineRun:
@@ -145,6 +164,14 @@ class PipelineRun:
             output_format = detect_output_format(options.output, options.output_format)
             if options.output != "-":
                 check_writable(options.output)
+        for node, path in parse_output_nodes(options.output_nodes):
+            detect_output_format(path)
+            if (
+                options.output is not None
+                and Path(path).resolve() == Path(options.output).resolve()
+            ):
+                raise UsageError(f"--output-node {node}={path}: the same file as --output")
+            check_writable(path)
         if options.failed_output is not None:
             if source is None or source.path == "-":
                 raise UsageError(
@@ -372,6 +399,8 @@ class PipelineRun:
         if self.interrupted:
             ctx.request_stop("interrupted")
         built = build_pipeline(pipeline, ctx, pipeline_dir=Path(options.pipeline).parent)
+        for node, _ in parse_output_nodes(options.output_nodes):
+            await built.output_plan(node)  # an unknown or non-data node: exit 2 before any work
         self.events.emit(
             RunStarted(
                 at=time.time(),
@@ -462,6 +491,11 @@ class PipelineRun:
         output_format: str | None,
     ) -> RunSummary:
         ctx = built.ctx
+        ran = [
+            n for n in built.main_candidates if self.timer.outcomes.get(n, ("",))[0] == "succeeded"
+        ]
+        if ran and built.main_node not in ran:  # a branch did not choose it
+            built.main_node = ran[0]
         summary = await summarize(store, info, built=built)
         summary.store = store.url
         if ctx.stop_reason == "interrupted":
@@ -483,17 +517,48 @@ class PipelineRun:
             if summary.status == TaskStatus.COMPLETE.value:
                 summary.status = TaskStatus.FAILED.value
             return summary
+        stored = await store.get_run(info.task_id)
+        for notices in ((stored.extra if stored else {}).get("aggregate_notices") or {}).values():
+            summary.notices.extend(notices)
         unfinished = summary.items_total - summary.items_done - summary.items_failed
         if summary.items_failed or summary.chunks_failed or unfinished > 0:
             summary.status = TaskStatus.PARTIAL.value
         else:
             summary.status = TaskStatus.COMPLETE.value
+        extra = parse_output_nodes(self.options.output_nodes)
+        not_run = self._not_run([built.result_node, *(node for node, _ in extra)])
+        if not_run:
+            summary.status = TaskStatus.NO_OUTPUT.value
+            summary.error = "; ".join(not_run) + "; no output was written"
+            return summary
         if self.options.output is not None and output_format is not None:
             summary.items_output = await write_results(
                 store, info, self.options.output, output_format, self.options.stdout, built=built
             )
             summary.output = self.options.output
+        for node, path in extra:
+            rows = await write_results(
+                store, info, path, detect_output_format(path), built=built, node=node
+            )
+            summary.outputs[node] = {"path": path, "rows": rows}
         return summary
+
+    def _not_run(self, nodes: Sequence[str | None]) -> list[str]:
+        """Why each output node did not run in this run (a guard, a branch not chosen, an
+        upstream failure); empty when they all did."""
+        reasons = []
+        for node in dict.fromkeys(n for n in nodes if n is not None):
+            outcome, error = self.timer.outcomes.get(node, ("not reached", None))
+            if outcome == "succeeded":
+                continue
+            if outcome == "not reached":
+                why = "no flow decision chose it (or a jump went past it)"
+            elif error:
+                why = error
+            else:
+                why = "its condition was false"
+            reasons.append(f"output node '{node}' did not run: {why}")
+        return reasons
 
 
 def _mark_cancelled(summary: RunSummary) -> None:

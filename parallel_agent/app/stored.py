@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,26 +20,16 @@ from pydantic import ValidationError
 
 from parallel_agent import __version__
 from parallel_agent.errors import PipelineError, UsageError
-from parallel_agent.modules.chunks import NodeSettings
 from parallel_agent.modules.context import RunContext
 from parallel_agent.modules.loading import add_import_roots
-from parallel_agent.modules.processors import ChunkProcessor
 from parallel_agent.pipeline import Pipeline, pipeline_hash
-from parallel_agent.pipeline.build import build_chunk_node, chunk_node_specs
+from parallel_agent.pipeline.build import ChunkNode, build_chunk_node, chunk_node_specs
 from parallel_agent.pipeline.schema import ClassSpec, FilterSpec, MapSpec
 from parallel_agent.store.base import RunInfo
 
 #: A piece of code a pipeline names: ("function", "pkg.mod:f"), ("class", ...), or
 #: ("command", text, environment as JSON) — the environment can change what a command runs.
 CodeReference = tuple[str, ...]
-
-
-@dataclass
-class StoredNode:
-    """One map or filter node of a stored run, ready to work its chunks."""
-
-    settings: NodeSettings
-    processor: ChunkProcessor
 
 
 def stored_pipeline(info: RunInfo) -> Pipeline:
@@ -161,7 +150,7 @@ def build_stored_nodes(
     *,
     max_concurrency: int | None = None,
     max_processes: int | None = None,
-) -> list[StoredNode]:
+) -> list[ChunkNode]:
     """The run's map and filter nodes, their `concurrency` and `processes` capped for this host."""
     nodes = []
     for node, spec in chunk_node_specs(pipeline):
@@ -172,6 +161,5 @@ def build_stored_nodes(
         if max_processes is not None and config.processes:
             changes["processes"] = min(config.processes, max_processes)
         capped = node.model_copy(update={"node_config": config.model_copy(update=changes)})
-        settings, processor = build_chunk_node(capped, spec, pipeline_dir, ctx)
-        nodes.append(StoredNode(settings, processor))
+        nodes.append(build_chunk_node(pipeline, capped, spec, pipeline_dir, ctx))
     return nodes

@@ -33,6 +33,10 @@ class RunSummary:
     report: RunReport | None = None
     failed_output: str | None = None
     failed_output_records: int | None = None
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
+    """What aggregates skipped (missing fields, nulls) or cut (collect past its limit)."""
+    """`--output-node NODE=PATH`: {node: {path, rows}} written besides `--output`."""
 
     @property
     def exit_code(self) -> int:
@@ -65,6 +69,8 @@ class RunSummary:
                 if self.failed_output is not None
                 else None
             ),
+            "outputs": self.outputs,
+            "notices": self.notices,
         }
 
 
@@ -147,4 +153,6 @@ def summary_from_dict(data: dict[str, Any]) -> RunSummary:
         error=data.get("error"),
         nodes=data.get("nodes", {}),
         report=RunReport.from_dict(data["report"]) if data.get("report") else None,
+        outputs=data.get("outputs") or {},
+        notices=data.get("notices") or [],
     )

@@ -27,7 +27,6 @@ from typing import Any
 
 from parallel_agent.app.common import WORKING_STATES, watch_interval, watch_run
 from parallel_agent.app.stored import (
-    StoredNode,
     build_stored_nodes,
     code_mismatch,
     code_references,
@@ -47,6 +46,7 @@ from parallel_agent.modules.items import ChunkOutcome
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.modules.processors import ChunkProcessor
 from parallel_agent.pipeline import Pipeline, load_pipeline, pipeline_hash
+from parallel_agent.pipeline.build import ChunkNode
 from parallel_agent.store import open_store
 from parallel_agent.store.base import RunInfo, RunStore
 
@@ -140,7 +140,7 @@ class _LocalPipeline:
 class _JoinedRun:
     info: RunInfo
     ctx: RunContext
-    nodes: list[StoredNode]
+    nodes: list[ChunkNode]
     stats: WorkerStats = field(default_factory=WorkerStats)
     task: asyncio.Task[None] | None = None
 
@@ -357,7 +357,7 @@ class PipelineWorker:
         self.refused.add(info.task_id)
         self.say(f"refusing run {info.task_id}: {why}")
 
-    def _join(self, ctx: RunContext, info: RunInfo, nodes: list[StoredNode]) -> None:
+    def _join(self, ctx: RunContext, info: RunInfo, nodes: list[ChunkNode]) -> None:
         for node in nodes:
             if isinstance(node.processor, PooledProcessor):
                 node.processor.warm_up(ctx.params)
@@ -376,7 +376,9 @@ class PipelineWorker:
         try:
             async with asyncio.TaskGroup() as group:
                 for node in joined.nodes:
-                    group.create_task(ChunkWorkers(ctx, node.settings, node.processor).run())
+                    group.create_task(
+                        ChunkWorkers(ctx, node.settings, node.processor, node.aggregates).run()
+                    )
         except* StoreError as errors:
             ctx.fail_run(_first_store_error(errors))
         finally:

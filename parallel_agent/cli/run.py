@@ -44,6 +44,14 @@ def run(
         str | None,
         typer.Option("--output-format", help="Output format when the extension does not say."),
     ] = None,
+    output_nodes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--output-node",
+            help="Also write NODE's result to PATH (NODE=PATH, format from the extension); "
+            "repeatable.",
+        ),
+    ] = None,
     task_id: Annotated[
         str | None,
         typer.Option(
@@ -108,6 +116,7 @@ def run(
             max_failures=max_failures,
             failed_output=failed_output,
             workers_only=workers_only,
+            output_nodes=output_nodes or [],
             stdin=sys.stdin.buffer if data == "-" else None,
             stdout=sys.stdout.buffer if output == "-" else None,
         )
@@ -141,7 +150,8 @@ def validate(
 
     with handled_errors(_debug(ctx)):
         loaded = load_pipeline(pipeline, overrides or [])
-        check_pipeline(loaded, pipeline_dir=Path(pipeline).parent)
+        for warning in check_pipeline(loaded, pipeline_dir=Path(pipeline).parent):
+            sys.stderr.write(f"pagent: warning: {warning}\n")
         sys.stderr.write(f"{pipeline}: ok ({len(loaded.nodes)} nodes)\n")
 
 

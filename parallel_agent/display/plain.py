@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from parallel_agent.display.report import report_lines
+from parallel_agent.display.report import outputs_lines, report_lines
 from parallel_agent.events import (
     ChunkDone,
     ChunkFailed,
@@ -106,6 +106,10 @@ class PlainLines(EventSink):
             f"{items.get('total', 0)} items done, {items.get('failed', 0)} failed, "
             f"{summary.get('duration_s', 0):.2f} s"
         )
+        if summary.get("error"):
+            lines.append(f"pagent: {summary['error']}")
+        lines.extend(f"pagent: note: {notice}" for notice in summary.get("notices") or [])
+        lines.extend(outputs_lines(summary))
         report = summary.get("report")
         if report:
             lines.extend(report_lines(RunReport.from_dict(report), self.width))

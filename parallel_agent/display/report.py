@@ -9,6 +9,7 @@ there). The data comes from `parallel_agent.report`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from parallel_agent.report import FailureGroup, NodeReport, RunReport
 
@@ -77,6 +78,35 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(0, width - 1)] + _ELLIPSIS
 
 
+def outputs_lines(summary: dict[str, Any]) -> list[str]:
+    """How many rows went to `--output` and to each `--output-node` file."""
+    lines = []
+    written = (summary.get("items") or {}).get("output")
+    if summary.get("output") and summary["output"] != "-" and written is not None:
+        lines.append(f"pagent: {written:,} rows written to {summary['output']}")
+    for node, target in (summary.get("outputs") or {}).items():
+        lines.append(f"pagent: {target['rows']:,} rows of {node} written to {target['path']}")
+    return lines
+
+
+def records_lines(report: RunReport) -> list[str]:
+    """Records in and out of each node that works chunks (a filter's kept and dropped)."""
+    nodes = [node for node in report.nodes if node.chunks]
+    if not nodes:
+        return []
+    name_width = max(len(node.node) for node in nodes)
+    lines = ["records in -> out:"]
+    for node in nodes:
+        extra = []
+        if node.items_dropped:
+            extra.append(f"{node.items_dropped:,} dropped")
+        if node.items_failed:
+            extra.append(f"{node.items_failed:,} failed")
+        tail = f"  ({', '.join(extra)})" if extra else ""
+        lines.append(f"  {node.node:<{name_width}}  {node.items_in:,} -> {node.items_out:,}{tail}")
+    return lines
+
+
 def report_lines(report: RunReport, width: int = 80) -> list[str]:
     """The report as plain lines of at most `width` characters."""
     lines: list[str] = []
@@ -87,6 +117,7 @@ def report_lines(report: RunReport, width: int = 80) -> list[str]:
             cells = [_clip(row[0], widths[0]).ljust(widths[0])]
             cells += [cell.rjust(size) for cell, size in zip(row[1:], widths[1:], strict=True)]
             lines.append(_clip("  ".join(cells).rstrip(), width))
+        lines.extend(_clip(line, width) for line in records_lines(report))
     if report.failures:
         lines.append(FAILURES_TITLE)
         count_width = max(len(f"{group.count:,}") for group in report.failures)

@@ -18,6 +18,7 @@ from parallel_agent.display.report import (
     column_widths,
     failure_cells,
     node_cells,
+    records_lines,
 )
 from parallel_agent.report import NodeReport, RunReport
 
@@ -53,6 +54,8 @@ def report_renderable(report: RunReport) -> RenderableType:
     parts: list[RenderableType] = []
     if report.nodes:
         parts.append(_NodeTable(report.nodes))
+        for line in records_lines(report):
+            parts.append(Text(line, no_wrap=True, overflow="ellipsis"))
     if report.failures:
         parts.append(Text(FAILURES_TITLE, style="bold red"))
         count_width = max(len(f"{group.count:,}") for group in report.failures)

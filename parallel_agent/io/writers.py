@@ -138,7 +138,7 @@ class Writer:
     def write_document(self, value: Any) -> None:
         """Write `value` as the whole JSON document (opened with `document=True`)."""
         try:
-            self._put(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
+            self._put(dumps(value, indent=True) + b"\n")
         except TypeError as exc:
             self.discard()
             raise OutputError(f"cannot write {self.target}: {exc}") from None
@@ -152,7 +152,7 @@ class Writer:
         encoded: list[bytes] = []
         for value in values:
             try:
-                encoded.append(orjson.dumps(value))
+                encoded.append(dumps(value))
             except TypeError as exc:
                 self.discard()
                 number = self.count + len(encoded) + 1
@@ -251,6 +251,29 @@ class Writer:
         self.temp = None
 
 
+def dumps(value: Any, indent: bool = False) -> bytes:
+    """JSON bytes of `value`; integers past 64 bits (an aggregate's exact sum) are written in
+    full, by the standard library, where orjson refuses them."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_INDENT_2 if indent else None)
+    except TypeError as exc:
+        if "Integer exceeds 64-bit range" not in str(exc):
+            raise
+    import json
+
+    try:
+        text = json.dumps(
+            value,
+            ensure_ascii=False,
+            indent=2 if indent else None,
+            separators=None if indent else (",", ":"),
+            allow_nan=False,
+        )
+    except ValueError as exc:  # NaN or infinity beside a big integer
+        raise TypeError(str(exc)) from None
+    return text.encode()
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -259,7 +282,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict | list):
-        return orjson.dumps(value).decode()
+        return dumps(value).decode()
     return str(value)
 
 

@@ -17,8 +17,10 @@ from parallel_agent.errors import RunCancelledError, StoreError, UsageError
 from parallel_agent.events import ChunkDone, ChunkFailed, ChunksPlanned, ChunkStarted, ItemFailed
 from parallel_agent.jsonl import encode_lines
 from parallel_agent.modules.context import STOP_GRACE_S, RunContext, stop_loop, wait_or_timeout
+from parallel_agent.modules.grouping import Grouper, build_groupers, chunk_partials
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError, describe
 from parallel_agent.modules.processors import ChunkProcessor
+from parallel_agent.modules.threads import run_in_thread
 from parallel_agent.store.base import ChunkSpec, Lease, encode_record_numbers
 
 #: How many item errors of one chunk are also sent as events (all are stored).
@@ -92,10 +94,19 @@ async def _queue_producer_results(ctx: RunContext, node: str) -> None:
 class ChunkWorkers:
     """Runs `settings.concurrency` workers over one node's chunk queue until it is drained."""
 
-    def __init__(self, ctx: RunContext, settings: NodeSettings, processor: ChunkProcessor) -> None:
+    def __init__(
+        self,
+        ctx: RunContext,
+        settings: NodeSettings,
+        processor: ChunkProcessor,
+        aggregates: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.settings = settings
         self.processor = processor
+        self.groupers: dict[str, Grouper] = build_groupers(aggregates or {}, ctx.params)
+        """The consuming aggregates whose partials are computed with each chunk (a pooled
+        processor's workers compute them themselves)."""
         self.progress = asyncio.Event()
         """Set (and replaced) each time a worker of this node here is done with a chunk."""
 
@@ -227,10 +238,21 @@ class ChunkWorkers:
             handback.cancel()
             await stop_loop(heartbeat, finished)
 
+    async def _process(self, lease: Lease) -> ChunkOutcome:
+        """The processor's outcome, with the consuming aggregates' partials of its outputs."""
+        outcome = await self.processor.process_payload(
+            lease.payload, lease.numbers, self.ctx.params
+        )
+        if self.groupers and outcome.partials is None:
+            outcome.partials = await run_in_thread(
+                chunk_partials, self.groupers, outcome.outputs, lease.numbers, outcome.origins
+            )
+        return outcome
+
     async def _timed(self, lease: Lease) -> ChunkOutcome:
         # The processor's coroutine is made here, inside the task: a task cancelled before it
         # starts then leaves no coroutine that was never awaited.
-        work = self.processor.process_payload(lease.payload, lease.numbers, self.ctx.params)
+        work = self._process(lease)
         if self.settings.timeout is None:
             return await work
         async with asyncio.timeout(self.settings.timeout):
@@ -286,6 +308,8 @@ class ChunkWorkers:
             items_failed=len(errors),
             duration_s=duration,
             records=records,
+            partial=(outcome.partials or "").encode(),
+            outputs=len(origins) if origins is not None else lease.count,
         )
         if not committed:
             return

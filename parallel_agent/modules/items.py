@@ -36,6 +36,8 @@ class ChunkOutcome:
     origins: list[int] | None = None
     """Positions (in the chunk) of the items the outputs came from, when some items gave none (a
     filter dropped them, or they failed); None: one output per item, in order."""
+    partials: str | None = None
+    """The consuming aggregates' partials of these outputs (JSON text), computed with them."""
 
 
 def origins_without(count: int, skipped: list[int]) -> list[int] | None:

@@ -48,6 +48,9 @@ class WorkerJob:
     #: `rate_limit` of a per-item function: a worker asks this process for a token before
     #: each call, so the node's one limiter (shared by the run's processes on Redis) holds
     rate_limit: float | None = None
+    aggregates: str = ""
+    """JSON {aggregate node: options} of the aggregates fed by this node: the workers compute
+    their partials of each chunk's outputs (modules/grouping.py)."""
 
 
 class _Worker:
@@ -143,6 +146,7 @@ class PooledProcessor:
             encoded=body,
             unencodable=list(header["unencodable"]),
             origins=header.get("origins"),
+            partials=header.get("partials"),
         )
 
     async def check_jsonl(self, payload: bytes) -> int | None:
@@ -210,6 +214,7 @@ class PooledProcessor:
             "keep_if_true": job.keep_if_true,
             "batch": job.batch,
             "roots": list(job.roots),
+            "aggregates": job.aggregates,
             "params": params,
             "rate_limit": job.rate_limit,
         }

@@ -78,6 +78,11 @@ class _MapJob:
             if job.get("rate_limit") and not self.batch and tokens is not None:
                 self.function = tokens.wrap(self.function)
         self.kind = job["kind"]
+        self.groupers = None
+        if job.get("aggregates"):
+            from parallel_agent.modules.grouping import build_groupers
+
+            self.groupers = build_groupers(orjson.loads(job["aggregates"]), self.params)
 
     def run(self, records: list[Any], numbers: Sequence[int]) -> ChunkOutcome:
         if self.kind == "expr":
@@ -94,6 +99,11 @@ class _MapJob:
                 header["first"] + 1, header["first"] + 1 + len(records)
             )
             outcome = self.run(records, numbers)
+            partials = None
+            if self.groupers:
+                from parallel_agent.modules.grouping import chunk_partials
+
+                partials = chunk_partials(self.groupers, outcome.outputs, numbers, outcome.origins)
         except ChunkFailure as exc:
             return frame({"fail": str(exc)})
         except Exception as exc:  # a batch function raising fails the chunk, as in-process
@@ -101,6 +111,8 @@ class _MapJob:
         data, unencodable = encode_lines(outcome.outputs)
         errors = [[error.record, error.error, error.input] for error in outcome.errors]
         reply = {"errors": errors, "unencodable": unencodable, "origins": outcome.origins}
+        if partials is not None:
+            reply["partials"] = partials
         return frame(reply, data)
 
 

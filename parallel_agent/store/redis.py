@@ -531,6 +531,8 @@ class RedisStore(RunStore):
         items_failed: int,
         duration_s: float,
         records: bytes = b"",
+        partial: bytes = b"",
+        outputs: int | None = None,
     ) -> bool:
         keys = self._node_keys(
             lease.task_id,
@@ -544,9 +546,10 @@ class RedisStore(RunStore):
             "done",
             "records",
             "result_records",
+            "partial",
         )
         args = [lease.index, lease.token, result, errors, items_ok, items_failed, repr(duration_s)]
-        args.append(records)
+        args += [records, partial, items_ok if outputs is None else outputs]
         return bool(await self._checked(lease.task_id, "commit", keys, args) == 1)
 
     async def fail(
@@ -577,11 +580,11 @@ class RedisStore(RunStore):
         exists, raw = await self._call(read)
         if not exists:
             raise run_missing(self.url, task_id)
-        total, pending, leased, done, failed, items, ok, bad, retries, sealed = (
+        total, pending, leased, done, failed, items, ok, bad, retries, sealed, out = (
             int(raw.get(name.encode(), 0)) for name in _COUNTER_FIELDS
         )
         return NodeCounts(
-            total, pending, leased, done, failed, items, ok, bad, retries, bool(sealed)
+            total, pending, leased, done, failed, items, ok, bad, retries, bool(sealed), out
         )
 
     async def nodes(self, task_id: str) -> list[str]:
@@ -622,9 +625,9 @@ class RedisStore(RunStore):
     async def results(self, task_id: str, node: str) -> AsyncIterator[ChunkResult]:
         batch = results_batch(await self.counts(task_id, node))
         async for rows in self._done_batches(
-            task_id, node, "meta", "result", "errors", "result_records", batch=batch
+            task_id, node, "meta", "result", "errors", "result_records", "partial", batch=batch
         ):
-            for index, (meta, result, errors, records) in rows:
+            for index, (meta, result, errors, records, partial) in rows:
                 if meta is None:
                     continue
                 m = orjson.loads(meta)
@@ -639,6 +642,7 @@ class RedisStore(RunStore):
                     duration_s=float(m.get("dur", 0.0)),
                     attempt=int(m["att"]),
                     records=records or b"",
+                    partial=partial or b"",
                 )
 
     async def chunk_durations(self, task_id: str, node: str) -> list[float]:
