@@ -326,7 +326,9 @@ def _engine_node(
             if config.processes:
                 job = WorkerJob(kind="check-jsonl", source="", what=f"node '{node.name}', split")
                 checker = PooledProcessor(job, config.processes)
-            modules.append(SplitModule(ctx, node.name, spec.chunk_size, checker))
+            modules.append(
+                SplitModule(ctx, node.name, spec.chunk_size, checker, spec.max_record_size)
+            )
         elif isinstance(spec, MapSpec | FilterSpec):
             processor = _processor(node, spec, pipeline_dir, aggregates)
             share_rate_limit(processor, ctx, node.name)
