@@ -331,9 +331,7 @@ class SqliteStore(RunStore):
                 raise run_missing(self.url, task_id)
             merged = loads(row[0])
             merged[key] = int(merged.get(key) or 0) + amount
-            conn.execute(
-                "UPDATE runs SET extra = ? WHERE task_id = ?", (dumps(merged), task_id)
-            )
+            conn.execute("UPDATE runs SET extra = ? WHERE task_id = ?", (dumps(merged), task_id))
             return int(merged[key])
 
         return await self._write(add)
