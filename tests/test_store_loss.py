@@ -85,6 +85,20 @@ async def test_a_vanished_key_is_store_loss_at_the_next_transition(
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("name", ["extra", "nodes"])
+async def test_a_vanished_run_key_is_store_loss_at_the_final_status(
+    store: RedisStore, name: str
+) -> None:
+    """Promise 18: the run's own keys too (a lost node list would leave the node keys without
+    the finished TTL, a lost extra would drop the run's settings)."""
+    lease = await started_run(store)
+    key = getattr(TaskKeys(store.prefix, lease.task_id), name)
+    assert await store.client.delete(key) == 1
+    with pytest.raises(StateLostError, match=f"lost its key {key}"):
+        await store.update_run(lease.task_id, status="complete")
+
+
+@pytest.mark.redis
 async def test_keys_emptied_by_the_scripts_are_not_loss(store: RedisStore) -> None:
     """The check knows which keys a script emptied itself (Redis deletes an empty key): a run
     whose ready, leases and payload emptied in the normal way reads back whole."""

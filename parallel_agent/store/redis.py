@@ -353,7 +353,7 @@ class RedisStore(RunStore):
         reply = await self._checked(
             task_id,
             "update_run",
-            [k.run, k.extra],
+            [k.run, k.extra, k.nodes],
             [guard, len(changes), *pairs, *extra_pairs],
         )
         recorded = str(orjson.loads(reply))
