@@ -252,7 +252,7 @@ class RedisStore(RunStore):
         script = self._scripts[name]
         return await self._call(lambda c: script(keys=list(keys), args=list(args), client=c))
 
-    async def _guarded(
+    async def _checked(
         self, task_id: str, name: str, keys: Sequence[str], args: Sequence[Any]
     ) -> Any:
         """Run a guarded script; a run or a key of it that is gone raises StateLostError."""
@@ -282,12 +282,6 @@ class RedisStore(RunStore):
 
     def _keys(self, task_id: str) -> TaskKeys:
         return TaskKeys(self.prefix, task_id)
-
-    async def _checked(
-        self, task_id: str, name: str, keys: Sequence[str], args: Sequence[Any]
-    ) -> Any:
-        """Run a transition script; a run, or a key of it, that is gone raises StateLostError."""
-        return await self._guarded(task_id, name, keys, args)
 
     # -- runs ------------------------------------------------------------------------------------
 
@@ -614,7 +608,7 @@ class RedisStore(RunStore):
     async def counts(self, task_id: str, node: str) -> NodeCounts:
         k = self._keys(task_id)
         keys = [k.run, k.nodes, *k.node_keys(node)]
-        reply = await self._guarded(task_id, "counts", keys, [])
+        reply = await self._checked(task_id, "counts", keys, [])
         raw = dict(zip(reply[::2], reply[1::2], strict=True))
         total, pending, leased, done, failed, items, ok, bad, retries, sealed, out = (
             int(raw.get(name.encode(), 0)) for name in _COUNTER_FIELDS
