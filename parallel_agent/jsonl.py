@@ -66,6 +66,18 @@ def check_jsonl(payload: bytes) -> int | None:
     return None
 
 
+def checked_values(payload: bytes) -> list[Any] | int:
+    """The values of a JSON Lines payload, parsed line by line exactly as `check_jsonl` checks
+    it (so a split can check a chunk and use its values in one parse), or the position of its
+    first line that is not one JSON value."""
+    try:
+        return list(_values(_lines(payload)))
+    except orjson.JSONDecodeError:
+        bad = check_jsonl(payload)
+        assert bad is not None  # the same parse failed above
+        return bad
+
+
 def _lines(data: bytes) -> list[bytes]:
     """The lines of JSON Lines bytes; a final newline ends the last line rather than adding one."""
     if not data:

@@ -47,8 +47,30 @@ COMPUTE = """
 
 
 def pipeline_text(
-    chunk_size: int, processes: int = 0, map_function: str = "", extra: str = ""
+    chunk_size: int,
+    processes: int = 0,
+    map_function: str = "",
+    extra: str = "",
+    direct: bool = False,
+    compute: str = COMPUTE,
 ) -> str:
+    """split → map → aggregate; `direct`: split → aggregate (the split's `processes` workers
+    compute the partials)."""
+    if direct:
+        return f"""
+name: grouping
+nodes:
+  - name: split
+    type: planner
+    modules: [{{use: split, chunk_size: {chunk_size}}}]
+    node_config: {{processes: {processes}}}
+  - name: by_city
+    dependencies: [split]
+    modules:
+    - use: aggregate
+      group_by: city
+{extra}      compute:{compute}
+    node_config: {{lease: 2, retry_delay: 0.05}}"""
     work = f'function: "{map_function}"' if map_function else 'expr: "item"'
     return f"""
 name: grouping
@@ -63,7 +85,7 @@ nodes:
     modules:
     - use: aggregate
       group_by: city
-{extra}      compute:{COMPUTE}"""
+{extra}      compute:{compute}"""
 
 
 def generate(count: int, seed: int = 7) -> list[dict[str, Any]]:
@@ -146,13 +168,17 @@ def write_input(tmp_path: Path, rows: list[dict[str, Any]]) -> str:
     return str(path)
 
 
+@pytest.mark.parametrize("form", ["map", "direct", "direct in processes"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
 def test_group_by_equals_plain_python_for_every_chunk_size(
-    cli: Any, tmp_path: Path, chunk_size: int
+    cli: Any, tmp_path: Path, chunk_size: int, form: str
 ) -> None:
+    """Through a map, and fed by the split directly (partials computed by the aggregate here,
+    or by the split's worker processes as they check the lines)."""
     rows = generate(400)
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(pipeline_text(chunk_size))
+    processes = 2 if form == "direct in processes" else 0
+    pipeline.write_text(pipeline_text(chunk_size, processes, direct=form != "map"))
     out = tmp_path / "out.json"
     result = cli(
         "run", str(pipeline), "--data", write_input(tmp_path, rows), "--output", str(out), "--json"
@@ -243,9 +269,8 @@ def test_global_compute_without_group_by(cli: Any, tmp_path: Path) -> None:
     assert json.loads(out.read_text()) == [want]
 
 
-def test_a_reducer_error_names_the_record(cli: Any, tmp_path: Path) -> None:
-    rows = [{"city": "a", "amount": 1}, {"city": "a", "amount": "x"}]
-    text = """
+BAD_REDUCER_PIPELINES = {
+    "map": """
 name: bad
 nodes:
   - {name: split, type: planner, modules: [{use: split, chunk_size: 1}]}
@@ -253,7 +278,25 @@ nodes:
   - name: agg
     dependencies: [work]
     modules: [{use: aggregate, group_by: city, compute: {total: {sum: amount}}}]
-"""
+""",
+    "direct": """
+name: bad
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 1}], node_config: {processes: 2}}
+  - name: agg
+    dependencies: [split]
+    modules: [{use: aggregate, group_by: city, compute: {total: {sum: amount}}}]
+    node_config: {max_retries: 0}
+""",
+}
+
+
+@pytest.mark.parametrize("form", ["map", "direct"])
+def test_a_reducer_error_names_the_record(cli: Any, tmp_path: Path, form: str) -> None:
+    """Fed by the split directly, the chunk whose partial failed in the split's worker is
+    reduced by the aggregate, which fails it with the same located error."""
+    rows = [{"city": "a", "amount": 1}, {"city": "a", "amount": "x"}]
+    text = BAD_REDUCER_PIPELINES[form]
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(text)
     result = cli("run", str(pipeline), "--data", write_input(tmp_path, rows), "--json")
@@ -332,16 +375,23 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
 
 
 @pytest.mark.fault
+@pytest.mark.parametrize("direct", [False, True], ids=["map", "direct"])
 @pytest.mark.parametrize("processes", [0, 2])
 @pytest.mark.parametrize("seed", range(2))
 def test_sigkill_then_resume_counts_no_partial_twice(
-    tmp_path: Path, store_url: str, processes: int, seed: int
+    tmp_path: Path, store_url: str, processes: int, seed: int, direct: bool
 ) -> None:
+    """SIGKILL mid-run, then resume. `direct` (split → aggregate): with `processes: 2` the kill
+    lands while the split's workers compute partials, so the resumed run splits again; without,
+    while the aggregate reduces its chunks."""
     rows = generate(300, seed=seed)
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(
-        pipeline_text(10, processes, map_function="steps_for_tests:ledger_identity")
-    )
+    if direct:  # a reducer keeps the ledger (and the pace) instead of the map
+        ledger_column = '\n        ledger: {function: "steps_for_grouping:Ledger"}\n'
+        text = pipeline_text(10, processes, direct=True, compute=COMPUTE + ledger_column)
+    else:
+        text = pipeline_text(10, processes, map_function="steps_for_tests:ledger_identity")
+    pipeline.write_text(text)
     ledger = tmp_path / "ledger.txt"
     env = {
         **os.environ,
@@ -370,7 +420,10 @@ def test_sigkill_then_resume_counts_no_partial_twice(
     assert resumed.returncode == 0, resumed.stderr.decode()
     executions = len(ledger.read_text().split())
     print(f"records executed {executions} times for {len(rows)} records")  # > : chunks re-ran
-    assert json.loads(out.read_text()) == expected(rows)
+    got = json.loads(out.read_text())
+    if direct:
+        assert [row.pop("ledger") for row in got] == [row["n"] for row in got]
+    assert got == expected(rows)
 
 
 def test_partials_are_computed_in_the_worker_processes(cli: Any, tmp_path: Path) -> None:
@@ -393,3 +446,61 @@ nodes:
     assert result.exit_code == 0, result.stderr
     [row] = json.loads(out.read_text())
     assert row["pids"] and os.getpid() not in row["pids"]
+
+
+def test_split_fed_partials_come_from_the_split_workers(tmp_path: Path) -> None:
+    """split (`processes: 2`) → aggregate: each chunk's partial is computed by the split's
+    worker processes from the parse that checks the lines, committed with the aggregate's own
+    chunk; no results are stored for it (nothing reads them)."""
+    import asyncio
+
+    from parallel_agent.store import open_store
+
+    rows = [{"city": "a" if i % 3 else "b", "id": i} for i in range(40)]
+    text = pipeline_text(
+        5, 2, direct=True, compute='\n        pids: {function: "steps_for_grouping:Pids"}\n'
+    )
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(text)
+    out = tmp_path / "out.json"
+    env = {**os.environ, "PAGENT_STORE": f"sqlite:///{tmp_path / 's.db'}", "PYTHONPATH": str(TESTS)}
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "parallel_agent", "run", str(pipeline), "--data",
+         write_input(tmp_path, rows), "--task-id", "t", "--output", str(out), "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stdout, stderr = coordinator.communicate(timeout=60)
+    assert coordinator.returncode == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["items"]["done"] == 40
+    assert summary["nodes"]["by_city"]["done"] == 8
+
+    async def committed() -> list[Any]:
+        store = open_store(env["PAGENT_STORE"])
+        await store.open()
+        try:
+            return [r async for r in store.results("t", "by_city")]
+        finally:
+            await store.close()
+
+    chunks = asyncio.run(committed())
+    assert [chunk.index for chunk in chunks] == list(range(8))
+    assert all(chunk.result == b"" for chunk in chunks)
+    partials = [json.loads(chunk.partial)["by_city"] for chunk in chunks]
+    pids = {pid for partial in partials for _, [state] in partial["groups"] for pid in state}
+    assert pids and coordinator.pid not in pids
+    assert [row["city"] for row in json.loads(out.read_text())] == ["b", "a"]
+
+
+def test_only_a_compute_aggregate_consumes_a_split(cli: Any, tmp_path: Path) -> None:
+    text = """
+name: plain
+nodes:
+  - {name: split, type: planner, modules: [{use: split}]}
+  - {name: agg, dependencies: [split], modules: [{use: aggregate, reduce: count}]}
+"""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(text)
+    result = cli("validate", str(pipeline))
+    assert result.exit_code == 2
+    assert "only an aggregate with `compute:` can; put a map or filter between" in result.stderr

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from parallel_agent.jsonl import check_jsonl, decode_lines, encode_lines
+from parallel_agent.jsonl import check_jsonl, checked_values, decode_lines, encode_lines
 from parallel_agent.modules.items import (
     ChunkFailure,
     ChunkOutcome,
@@ -115,10 +115,28 @@ class _MapJob:
 
 
 class _CheckJob:
-    """Parses JSON Lines input for the split, so a big input is checked on every core."""
+    """Parses JSON Lines input for the split, so a big input is checked on every core; with
+    `aggregates` (the `compute:` aggregates the split feeds directly) it also reduces each chunk
+    it checked to their partials, from the same parse."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.groupers = None
+        if job.get("aggregates"):
+            from parallel_agent.modules.grouping import build_groupers
+
+            self.groupers = build_groupers(orjson.loads(job["aggregates"]), job.get("params"))
 
     def answer(self, header: dict[str, Any], body: bytes) -> bytes:
-        return frame({"bad": check_jsonl(body)})
+        if not self.groupers:
+            return frame({"bad": check_jsonl(body)})
+        from parallel_agent.modules.grouping import split_partials
+
+        values = checked_values(body)
+        if isinstance(values, int):
+            return frame({"bad": values})
+        return frame(
+            {"bad": None, "partials": split_partials(self.groupers, values, header["first"])}
+        )
 
 
 class _BrokenJob:
@@ -131,7 +149,10 @@ class _BrokenJob:
 
 def _job(description: dict[str, Any]) -> _MapJob | _CheckJob | _BrokenJob:
     if description["kind"] == "check-jsonl":
-        return _CheckJob()
+        try:
+            return _CheckJob(description)
+        except Exception as exc:  # every chunk then fails with the reason
+            return _BrokenJob(f"worker process could not load the aggregates' reducers: {exc}")
     try:
         return _MapJob(description)
     except Exception as exc:  # reported on every chunk, so the chunk fails with the reason

@@ -153,14 +153,23 @@ def _wire_data_nodes(
                 f"node '{node.name}' ({use}) needs exactly one data dependency (a split, map or "
                 f"filter node); it has {len(sources)}: {', '.join(sources) or 'none'}"
             )
-        if use == "aggregate" and uses[sources[0]] == "split":
+        direct = use == "aggregate" and uses[sources[0]] == "split"
+        if direct and not _computes(node):
             raise PipelineError(
-                f"node '{node.name}' aggregates '{sources[0]}' directly; put a map or filter between"
+                f"node '{node.name}' aggregates '{sources[0]}' directly, which only an aggregate "
+                "with `compute:` can; put a map or filter between"
             )
         producers[node.name] = sources[0]
-        if use != "aggregate":
+        if use != "aggregate" or direct:
             consumers.setdefault(sources[0], []).append(node.name)
     return uses, producers, consumers
+
+
+def _computes(node: NodeSpec) -> bool:
+    """A `compute:` aggregate: the only kind that may consume a split (its chunks' partials)."""
+    return any(
+        isinstance(spec, AggregateSpec) and spec.compute is not None for spec in node.modules
+    )
 
 
 GROUPING_KEYS = ("group_by", "compute", "sort_by", "descending", "top")
@@ -321,7 +330,12 @@ def _engine_node(
         if isinstance(spec, SplitSpec):
             checker = None
             if config.processes:
-                job = WorkerJob(kind="check-jsonl", source="", what=f"node '{node.name}', split")
+                job = WorkerJob(
+                    kind="check-jsonl",
+                    source="",
+                    what=f"node '{node.name}', split",
+                    aggregates=orjson.dumps(aggregates).decode() if aggregates else "",
+                )
                 checker = PooledProcessor(job, config.processes)
             modules.append(SplitModule(ctx, node.name, spec.chunk_size, checker))
         elif isinstance(spec, MapSpec | FilterSpec):
@@ -332,7 +346,9 @@ def _engine_node(
         elif isinstance(spec, AggregateSpec):
             if spec.expr is not None:
                 compile_expression(spec.expr, what=f"node '{node.name}', aggregate expr")
-            modules.append(AggregateModule(ctx, node.name, spec.model_dump()))
+            direct = uses.get(ctx.producers.get(node.name, "")) == "split"
+            settings = _settings(node) if direct else None
+            modules.append(AggregateModule(ctx, node.name, spec.model_dump(), settings))
         else:
             modules.append(_class_module(spec, node))
     if use is not None:
@@ -366,8 +382,13 @@ def build_pipeline(pipeline: Pipeline, ctx: RunContext, *, pipeline_dir: Path) -
     uses, producers, consumers = _wire_data_nodes(pipeline)
     ctx.producers = producers
     ctx.consumers = consumers
-    processing = [n.name for n in pipeline.nodes if uses.get(n.name) in ("map", "filter")]
     splits = [n.name for n in pipeline.nodes if uses.get(n.name) == "split"]
+    # The nodes that work chunks: maps, filters and the aggregates fed by a split.
+    processing = [
+        n.name
+        for n in pipeline.nodes
+        if uses.get(n.name) in ("map", "filter") or producers.get(n.name) in splits
+    ]
     main = next((c for s in splits for c in consumers.get(s, [])), None)
     built = BuiltPipeline(pipeline=pipeline, agent=None, ctx=ctx)  # type: ignore[arg-type]
     built.processing_nodes = processing
