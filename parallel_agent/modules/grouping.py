@@ -566,11 +566,11 @@ class Grouper:
         if name is None:  # a function over whole items
             return [items[position] for position in positions]
         if name not in picked:
-            column = self._column(items, numbers, name, fields)
+            every = self._column(items, numbers, name, fields)
             if len(positions) == 1:
-                raw = [column[positions[0]]]
+                raw = [every[positions[0]]]
             else:  # a C-level gather of the group's values
-                raw = list(operator.itemgetter(*positions)(column))
+                raw = list(operator.itemgetter(*positions)(every))
             picked[name] = [value for value in raw if value is not None] if None in raw else raw
         return picked[name]
 
