@@ -27,6 +27,7 @@ from parallel_agent.modules.items import (
     call_items,
     describe,
     evaluate_items,
+    is_identity,
 )
 
 _LENGTHS = struct.Struct("<II")
@@ -76,6 +77,7 @@ class _MapJob:
             add_import_roots(*job["roots"])
             self.function = import_object(job["source"], what=self.what)
         self.kind = job["kind"]
+        self.identity = self.kind == "expr" and not self.keep_if_true and is_identity(job["source"])
         self.groupers = None
         if job.get("aggregates"):
             from parallel_agent.modules.grouping import build_groupers
@@ -83,6 +85,8 @@ class _MapJob:
             self.groupers = build_groupers(orjson.loads(job["aggregates"]), self.params)
 
     def run(self, records: list[Any], numbers: Sequence[int]) -> ChunkOutcome:
+        if self.identity:  # `expr: item`: each item as it is
+            return ChunkOutcome(outputs=records)
         if self.kind == "expr":
             return evaluate_items(self.evaluate, records, numbers, self.params, self.keep_if_true)
         if self.batch:
