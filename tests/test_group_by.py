@@ -360,6 +360,9 @@ def test_partials_are_committed_with_their_chunks(tmp_path: Path) -> None:
     assert len(found) == 6
     assert all(set(p) == {"by_city"} for p in found)
     assert sum(n for p in found for _, states in p["by_city"]["groups"] for n in states[:1]) == 60
+    # `avg` (mean of amount) shares the state of `total` (sum of amount): stored once
+    states = [states for p in found for _, states in p["by_city"]["groups"]]
+    assert all(s[3] is None and s[2] is not None for s in states)
 
 
 # -- crashes ----------------------------------------------------------------------------------

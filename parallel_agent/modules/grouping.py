@@ -448,7 +448,7 @@ class Grouper:
         fields: dict[str, list[Any]] = {}  # a field's value in every item, read once
         groups = self._groups(items, numbers, fields)
         skipped = [0] * len(self.columns)
-        same_state = self._same_states()
+        same_state = self.same_states()
         rows = []
         for key, positions in groups.items():
             states: list[Any] = []
@@ -456,9 +456,8 @@ class Grouper:
             for index, column in enumerate(self.columns):
                 values = self._values(column, items, numbers, positions, picked, fields)
                 skipped[index] += len(positions) - len(values)
-                earlier = same_state[index]
-                if earlier is not None:
-                    states.append(states[earlier])
+                if same_state[index] is not None:  # stored once: the merger fills it in
+                    states.append(None)
                     continue
                 try:
                     states.append(column.reducer.of(values))
@@ -470,7 +469,7 @@ class Grouper:
             rows.append([key, states])
         return {"groups": rows, "skipped": skipped}
 
-    def _same_states(self) -> list[int | None]:
+    def same_states(self) -> list[int | None]:
         """For each column, an earlier column whose per-chunk state it shares (a sum and a mean
         of the same field have the same state), or None."""
         found: list[int | None] = []
@@ -596,16 +595,25 @@ class Merger:
         self.grouper = grouper
         self.groups: dict[str, list[Any]] = {}
         self.skipped = [0] * len(grouper.columns)
+        same_state = grouper.same_states()
+        self.shared = [(i, earlier) for i, earlier in enumerate(same_state) if earlier is not None]
+        """(column, earlier column) pairs with one state: a partial holds it once (null in the
+        later column), the merge combines it once."""
+        self.merged = [
+            (i, column.reducer) for i, column in enumerate(grouper.columns) if same_state[i] is None
+        ]
 
     def add(self, partial: dict[str, Any]) -> None:
-        reducers = [column.reducer for column in self.grouper.columns]
         groups = self.groups
+        shared = self.shared
         for key, states in partial["groups"]:
             current = groups.get(key)
             if current is None:
+                for index, earlier in shared:
+                    states[index] = states[earlier]
                 groups[key] = states
                 continue
-            for index, reducer in enumerate(reducers):
+            for index, reducer in self.merged:
                 try:
                     current[index] = reducer.merge(current[index], states[index])
                 except Exception as exc:
@@ -614,6 +622,8 @@ class Merger:
                         f"{self.grouper.what}: compute '{column.name}' ({column.kind}) for "
                         f"group {key}: {_describe(exc)}"
                     ) from None
+            for index, earlier in shared:
+                current[index] = current[earlier]
         for index, count in enumerate(partial["skipped"]):
             self.skipped[index] += count
 
