@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from parallel_agent.jsonl import decode_lines
+from parallel_agent.jsonl import decode_lines, loads
 from parallel_agent.store.base import RunStore
 
 #: How many record numbers each failure group keeps (the smallest ones).
@@ -219,7 +219,7 @@ async def read_failures(
             async for result in store.results(task_id, node):
                 if not result.items_failed:
                     continue
-                for error in orjson.loads(result.errors) if result.errors else []:
+                for error in loads(result.errors) if result.errors else []:
                     if not with_input:
                         error.pop("input", None)
                     yield {"node": node, **error}

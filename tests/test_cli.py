@@ -801,7 +801,7 @@ def test_failed_output_is_checked_before_the_run(cli: Any, tmp_path: Path) -> No
     )
     assert_one_line_error(stdin, 2, "--failed-output needs --data PATH")
     same = cli("run", pipeline, "--data", data, "--failed-output", data)
-    assert_one_line_error(same, 2, "must differ from --data")
+    assert_one_line_error(same, 2, "is the same file as --data")
     assert cli("list").stdout == ""  # nothing ran
 
 

@@ -6,6 +6,7 @@ import asyncio
 import csv
 import itertools
 import json
+import sys
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -123,7 +124,8 @@ def _write_input_records(
     """Copy the records numbered `numbers` (1-based, ascending) from the input to `target`."""
     assert info.input_path is not None
     check_input_unchanged(info)
-    reader = read_chunks(info.input_path, fmt, 4096, data_key=data_key)
+    # The run read this input already: no record size limit applies a second time.
+    reader = read_chunks(info.input_path, fmt, 4096, data_key=data_key, max_record_size=sys.maxsize)
     chunks = iter(reader)
     first = next(chunks, None)
     fields = None

@@ -20,10 +20,12 @@ from typing import BinaryIO
 from parallel_agent.app.common import (
     FINISHED,
     check_input_unchanged,
+    check_task_id,
     hash_file,
     new_task_id,
     require_run,
     resolve_store_url,
+    store_file,
     with_store,
 )
 from parallel_agent.app.outputs import failed_output_format, write_failed_records, write_results
@@ -31,7 +33,7 @@ from parallel_agent.app.summary import RunSummary, node_durations, summarize
 from parallel_agent.errors import InterruptedRunError, PagentError, TaskBusyError, UsageError
 from parallel_agent.events import EventSink, MultiSink, NodeFinished, RunFinished, RunStarted
 from parallel_agent.graph import TaskStatus
-from parallel_agent.io import check_writable, detect_format, detect_output_format
+from parallel_agent.io import check_targets, check_writable, detect_format, detect_output_format
 from parallel_agent.modules.context import (
     FailureBudget,
     InputSource,
@@ -69,6 +71,22 @@ class RunOptions:
     output_nodes: Sequence[str] = ()
     stdin: BinaryIO | None = None
     stdout: BinaryIO | None = None
+
+
+def check_run_paths(
+    options: RunOptions, more_outputs: Sequence[tuple[str, str | None]] = ()
+) -> None:
+    """Refuse (UsageError) before any work an output of the run that is a folder, socket or block
+    device, or that resolves to what the run reads (the input, the pipeline, the store file) or to
+    another of its outputs (`more_outputs`: what the caller writes, such as `--events`)."""
+    check_targets(
+        [("--output", options.output), ("--failed-output", options.failed_output), *more_outputs],
+        [
+            ("--data", options.data),
+            ("the pipeline", options.pipeline),
+            ("--store", store_file(resolve_store_url(options.store))),
+        ],
+    )
 
 
 def holder_is_dead(owner: str) -> bool:
@@ -134,21 +152,16 @@ class PipelineRun:
     async def execute(self) -> RunSummary:
         options = self.options
         started = time.monotonic()
+        if options.task_id is not None:
+            check_task_id(options.task_id)
         pipeline = load_pipeline(options.pipeline, options.overrides)
         source = self._input_source(pipeline)
         output_format = None
         if options.output is not None:
             output_format = detect_output_format(options.output, options.output_format)
-            if options.output != "-":
-                check_writable(options.output)
-        for node, path in parse_output_nodes(options.output_nodes):
+        output_nodes = parse_output_nodes(options.output_nodes)
+        for _node, path in output_nodes:
             detect_output_format(path)
-            if (
-                options.output is not None
-                and Path(path).resolve() == Path(options.output).resolve()
-            ):
-                raise UsageError(f"--output-node {node}={path}: the same file as --output")
-            check_writable(path)
         if options.failed_output is not None:
             if source is None or source.path == "-":
                 raise UsageError(
@@ -157,13 +170,14 @@ class PipelineRun:
                 )
             if options.failed_output == "-":
                 raise UsageError("--failed-output needs a file (stdout carries the results)")
-            taken = {Path(source.path).resolve()}
-            if options.output is not None and options.output != "-":
-                taken.add(Path(options.output).resolve())
-            if Path(options.failed_output).resolve() in taken:
-                raise UsageError("--failed-output must differ from --data and --output")
             failed_output_format(options.failed_output, source.fmt)
-            check_writable(options.failed_output)
+        check_run_paths(options, [(f"--output-node {node}", path) for node, path in output_nodes])
+        if options.output is not None:
+            check_writable(options.output)
+        if options.failed_output is not None:
+            check_writable(options.failed_output, "--failed-output")
+        for node, path in output_nodes:
+            check_writable(path, f"--output-node {node}")
         store = open_store(resolve_store_url(options.store))
         await store.open()
         try:
@@ -527,13 +541,7 @@ def resume_run(
         if info.input_path is None:
             raise UsageError(f"task '{task_id}' read stdin; it cannot be resumed, run it again")
         check_input_unchanged(info)
-        if retry_failed:
-            for node in await s.nodes(task_id):
-                await s.retry_failed(task_id, node)
-        ended_short = info.status in FINISHED and info.status != TaskStatus.COMPLETE.value
-        if retry_failed or ended_short:
-            await s.update_run(task_id, status=TaskStatus.INTERRUPTED.value)
-        return RunOptions(
+        options = RunOptions(
             pipeline=pipeline_file,
             data=info.input_path,
             data_format=info.input_format,
@@ -544,6 +552,14 @@ def resume_run(
             stdout=stdout,
             failed_output=failed_output,
         )
+        check_run_paths(options)  # before the store changes
+        if retry_failed:
+            for node in await s.nodes(task_id):
+                await s.retry_failed(task_id, node)
+        ended_short = info.status in FINISHED and info.status != TaskStatus.COMPLETE.value
+        if retry_failed or ended_short:
+            await s.update_run(task_id, status=TaskStatus.INTERRUPTED.value)
+        return options
 
     options = asyncio.run(with_store(store, prepare))
     return run_pipeline(options, events)

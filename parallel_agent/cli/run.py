@@ -92,7 +92,7 @@ def run(
     ] = 10.0,
 ) -> None:
     """Run a pipeline over input data."""
-    from parallel_agent.app import RunOptions, run_pipeline
+    from parallel_agent.app import RunOptions, check_run_paths, run_pipeline
     from parallel_agent.display import make_sink
 
     with handled_errors(_debug(ctx)):
@@ -114,6 +114,7 @@ def run(
         )
         if events == "-" and (output == "-" or as_json):
             raise UsageError("--events - shares stdout with the results or --json; give it a file")
+        check_run_paths(options, [("--events", events), ("--json", "-" if as_json else None)])
         sink = make_sink(quiet=quiet, progress_interval=progress_interval, events_path=events)
         freeze_startup_objects()
         try:

@@ -21,6 +21,7 @@ from parallel_agent.errors import (
     UsageError,
 )
 from parallel_agent.graph import AgentModule, ModuleType
+from parallel_agent.io import MAX_RECORD_SIZE
 from parallel_agent.jsonl import decode_lines
 from parallel_agent.modules.aggregate import SplitPartials, aggregate_value
 from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings, feed_from_producer
@@ -61,14 +62,22 @@ class SplitModule(BuiltinModule):
     type = ModuleType.PLANNER
 
     def __init__(
-        self, ctx: RunContext, node: str, chunk_size: int, checker: PooledProcessor | None = None
+        self,
+        ctx: RunContext,
+        node: str,
+        chunk_size: int,
+        checker: PooledProcessor | None = None,
+        max_record_size: int = MAX_RECORD_SIZE,
     ) -> None:
         super().__init__(ctx, node)
         self.chunk_size = chunk_size
         self.checker = checker
+        self.max_record_size = max_record_size
 
     async def work(self, cache: Cache) -> dict[str, Any]:
-        result = await split_input(self.ctx, self.node, self.chunk_size, self.checker)
+        result = await split_input(
+            self.ctx, self.node, self.chunk_size, self.checker, self.max_record_size
+        )
         return {"status": "success", "result": result}
 
 

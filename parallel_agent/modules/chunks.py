@@ -11,11 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from parallel_agent.errors import RunCancelledError, StoreError, UsageError
 from parallel_agent.events import ChunkDone, ChunkFailed, ChunksPlanned, ChunkStarted, ItemFailed
-from parallel_agent.jsonl import encode_lines
+from parallel_agent.jsonl import decode_lines, dumps, encode_lines
 from parallel_agent.modules.context import STOP_GRACE_S, RunContext, stop_loop, wait_or_timeout
 from parallel_agent.modules.grouping import Grouper, build_groupers, chunk_partials
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError, describe
@@ -29,7 +27,6 @@ ITEM_EVENTS_PER_CHUNK = 20
 MAX_IDLE_POLL_S = 0.5
 #: Longest backoff between two attempts of one chunk.
 MAX_RETRY_DELAY_S = 30.0
-_UNENCODABLE = "TypeError: result is not JSON-serialisable"
 
 
 @dataclass(frozen=True)
@@ -271,17 +268,18 @@ class ChunkWorkers:
         errors = list(outcome.errors)
         if unencodable:
             origins = origins if origins is not None else list(range(lease.count))
-            dropped = set(unencodable)
+            dropped = {position for position, _ in unencodable}
+            items = decode_lines(lease.payload)  # rare: name the input of each item it failed
             errors += [
-                ItemError(numbers[origins[position]], _UNENCODABLE, None)
-                for position in unencodable
+                ItemError(numbers[origins[position]], reason, items[origins[position]])
+                for position, reason in unencodable
             ]
             errors.sort(key=_record)
             origins = [o for position, o in enumerate(origins) if position not in dropped]
         # The outputs' input record numbers, for the nodes downstream (and their failures).
         records = lease.records
         if origins is not None:
-            records = orjson.dumps([numbers[origin] for origin in origins])
+            records = dumps([numbers[origin] for origin in origins])
         if errors and settings.on_error == "fail_chunk":
             first = errors[0]
             await self._fail(lease, f"record {first.record}: {first.error}", duration)
@@ -289,7 +287,7 @@ class ChunkWorkers:
         committed = await ctx.store.commit(
             lease,
             result=data,
-            errors=orjson.dumps([error.to_dict() for error in errors]),
+            errors=dumps([error.to_dict() for error in errors]),
             items_ok=lease.count - len(errors),
             items_failed=len(errors),
             duration_s=duration,

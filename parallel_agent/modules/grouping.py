@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import operator
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -26,8 +25,8 @@ from typing import Any
 
 import orjson
 
-#: A run of digits as long as the shortest integer past 64 bits.
-_LONG_NUMBER = re.compile(rb"\d{19}")
+from parallel_agent.jsonl import may_hold_big_ints
+
 #: Values `collect` keeps per group unless told otherwise.
 COLLECT_LIMIT = 1000
 
@@ -706,7 +705,7 @@ def load_partials(text: bytes | str) -> dict[str, Any]:
     or more (orjson reads an integer past 64 bits as a float) or something orjson refuses
     (`Infinity`): then the standard library, exact. Both read every float the same."""
     raw = text.encode() if isinstance(text, str) else text
-    if _LONG_NUMBER.search(raw) is None:
+    if not may_hold_big_ints(raw):
         try:
             return dict(orjson.loads(raw))
         except orjson.JSONDecodeError:

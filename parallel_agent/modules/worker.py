@@ -17,9 +17,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-import orjson
-
-from parallel_agent.jsonl import check_jsonl, checked_values, decode_lines, encode_lines
+from parallel_agent.jsonl import (
+    check_jsonl,
+    checked_values,
+    decode_lines,
+    dumps,
+    encode_lines,
+    loads,
+)
 from parallel_agent.modules.items import (
     ChunkFailure,
     ChunkOutcome,
@@ -38,7 +43,7 @@ ADDRESS_SPACE_LIMIT = 4 << 30
 
 def frame(header: dict[str, Any], body: bytes = b"") -> bytes:
     """One protocol message: lengths, JSON header, body."""
-    head = orjson.dumps(header)
+    head = dumps(header)
     return _LENGTHS.pack(len(head), len(body)) + head + body
 
 
@@ -55,7 +60,7 @@ def _read_frame(stream: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
     if len(prefix) < FRAME_PREFIX:
         return None
     head_size, body_size = split_lengths(prefix)
-    header = orjson.loads(stream.read(head_size))
+    header = loads(stream.read(head_size))
     return header, stream.read(body_size)
 
 
@@ -82,7 +87,7 @@ class _MapJob:
         if job.get("aggregates"):
             from parallel_agent.modules.grouping import build_groupers
 
-            self.groupers = build_groupers(orjson.loads(job["aggregates"]), self.params)
+            self.groupers = build_groupers(loads(job["aggregates"]), self.params)
 
     def run(self, records: list[Any], numbers: Sequence[int]) -> ChunkOutcome:
         if self.identity:  # `expr: item`: each item as it is
@@ -128,7 +133,7 @@ class _CheckJob:
         if job.get("aggregates"):
             from parallel_agent.modules.grouping import build_groupers
 
-            self.groupers = build_groupers(orjson.loads(job["aggregates"]), job.get("params"))
+            self.groupers = build_groupers(loads(job["aggregates"]), job.get("params"))
 
     def answer(self, header: dict[str, Any], body: bytes) -> bytes:
         if not self.groupers:

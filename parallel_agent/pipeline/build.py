@@ -337,7 +337,9 @@ def _engine_node(
                     aggregates=orjson.dumps(aggregates).decode() if aggregates else "",
                 )
                 checker = PooledProcessor(job, config.processes)
-            modules.append(SplitModule(ctx, node.name, spec.chunk_size, checker))
+            modules.append(
+                SplitModule(ctx, node.name, spec.chunk_size, checker, spec.max_record_size)
+            )
         elif isinstance(spec, MapSpec | FilterSpec):
             processor = _processor(node, spec, pipeline_dir, aggregates)
             modules.append(

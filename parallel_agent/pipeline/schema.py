@@ -46,7 +46,7 @@ def _fail(problems: Sequence[Problem]) -> NoReturn:
 class Strict(BaseModel):
     """Base of every model: unknown keys are errors; infinities and NaN are not numbers here."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class AgentSettings(Strict):
@@ -115,6 +115,12 @@ class SplitSpec(Strict):
 
     use: Literal["split"] = Field(description="Module kind.")
     chunk_size: int = Field(1000, ge=1, description="Records per chunk.")
+    max_record_size: int = Field(
+        64 << 20,
+        ge=1,
+        description="Longest input record in bytes (a JSON Lines line, a JSON array's value); "
+        "a longer one is a located error (exit 3). Default 64 MiB.",
+    )
 
 
 class MapSpec(Strict):

@@ -31,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from parallel_agent.errors import StateLostError, StoreError, UsageError
+from parallel_agent.jsonl import dumps, loads
 from parallel_agent.store.base import (
     CANCELLED,
     DEFAULT_FINISHED_TTL_S,
@@ -252,14 +253,12 @@ class RedisStore(RunStore):
     async def create_run(self, info: RunInfo) -> bool:
         k = self._keys(info.task_id)
         data = asdict(info)
-        run_pairs = [item for name in _RUN_FIELDS for item in (name, orjson.dumps(data[name]))]
-        extra_pairs = [
-            item for key, value in info.extra.items() for item in (key, orjson.dumps(value))
-        ]
+        run_pairs = [item for name in _RUN_FIELDS for item in (name, dumps(data[name]))]
+        extra_pairs = [item for key, value in info.extra.items() for item in (key, dumps(value))]
         args = [
             info.task_id,
             repr(info.created_at),
-            orjson.dumps(info.generation),
+            dumps(info.generation),
             len(_RUN_FIELDS),
         ]
         reply = await self._script(
@@ -297,10 +296,8 @@ class RedisStore(RunStore):
             changes["finished_at"] = finished_at
         if output_path is not None:
             changes["output_path"] = output_path
-        pairs = [item for name, value in changes.items() for item in (name, orjson.dumps(value))]
-        extra_pairs = [
-            item for key, value in (extra or {}).items() for item in (key, orjson.dumps(value))
-        ]
+        pairs = [item for name, value in changes.items() for item in (name, dumps(value))]
+        extra_pairs = [item for key, value in (extra or {}).items() for item in (key, dumps(value))]
         guard = orjson.dumps(CANCELLED) if unless_cancelled else b""
         reply = await self._checked(
             task_id,
@@ -685,9 +682,9 @@ def _cause(exc: BaseException) -> str:
 def _run_info(run: dict[bytes, bytes], extra: dict[bytes, bytes]) -> RunInfo | None:
     if not run:
         return None
-    values: dict[str, Any] = {name.decode(): orjson.loads(value) for name, value in run.items()}
+    values: dict[str, Any] = {name.decode(): loads(value) for name, value in run.items()}
     known: dict[str, Any] = {name: values.get(name) for name in _RUN_FIELDS}
     return RunInfo(
         **known,
-        extra={key.decode(): orjson.loads(value) for key, value in extra.items()},
+        extra={key.decode(): loads(value) for key, value in extra.items()},
     )

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-import orjson
-
 from parallel_agent.errors import StoreError, UsageError
+from parallel_agent.jsonl import dumps, loads
 from parallel_agent.store.base import (
     CANCELLED,
     DEFAULT_RETRY_BUDGET_S,
@@ -251,7 +250,7 @@ class SqliteStore(RunStore):
 
     async def create_run(self, info: RunInfo) -> bool:
         fields = asdict(info)
-        fixed = orjson.dumps({k: v for k, v in fields.items() if k not in _COLUMNS})
+        fixed = dumps({k: v for k, v in fields.items() if k not in _COLUMNS})
 
         def create(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
@@ -271,7 +270,7 @@ class SqliteStore(RunStore):
                     info.generation,
                     info.output_path,
                     fixed,
-                    orjson.dumps(info.extra),
+                    dumps(info.extra),
                 ),
             )
             return True
@@ -305,7 +304,7 @@ class SqliteStore(RunStore):
             ).fetchone()
             if row is None:
                 raise run_missing(self.url, task_id)
-            merged = orjson.loads(row[0])
+            merged = loads(row[0])
             merged.update(extra or {})
             kept = unless_cancelled and row[1] == CANCELLED
             conn.execute(
@@ -317,7 +316,7 @@ class SqliteStore(RunStore):
                     finished_at,
                     output_path,
                     now,
-                    orjson.dumps(merged),
+                    dumps(merged),
                     task_id,
                 ),
             )
@@ -845,6 +844,6 @@ def _run_info(row: Sequence[Any]) -> RunInfo:
         finished_at=finished,
         generation=generation,
         output_path=output_path,
-        extra=orjson.loads(extra),
-        **orjson.loads(info),
+        extra=loads(extra),
+        **loads(info),
     )
