@@ -507,3 +507,28 @@ nodes:
     result = cli("validate", str(pipeline))
     assert result.exit_code == 2
     assert "only an aggregate with `compute:` can; put a map or filter between" in result.stderr
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_split_fed_aggregate_keeps_input_integers_past_64_bits(
+    cli: Any, tmp_path: Path, processes: int
+) -> None:
+    """Input integers past 64 bits reach the reducers exact, also when the split's workers
+    parse the chunk and reduce it in the same pass."""
+    rows = [{"city": "a" if i % 2 else "b", "v": 2**70 + i, "id": i} for i in range(30)]
+    compute = "\n        n: count\n        total: {sum: v}\n        top: {max: v}\n"
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(pipeline_text(4, processes, direct=True, compute=compute))
+    out = tmp_path / "out.json"
+    result = cli("run", str(pipeline), "--data", write_input(tmp_path, rows), "--output", str(out))
+    assert result.exit_code == 0, result.stderr
+    want = [
+        {
+            "city": city,
+            "n": 15,
+            "total": sum(r["v"] for r in rows if r["city"] == city),
+            "top": max(r["v"] for r in rows if r["city"] == city),
+        }
+        for city in ("b", "a")
+    ]
+    assert json.loads(out.read_text()) == want
