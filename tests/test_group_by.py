@@ -532,3 +532,30 @@ def test_split_fed_aggregate_keeps_input_integers_past_64_bits(
         for city in ("b", "a")
     ]
     assert json.loads(out.read_text()) == want
+
+
+def test_float_sums_and_means_are_the_exact_value_rounded_once() -> None:
+    """Sum and mean of floats (tiny, huge, subnormal, signed zeros), whole or merged from two
+    chunks: the exact sum (or sum / n) rounded once, as `Fraction` gives it."""
+    from parallel_agent.modules.grouping import Mean, Sum
+
+    rng = random.Random(11)
+    total, mean = Sum(), Mean()
+    for _ in range(3000):
+        count = rng.randint(1, 30)
+        values = [
+            rng.choice(
+                [rng.uniform(-1e20, 1e20), rng.uniform(-1, 1) * 10.0 ** rng.randint(-300, 300),
+                 rng.randint(0, 2000) / 2, 0.1, -0.0, 5e-324]
+            )
+            for _ in range(count)
+        ]  # fmt: skip
+        exact = sum(map(Fraction, values), Fraction(0))
+        cut = rng.randint(1, count)
+        for state in (
+            total.of(values),
+            total.merge(total.of(values[:cut]), total.of(values[cut:]) if cut < count else
+                        [0, [], 0, 0]),
+        ):  # fmt: skip
+            for got, want in ((total.result(state), exact), (mean.result(state), exact / count)):
+                assert repr(got) == repr(float(want)), values  # -0.0 is not 0.0 here

@@ -156,6 +156,15 @@ class Sum(Reducer):
             return ints if divisor == 1 else ints / divisor
         if not all(math.isfinite(value) for value in floats):
             return _fsum(floats) / divisor
+        if not ints and divisor < 2**53:
+            # The exact sum as one float if it is one: then IEEE division (the divisor is exact
+            # as a float) is correctly rounded, as the Fraction below would be, and far cheaper.
+            # `+ 0.0`: a zero sum is 0.0, as from the Fraction, never -0.0.
+            parts = _exact_floats(floats) if len(floats) > 1 else floats
+            if len(parts) == 1:
+                return parts[0] / divisor + 0.0
+            if divisor == 1:
+                return math.fsum(parts) + 0.0  # correctly rounded, as exact as the Fraction
         exact = Fraction(ints) + sum(map(Fraction, floats))
         return float(exact / divisor)
 
