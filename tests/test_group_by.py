@@ -559,3 +559,68 @@ def test_float_sums_and_means_are_the_exact_value_rounded_once() -> None:
         ):  # fmt: skip
             for got, want in ((total.result(state), exact), (mean.result(state), exact / count)):
                 assert repr(got) == repr(float(want)), values  # -0.0 is not 0.0 here
+
+
+def test_a_split_feeds_aggregates_directly_and_a_map_at_once(cli: Any, tmp_path: Path) -> None:
+    """Each consumer of one split gets what it needs: the map the lines, each `compute:`
+    aggregate its own partials (computed by the split's workers), all from one parse."""
+    rows = generate(120, seed=9)
+    text = """
+name: three
+output: by_name
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 7}], node_config: {processes: 2}}
+  - {name: by_name, dependencies: [split], modules: [{use: aggregate, group_by: name, compute: {n: count}}]}
+  - name: by_city
+    dependencies: [split]
+    modules: [{use: aggregate, group_by: city, compute: {n: count, total: {sum: amount}}}]
+  - {name: ids, dependencies: [split], modules: [{use: map, expr: "item['id']"}]}
+"""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(text)
+    names, cities, ids = (tmp_path / f"{n}.json" for n in ("names", "cities", "ids"))
+    result = cli(
+        "run", str(pipeline), "--data", write_input(tmp_path, rows), "--output", str(names),
+        "--output-node", f"by_city={cities}", "--output-node", f"ids={ids}", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(ids.read_text()) == [r["id"] for r in rows]
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["name"]] = counts.get(row["name"], 0) + 1
+    assert json.loads(names.read_text()) == [{"name": k, "n": v} for k, v in counts.items()]
+    by_city = {row.get("city"): row for row in expected(rows)}
+    assert json.loads(cities.read_text()) == [
+        {"city": city, "n": row["n"], "total": row["total"]} for city, row in by_city.items()
+    ]
+    assert json.loads(result.stdout)["items"]["done"] == 120
+
+
+def test_aggregates_finishing_together_keep_their_own_values(cli: Any, tmp_path: Path) -> None:
+    """Two value aggregates (`reduce`) and two group-bys of one map each write their own output
+    (they used to share one stored entry, the last one written winning)."""
+    rows = generate(50, seed=4)
+    text = """
+name: four
+output: total
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 6}]}
+  - {name: ids, dependencies: [split], modules: [{use: map, expr: "item['id']"}]}
+  - {name: total, dependencies: [ids], modules: [{use: aggregate, reduce: sum}]}
+  - {name: most, dependencies: [ids], modules: [{use: aggregate, reduce: max}]}
+  - {name: rows, dependencies: [split], modules: [{use: map, expr: "item"}]}
+  - {name: by_name, dependencies: [rows], modules: [{use: aggregate, group_by: name, compute: {n: count}}]}
+  - {name: by_odd, dependencies: [rows], modules: [{use: aggregate, group_by: {odd: "item['id'] % 2"}, compute: {n: count}}]}
+"""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(text)
+    paths = {name: tmp_path / f"{name}.json" for name in ("total", "most", "by_name", "by_odd")}
+    result = cli(
+        "run", str(pipeline), "--data", write_input(tmp_path, rows), "--output", str(paths["total"]),
+        *(f"--output-node={name}={paths[name]}" for name in ("most", "by_name", "by_odd")),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    got = {name: json.loads(path.read_text()) for name, path in paths.items()}
+    assert got["total"] == sum(range(50)) and got["most"] == 49
+    assert sum(row["n"] for row in got["by_name"]) == 50
+    assert got["by_odd"] == [{"odd": 0, "n": 25}, {"odd": 1, "n": 25}]

@@ -19,6 +19,30 @@ from parallel_agent.modules.items import ChunkOutcome
 from parallel_agent.modules.threads import run_in_thread
 
 REDUCERS = ("sum", "count", "min", "max")
+_MISSING = object()
+
+
+def stored_key(kind: str, node: str) -> str:
+    """The run's `extra` key under which aggregate `node` keeps its `kind` of result
+    ("aggregate": a value, "aggregate_json": group-by rows as JSON text, "aggregate_notices").
+    One top-level key per node: `extra` merges top-level keys only, so aggregates of one run
+    finishing together never overwrite each other's."""
+    return f"{kind}:{node}"
+
+
+def stored(extra: dict[str, Any], kind: str, node: str, default: Any = None) -> Any:
+    """What `stored_key` keeps, or (a run stored by an older pagent) `extra[kind][node]`."""
+    found = extra.get(stored_key(kind, node), _MISSING)
+    if found is not _MISSING:
+        return found
+    return (extra.get(kind) or {}).get(node, default)
+
+
+def all_stored(extra: dict[str, Any], kind: str) -> list[Any]:
+    """Every aggregate's `kind` of result in a run's `extra`."""
+    prefix = f"{kind}:"
+    older = list((extra.get(kind) or {}).values())
+    return older + [value for key, value in extra.items() if key.startswith(prefix)]
 
 
 async def iter_outputs(ctx: RunContext, node: str) -> AsyncIterator[Any]:

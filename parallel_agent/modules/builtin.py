@@ -23,7 +23,7 @@ from parallel_agent.errors import (
 from parallel_agent.graph import AgentModule, ModuleType
 from parallel_agent.io import MAX_RECORD_SIZE
 from parallel_agent.jsonl import decode_lines
-from parallel_agent.modules.aggregate import SplitPartials, aggregate_value
+from parallel_agent.modules.aggregate import SplitPartials, aggregate_value, stored_key
 from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings, feed_from_producer
 from parallel_agent.modules.context import RunContext
 from parallel_agent.modules.grouping import Grouper, GroupingError, load_partials
@@ -168,7 +168,7 @@ class AggregateModule(BuiltinModule):
             field=self.options.get("field"),
             what=f"node '{self.node}', aggregate",
         )
-        await ctx.store.update_run(ctx.task_id, extra={"aggregate": {self.node: value}})
+        await ctx.store.update_run(ctx.task_id, extra={stored_key("aggregate", self.node): value})
         await cache.set("final_results", value)
         return {"status": "success", "result": {**summary, "value": value}}
 
@@ -195,8 +195,8 @@ class AggregateModule(BuiltinModule):
         await ctx.store.update_run(
             ctx.task_id,
             extra={
-                "aggregate_json": {self.node: text},
-                "aggregate_notices": {self.node: notices},
+                stored_key("aggregate_json", self.node): text,
+                stored_key("aggregate_notices", self.node): notices,
             },
         )
         with contextlib.suppress(TypeError):  # a sum past 64 bits: the store and files have it

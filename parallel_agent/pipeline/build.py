@@ -30,6 +30,7 @@ from parallel_agent.graph import (
     NodeConfig,
 )
 from parallel_agent.graph.tasks import Task
+from parallel_agent.modules.aggregate import stored
 from parallel_agent.modules.builtin import AggregateModule, ChunkModule, SplitModule
 from parallel_agent.modules.chunks import NodeSettings
 from parallel_agent.modules.context import RunContext
@@ -116,10 +117,10 @@ class BuiltPipeline:
         if value_node is not None:
             run = await self.ctx.store.get_run(self.ctx.task_id)
             extra = run.extra if run is not None else {}
-            texts = extra.get("aggregate_json") or {}
-            if value_node in texts:  # group-by rows, as JSON text: exact integers past 64 bits
-                return {"value_json": texts[value_node]}
-            return {"value": (extra.get("aggregate") or {}).get(value_node)}
+            text = stored(extra, "aggregate_json", value_node)
+            if text is not None:  # group-by rows, as JSON text: exact integers past 64 bits
+                return {"value_json": text}
+            return {"value": stored(extra, "aggregate", value_node)}
         if results_node is not None:
             return {"node": results_node}
         return None
