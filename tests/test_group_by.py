@@ -384,9 +384,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
 def test_sigkill_then_resume_counts_no_partial_twice(
     tmp_path: Path, store_url: str, processes: int, seed: int, direct: bool
 ) -> None:
-    """SIGKILL mid-run, then resume. `direct` (split → aggregate): with `processes: 2` the kill
-    lands while the split's workers compute partials, so the resumed run splits again; without,
-    while the aggregate reduces its chunks."""
+    """SIGKILL mid-run, then resume. `direct` (split → aggregate): the ledger is a `function:`
+    reducer, which the aggregate runs itself, so the kill lands while it commits its chunks."""
     rows = generate(300, seed=seed)
     pipeline = tmp_path / "p.yaml"
     if direct:  # a reducer keeps the ledger (and the pace) instead of the map
@@ -451,48 +450,91 @@ nodes:
     assert row["pids"] and os.getpid() not in row["pids"]
 
 
-def test_split_fed_partials_come_from_the_split_workers(tmp_path: Path) -> None:
-    """split (`processes: 2`) → aggregate: each chunk's partial is computed by the split's
-    worker processes from the parse that checks the lines, committed with the aggregate's own
-    chunk; no results are stored for it (nothing reads them)."""
-    import asyncio
-
-    from parallel_agent.store import open_store
-
-    rows = [{"city": "a" if i % 3 else "b", "id": i} for i in range(40)]
-    text = pipeline_text(
-        5, 2, direct=True, compute='\n        pids: {function: "steps_for_grouping:Pids"}\n'
-    )
+def run_module(
+    tmp_path: Path, text: str, rows: list[dict[str, Any]], *args: str
+) -> tuple[int, int, str, str]:
+    """`python -m parallel_agent run` of `text` over `rows`, task id `t`, SQLite store in
+    tmp_path: the coordinator's pid, its exit status, stdout and stderr."""
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(text)
-    out = tmp_path / "out.json"
     env = {**os.environ, "PAGENT_STORE": f"sqlite:///{tmp_path / 's.db'}", "PYTHONPATH": str(TESTS)}
-    coordinator = subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "parallel_agent", "run", str(pipeline), "--data",
-         write_input(tmp_path, rows), "--task-id", "t", "--output", str(out), "--json"],
+         write_input(tmp_path, rows), "--task-id", "t", *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    stdout, stderr = coordinator.communicate(timeout=60)
-    assert coordinator.returncode == 0, stderr
+    stdout, stderr = process.communicate(timeout=60)
+    return process.pid, process.returncode, stdout, stderr
+
+
+async def store_call(tmp_path: Path, call: Any) -> Any:
+    from parallel_agent.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 's.db'}")
+    await store.open()
+    try:
+        return await call(store)
+    finally:
+        await store.close()
+
+
+def test_split_workers_queue_partials_not_lines(tmp_path: Path) -> None:
+    """split (`processes: 2`) → aggregate: the split's workers reduce each chunk to the
+    aggregate's partial from the parse that checks it, and that is what is queued for the
+    aggregate (no record is stored for it). Inspected with the aggregate held back."""
+    import asyncio
+
+    from parallel_agent.modules.grouping import PARTIAL_PAYLOAD, Grouper
+
+    rows = [{"city": "a" if i % 3 else "b", "id": i} for i in range(40)]
+    compute = "\n        n: count\n        ids: {sum: id}\n"
+    text = pipeline_text(5, 2, direct=True, compute=compute).replace(
+        "node_config: {lease: 2", 'node_config: {condition: "False", lease: 2'
+    )
+    run_module(tmp_path, text, rows)
+
+    async def queued(store: Any) -> list[Any]:
+        return await store.claim("t", "by_city", "test", lease_s=30, limit=100)
+
+    leases = asyncio.run(store_call(tmp_path, queued))
+    assert [lease.index for lease in leases] == list(range(8))
+    grouper = Grouper.from_options(
+        {"group_by": "city", "compute": {"n": "count", "ids": {"sum": "id"}}}, "x"
+    )
+    for lease in leases:
+        assert lease.payload.startswith(PARTIAL_PAYLOAD)
+        partial = json.loads(lease.payload[len(PARTIAL_PAYLOAD) :])["by_city"]
+        chunk = rows[lease.index * 5 : lease.index * 5 + 5]
+        assert partial == grouper.partial(chunk, range(lease.index * 5 + 1, lease.index * 5 + 6))
+
+
+def test_split_fed_aggregate_commits_partials_and_runs_user_reducers_itself(
+    tmp_path: Path,
+) -> None:
+    """A `function:` reducer is user code: the split's workers leave that aggregate's chunks
+    as lines, and the aggregate reduces them under its own timeout and retries (here, in the
+    coordinating process). Each chunk commits its partial and no results."""
+    import asyncio
+
+    rows = [{"city": "a" if i % 3 else "b", "id": i} for i in range(40)]
+    compute = '\n        pids: {function: "steps_for_grouping:Pids"}\n'
+    out = tmp_path / "out.json"
+    text = pipeline_text(5, 2, direct=True, compute=compute)
+    pid, status, stdout, stderr = run_module(tmp_path, text, rows, "--output", str(out), "--json")
+    assert status == 0, stderr
     summary = json.loads(stdout)
     assert summary["items"]["done"] == 40
     assert summary["nodes"]["by_city"]["done"] == 8
 
-    async def committed() -> list[Any]:
-        store = open_store(env["PAGENT_STORE"])
-        await store.open()
-        try:
-            return [r async for r in store.results("t", "by_city")]
-        finally:
-            await store.close()
+    async def committed(store: Any) -> list[Any]:
+        return [r async for r in store.results("t", "by_city")]
 
-    chunks = asyncio.run(committed())
+    chunks = asyncio.run(store_call(tmp_path, committed))
     assert [chunk.index for chunk in chunks] == list(range(8))
-    assert all(chunk.result == b"" for chunk in chunks)
-    partials = [json.loads(chunk.partial)["by_city"] for chunk in chunks]
-    pids = {pid for partial in partials for _, [state] in partial["groups"] for pid in state}
-    assert pids and coordinator.pid not in pids
-    assert [row["city"] for row in json.loads(out.read_text())] == ["b", "a"]
+    assert all(chunk.result == b"" and chunk.partial for chunk in chunks)
+    got = json.loads(out.read_text())
+    assert [row["city"] for row in got] == ["b", "a"]
+    assert all(row["pids"] == [pid] for row in got)
 
 
 def test_only_a_compute_aggregate_consumes_a_split(cli: Any, tmp_path: Path) -> None:

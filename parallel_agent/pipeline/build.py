@@ -166,6 +166,14 @@ def _wire_data_nodes(
     return uses, producers, consumers
 
 
+def _runs_user_code(options: dict[str, Any]) -> bool:
+    """An aggregate with a `function:` reducer: the split's workers leave its partials to the
+    aggregate, where the node's `timeout` and retries govern the user's code (a split has
+    neither)."""
+    compute = options.get("compute") or {}
+    return any(isinstance(spec, dict) and "function" in spec for spec in compute.values())
+
+
 def _computes(node: NodeSpec) -> bool:
     """A `compute:` aggregate: the only kind that may consume a split (its chunks' partials)."""
     return any(
@@ -331,11 +339,16 @@ def _engine_node(
         if isinstance(spec, SplitSpec):
             checker = None
             if config.processes:
+                reduced = {
+                    name: options
+                    for name, options in (aggregates or {}).items()
+                    if not _runs_user_code(options)
+                }
                 job = WorkerJob(
                     kind="check-jsonl",
                     source="",
                     what=f"node '{node.name}', split",
-                    aggregates=orjson.dumps(aggregates).decode() if aggregates else "",
+                    aggregates=orjson.dumps(reduced).decode() if reduced else "",
                 )
                 checker = PooledProcessor(job, config.processes)
             modules.append(
