@@ -27,6 +27,7 @@ from parallel_agent.app.common import (
     with_store,
 )
 from parallel_agent.app.outputs import failed_output_format, write_failed_records, write_results
+from parallel_agent.app.states import NodeStates
 from parallel_agent.app.summary import RunSummary, node_durations, summarize
 from parallel_agent.errors import InterruptedRunError, PagentError, TaskBusyError, UsageError
 from parallel_agent.events import EventSink, MultiSink, NodeFinished, RunFinished, RunStarted
@@ -100,7 +101,11 @@ class PipelineRun:
     def __init__(self, options: RunOptions, events: EventSink | None = None) -> None:
         self.options = options
         self.timer = _NodeTimes()
-        self.events: EventSink = MultiSink(events or EventSink(), self.timer)
+        self.states = NodeStates(
+            MultiSink(events or EventSink(), self.timer),
+            lambda: self.ctx.stop_kind if self.ctx is not None else None,
+        )
+        self.events: EventSink = self.states
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.ctx: RunContext | None = None
         self.interrupted = False
@@ -109,7 +114,7 @@ class PipelineRun:
         """Stop claiming chunks; in-flight chunks finish, and the run ends resumable (exit 130)."""
         self.interrupted = True
         if self.ctx is not None:
-            self.ctx.request_stop("interrupted")
+            self.ctx.request_stop("interrupted", kind="interrupt")
 
     async def execute(self) -> RunSummary:
         options = self.options
@@ -199,7 +204,9 @@ class PipelineRun:
         keep_lock = asyncio.ensure_future(self._renew_lock(store, task_id, done))
         try:
             info = existing or await self._create_run(store, pipeline, digest, task_id, source)
-            return await self._run_graph(store, pipeline, info, source, output_format, started)
+            return await self._run_graph(
+                store, pipeline, info, source, output_format, started, resumed=existing is not None
+            )
         finally:
             with contextlib.suppress(PagentError):
                 await stop_loop(keep_lock, done)
@@ -236,7 +243,7 @@ class PipelineRun:
             await store.renew_lock(task_id, self.owner, COORDINATOR_TTL_S)
             info = await store.get_run(task_id)
             if info is not None and info.status == TaskStatus.CANCELLED.value and self.ctx:
-                self.ctx.request_stop("cancelled")
+                self.ctx.request_stop("cancelled", kind="cancel")
 
     async def _create_run(
         self,
@@ -281,6 +288,8 @@ class PipelineRun:
         source: InputSource | None,
         output_format: str | None,
         started: float,
+        *,
+        resumed: bool = False,
     ) -> RunSummary:
         options = self.options
         ctx = RunContext(
@@ -294,14 +303,16 @@ class PipelineRun:
         )
         self.ctx = ctx
         if self.interrupted:
-            ctx.request_stop("interrupted")
+            ctx.request_stop("interrupted", kind="interrupt")
         built = build_pipeline(pipeline, ctx, pipeline_dir=Path(options.pipeline).parent)
+        self.states.chunked = frozenset(built.processing_nodes)
         self.events.emit(
             RunStarted(
                 at=time.time(),
                 task_id=info.task_id,
                 pipeline=pipeline.name,
                 nodes=tuple(node.name for node in pipeline.nodes),
+                resumed=resumed,
             )
         )
         await store.update_run(info.task_id, status=TaskStatus.EXECUTING.value)
@@ -315,7 +326,11 @@ class PipelineRun:
                 extra={"error": str(ctx.fatal)},
             )
             raise ctx.fatal
+        if ctx.stop_kind is not None or task.status != TaskStatus.COMPLETE:
+            self.states.not_reached(node.name for node in pipeline.nodes)
         summary = await self._finish(store, built, info, task.status, task.error, output_format)
+        for node, state in self.states.states.items():
+            summary.nodes.setdefault(node, {})["state"] = state
         summary.duration_s = time.monotonic() - started
         durations = node_durations(info, self.timer.durations)
         for node, seconds in durations.items():
@@ -345,9 +360,11 @@ class PipelineRun:
             )
         )
         if summary.status == TaskStatus.INTERRUPTED.value:
-            raise InterruptedRunError(
+            interrupted = InterruptedRunError(
                 f"run interrupted; resume it with: pagent resume {info.task_id}"
             )
+            interrupted.summary = summary.to_dict()
+            raise interrupted
         return summary
 
     async def _write_failed(self, store: RunStore, info: RunInfo, summary: RunSummary) -> None:
@@ -370,10 +387,11 @@ class PipelineRun:
         ctx = built.ctx
         summary = await summarize(store, info, built=built)
         summary.store = store.url
-        if ctx.stop_reason == "interrupted":
+        summary.stop_reason = ctx.stop_kind
+        if ctx.stop_kind == "interrupt":
             summary.status = TaskStatus.INTERRUPTED.value
             return summary
-        if ctx.stop_reason == "cancelled":
+        if ctx.stop_kind == "cancel":
             summary.status = TaskStatus.CANCELLED.value
             summary.error = "cancelled by pagent cancel"
             return summary
@@ -384,10 +402,20 @@ class PipelineRun:
         if engine_status != TaskStatus.COMPLETE:
             summary.status = engine_status.value
             summary.error = engine_error
+            if engine_error and (
+                "max_total_iterations" in engine_error or "max_visits" in engine_error
+            ):
+                summary.stop_reason = "iteration_limit"
             if summary.status == TaskStatus.COMPLETE.value:
                 summary.status = TaskStatus.FAILED.value
             return summary
         unfinished = summary.items_total - summary.items_done - summary.items_failed
+        if every_item_failed(summary):
+            summary.status = TaskStatus.FAILED.value
+            summary.error = (
+                f"every item failed ({summary.items_failed:,} of {summary.items_total:,})"
+            )
+            return summary
         if summary.items_failed or summary.chunks_failed or unfinished > 0:
             summary.status = TaskStatus.PARTIAL.value
         else:
@@ -398,6 +426,13 @@ class PipelineRun:
             )
             summary.output = self.options.output
         return summary
+
+
+def every_item_failed(summary: RunSummary) -> bool:
+    """True when items failed and no data node processed a single item successfully."""
+    if not summary.items_failed:
+        return False
+    return all(not counts.get("items_done") for counts in summary.nodes.values())
 
 
 STOP_SIGNALS = tuple(

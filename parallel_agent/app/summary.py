@@ -10,6 +10,10 @@ from parallel_agent.pipeline.build import BuiltPipeline
 from parallel_agent.report import RunReport
 from parallel_agent.store.base import RunInfo, RunStore
 
+#: Version of the JSON that `run --json` and `status --json` print (docs/json.md); it changes
+#: when a field is removed or changes meaning, not when one is added.
+SCHEMA_VERSION = 1
+
 
 @dataclass
 class RunSummary:
@@ -33,6 +37,8 @@ class RunSummary:
     report: RunReport | None = None
     failed_output: str | None = None
     failed_output_records: int | None = None
+    #: why the run stopped before its end (STOP_KINDS in modules.context), None when it did not
+    stop_reason: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -40,8 +46,10 @@ class RunSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "schema_version": SCHEMA_VERSION,
             "task_id": self.task_id,
             "status": self.status,
+            "stop_reason": self.stop_reason,
             "items": {
                 "total": self.items_total,
                 "done": self.items_done,
@@ -106,6 +114,7 @@ async def summarize(
             "done": node_counts.done,
             "failed": node_counts.failed,
             "items": node_counts.items_total,
+            "items_done": node_counts.items_done,
             "items_failed": node_counts.items_failed,
             "retries": node_counts.retries,
         }
@@ -145,6 +154,7 @@ def summary_from_dict(data: dict[str, Any]) -> RunSummary:
         output=data.get("output"),
         store=data.get("store", ""),
         error=data.get("error"),
+        stop_reason=data.get("stop_reason"),
         nodes=data.get("nodes", {}),
         report=RunReport.from_dict(data["report"]) if data.get("report") else None,
     )

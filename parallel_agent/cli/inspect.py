@@ -10,8 +10,16 @@ from typing import Annotated, Any
 import typer
 
 from parallel_agent.cli.errors import handled_errors
-from parallel_agent.cli.options import FailedOutputOption, StoreOption
+from parallel_agent.cli.options import (
+    FailedOutputOption,
+    JsonOption,
+    StoreOption,
+    SummaryOption,
+    check_stdout_clash,
+    write_summary,
+)
 from parallel_agent.cli.process import freeze_startup_objects
+from parallel_agent.errors import InterruptedRunError
 
 
 def _debug(ctx: typer.Context) -> bool:
@@ -40,6 +48,7 @@ def status(
 ) -> None:
     """Show where a run stands (exit 0 found, 2 unknown id, 4 store unreachable)."""
     from parallel_agent.app import get_status
+    from parallel_agent.display.report import report_lines, stop_text
 
     with handled_errors(_debug(ctx)):
         if watch:
@@ -55,7 +64,7 @@ def status(
     progress = report["progress"]
     lines = [
         f"task       {report['task_id']}",
-        f"state      {report['state']}",
+        f"status     {report['status']}",
         f"pipeline   {report['pipeline']}",
         f"input      {report['input'] or '-'}",
         f"started    {_when(report['created_at'])}",
@@ -65,13 +74,15 @@ def status(
         + f", {items['failed']} failed",
         f"throughput {report['throughput_items_s'] or 0:,.0f} items/s over {report['elapsed_s']:.1f} s",
     ]
+    stop = stop_text(report)
+    if stop:
+        lines.append(f"stopped    {stop.removeprefix('stopped early: ')}")
     for node, counts in report["nodes"].items():
         lines.append(
-            f"  {node:<16} chunks {counts['done']}/{counts['chunks']} done, {counts['leased']} in "
-            f"flight, {counts['failed']} failed, {counts['retries']} retries"
+            f"  {node:<16} {counts['state']}: chunks {counts['done']}/{counts['chunks']} done, "
+            f"{counts['leased']} in flight, {counts['failed']} failed, {counts['retries']} retries"
         )
     if report.get("report"):
-        from parallel_agent.display.report import report_lines
         from parallel_agent.report import RunReport
 
         lines.append("")
@@ -135,20 +146,22 @@ def failures(
 def list_command(
     ctx: typer.Context,
     store: StoreOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON Lines.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON array of runs (newest first).")
+    ] = False,
 ) -> None:
     """List the runs the store remembers, newest first."""
     from parallel_agent.app import list_runs
 
     with handled_errors(_debug(ctx)):
         runs = list_runs(store)
+    if as_json:
+        _emit_json(runs)
+        return
     for run in runs:
-        if as_json:
-            _emit_json(run)
-        else:
-            sys.stdout.write(
-                f"{run['task_id']:<28} {run['status']:<16} {_when(run['created_at'])}  {run['pipeline']}\n"
-            )
+        sys.stdout.write(
+            f"{run['task_id']:<28} {run['status']:<16} {_when(run['created_at'])}  {run['pipeline']}\n"
+        )
 
 
 def resume(
@@ -161,9 +174,8 @@ def resume(
         bool, typer.Option("--retry-failed", help="Run failed chunks again.")
     ] = False,
     store: StoreOption = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")
-    ] = False,
+    as_json: JsonOption = False,
+    summary_path: SummaryOption = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print nothing on stderr but errors.")
     ] = False,
@@ -174,6 +186,7 @@ def resume(
     from parallel_agent.display import make_sink
 
     with handled_errors(_debug(ctx)):
+        check_stdout_clash(output=output, as_json=as_json)
         sink = make_sink(quiet=quiet)
         freeze_startup_objects()
         try:
@@ -186,10 +199,13 @@ def resume(
                 stdout=sys.stdout.buffer if output == "-" else None,
                 failed_output=failed_output,
             )
+        except InterruptedRunError as exc:
+            if exc.summary is not None:
+                write_summary(exc.summary, as_json=as_json, path=summary_path)
+            raise
         finally:
             sink.close()
-        if as_json:
-            _emit_json(summary.to_dict())
+        write_summary(summary.to_dict(), as_json=as_json, path=summary_path)
         raise typer.Exit(summary.exit_code)
 
 
@@ -209,16 +225,43 @@ def cancel(
 def gc(
     ctx: typer.Context,
     older_than: Annotated[
-        float, typer.Option("--older-than", help="Age in hours of finished runs to drop.")
+        float,
+        typer.Option(
+            "--older-than", metavar="HOURS", help="Age in hours of finished runs to drop."
+        ),
     ] = 168.0,
+    task_glob: Annotated[
+        str | None,
+        typer.Option(
+            "--task-id", metavar="GLOB", help="Only runs whose task id matches GLOB ('nightly-*')."
+        ),
+    ] = None,
+    pipeline: Annotated[
+        str | None,
+        typer.Option("--pipeline", metavar="NAME", help="Only runs of the pipeline named NAME."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be dropped; drop nothing.")
+    ] = False,
     store: StoreOption = None,
 ) -> None:
-    """Drop finished runs older than --older-than hours (Redis keys also expire on their own)."""
+    """Drop finished runs older than --older-than hours; --dry-run lists them first.
+
+    Each dropped (or, with --dry-run, droppable) task id is printed on stdout, one a line.
+    Unfinished runs are never dropped; Redis keys of finished runs also expire on their own.
+
+    Example: pagent gc --older-than 24 --task-id 'nightly-*' --dry-run
+    """
     from parallel_agent.app import gc_runs
 
     with handled_errors(_debug(ctx)):
-        dropped = gc_runs(older_than * 3600, store)
-    sys.stderr.write(f"pagent: dropped {len(dropped)} finished runs\n")
+        dropped = gc_runs(
+            older_than * 3600, store, task_glob=task_glob, pipeline=pipeline, dry_run=dry_run
+        )
+    for task_id in dropped:
+        sys.stdout.write(task_id + "\n")
+    verb = "would drop" if dry_run else "dropped"
+    sys.stderr.write(f"pagent: {verb} {len(dropped)} finished runs\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -9,9 +9,16 @@ from typing import Annotated
 import typer
 
 from parallel_agent.cli.errors import handled_errors
-from parallel_agent.cli.options import FailedOutputOption, StoreOption
+from parallel_agent.cli.options import (
+    FailedOutputOption,
+    JsonOption,
+    StoreOption,
+    SummaryOption,
+    check_stdout_clash,
+    write_summary,
+)
 from parallel_agent.cli.process import freeze_startup_objects
-from parallel_agent.errors import UsageError
+from parallel_agent.errors import InterruptedRunError, UsageError
 
 
 def _debug(ctx: typer.Context) -> bool:
@@ -64,9 +71,8 @@ def run(
         typer.Option("--max-failures", min=0, help="Stop the run once more than N items failed."),
     ] = None,
     failed_output: FailedOutputOption = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")
-    ] = False,
+    as_json: JsonOption = False,
+    summary_path: SummaryOption = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print nothing on stderr but errors.")
     ] = False,
@@ -103,17 +109,18 @@ def run(
             stdin=sys.stdin.buffer if data == "-" else None,
             stdout=sys.stdout.buffer if output == "-" else None,
         )
-        if events == "-" and (output == "-" or as_json):
-            raise UsageError("--events - shares stdout with the results or --json; give it a file")
+        check_stdout_clash(output=output, as_json=as_json, events=events)
         sink = make_sink(quiet=quiet, progress_interval=progress_interval, events_path=events)
         freeze_startup_objects()
         try:
             summary = run_pipeline(options, sink)
+        except InterruptedRunError as exc:
+            if exc.summary is not None:
+                write_summary(exc.summary, as_json=as_json, path=summary_path)
+            raise
         finally:
             sink.close()
-        if as_json:
-            sys.stdout.write(json.dumps(summary.to_dict()) + "\n")
-            sys.stdout.flush()
+        write_summary(summary.to_dict(), as_json=as_json, path=summary_path)
         raise typer.Exit(summary.exit_code)
 
 
@@ -127,12 +134,15 @@ def validate(
     """Check a pipeline without running it (schema, graph, conditions, imports)."""
     from pathlib import Path
 
-    from parallel_agent.pipeline import load_pipeline
     from parallel_agent.pipeline.build import check_pipeline
+    from parallel_agent.pipeline.loader import check_pipeline_text, read_pipeline_text
 
     with handled_errors(_debug(ctx)):
-        loaded = load_pipeline(pipeline, overrides or [])
+        text = read_pipeline_text(pipeline)
+        loaded, warnings = check_pipeline_text(text, pipeline, overrides or [])
         check_pipeline(loaded, pipeline_dir=Path(pipeline).parent)
+        for warning in warnings:
+            sys.stderr.write(f"pagent: warning: {warning}\n")
         sys.stderr.write(f"{pipeline}: ok ({len(loaded.nodes)} nodes)\n")
 
 

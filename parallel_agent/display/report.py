@@ -8,13 +8,45 @@ there). The data comes from `parallel_agent.report`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from parallel_agent.events import ChunksPlanned
 from parallel_agent.report import FailureGroup, NodeReport, RunReport
 
 HEADINGS = ("node", "time", "chunks", "items/s", "p50 chunk", "p95 chunk", "retries", "failed")
 FAILURES_TITLE = "failed records by error type:"
 _ELLIPSIS = "…"
+
+
+#: How each stop reason (`stop_reason` in `--json`) reads in the report.
+STOP_WORDS = {
+    "interrupt": "interrupted (Ctrl-C or a stop signal)",
+    "cancel": "cancelled (pagent cancel)",
+    "max_failures": "--max-failures exceeded",
+    "on_error_stop": "a record failed in a node with on_error: stop",
+    "iteration_limit": "an iteration limit was reached",
+    "error": "an error",
+}
+
+
+def stop_text(summary: Mapping[str, Any]) -> str | None:
+    """`stopped early: --max-failures exceeded: more than 5 items failed`, or None for a run that
+    was not stopped."""
+    kind = summary.get("stop_reason")
+    if not kind:
+        return None
+    error = summary.get("error")
+    words = STOP_WORDS.get(str(kind), str(kind))
+    return f"stopped early: {words}" + (f": {error}" if error and kind != "cancel" else "")
+
+
+def resumed_text(event: ChunksPlanned) -> str | None:
+    """`resumed (32 of 40 chunks already done)` when a node's chunks were done before."""
+    before = event.chunks_done + event.chunks_failed
+    if not before:
+        return None
+    return f"resumed ({before:,} of {event.chunks:,} chunks already done)"
 
 
 def format_seconds(seconds: float | None) -> str:

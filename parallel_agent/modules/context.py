@@ -57,6 +57,8 @@ class RunContext:
     failures: FailureBudget = field(default_factory=FailureBudget)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: str | None = None
+    stop_kind: str | None = None
+    """Why the run stopped early, as a word scripts can test (STOP_KINDS); `stop_reason` says it."""
     consumers: dict[str, list[str]] = field(default_factory=dict)
     """For each data node, the data nodes that consume its output."""
     fatal: PagentError | None = None
@@ -71,18 +73,24 @@ class RunContext:
         """Stop the run because of `error`; the run service raises it once the engine has stopped."""
         if self.fatal is None:
             self.fatal = error
-        self.request_stop(str(error))
+        self.request_stop(str(error), kind="error")
 
-    def request_stop(self, reason: str) -> None:
-        """Ask every worker to stop claiming new chunks (first reason wins)."""
+    def request_stop(self, reason: str, kind: str = "error") -> None:
+        """Ask every worker to stop claiming new chunks (first reason wins). `kind` is one of
+        STOP_KINDS."""
         if self.stop_reason is None:
             self.stop_reason = reason
+            self.stop_kind = kind
         self.stop.set()
 
     @staticmethod
     def now() -> float:
         return time.time()
 
+
+#: Why a run stopped before its end: Ctrl-C or a signal, `pagent cancel`, `--max-failures`,
+#: `on_error: stop`, the engine's `max_total_iterations`/`max_visits`, or an error (store, input).
+STOP_KINDS = ("interrupt", "cancel", "max_failures", "on_error_stop", "iteration_limit", "error")
 
 #: How long a background loop gets to finish its current step once told to stop.
 STOP_GRACE_S = 2.0

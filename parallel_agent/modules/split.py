@@ -14,6 +14,7 @@ from parallel_agent.errors import UsageError
 from parallel_agent.events import ChunksPlanned
 from parallel_agent.io import ChunkReader, read_chunks
 from parallel_agent.io.records import PayloadChunk
+from parallel_agent.modules.chunks import planned_event
 from parallel_agent.modules.context import RunContext
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.store.base import ChunkSpec
@@ -32,13 +33,9 @@ async def split_input(
     targets = ctx.consumers.get(node) or [node]
     sealed = [(await ctx.store.counts(ctx.task_id, target)).sealed for target in targets]
     if all(sealed):
-        counts = await ctx.store.counts(ctx.task_id, targets[0])
         for target in targets:
-            ctx.emit(
-                ChunksPlanned(
-                    at=ctx.now(), node=target, chunks=counts.chunks_total, items=counts.items_total
-                )
-            )
+            counts = await ctx.store.counts(ctx.task_id, target)
+            ctx.emit(planned_event(ctx, target, counts))
         return {"chunks": counts.chunks_total, "items": counts.items_total, "resumed": True}
     if ctx.source is None:
         raise UsageError(f"node '{node}' splits the input, but the run has no input data (--data)")

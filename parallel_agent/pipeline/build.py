@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parallel_agent.conditions import compile_condition, compile_expression
+from parallel_agent.conditions import AGGREGATE_NAMES, compile_condition, compile_expression
 from parallel_agent.errors import PipelineError
 from parallel_agent.graph import (
     Agent,
@@ -260,7 +260,9 @@ def _engine_node(node: NodeSpec, ctx: RunContext, pipeline_dir: Path, uses: dict
             modules.append(ChunkModule(ctx, node.name, _settings(node), processor, spec.use))
         elif isinstance(spec, AggregateSpec):
             if spec.expr is not None:
-                compile_expression(spec.expr, what=f"node '{node.name}', aggregate expr")
+                compile_expression(
+                    spec.expr, what=f"node '{node.name}', aggregate expr", names=AGGREGATE_NAMES
+                )
             modules.append(AggregateModule(ctx, node.name, spec.model_dump()))
         else:
             modules.append(_class_module(spec, node))
