@@ -200,11 +200,14 @@ def resume(
                 failed_output=failed_output,
             )
         except InterruptedRunError as exc:
+            sink.close()  # first: the live display must be off before stdout is written
             if exc.summary is not None:
                 write_summary(exc.summary, as_json=as_json, path=summary_path)
             raise
-        finally:
+        except BaseException:
             sink.close()
+            raise
+        sink.close()
         write_summary(summary.to_dict(), as_json=as_json, path=summary_path)
         raise typer.Exit(summary.exit_code)
 

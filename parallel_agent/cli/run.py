@@ -115,11 +115,14 @@ def run(
         try:
             summary = run_pipeline(options, sink)
         except InterruptedRunError as exc:
+            sink.close()  # first: the live display must be off before stdout is written
             if exc.summary is not None:
                 write_summary(exc.summary, as_json=as_json, path=summary_path)
             raise
-        finally:
+        except BaseException:
             sink.close()
+            raise
+        sink.close()
         write_summary(summary.to_dict(), as_json=as_json, path=summary_path)
         raise typer.Exit(summary.exit_code)
 

@@ -137,6 +137,8 @@ class LiveDisplay(EventSink):
             refresh_per_second=refresh_per_second,
             auto_refresh=auto_refresh,
             transient=False,
+            # stdout carries results (`--output -`) and `--json`: never into the display
+            redirect_stdout=False,
         )
         self.live.start()
 

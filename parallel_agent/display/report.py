@@ -24,7 +24,7 @@ STOP_WORDS = {
     "interrupt": "interrupted (Ctrl-C or a stop signal)",
     "cancel": "cancelled (pagent cancel)",
     "max_failures": "--max-failures exceeded",
-    "on_error_stop": "a record failed in a node with on_error: stop",
+    "on_error_stop": "a record failed under on_error: stop",
     "iteration_limit": "an iteration limit was reached",
     "error": "an error",
 }
