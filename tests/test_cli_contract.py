@@ -399,3 +399,47 @@ def test_cancel_says_cancelled_in_plain_mode_and_status(
         [*PAGENT, "status", "cn", "--json"], env=env, capture_output=True, text=True, check=True
     )
     assert json.loads(status.stdout)["status"] == "cancelled"
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.mark.parametrize(
+    ("columns", "headings"),
+    [
+        (120, ["node", "time", "chunks", "items/s", "p50", "chunk", "p95", "chunk", "retries"]),
+        (80, ["node", "time", "chunks", "items/s", "p50", "chunk", "p95", "chunk", "retries"]),
+        (60, ["node", "time", "chunks", "items/s", "retries"]),
+        (40, ["node", "time", "chunks"]),
+    ],
+)
+def test_the_report_fits_the_terminal_at_any_width(
+    tmp_path: Path, env: dict[str, str], columns: int, headings: list[str]
+) -> None:
+    """Issue 14 item 6, in a pseudo-terminal: the final report drops columns rather than
+    clipping names and figures (`sp…  23 ms`, `ge…  12.64…` at 60 columns before)."""
+    pipeline = tmp_path / "narrow.yaml"
+    pipeline.write_text(
+        """
+name: narrow
+nodes:
+  - {name: split-records, type: planner, modules: [{use: split, chunk_size: 3}]}
+  - name: geocode-addresses
+    dependencies: [split-records]
+    modules: [{use: map, expr: "1 / (item % 3)"}]
+  - {name: collect, dependencies: [geocode-addresses], modules: [{use: aggregate}]}
+"""
+    )
+    terminal = Terminal(["run", str(pipeline), "--data", numbers(tmp_path)], env, columns)
+    code, _, screen = terminal.finish()
+    assert code == 1, screen
+    text = ANSI.sub("", screen).replace("\r", "")
+    report = text[text.rindex("\nnode ") + 1 :].splitlines()
+    assert all(len(line) <= columns for line in report), "\n".join(report)
+    assert report[0].split()[: len(headings)] == headings
+    assert report[0].split()[-1] == "failed"
+    names = [line.split()[0] for line in report[2:5]]
+    assert names[0].startswith("split-rec") and names[2] == "collect"
+    geocode = report[3].split()
+    assert geocode[0].startswith("geocode-a")  # at least 10 characters of a name
+    assert geocode[-1] == "4" and "4/4" in geocode  # whole figures

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from typing import Annotated, Any
@@ -86,7 +87,8 @@ def status(
         from parallel_agent.report import RunReport
 
         lines.append("")
-        lines.extend(report_lines(RunReport.from_dict(report["report"])))
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 80
+        lines.extend(report_lines(RunReport.from_dict(report["report"]), width))
     sys.stdout.write("\n".join(lines) + "\n")
 
 
