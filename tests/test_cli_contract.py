@@ -443,3 +443,27 @@ nodes:
     geocode = report[3].split()
     assert geocode[0].startswith("geocode-a")  # at least 10 characters of a name
     assert geocode[-1] == "4" and "4/4" in geocode  # whole figures
+
+
+COMMANDS = (
+    "run", "validate", "schema", "graph", "status", "results", "failures", "list", "resume",
+    "cancel", "gc",
+)  # fmt: skip
+
+
+def test_help_has_whole_summaries_readable_placeholders_and_an_example(cli: Any) -> None:
+    """Issue 14 item 7: no `<list[str]>` or `<str>` placeholders for options, no summary cut off
+    with `...`, an example in every command's help."""
+    listing = cli("--help").stdout
+    summaries = listing[listing.index("Commands:") :].splitlines()[1:]
+    assert len(summaries) == len(COMMANDS)
+    assert not any(line.rstrip().endswith("...") for line in summaries), listing
+    for command in COMMANDS:
+        text = cli(command, "--help").stdout
+        assert "Example: pagent " + command in text.replace("\n  ", " "), text
+        options = text[text.index("Options:") :]
+        assert "<" not in options, text
+    run_help = cli("run", "--help").stdout
+    for placeholder in ("--set KEY=VALUE", "--data PATH", "--output PATH", "--max-failures N"):
+        assert placeholder in run_help
+    assert "Usage: pagent run [OPTIONS] {PIPELINE}" in run_help

@@ -40,14 +40,21 @@ def _when(timestamp: float | None) -> str:
 
 def status(
     ctx: typer.Context,
-    task_id: Annotated[str, typer.Argument(help="The task id printed when the run started.")],
+    task_id: Annotated[
+        str, typer.Argument(metavar="TASK_ID", help="The task id printed when the run started.")
+    ],
     store: StoreOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
     watch: Annotated[
         bool, typer.Option("--watch", help="Follow the run live (from the store) until it ends.")
     ] = False,
 ) -> None:
-    """Show where a run stands (exit 0 found, 2 unknown id, 4 store unreachable)."""
+    """Show where a run stands: status, counts, node states, report.
+
+    Exit 0 found, 2 unknown id, 4 store unreachable.
+
+    Example: pagent status 20261128-235941-255f10 --json
+    """
     from parallel_agent.app import get_status
     from parallel_agent.display.report import report_lines, stop_text
 
@@ -94,14 +101,20 @@ def status(
 
 def results(
     ctx: typer.Context,
-    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task id.")],
     output: Annotated[
-        str, typer.Option("--output", "-o", help="Where to write (- for stdout).")
+        str, typer.Option("--output", "-o", metavar="PATH", help="Where to write (- for stdout).")
     ] = "-",
-    output_format: Annotated[str | None, typer.Option("--output-format")] = None,
+    output_format: Annotated[
+        str | None,
+        typer.Option("--output-format", metavar="FORMAT", help="json, jsonl or csv."),
+    ] = None,
     store: StoreOption = None,
 ) -> None:
-    """Write a run's results again from the store, without reprocessing."""
+    """Write a run's results again from the store.
+
+    Example: pagent results 20261128-235941-255f10 --output out.jsonl
+    """
     from parallel_agent.app import export_results
 
     with handled_errors(_debug(ctx)):
@@ -117,19 +130,25 @@ def results(
 
 def failures(
     ctx: typer.Context,
-    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task id.")],
     store: StoreOption = None,
     output: Annotated[
         str | None,
         typer.Option(
             "--output",
             "-o",
+            metavar="PATH",
             help="Write the failed input records to PATH (- for stdout) in the input's format, "
             "ready for pagent run, instead of listing them.",
         ),
     ] = None,
 ) -> None:
-    """List failed records as JSON Lines: node, record number, input record, error."""
+    """List failed records as JSON Lines, or write them for a rerun.
+
+    Each line holds node, record number (1-based), input record and error.
+
+    Example: pagent failures 20261128-235941-255f10 --output failed.jsonl
+    """
     from parallel_agent.app import export_failed, iter_failures
     from parallel_agent.report import failed_output_message
 
@@ -152,7 +171,10 @@ def list_command(
         bool, typer.Option("--json", help="Print one JSON array of runs (newest first).")
     ] = False,
 ) -> None:
-    """List the runs the store remembers, newest first."""
+    """List the runs the store remembers, newest first.
+
+    Example: pagent list --json
+    """
     from parallel_agent.app import list_runs
 
     with handled_errors(_debug(ctx)):
@@ -168,9 +190,12 @@ def list_command(
 
 def resume(
     ctx: typer.Context,
-    task_id: Annotated[str, typer.Argument(help="The task id to continue.")],
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task id to continue.")],
     output: Annotated[
-        str | None, typer.Option("--output", "-o", help="Output file (default: the run's own).")
+        str | None,
+        typer.Option(
+            "--output", "-o", metavar="PATH", help="Output file (default: the run's own)."
+        ),
     ] = None,
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="Run failed chunks again.")
@@ -183,7 +208,10 @@ def resume(
     ] = False,
     failed_output: FailedOutputOption = None,
 ) -> None:
-    """Continue an interrupted or failed run, reusing every finished chunk."""
+    """Continue an interrupted or failed run, reusing finished chunks.
+
+    Example: pagent resume 20261128-235941-255f10 --retry-failed
+    """
     from parallel_agent.app import resume_run
     from parallel_agent.display import make_sink
 
@@ -216,10 +244,13 @@ def resume(
 
 def cancel(
     ctx: typer.Context,
-    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task id.")],
     store: StoreOption = None,
 ) -> None:
-    """Cancel a run: its coordinator stops claiming chunks."""
+    """Cancel a run: its coordinator stops claiming chunks.
+
+    Example: pagent cancel 20261128-235941-255f10
+    """
     from parallel_agent.app import cancel_run
 
     with handled_errors(_debug(ctx)):
@@ -250,7 +281,7 @@ def gc(
     ] = False,
     store: StoreOption = None,
 ) -> None:
-    """Drop finished runs older than --older-than hours; --dry-run lists them first.
+    """Drop finished runs older than --older-than hours.
 
     Each dropped (or, with --dry-run, droppable) task id is printed on stdout, one a line.
     Unfinished runs are never dropped; Redis keys of finished runs also expire on their own.

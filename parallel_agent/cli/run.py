@@ -27,34 +27,49 @@ def _debug(ctx: typer.Context) -> bool:
 
 def run(
     ctx: typer.Context,
-    pipeline: Annotated[str, typer.Argument(help="The pipeline YAML file.")],
+    pipeline: Annotated[str, typer.Argument(metavar="PIPELINE", help="The pipeline YAML file.")],
     data: Annotated[
-        str | None, typer.Option("--data", "-d", help="Input file, or - for stdin.")
+        str | None, typer.Option("--data", "-d", metavar="PATH", help="Input file, or - for stdin.")
     ] = None,
     data_format: Annotated[
         str | None,
         typer.Option(
-            "--format", "-f", help="Input format: json, jsonl or csv (default: from the extension)."
+            "--format",
+            "-f",
+            metavar="FORMAT",
+            help="Input format: json, jsonl or csv (default: from the extension).",
         ),
     ] = None,
     data_key: Annotated[
         str,
         typer.Option(
-            "--data-key", help="Key of the record array when the JSON input is an object."
+            "--data-key",
+            metavar="KEY",
+            help="Key of the record array when the JSON input is an object.",
         ),
     ] = "data",
     output: Annotated[
         str | None,
-        typer.Option("--output", "-o", help="Output file (.json, .jsonl, .csv), or - for stdout."),
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="PATH",
+            help="Output file (.json, .jsonl, .csv), or - for stdout.",
+        ),
     ] = None,
     output_format: Annotated[
         str | None,
-        typer.Option("--output-format", help="Output format when the extension does not say."),
+        typer.Option(
+            "--output-format",
+            metavar="FORMAT",
+            help="Output format when the extension does not say.",
+        ),
     ] = None,
     task_id: Annotated[
         str | None,
         typer.Option(
             "--task-id",
+            metavar="TASK_ID",
             help="Name the run (default: a new id). Reusing a finished id returns its summary.",
         ),
     ] = None,
@@ -63,12 +78,15 @@ def run(
         list[str] | None,
         typer.Option(
             "--set",
+            metavar="KEY=VALUE",
             help="Override a pipeline value: KEY=VALUE (task.params.KEY) or a.b.c=VALUE; repeatable.",
         ),
     ] = None,
     max_failures: Annotated[
         int | None,
-        typer.Option("--max-failures", min=0, help="Stop the run once more than N items failed."),
+        typer.Option(
+            "--max-failures", min=0, metavar="N", help="Stop the run once more than N items failed."
+        ),
     ] = None,
     failed_output: FailedOutputOption = None,
     as_json: JsonOption = False,
@@ -78,18 +96,27 @@ def run(
     ] = False,
     events: Annotated[
         str | None,
-        typer.Option("--events", help="Write run events as JSON Lines to PATH (or - for stdout)."),
+        typer.Option(
+            "--events",
+            metavar="PATH",
+            help="Write run events as JSON Lines to PATH (or - for stdout).",
+        ),
     ] = None,
     progress_interval: Annotated[
         float,
         typer.Option(
             "--progress-interval",
             min=0.1,
+            metavar="SECONDS",
             help="Seconds between progress lines when not on a terminal.",
         ),
     ] = 10.0,
 ) -> None:
-    """Run a pipeline over input data."""
+    """Run a pipeline over input data (JSON, JSON Lines or CSV).
+
+    Example: pagent run pipelines/parallel_processing.yaml --data pipelines/data/numbers.json
+    --output out.json
+    """
     from parallel_agent.app import RunOptions, run_pipeline
     from parallel_agent.display import make_sink
 
@@ -129,12 +156,19 @@ def run(
 
 def validate(
     ctx: typer.Context,
-    pipeline: Annotated[str, typer.Argument(help="The pipeline YAML file.")],
+    pipeline: Annotated[str, typer.Argument(metavar="PIPELINE", help="The pipeline YAML file.")],
     overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a pipeline value.")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Override a pipeline value; repeatable."),
     ] = None,
 ) -> None:
-    """Check a pipeline without running it (schema, graph, conditions, imports)."""
+    """Check a pipeline without running it.
+
+    Checks the schema, the graph, every expression and condition, and the imports; warns about
+    condition names no module is known to write.
+
+    Example: pagent validate pipelines/parallel_processing.yaml --set factor=3
+    """
     from pathlib import Path
 
     from parallel_agent.pipeline.build import check_pipeline
@@ -151,10 +185,15 @@ def validate(
 
 def graph(
     ctx: typer.Context,
-    pipeline: Annotated[str, typer.Argument(help="The pipeline YAML file.")],
-    fmt: Annotated[str, typer.Option("--format", help="text, mermaid or dot.")] = "text",
+    pipeline: Annotated[str, typer.Argument(metavar="PIPELINE", help="The pipeline YAML file.")],
+    fmt: Annotated[
+        str, typer.Option("--format", metavar="FORMAT", help="text, mermaid or dot.")
+    ] = "text",
 ) -> None:
-    """Show how a pipeline will run: nodes, dependencies, layers and flow decisions."""
+    """Show a pipeline's nodes, dependencies and decisions.
+
+    Example: pagent graph pipelines/parallel_processing.yaml --format mermaid
+    """
     from parallel_agent.display.graph import RENDERERS
     from parallel_agent.pipeline import load_pipeline
 
@@ -166,7 +205,10 @@ def graph(
 
 
 def schema() -> None:
-    """Print the pipeline file's JSON Schema (for editors)."""
+    """Print the pipeline file's JSON Schema (for editors).
+
+    Example: pagent schema > pipeline.schema.json
+    """
     from parallel_agent.pipeline import pipeline_json_schema
 
     sys.stdout.write(json.dumps(pipeline_json_schema(), indent=2) + "\n")
