@@ -467,3 +467,60 @@ def test_help_has_whole_summaries_readable_placeholders_and_an_example(cli: Any)
     for placeholder in ("--set KEY=VALUE", "--data PATH", "--output PATH", "--max-failures N"):
         assert placeholder in run_help
     assert "Usage: pagent run [OPTIONS] {PIPELINE}" in run_help
+
+
+# ---- a sample, and the Python entry point ---------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_head_processes_only_the_first_records(cli: Any, tmp_path: Path, fmt: str) -> None:
+    pipeline = pipeline_with(tmp_path, "{use: map, expr: 'record'}")
+    data = tmp_path / f"in.{fmt}"
+    rows = [{"n": str(i)} for i in range(10)]
+    if fmt == "jsonl":
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif fmt == "json":
+        data.write_text(json.dumps(rows))
+    else:
+        data.write_text("n\n" + "".join(f"{i}\n" for i in range(10)))
+    output = tmp_path / "out.json"
+    args = ("run", pipeline, "--data", str(data), "--output", str(output), "--task-id", "h")
+    result = cli(*args, "--head", "4", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(output.read_text()) == [1, 2, 3, 4]  # chunk 2 cut after its first record
+    assert json.loads(result.stdout)["items"]["total"] == 4
+    again = cli(*args)
+    assert again.exit_code == 2
+    assert "was started with --head 4, not every record" in again.stderr
+    assert cli(*args, "--head", "0").exit_code == 2
+
+
+def test_run_from_python_returns_the_summary_and_the_results(tmp_path: Path) -> None:
+    import asyncio
+
+    import parallel_agent
+    from parallel_agent.errors import PipelineError
+
+    pipeline = pipeline_with(tmp_path, "{use: map, expr: \"item * params['factor']\"}")
+    data = numbers(tmp_path, 5)
+    summary = parallel_agent.run(
+        pipeline, data, params={"factor": 3}, results=True, store="memory://"
+    )
+    assert (summary.status, summary.exit_code) == ("complete", 0)
+    assert summary.results == [0, 3, 6, 9, 12]
+    assert summary.to_dict()["items"]["done"] == 5
+
+    async def in_a_notebook_cell() -> Any:  # an event loop is running already
+        return parallel_agent.run(
+            pipeline, data, params={"factor": 2}, head=2, results=True, store="memory://"
+        )
+
+    sample = asyncio.run(in_a_notebook_cell())
+    assert sample.results == [0, 2]
+    output = tmp_path / "out.jsonl"
+    parallel_agent.run(pipeline, data, params={"factor": 1}, output=output, store="memory://")
+    assert output.read_text().split() == ["0", "1", "2", "3", "4"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(pipeline).read_text().replace("params['factor']", "factr"))
+    with pytest.raises(PipelineError, match="NameError: name 'factr' is not defined"):
+        parallel_agent.run(bad, data, store="memory://")

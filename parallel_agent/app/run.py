@@ -66,6 +66,8 @@ class RunOptions:
     max_failures: int | None = None
     #: write the failed input records here, in the input's format, when the run ends
     failed_output: str | None = None
+    #: process only the first N input records (a sample); part of the run's identity
+    head: int | None = None
     stdin: BinaryIO | None = None
     stdout: BinaryIO | None = None
 
@@ -157,11 +159,13 @@ class PipelineRun:
                 )
             return None
         fmt = detect_format(options.data, options.data_format)
+        if options.head is not None and options.head < 1:
+            raise UsageError(f"--head must be 1 or more, not {options.head}")
         if options.data == "-":
-            return InputSource("-", fmt, options.data_key, stream=options.stdin)
+            return InputSource("-", fmt, options.data_key, stream=options.stdin, head=options.head)
         if not Path(options.data).is_file():
             raise UsageError(f"--data: no such file: {options.data}")
-        return InputSource(options.data, fmt, options.data_key)
+        return InputSource(options.data, fmt, options.data_key, head=options.head)
 
     async def _run_with_store(
         self,
@@ -230,6 +234,15 @@ class PipelineRun:
                 f"task '{existing.task_id}' was started with a different pipeline; "
                 "use a new --task-id"
             )
+        if existing.extra.get("head") != self.options.head:
+            before = existing.extra.get("head")
+            raise UsageError(
+                f"task '{existing.task_id}' was started with "
+                + (f"--head {before}" if before else "every record")
+                + ", not "
+                + (f"--head {self.options.head}" if self.options.head else "every record")
+                + "; use a new --task-id"
+            )
         path = source.path if source is not None else None
         if path not in (None, "-") and existing.input_path not in (None, str(Path(path).resolve())):
             raise UsageError(
@@ -274,6 +287,7 @@ class PipelineRun:
             extra={
                 "pipeline_file": str(Path(self.options.pipeline).resolve()),
                 "data_key": self.options.data_key,
+                "head": self.options.head,
             },
         )
         if not await store.create_run(info):
@@ -499,6 +513,7 @@ def resume_run(
             store=store,
             stdout=stdout,
             failed_output=failed_output,
+            head=info.extra.get("head"),
         )
 
     options = asyncio.run(with_store(store, prepare))

@@ -39,6 +39,8 @@ class RunSummary:
     failed_output_records: int | None = None
     #: why the run stopped before its end (STOP_KINDS in modules.context), None when it did not
     stop_reason: str | None = None
+    #: the results, when `parallel_agent.run(..., results=True)` asked for them (not in to_dict)
+    results: list[Any] | None = None
 
     @property
     def exit_code(self) -> int:

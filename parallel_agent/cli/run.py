@@ -89,6 +89,15 @@ def run(
         ),
     ] = None,
     failed_output: FailedOutputOption = None,
+    head: Annotated[
+        int | None,
+        typer.Option(
+            "--head",
+            min=1,
+            metavar="N",
+            help="Process only the first N records (try a pipeline on a sample).",
+        ),
+    ] = None,
     as_json: JsonOption = False,
     summary_path: SummaryOption = None,
     quiet: Annotated[
@@ -133,6 +142,7 @@ def run(
             overrides=overrides or [],
             max_failures=max_failures,
             failed_output=failed_output,
+            head=head,
             stdin=sys.stdin.buffer if data == "-" else None,
             stdout=sys.stdout.buffer if output == "-" else None,
         )

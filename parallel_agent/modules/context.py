@@ -25,6 +25,8 @@ class InputSource:
     fmt: str
     data_key: str = "data"
     stream: BinaryIO | None = None
+    head: int | None = None
+    """Read only the first `head` records (`pagent run --head N`, to try a pipeline on a sample)."""
 
 
 @dataclass
