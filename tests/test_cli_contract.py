@@ -524,3 +524,34 @@ def test_run_from_python_returns_the_summary_and_the_results(tmp_path: Path) -> 
     bad.write_text(Path(pipeline).read_text().replace("params['factor']", "factr"))
     with pytest.raises(PipelineError, match="NameError: name 'factr' is not defined"):
         parallel_agent.run(bad, data, store="memory://")
+
+
+def test_ctrl_c_in_plain_mode_says_interrupted(tmp_path: Path, env: dict[str, str]) -> None:
+    with gated_run(tmp_path) as (pipeline, data):
+        proc = plain(["run", pipeline, "--data", data, "--task-id", "pc"], env)
+        wait_until(lambda: (tmp_path / "at-gate").exists(), "record 11 at the gate")
+        os.killpg(proc.pid, signal.SIGINT)
+        (tmp_path / "open-gate").touch()
+        code, stdout, stderr = communicate(proc)
+    assert (code, stdout) == (130, "")
+    assert "pagent: node work interrupted" in stderr
+    assert "pagent: node collect not reached" in stderr
+    assert "succeeded" not in stderr.replace("node split succeeded", "")
+    assert re.search(r"task pc interrupted: \d+ of 20 items done", stderr)
+    assert "pagent: stopped early: interrupted (Ctrl-C or a stop signal)" in stderr
+    assert stderr.rstrip().endswith("run interrupted; resume it with: pagent resume pc")
+
+
+def test_max_failures_in_a_terminal_says_why_it_stopped(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    pipeline = pipeline_with(tmp_path, "{use: map, expr: '1 / (item % 2)'}", "{concurrency: 1}")
+    args = ["run", pipeline, "--data", numbers(tmp_path, 60), "--max-failures", "2", "--json"]
+    terminal = Terminal(args, env)
+    code, stdout, screen = terminal.finish()
+    summary = json.loads(stdout)
+    assert (code, summary["status"], summary["stop_reason"]) == (1, "failed", "max_failures")
+    text = ANSI.sub("", screen)
+    assert "stopped early: --max-failures exceeded: more than 2 items failed" in text
+    assert re.search(r"work\s+(failed|partial)", text)
+    assert not re.search(r"work\s+succeeded", text)
