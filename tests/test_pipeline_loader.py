@@ -616,3 +616,21 @@ nodes:
     ]
     fixed = text.replace("completed_subtask)", "completed_subtasks)")
     assert check_pipeline_text(fixed, "p.yaml")[1] == []
+
+
+def test_an_unknown_module_and_an_unknown_dependency_are_both_reported() -> None:
+    """Issue 14: `use: mapp` used to hide the unknown dependency of the same file."""
+    text = """\
+name: t
+nodes:
+  - {name: split, modules: [{use: split, chunk_size: 2}]}
+  - name: m
+    dependencies: [splitt]
+    modules: [{use: mapp, expr: "item"}]
+"""
+    assert error_of(text).splitlines() == [
+        "p.yaml, line 5, column 20: nodes[1].dependencies[0]: unknown node 'splitt' (did you "
+        "mean 'split'?)",
+        "p.yaml, line 6, column 16: nodes[1].modules[0].use: unknown module 'mapp'; known "
+        "modules: aggregate, filter, map, split",
+    ]

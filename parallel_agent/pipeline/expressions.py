@@ -99,3 +99,20 @@ def check_expressions(doc: dict[str, Any]) -> tuple[list[Problem], list[Problem]
                     )
                 )
     return errors, warnings
+
+
+def unknown_dependencies(doc: dict[str, Any]) -> list[Problem]:
+    """Dependencies naming no node of the document (read before, and whatever, the schema says)."""
+    nodes = doc.get("nodes")
+    nodes = [node for node in nodes if isinstance(node, dict)] if isinstance(nodes, list) else []
+    names = [str(node["name"]) for node in nodes if isinstance(node.get("name"), str)]
+    problems: list[Problem] = []
+    for index, node in enumerate(doc.get("nodes") or []):
+        dependencies = node.get("dependencies") if isinstance(node, dict) else None
+        for position, name in enumerate(dependencies if isinstance(dependencies, list) else []):
+            if isinstance(name, str) and name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                path: KeyPath = ("nodes", index, "dependencies", position)
+                problems.append((path, f"unknown node '{name}'{hint}"))
+    return problems

@@ -21,7 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from parallel_agent.errors import Location, PipelineError, UsageError
-from parallel_agent.pipeline.expressions import check_expressions
+from parallel_agent.pipeline.expressions import check_expressions, unknown_dependencies
 from parallel_agent.pipeline.schema import (
     BUILTIN_MODULES,
     KNOWN_KEYS,
@@ -413,7 +413,12 @@ def check_pipeline_text(
     try:
         pipeline = Pipeline.model_validate(doc)
     except ValidationError as exc:
-        errors = [*_problems(exc), *errors]
+        schema_errors = _problems(exc)
+        # The graph's checks run only on a valid model: find unknown dependencies here too, so
+        # that one run of `validate` shows every problem of the file.
+        if not any("dependencies" in path for path, _ in schema_errors):
+            schema_errors += unknown_dependencies(doc)
+        errors = [*schema_errors, *errors]
     if errors:
         raise _located_error(errors, source, marks, applied)
     return pipeline, _lines(_located(warnings, source, marks, applied))
