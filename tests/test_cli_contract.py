@@ -555,3 +555,44 @@ def test_max_failures_in_a_terminal_says_why_it_stopped(
     assert "stopped early: --max-failures exceeded: more than 2 items failed" in text
     assert re.search(r"work\s+(failed|partial)", text)
     assert not re.search(r"work\s+succeeded", text)
+
+
+def test_runs_close_every_descriptor_connection_and_process_they_open(tmp_path: Path) -> None:
+    """Issue 14 item 9: a long-lived process (a notebook, a worker) running pipeline after
+    pipeline keeps its descriptors: SQLite connections, worker processes and their pipes, the
+    pipes of `command` maps are all closed (Python 3.13 warns about each one left open)."""
+    import gc
+    import warnings
+
+    import parallel_agent
+
+    pipeline = tmp_path / "procs.yaml"
+    pipeline.write_text(
+        """
+name: procs
+nodes:
+  - {name: split, modules: [{use: split, chunk_size: 3}]}
+  - name: work
+    dependencies: [split]
+    modules: [{use: map, expr: "item * 2"}]
+    node_config: {processes: 2}
+  - {name: cmd, dependencies: [work], modules: [{use: map, command: "cat"}]}
+  - {name: collect, dependencies: [cmd], modules: [{use: aggregate}]}
+"""
+    )
+    data = numbers(tmp_path, 30)
+    store = f"sqlite:///{tmp_path / 'state.db'}"
+
+    def descriptors() -> int:
+        gc.collect()
+        return len(os.listdir("/proc/self/fd"))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = parallel_agent.run(pipeline, data, store=store, results=True)
+        assert first.results == list(range(0, 60, 2))
+        before = descriptors()
+        for _ in range(3):
+            assert parallel_agent.run(pipeline, data, store=store).status == "complete"
+        assert descriptors() == before
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
