@@ -10,6 +10,7 @@ expression owns its interpreters (one per thread, since per-item expressions run
 from __future__ import annotations
 
 import ast
+import contextvars
 import difflib
 import re
 import threading
@@ -27,6 +28,16 @@ MAX_SIZE = 1_000_000
 MAX_INT_BITS = 100_000
 MAX_ITERATIONS = 1_000_000
 """Comprehension iterations allowed per evaluation."""
+MAX_EVALUATION_BYTES = 256 * 1024 * 1024
+"""Memory one evaluation may allocate in total: the sizes of the values it builds (operators,
+calls, comprehensions, slices, f-strings), added up over the whole evaluation. So the total for a
+run is this times the evaluations in flight (one per thread evaluating an expression)."""
+
+evaluation_cancelled: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "evaluation_cancelled", default=None
+)
+"""Set by whoever runs evaluations on a thread it may abandon (a stopping run): an evaluation
+stops at its next step once the event is set."""
 
 FORBIDDEN_NAMES = frozenset(
     {

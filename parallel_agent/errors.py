@@ -10,6 +10,7 @@
     ├── OutputError                  5  the output cannot be written
     ├── TaskBusyError                6  another coordinator holds the task id
     ├── InterruptedRunError          130 the run was interrupted and can be resumed
+    ├── RunCancelledError            1  a claim on a run that `pagent cancel` cancelled
     ├── NodeExecutionError           1  a module failed after its retries (engine level)
     │   └── NonRetryableException    1  raised by a module to fail at once, without retries
     └── LimitExceededError           1  a loop limit (max_total_iterations, max_visits) stopped the run
@@ -120,6 +121,10 @@ class InterruptedRunError(PagentError):
 
     exit_code = 130
     summary: dict[str, Any] | None = None
+
+
+class RunCancelledError(PagentError):
+    """Raised by a chunk claim once `pagent cancel` has cancelled the run: nobody takes new work."""
 
 
 class NodeExecutionError(PagentError):

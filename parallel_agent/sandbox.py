@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import io
+import sys
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,6 +17,7 @@ from asteval.astutils import op2func
 
 from parallel_agent.conditions import (
     _AMPLIFYING_METHODS,
+    MAX_EVALUATION_BYTES,
     MAX_EXPRESSION_LENGTH,
     MAX_ITERATIONS,
     SandboxLimitError,
@@ -23,11 +26,17 @@ from parallel_agent.conditions import (
     _guard_method,
     _size,
     base_symbols,
+    evaluation_cancelled,
 )
+
+_CHARGED: tuple[type, ...] = (str, bytes, list, tuple, set, frozenset, dict, int)
 
 
 class SandboxInterpreter(Interpreter):  # type: ignore[misc]
-    """asteval with size checks on operators and methods, and an iteration budget."""
+    """asteval with size checks on operators and methods, an iteration budget, and a memory
+    budget per evaluation: every value an operator, call, comprehension, slice or f-string
+    builds is charged its (shallow) size, so nested allocations add up (`[[0]*10**6 for _ in
+    range(1000)]` stops at MAX_EVALUATION_BYTES, not at the machine's memory)."""
 
     def __init__(self) -> None:
         disabled = (
@@ -45,6 +54,8 @@ class SandboxInterpreter(Interpreter):  # type: ignore[misc]
         )
         self.node_handlers["generatorexp"] = self.on_listcomp
         self.iterations = 0
+        self.allocated = 0
+        self.cancelled: threading.Event | None = None
 
     def reset(self, symtable: dict[str, Any], text: str) -> None:
         self.symtable = symtable
@@ -56,12 +67,49 @@ class SandboxInterpreter(Interpreter):  # type: ignore[misc]
         self._interrupt = None
         self._calldepth = 0
         self.iterations = 0
+        self.allocated = 0
+        self.cancelled = evaluation_cancelled.get()
+        self._check_cancelled()
+
+    def _check_cancelled(self) -> None:
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise SandboxLimitError("evaluation stopped: the run is stopping")
+
+    def _charge(self, value: Any) -> Any:
+        """Add the memory `value` holds (not counting its elements, charged when they were made)
+        to this evaluation's total; past MAX_EVALUATION_BYTES the evaluation fails."""
+        if isinstance(value, _CHARGED):
+            self.allocated += sys.getsizeof(value)
+            if self.allocated > MAX_EVALUATION_BYTES:
+                raise SandboxLimitError(
+                    f"the expression would use more than {MAX_EVALUATION_BYTES >> 20} MiB"
+                )
+        return value
 
     def on_binop(self, node: ast.BinOp) -> Any:
         left = self.run(node.left)
         right = self.run(node.right)
         _check_binop(type(node.op), left, right)
-        return op2func(node.op)(left, right)
+        return self._charge(op2func(node.op)(left, right))
+
+    def on_call(self, node: ast.Call) -> Any:
+        return self._charge(super().on_call(node))
+
+    def on_subscript(self, node: ast.Subscript) -> Any:
+        value = super().on_subscript(node)
+        return self._charge(value) if isinstance(node.slice, ast.Slice) else value
+
+    def on_joinedstr(self, node: ast.JoinedStr) -> Any:
+        return self._charge(super().on_joinedstr(node))
+
+    def on_listcomp(self, node: ast.ListComp) -> Any:
+        return self._charge(super().on_listcomp(node))
+
+    def on_setcomp(self, node: ast.SetComp) -> Any:
+        return self._charge(super().on_setcomp(node))
+
+    def on_dictcomp(self, node: ast.DictComp) -> Any:
+        return self._charge(super().on_dictcomp(node))
 
     def on_attribute(self, node: ast.Attribute) -> Any:
         value = super().on_attribute(node)
@@ -84,6 +132,7 @@ class SandboxInterpreter(Interpreter):  # type: ignore[misc]
                 self.iterations += 1
                 if self.iterations > MAX_ITERATIONS:
                     raise SandboxLimitError(f"more than {MAX_ITERATIONS} comprehension iterations")
+                self._check_cancelled()
                 yield value
 
         # asteval re-evaluates `gnode.iter`; hand it a pre-evaluated, counted iterable instead.

@@ -23,7 +23,7 @@ import pytest
 from helpers.redis_server import RedisServerFactory, redis_server_binary
 from helpers.runs import T0, make_info
 
-from parallel_agent.errors import StateLostError, StoreError, UsageError
+from parallel_agent.errors import RunCancelledError, StateLostError, StoreError, UsageError
 from parallel_agent.store import default_store_url, mask_url, open_store
 from parallel_agent.store.base import (
     ChunkSpec,
@@ -832,3 +832,34 @@ async def test_redis_restart_loses_or_keeps_state(
         assert [r.index async for r in store.results("t1", NODE)] == [0]
     finally:
         await store.close()
+
+
+# -- cancel (RELIABILITY.md promise 16) ------------------------------------------------------------
+
+
+async def test_claim_refuses_a_cancelled_run(store: RunStore, run: RunInfo) -> None:
+    """Promise 16: a cancel is never lost. The claim itself refuses a cancelled run (in the same
+    atomic step), so no worker, here or on another machine, takes a chunk after `pagent cancel`."""
+    await store.add_chunks("t1", NODE, specs(range(3)))
+    assert len(await claim(store, limit=1)) == 1
+    await store.update_run("t1", status="cancelled")
+    with pytest.raises(RunCancelledError):
+        await claim(store, limit=1)
+    counts = await store.counts("t1", NODE)
+    assert (counts.pending, counts.leased) == (2, 1)
+
+
+async def test_update_run_unless_cancelled_keeps_a_cancel(store: RunStore, run: RunInfo) -> None:
+    """Promise 16: a coordinator finishing just after `pagent cancel` cannot overwrite it with
+    `complete`; its other fields still change, and the recorded status is returned."""
+    assert await store.update_run("t1", status="executing") == "executing"
+    assert await store.update_run("t1", status="complete", unless_cancelled=True) == "complete"
+    await store.update_run("t1", status="cancelled")
+    recorded = await store.update_run(
+        "t1", status="complete", extra={"summary": {"n": 1}}, unless_cancelled=True
+    )
+    assert recorded == "cancelled"
+    info = await store.get_run("t1")
+    assert info is not None
+    assert (info.status, info.extra["summary"]) == ("cancelled", {"n": 1})
+    assert await store.update_run("t1", status="interrupted") == "interrupted"  # resume may

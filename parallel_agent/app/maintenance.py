@@ -12,7 +12,8 @@ from parallel_agent.store.base import RunStore
 
 
 def cancel_run(task_id: str, store: str | None = None) -> str:
-    """Mark a run cancelled; its coordinator notices within a lock renewal and stops claiming."""
+    """Mark a run cancelled: every claim refuses it from now on (on any machine), the coordinator
+    also notices at its next lock renewal, and its final status never overwrites the cancel."""
 
     async def action(s: RunStore) -> str:
         info = await require_run(s, task_id)

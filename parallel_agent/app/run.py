@@ -113,7 +113,8 @@ class PipelineRun:
         self.interrupted = False
 
     def interrupt(self) -> None:
-        """Stop claiming chunks; in-flight chunks finish, and the run ends resumable (exit 130)."""
+        """Stop claiming chunks; in-flight chunks get a short grace (HANDBACK_GRACE_S), then are
+        handed back, and the run ends resumable (exit 130)."""
         self.interrupted = True
         if self.ctx is not None:
             self.ctx.request_stop("interrupted", kind="interrupt")
@@ -338,6 +339,7 @@ class PipelineRun:
                 status=TaskStatus.FAILED.value,
                 finished_at=time.time(),
                 extra={"error": str(ctx.fatal)},
+                unless_cancelled=True,
             )
             raise ctx.fatal
         if ctx.stop_kind is not None or task.status != TaskStatus.COMPLETE:
@@ -355,12 +357,17 @@ class PipelineRun:
             nodes=[node.name for node in pipeline.nodes],
             durations=durations,
         )
-        await store.update_run(
+        recorded = await store.update_run(
             info.task_id,
             status=summary.status,
             finished_at=time.time() if summary.status in FINISHED else None,
             extra={"summary": summary.to_dict()},
+            unless_cancelled=True,
         )
+        if recorded == TaskStatus.CANCELLED.value != summary.status:
+            # `pagent cancel` came after the last claim: the run ends cancelled all the same.
+            _mark_cancelled(summary)
+            await store.update_run(info.task_id, extra={"summary": summary.to_dict()})
         if summary.status in FINISHED:
             # After the run is recorded: a failed write (exit 5) leaves a finished run whose
             # failed records `pagent failures ID --output PATH` can still write.
@@ -405,9 +412,11 @@ class PipelineRun:
         if ctx.stop_kind == "interrupt":
             summary.status = TaskStatus.INTERRUPTED.value
             return summary
-        if ctx.stop_kind == "cancel":
-            summary.status = TaskStatus.CANCELLED.value
-            summary.error = "cancelled by pagent cancel"
+        current = await store.get_run(info.task_id)
+        if ctx.stop_kind == "cancel" or (
+            current is not None and current.status == TaskStatus.CANCELLED.value
+        ):
+            _mark_cancelled(summary)
             return summary
         if ctx.stop_reason is not None:
             summary.status = TaskStatus.FAILED.value
@@ -447,6 +456,12 @@ def every_item_failed(summary: RunSummary) -> bool:
     if not summary.items_failed:
         return False
     return all(not counts.get("items_done") for counts in summary.nodes.values())
+
+
+def _mark_cancelled(summary: RunSummary) -> None:
+    summary.status = TaskStatus.CANCELLED.value
+    summary.stop_reason = "cancel"
+    summary.error = "cancelled by pagent cancel"
 
 
 STOP_SIGNALS = tuple(

@@ -28,6 +28,13 @@ def say_error(message: str) -> None:
     sys.stderr.flush()
 
 
+def say_stop_reason(exit_code: int, error: str | None) -> None:
+    """Why a run ended short (a loop limit, `--max-failures`, a cancel, a failed node), as an
+    error line: printed also under `--quiet`, since errors are never quiet."""
+    if exit_code != EXIT_OK and error:
+        say_error(error)
+
+
 @contextmanager
 def handled_errors(debug: bool) -> Iterator[None]:
     """Map PagentError to its exit code; anything unexpected exits 1 with one line (traceback with --debug)."""

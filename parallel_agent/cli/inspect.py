@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from parallel_agent.cli.errors import handled_errors
+from parallel_agent.cli.errors import handled_errors, say_stop_reason
 from parallel_agent.cli.options import (
     FailedOutputOption,
     JsonOption,
@@ -239,6 +239,7 @@ def resume(
             raise
         sink.close()
         write_summary(summary.to_dict(), as_json=as_json, path=summary_path)
+        say_stop_reason(summary.exit_code, summary.error)
         raise typer.Exit(summary.exit_code)
 
 

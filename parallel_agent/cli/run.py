@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from parallel_agent.cli.errors import handled_errors
+from parallel_agent.cli.errors import handled_errors, say_stop_reason
 from parallel_agent.cli.options import (
     FailedOutputOption,
     JsonOption,
@@ -161,6 +161,7 @@ def run(
             raise
         sink.close()
         write_summary(summary.to_dict(), as_json=as_json, path=summary_path)
+        say_stop_reason(summary.exit_code, summary.error)
         raise typer.Exit(summary.exit_code)
 
 

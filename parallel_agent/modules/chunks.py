@@ -13,10 +13,10 @@ from typing import Any
 
 import orjson
 
-from parallel_agent.errors import StoreError, UsageError
+from parallel_agent.errors import RunCancelledError, StoreError, UsageError
 from parallel_agent.events import ChunkDone, ChunkFailed, ChunksPlanned, ChunkStarted, ItemFailed
 from parallel_agent.jsonl import encode_lines
-from parallel_agent.modules.context import RunContext, stop_loop, wait_or_timeout
+from parallel_agent.modules.context import STOP_GRACE_S, RunContext, stop_loop, wait_or_timeout
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError, describe
 from parallel_agent.modules.processors import ChunkProcessor
 from parallel_agent.store.base import ChunkSpec, Lease, NodeCounts, encode_record_numbers
@@ -120,6 +120,16 @@ class ChunkWorkers:
                 group.create_task(self._worker(number))
 
     async def _worker(self, number: int) -> None:
+        """Work chunks until the queue is drained or the run stops; a store failure or a cancel
+        stops the whole run (never an ExceptionGroup out of the task group)."""
+        try:
+            await self._work_queue(number)
+        except RunCancelledError:
+            self.ctx.request_stop("cancelled", kind="cancel")
+        except StoreError as exc:
+            self.ctx.fail_run(exc)
+
+    async def _work_queue(self, number: int) -> None:
         ctx, settings = self.ctx, self.settings
         owner = f"{ctx.owner}/{settings.node}/{number}"
         idle = 0.01
@@ -194,28 +204,36 @@ class ChunkWorkers:
         return str(exc) if isinstance(exc, ChunkFailure) else describe(exc)
 
     async def _process_with_lease(self, lease: Lease) -> ChunkOutcome | None:
-        """Run the processor while a heartbeat renews the lease; None if the lease was lost."""
+        """Run the processor while a heartbeat renews the lease; None if the lease was lost, or
+        if the run stopped and the chunk was handed back after the grace."""
         lost, finished = asyncio.Event(), asyncio.Event()
-        work = asyncio.ensure_future(
-            self._timed(
-                self.processor.process_payload(lease.payload, lease.numbers, self.ctx.params)
-            )
-        )
+        work = asyncio.ensure_future(self._timed(lease))
         heartbeat = asyncio.ensure_future(self._heartbeat(lease, lost, finished, work))
+        handback = asyncio.ensure_future(self.ctx.handback.wait())
         try:
-            return await work
+            await asyncio.wait({work, handback}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            await _abandon(work)
+            await self.ctx.store.release(lease)
+            return None
         except asyncio.CancelledError:
             if lost.is_set():  # the heartbeat lost the lease and cancelled the work
                 return None
+            await _abandon(work)
             raise
         finally:
+            handback.cancel()
             await stop_loop(heartbeat, finished)
 
-    async def _timed(self, coro: Any) -> ChunkOutcome:
+    async def _timed(self, lease: Lease) -> ChunkOutcome:
+        # The processor's coroutine is made here, inside the task: a task cancelled before it
+        # starts then leaves no coroutine that was never awaited.
+        work = self.processor.process_payload(lease.payload, lease.numbers, self.ctx.params)
         if self.settings.timeout is None:
-            return await coro  # type: ignore[no-any-return]
+            return await work
         async with asyncio.timeout(self.settings.timeout):
-            return await coro  # type: ignore[no-any-return]
+            return await work
 
     async def _heartbeat(
         self, lease: Lease, lost: asyncio.Event, finished: asyncio.Event, work: asyncio.Future[Any]
@@ -328,3 +346,10 @@ class ChunkWorkers:
 
 def _record(error: ItemError) -> int:
     return error.record
+
+
+async def _abandon(work: asyncio.Future[Any]) -> None:
+    """Cancel a chunk's processing: a thread is told to stop and left behind, a worker process
+    or a command is killed. Waits a little for that, never for ever."""
+    work.cancel()
+    await asyncio.wait({work}, timeout=STOP_GRACE_S)

@@ -61,6 +61,9 @@ class RunContext:
     stop_reason: str | None = None
     stop_kind: str | None = None
     """Why the run stopped early, as a word scripts can test (STOP_KINDS); `stop_reason` says it."""
+    handback: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set HANDBACK_GRACE_S after `stop`: chunks still in flight are then abandoned and their
+    leases released, so a resume (or another worker) redoes them."""
     consumers: dict[str, list[str]] = field(default_factory=dict)
     """For each data node, the data nodes that consume its output."""
     fatal: PagentError | None = None
@@ -78,12 +81,14 @@ class RunContext:
         self.request_stop(str(error), kind="error")
 
     def request_stop(self, reason: str, kind: str = "error") -> None:
-        """Ask every worker to stop claiming new chunks (first reason wins). `kind` is one of
-        STOP_KINDS."""
+        """Ask every worker to stop claiming new chunks (first reason wins; `kind` is one of
+        STOP_KINDS); chunks in flight get HANDBACK_GRACE_S to finish, then are handed back."""
         if self.stop_reason is None:
             self.stop_reason = reason
             self.stop_kind = kind
-        self.stop.set()
+        if not self.stop.is_set():
+            self.stop.set()
+            asyncio.get_running_loop().call_later(HANDBACK_GRACE_S, self.handback.set)
 
     @staticmethod
     def now() -> float:
@@ -96,6 +101,9 @@ STOP_KINDS = ("interrupt", "cancel", "max_failures", "on_error_stop", "iteration
 
 #: How long a background loop gets to finish its current step once told to stop.
 STOP_GRACE_S = 2.0
+#: How long chunks in flight get to finish once the run stops (a signal, `pagent cancel`,
+#: `--max-failures`, a fatal error) before they are abandoned and handed back (README).
+HANDBACK_GRACE_S = 3.0
 
 
 async def wait_or_timeout(event: asyncio.Event, seconds: float) -> bool:

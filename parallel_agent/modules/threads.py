@@ -16,16 +16,20 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from parallel_agent.conditions import evaluation_cancelled
 from parallel_agent.modules.items import describe
 
 T = TypeVar("T")
 
 
 async def run_in_thread(function: Callable[..., T], *args: Any) -> T:
-    """`function(*args)` on a new daemon thread; cancelling the await abandons the call."""
+    """`function(*args)` on a new daemon thread; cancelling the await abandons the call (an
+    expression evaluation in it sees `evaluation_cancelled` and stops)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
     context = contextvars.copy_context()
+    abandoned = threading.Event()
+    context.run(evaluation_cancelled.set, abandoned)
 
     def settle(result: Any, error: BaseException | None) -> None:
         if future.cancelled():
@@ -50,4 +54,8 @@ async def run_in_thread(function: Callable[..., T], *args: Any) -> T:
             loop.call_soon_threadsafe(settle, result, error)
 
     threading.Thread(target=target, name="pagent-call", daemon=True).start()
-    return await future
+    try:
+        return await future
+    except asyncio.CancelledError:
+        abandoned.set()
+        raise

@@ -30,6 +30,9 @@ from parallel_agent.modules.items import (
 )
 
 _LENGTHS = struct.Struct("<II")
+#: Address space a worker process may use (RLIMIT_AS): past it an allocation of the user's code
+#: raises MemoryError, an error of that chunk's item or chunk, instead of taking the machine.
+ADDRESS_SPACE_LIMIT = 4 << 30
 
 
 def frame(header: dict[str, Any], body: bytes = b"") -> bytes:
@@ -144,8 +147,24 @@ def _die_with_coordinator() -> None:
         os._exit(1)
 
 
+def _limit_memory() -> None:
+    """Cap this worker's address space at ADDRESS_SPACE_LIMIT (or the lower limit it inherited)."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = ADDRESS_SPACE_LIMIT
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, soft)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
 def main() -> None:
     _die_with_coordinator()
+    _limit_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when its workers stop
     # Requests arrive on a private copy of stdin; the user's code (and anything it starts) reads
     # /dev/null, as in-process, and can never eat a request.

@@ -6,7 +6,8 @@
     unix://[[user]:password@]/path/redis.sock[?db=N]
 
 Query options (Redis): connect_timeout, socket_timeout and retry_budget in seconds, finished_ttl in
-seconds (how long a finished run's keys live). SQLite: retry_budget.
+seconds (how long a finished run's keys live), max_connections, redis-py's ssl_*; any other is a
+usage error. SQLite: retry_budget.
 """
 
 from __future__ import annotations

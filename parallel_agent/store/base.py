@@ -29,10 +29,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
 
-from parallel_agent.errors import StateLostError
+from parallel_agent.errors import RunCancelledError, StateLostError
 
 #: Run statuses after which a run never changes by itself; `gc` drops them and Redis expires them.
 FINISHED_STATUSES = frozenset({"complete", "partial_failure", "failed", "cancelled"})
+#: The status `pagent cancel` records; claims refuse it.
+CANCELLED = "cancelled"
 
 #: How long a finished run's Redis keys live before they expire (7 days).
 DEFAULT_FINISHED_TTL_S = 7 * 24 * 3600.0
@@ -239,8 +241,16 @@ class RetryBudget:
     """Exponential backoff with jitter under a wall-clock deadline, shared by the backends so
     every store call gives up after the same bounded time (timeouts spent waiting included)."""
 
-    def __init__(self, budget_s: float, *, first_s: float = 0.05, cap_s: float = 2.0) -> None:
-        self.deadline = time.monotonic() + budget_s
+    def __init__(
+        self,
+        budget_s: float,
+        *,
+        first_s: float = 0.05,
+        cap_s: float = 2.0,
+        since: float | None = None,
+    ) -> None:
+        """`since`: when the trouble began (monotonic), if before now; the budget counts from it."""
+        self.deadline = (time.monotonic() if since is None else since) + budget_s
         self.step = first_s
         self.cap_s = cap_s
 
@@ -302,8 +312,13 @@ class RunStore(ABC):
         finished_at: float | None = None,
         output_path: str | None = None,
         extra: dict[str, Any] | None = None,
-    ) -> None:
+        unless_cancelled: bool = False,
+    ) -> str:
         """Change the given fields atomically and set `updated_at`; `extra` keys are merged.
+        Returns the status recorded after the change.
+
+        `unless_cancelled`: a run that `pagent cancel` cancelled keeps that status (the other
+        fields still change), so a coordinator finishing at that moment cannot overwrite it.
 
         Setting a finished status (FINISHED_STATUSES) starts the finished-run TTL on backends that
         expire keys (Redis); setting any other status cancels it (a resumed run lives on).
@@ -397,6 +412,8 @@ class RunStore(ABC):
         Each claim adds one to the chunk's attempt and issues a new, strictly greater token. An
         expired lease whose attempts reached `max_attempts` is moved to FAILED with
         "lease expired after N attempts" instead of being handed out. Empty list: nothing claimable.
+        Raises RunCancelledError when the run is cancelled (checked in the same atomic step, so
+        no worker anywhere takes a chunk after `pagent cancel` returned).
         """
 
     @abstractmethod
@@ -470,6 +487,11 @@ class RunStore(ABC):
     def _now(self) -> float:
         """The store's clock when a caller passes no `now`."""
         return time.time()
+
+
+def run_cancelled(task_id: str) -> RunCancelledError:
+    """The error of a claim on a cancelled run."""
+    return RunCancelledError(f"task '{task_id}' was cancelled (pagent cancel)")
 
 
 def run_missing(url: str, task_id: str) -> StateLostError:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from parallel_agent.store.base import (
+    CANCELLED,
     ChunkResult,
     ChunkSpec,
     ChunkState,
@@ -23,6 +24,7 @@ from parallel_agent.store.base import (
     RunInfo,
     RunStore,
     lease_expired_error,
+    run_cancelled,
     run_missing,
 )
 
@@ -102,11 +104,12 @@ class MemoryStore(RunStore):
         finished_at: float | None = None,
         output_path: str | None = None,
         extra: dict[str, Any] | None = None,
-    ) -> None:
+        unless_cancelled: bool = False,
+    ) -> str:
         async with self._mutex:
             task = self._task(task_id)
             changes: dict[str, Any] = {"updated_at": self._now()}
-            if status is not None:
+            if status is not None and not (unless_cancelled and task.info.status == CANCELLED):
                 changes["status"] = status
             if finished_at is not None:
                 changes["finished_at"] = finished_at
@@ -115,6 +118,7 @@ class MemoryStore(RunStore):
             if extra:
                 changes["extra"] = {**task.info.extra, **copy.deepcopy(extra)}
             task.info = replace(task.info, **changes)
+            return task.info.status
 
     async def list_runs(self) -> list[RunInfo]:
         async with self._mutex:
@@ -187,6 +191,8 @@ class MemoryStore(RunStore):
     ) -> list[Lease]:
         async with self._mutex:
             state = self._node(task_id, node)
+            if self._task(task_id).info.status == CANCELLED:
+                raise run_cancelled(task_id)
             at = self._now() if now is None else now
             candidates: list[_Chunk] = []
             for chunk in state.chunks.values():

@@ -4,7 +4,9 @@ Each chunk transition (add, seal, claim, renew, commit, fail, release, retry) is
 call, so it is atomic and one round trip; scripts live in `store/lua/` and are re-sent by redis-py
 after a server restart (NOSCRIPT). Lease deadlines use the server's clock unless a caller passes
 `now`. Every connection has connect and read timeouts, and lost connections are retried with
-backoff within a budget, then reported as StoreError naming the masked URL. Key layout: keys.py.
+backoff within a budget shared by every call of one outage, then reported as StoreError naming the
+masked URL. Connections come from a bounded pool that callers wait on (any `concurrency` works).
+Key layout: keys.py.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, fields
 from importlib import resources
@@ -23,12 +26,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, InvalidResponse, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from parallel_agent.errors import StoreError, UsageError
+from parallel_agent.errors import StateLostError, StoreError, UsageError
 from parallel_agent.store.base import (
+    CANCELLED,
     DEFAULT_FINISHED_TTL_S,
     DEFAULT_RETRY_BUDGET_S,
     FINISHED_STATUSES,
@@ -44,6 +48,7 @@ from parallel_agent.store.base import (
     RunStore,
     mask_url,
     results_batch,
+    run_cancelled,
     run_missing,
 )
 from parallel_agent.store.keys import TaskKeys, runs_index
@@ -53,11 +58,25 @@ T = TypeVar("T")
 #: Seconds to open a TCP connection and to wait for any reply; URL query options override them.
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_SOCKET_TIMEOUT_S = 5.0
-#: Chunks fetched per round trip when streaming results.
+#: Connections one store opens at most; more concurrent calls wait for a free one (URL option
+#: `max_connections`), so a node's `concurrency` never exceeds the pool or the server's limit.
+DEFAULT_MAX_CONNECTIONS = 32
+#: Query options a store URL may carry (besides `prefix`, taken off before the store is built,
+#: and redis-py's TLS options `ssl_*`, passed through).
+URL_OPTIONS = frozenset(
+    {
+        "connect_timeout", "socket_timeout", "retry_budget", "finished_ttl", "max_connections",
+        "db", "client_name", "health_check_interval", "socket_keepalive",
+    }
+)  # fmt: skip
+#: Eviction policies that may drop keys without a TTL, i.e. the state of a running run.
+EVICTING_POLICIES = ("allkeys-",)
 #: Runs read per round trip by list_runs.
 RUNS_BATCH = 100
 #: What a script returns when the run's key is gone.
 LOST = b"LOST"
+#: What the claim script returns when the run is cancelled.
+CANCELLED_REPLY = b"CANCELLED"
 
 SCRIPTS = (
     "create_run",
@@ -108,10 +127,15 @@ class RedisStore(RunStore):
         self.url = mask_url(url)
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        _check_url(parts.scheme, parts.path, query, self.url)
         self.connect_timeout_s = _option(query, "connect_timeout", DEFAULT_CONNECT_TIMEOUT_S, url)
         self.socket_timeout_s = _option(query, "socket_timeout", DEFAULT_SOCKET_TIMEOUT_S, url)
         self.retry_budget_s = _option(query, "retry_budget", DEFAULT_RETRY_BUDGET_S, url)
         self.finished_ttl_s = _option(query, "finished_ttl", DEFAULT_FINISHED_TTL_S, url)
+        self.max_connections = int(_option(query, "max_connections", DEFAULT_MAX_CONNECTIONS, url))
+        self._outage_since: float | None = None
+        """When the current run of failed calls began: the retry budget counts from there, so
+        calls made during one outage share it instead of each waiting a whole budget."""
         self._connect_url = urlunsplit(parts._replace(query=urlencode(query)))
         self.prefix = prefix.rstrip(":") or "pagent"
         self._client = client
@@ -129,18 +153,46 @@ class RedisStore(RunStore):
     async def open(self) -> None:
         if self._client is None:
             try:
-                self._client = aioredis.Redis.from_url(
+                # A bounded pool that makes callers wait for a free connection (never "Too many
+                # connections" at a high `concurrency`); a wait past the budget is a StoreError.
+                pool = aioredis.BlockingConnectionPool.from_url(
                     self._connect_url,
                     socket_connect_timeout=self.connect_timeout_s,
                     socket_timeout=self.socket_timeout_s,
                     # retries are ours (_call), bounded by the budget across reconnects
                     retry=Retry(NoBackoff(), 0),
+                    max_connections=self.max_connections,
+                    timeout=self.retry_budget_s,
                 )
+                self._client = aioredis.Redis.from_pool(pool)
             except ValueError as exc:
                 raise UsageError(f"bad store URL {self.url}: {exc}") from None
         client = self._client
         self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
-        await self._call(lambda c: c.ping())
+        try:
+            await self._call(lambda c: c.ping())
+        except (AttributeError, TypeError, UnicodeDecodeError) as exc:
+            # redis-py misreads some non-RESP replies before it can say so
+            raise StoreError(f"{self.url} is not a Redis server ({exc})") from None
+        await self._check_eviction()
+
+    async def _check_eviction(self) -> None:
+        """Refuse a server that may evict the keys of a running run (a `maxmemory` limit with
+        `maxmemory-policy allkeys-*`): it loses state as silently as a restart without
+        persistence. A server that hides CONFIG is trusted."""
+        try:
+            reply = await self._call(lambda c: c.config_get("maxmemory*"))
+        except StoreError:
+            return
+        values = {_text(key): _text(value) for key, value in dict(reply).items()}
+        policy = values.get("maxmemory-policy", "")
+        limited = values.get("maxmemory", "0") not in ("", "0")
+        if limited and policy.startswith(EVICTING_POLICIES):
+            raise StateLostError(
+                f"{self.url} evicts keys when full (maxmemory {values['maxmemory']}, "
+                f"maxmemory-policy {policy}): the state of a run could be lost; use "
+                "maxmemory-policy noeviction (or volatile-*)"
+            )
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -152,22 +204,32 @@ class RedisStore(RunStore):
         client = self._client
         if client is None:
             raise StoreError(f"store {self.url} is not open")
-        budget = RetryBudget(self.retry_budget_s)
+        budget: RetryBudget | None = None
         while True:
+            started = time.monotonic()
             try:
-                return await op(client)
+                reply = await op(client)
             except AuthenticationError as exc:
                 raise StoreError(f"authentication failed for {self.url}: {exc}") from None
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if self._outage_since is None:
+                    self._outage_since = started
+                if budget is None:
+                    budget = RetryBudget(self.retry_budget_s, since=self._outage_since)
                 delay = budget.next_delay()
                 if delay is None:
                     raise StoreError(f"cannot reach {self.url}: {_cause(exc)}") from None
                 await asyncio.sleep(delay)
+                continue
+            except InvalidResponse as exc:  # not RESP: an HTTP server, ...
+                raise StoreError(f"{self.url} is not a Redis server ({exc})") from None
             except ResponseError as exc:
                 text = str(exc)
                 if text.startswith(("NOAUTH", "WRONGPASS")):
                     raise StoreError(f"authentication failed for {self.url}: {text}") from None
                 raise StoreError(f"{self.url} refused a command: {text}") from None
+            self._outage_since = None
+            return reply
 
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         script = self._scripts[name]
@@ -225,7 +287,8 @@ class RedisStore(RunStore):
         finished_at: float | None = None,
         output_path: str | None = None,
         extra: dict[str, Any] | None = None,
-    ) -> None:
+        unless_cancelled: bool = False,
+    ) -> str:
         k = self._keys(task_id)
         changes: dict[str, Any] = {"updated_at": self._now()}
         if status is not None:
@@ -238,13 +301,19 @@ class RedisStore(RunStore):
         extra_pairs = [
             item for key, value in (extra or {}).items() for item in (key, orjson.dumps(value))
         ]
+        guard = orjson.dumps(CANCELLED) if unless_cancelled else b""
         reply = await self._checked(
-            task_id, "update_run", [k.run, k.extra], [len(changes), *pairs, *extra_pairs]
+            task_id,
+            "update_run",
+            [k.run, k.extra],
+            [guard, len(changes), *pairs, *extra_pairs],
         )
-        if orjson.loads(reply) in FINISHED_STATUSES:
+        recorded = str(orjson.loads(reply))
+        if recorded in FINISHED_STATUSES:
             await self._expire(k, self.finished_ttl_s)
         elif status is not None:
             await self._expire(k, None)
+        return recorded
 
     async def _expire(self, k: TaskKeys, ttl_s: float | None) -> None:
         """Start (or, with None, cancel) the finished-run TTL on every data key of the task."""
@@ -374,6 +443,8 @@ class RedisStore(RunStore):
         )
         args = [owner, repr(lease_s), limit, max_attempts, _time_arg(now)]
         reply = await self._checked(task_id, "claim", keys, args)
+        if reply == CANCELLED_REPLY:
+            raise run_cancelled(task_id)
         leases = []
         for at in range(0, len(reply), 8):
             index, token, attempt, first, count, payload, expires, records = reply[at : at + 8]
@@ -569,6 +640,27 @@ async def _members(
 ) -> list[bytes]:
     """ZRANGE with the reply typed (redis-py annotates every reply as a union)."""
     return cast("list[bytes]", await c.zrange(key, start, end, **options))
+
+
+def _check_url(scheme: str, path: str, query: dict[str, str], masked: str) -> None:
+    """Refuse what redis-py would silently ignore or misread: an unknown option, a database that
+    is not a number (it would run on database 0)."""
+    unknown = sorted(name for name in set(query) - URL_OPTIONS if not name.startswith("ssl_"))
+    if unknown:
+        raise UsageError(
+            f"store URL {masked}: unknown option {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(URL_OPTIONS | {'prefix'}))}, ssl_*)"
+        )
+    databases = [query["db"]] if "db" in query else []
+    if scheme != "unix" and path.strip("/"):
+        databases.append(path.strip("/"))
+    for database in databases:
+        if not database.isdigit():
+            raise UsageError(f"store URL {masked}: the database must be a number, not {database!r}")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _time_arg(now: float | None) -> str:

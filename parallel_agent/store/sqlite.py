@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ import orjson
 
 from parallel_agent.errors import StoreError, UsageError
 from parallel_agent.store.base import (
+    CANCELLED,
     DEFAULT_RETRY_BUDGET_S,
     ChunkResult,
     ChunkSpec,
@@ -38,6 +40,7 @@ from parallel_agent.store.base import (
     lease_expired_error,
     mask_url,
     results_batch,
+    run_cancelled,
     run_missing,
 )
 
@@ -169,7 +172,7 @@ class SqliteStore(RunStore):
                 if delay is None:
                     raise StoreError(
                         f"store {self.url} stayed locked by another process for more than "
-                        f"{self.retry_budget_s:g} s"
+                        f"{self.retry_budget_s:g} s{_write_lock_holder(self.path)}"
                     ) from None
                 time.sleep(delay)
             except sqlite3.DatabaseError as exc:
@@ -194,7 +197,12 @@ class SqliteStore(RunStore):
         try:
             self._conn = await self._run(self._connect)
             await self._read(self._check_layout)
-            await self._read(lambda conn: conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
+            # Only a file without the tables takes the write lock here: readers (status, list,
+            # results, failures) must answer while another process holds it, even stopped.
+            if not await self._read(_has_schema):
+                await self._read(
+                    lambda conn: conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
+                )
             if await self._read(_lacks_record_numbers):
                 await self._write(_add_record_numbers)
         except BaseException:
@@ -289,23 +297,35 @@ class SqliteStore(RunStore):
         finished_at: float | None = None,
         output_path: str | None = None,
         extra: dict[str, Any] | None = None,
-    ) -> None:
+        unless_cancelled: bool = False,
+    ) -> str:
         now = self._now()
 
-        def update(conn: sqlite3.Connection) -> None:
-            row = conn.execute("SELECT extra FROM runs WHERE task_id = ?", (task_id,)).fetchone()
+        def update(conn: sqlite3.Connection) -> str:
+            row = conn.execute(
+                "SELECT extra, status FROM runs WHERE task_id = ?", (task_id,)
+            ).fetchone()
             if row is None:
                 raise run_missing(self.url, task_id)
             merged = orjson.loads(row[0])
             merged.update(extra or {})
+            kept = unless_cancelled and row[1] == CANCELLED
             conn.execute(
                 "UPDATE runs SET status = COALESCE(?, status), "
                 "finished_at = COALESCE(?, finished_at), output_path = COALESCE(?, output_path), "
                 "updated_at = ?, extra = ? WHERE task_id = ?",
-                (status, finished_at, output_path, now, orjson.dumps(merged), task_id),
+                (
+                    None if kept else status,
+                    finished_at,
+                    output_path,
+                    now,
+                    orjson.dumps(merged),
+                    task_id,
+                ),
             )
+            return str(row[1] if kept or status is None else status)
 
-        await self._write(update)
+        return await self._write(update)
 
     async def list_runs(self) -> list[RunInfo]:
         def list_all(conn: sqlite3.Connection) -> list[RunInfo]:
@@ -431,7 +451,11 @@ class SqliteStore(RunStore):
         now: float | None = None,
     ) -> list[Lease]:
         def claim(conn: sqlite3.Connection) -> list[Lease]:
-            self._require_run(conn, task_id)
+            row = conn.execute("SELECT status FROM runs WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise run_missing(self.url, task_id)
+            if row[0] == CANCELLED:
+                raise run_cancelled(task_id)
             at = self._now() if now is None else now
             key = (task_id, node)
             expired = conn.execute(
@@ -698,6 +722,43 @@ def sqlite_path(url: str) -> Path:
     if raw.startswith("//"):
         raw = "/" + raw.lstrip("/")
     return Path(raw).expanduser()
+
+
+#: Where SQLite's WAL write lock lives: a POSIX lock on this byte of the `-shm` file.
+_WAL_WRITE_LOCK_BYTE = 120
+
+
+def _write_lock_holder(path: Path) -> str:
+    """`; held by process PID (its command line)`, for the process holding the database's write
+    lock, found with F_GETLK on the WAL index (Linux layout of `struct flock`); else ''."""
+    try:
+        import fcntl
+
+        layout = struct.Struct("hhqqi")
+        fd = os.open(f"{path}-shm", os.O_RDWR)
+        try:
+            query = layout.pack(fcntl.F_WRLCK, os.SEEK_SET, _WAL_WRITE_LOCK_BYTE, 1, 0)
+            kind, _, _, _, pid = layout.unpack(
+                fcntl.fcntl(fd, fcntl.F_GETLK, query + bytes(8))[: layout.size]
+            )
+        finally:
+            os.close(fd)
+    except (ImportError, OSError, struct.error):
+        return ""
+    if kind == fcntl.F_UNLCK or pid <= 0:
+        return ""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip()
+        described = f" ({command.decode(errors='replace')[:200]})" if command else ""
+    except OSError:
+        described = ""
+    return f"; its write lock is held by process {pid}{described}"
+
+
+def _has_schema(conn: sqlite3.Connection) -> bool:
+    """True when every table exists (read-only: no lock taken)."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return {"runs", "locks", "nodes", "chunks", "chunk_data"} <= tables
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

@@ -1,9 +1,12 @@
 -- KEYS: run, counters, meta, payload, ready, delayed, leases, failed, records.
 -- ARGV: owner, lease_s, limit, max_attempts, now ('' = server time).
--- Returns 'LOST' or a flat list of (index, token, attempt, first, count, payload, expires_at,
--- records).
+-- Returns 'LOST', 'CANCELLED' (the run was cancelled: nobody takes new work) or a flat list of
+-- (index, token, attempt, first, count, payload, expires_at, records).
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 'LOST'
+end
+if redis.call('HGET', KEYS[1], 'status') == '"cancelled"' then
+  return 'CANCELLED'
 end
 local owner, lease_s = ARGV[1], tonumber(ARGV[2])
 local limit, max_attempts = tonumber(ARGV[3]), tonumber(ARGV[4])
