@@ -66,7 +66,7 @@ async def test_unknown_tag_is_not_revived(cache: Cache) -> None:
 
 
 async def test_prefix_views_and_clear(cache: Cache) -> None:
-    child = cache.with_prefix("child:")
+    child = cache.with_prefix("child")
     await child.set("k", 1)
     await cache.set("own", 2)
     assert await child.keys() == {"k"}
@@ -126,7 +126,7 @@ async def test_versions_never_repeat_across_delete_and_clear(cache: Cache) -> No
 
 
 async def test_prefix_views_share_versions(cache: Cache) -> None:
-    child = cache.with_prefix("c:")
+    child = cache.with_prefix("c")
     seen = await child.read_versioned(["x"])
     await cache.set("c:x", 1)  # the same key, written through the parent
     assert await child.get("x") == 1
@@ -134,9 +134,9 @@ async def test_prefix_views_share_versions(cache: Cache) -> None:
 
 
 async def test_clear_leaves_sibling_prefixes_alone(cache: Cache) -> None:
-    sibling = cache.with_prefix("s:")
+    sibling = cache.with_prefix("s")
     await sibling.set("keep", 1)
-    mine = cache.with_prefix("m:")
+    mine = cache.with_prefix("m")
     await mine.set("drop", 1)
     await mine.publish_to_mailbox("box", 1)
     await mine.clear()
@@ -180,3 +180,109 @@ async def test_commit_is_atomic_under_concurrent_writers(cache: Cache) -> None:
     conflicts = await asyncio.gather(*(increment() for _ in range(20)))
     assert await cache.get("n") == 20
     assert sum(conflicts) > 0  # the test really raced
+
+
+async def test_with_prefix_as_async_with_scopes_the_cache_itself(cache: Cache) -> None:
+    await cache.set("outside", 0)
+    async with cache.with_prefix("p") as scoped:
+        assert scoped is cache
+        await cache.set("k", 1)
+        assert await cache.get("k") == 1
+        assert await cache.keys() == {"k"}
+        assert await cache.get_all() == {"k": 1}
+        assert await cache.get_many(["k", "outside"]) == {"k": 1}
+    assert await cache.get("k") is None
+    assert await cache.keys() == {"outside", "p:k"}
+    assert await cache.get_all() == {"outside": 0, "p:k": 1}
+    assert await cache.get("p:k") == 1
+
+
+async def test_scopes_nest_and_suffixes_join_after_the_key(cache: Cache) -> None:
+    async with cache.with_prefix("a"), cache.with_prefix("b"), cache.with_suffix("s"):
+        await cache.set("k", 1)
+        assert await cache.keys() == {"k"}
+    async with cache.with_suffix("s"):
+        assert await cache.keys() == {"a:b:k"}
+    assert await cache.keys() == {"a:b:k:s"}
+    view = cache.with_prefix("a").with_prefix("b").with_suffix("s")
+    assert await view.get_all() == {"k": 1}
+    await view.clear()
+    assert await cache.keys() == set()
+
+
+async def test_scoped_mailboxes_and_clear(cache: Cache) -> None:
+    async with cache.with_prefix("p"):
+        await cache.publish_to_mailbox("box", "scoped")
+        await cache.set("k", 1)
+    await cache.publish_to_mailbox("box", "root")
+    await cache.set("keep", 2)
+    async with cache.with_prefix("p"):
+        assert await cache.get_message("box") == "scoped"
+        await cache.publish_to_mailbox("box", "again")
+        await cache.clear()
+        assert await cache.get_message("box") is None
+    assert await cache.get_all() == {"keep": 2}
+    assert await cache.get_message("box") == "root"
+
+
+async def test_scope_is_per_task(cache: Cache) -> None:
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def scoped_writer() -> None:
+        async with cache.with_prefix("p"):
+            entered.set()
+            await release.wait()
+            await cache.set("mine", 1)
+
+    writer = asyncio.create_task(scoped_writer())
+    await entered.wait()
+    await cache.set("root", 2)  # this task is not inside the other task's scope
+    release.set()
+    await writer
+    assert await cache.get_all() == {"p:mine": 1, "root": 2}
+
+
+async def test_transactional_view_scopes_like_its_base(cache: Cache) -> None:
+    from parallel_agent.caches.transactional import TransactionalCache
+
+    await cache.set("p:seen", 1)
+    view = TransactionalCache(cache)
+    async with view.with_prefix("p"):
+        assert await view.get("seen") == 1
+        await view.set("k", 2)
+        await view.publish_to_mailbox("box", "m")
+        assert await view.keys() == {"seen", "k"}
+    assert await view.keys() == {"p:seen", "p:k"}
+    assert await cache.get("p:k") is None  # buffered until commit
+    assert await view.commit()
+    assert await cache.get_all() == {"p:seen": 1, "p:k": 2}
+    async with cache.with_prefix("p"):
+        assert await cache.get_message("box") == "m"
+
+
+async def test_peek_mailbox_reads_without_taking(cache: Cache) -> None:
+    assert await cache.peek_mailbox("box") == []
+    await cache.publish_to_mailbox("box", {"n": 1})
+    await cache.publish_to_mailbox("box", {"n": 2})
+    first = await cache.peek_mailbox("box")
+    first[0]["n"] = 99  # a copy: changing it changes nothing stored
+    assert await cache.peek_mailbox("box") == [{"n": 1}, {"n": 2}]
+    assert await cache.get_message("box") == {"n": 1}
+    assert await cache.peek_mailbox("box") == [{"n": 2}]
+    async with cache.with_prefix("p"):
+        await cache.publish_to_mailbox("box", "scoped")
+        assert await cache.peek_mailbox("box") == ["scoped"]
+    assert await cache.peek_mailbox("p:box") == ["scoped"]
+
+
+async def test_transactional_peek_sees_its_own_messages_after_committed_ones(cache: Cache) -> None:
+    from parallel_agent.caches.transactional import TransactionalCache
+
+    await cache.publish_to_mailbox("box", "old")
+    view = TransactionalCache(cache)
+    await view.publish_to_mailbox("box", "new")
+    assert await view.peek_mailbox("box") == ["old", "new"]
+    assert await cache.peek_mailbox("box") == ["old"]
+    assert await view.commit()
+    assert await cache.peek_mailbox("box") == ["old", "new"]

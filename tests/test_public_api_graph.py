@@ -23,16 +23,19 @@ def test_graph_all_is_exact_and_sorted() -> None:
         "FlowControlConfig",
         "FlowControlModule",
         "FlowDecision",
+        "Middleware",
         "ModuleConfig",
         "ModuleType",
         "Node",
         "NodeConfig",
+        "NonRetryableException",
         "Plan",
+        "SnapshotControl",
         "Task",
         "TaskStatus",
     ]
     public = {n for n in vars(graph) if not n.startswith("_")} - {
-        "agent", "modules", "nodes", "plan", "tasks", "annotations",
+        "agent", "execution", "modules", "nodes", "plan", "snapshots", "tasks", "annotations",
     }  # fmt: skip
     assert public == set(graph.__all__)
     assert graph.Cache is caches.Cache

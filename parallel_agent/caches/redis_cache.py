@@ -1,8 +1,8 @@
 """Redis-backed cache on redis.asyncio.
 
-A value lives at `prefix + key` as JSON. Versions live in one hash at the *root* prefix (the one
-the cache was created with; `with_prefix` views share it), one field per full key, so every view of
-the same keys sees the same versions. Versions only ever go up, even across `clear()`, so a version
+A value lives at `prefix + key` as JSON (a scoped key at `prefix + "p:" + key`). Versions live in
+one hash at the prefix (`with_prefix` views and scopes share it), one field per full key, so every
+view of the same keys sees the same versions. Versions only ever go up, even across `clear()`, so a version
 number is never reused for a different value. A conditional commit is one Lua script: atomic for
 every client of the server.
 """
@@ -13,10 +13,11 @@ import asyncio
 import time
 from collections.abc import Iterable
 from typing import Any, Self
+from urllib.parse import quote
 
 import redis.asyncio as aioredis
 
-from parallel_agent.caches.cache import Cache, KeySet
+from parallel_agent.caches.cache import Cache, KeySet, Scope
 from parallel_agent.caches.codec import decode, encode
 
 HIDDEN = "\x00"
@@ -52,6 +53,15 @@ return 1
 """
 
 
+DEFAULT_URL = "redis://localhost:6379/0"
+
+
+def _url(host: str, port: int, db: int, password: str | None) -> str:
+    auth = f":{quote(password, safe='')}@" if password else ""
+    where = f"[{host}]" if ":" in host else host  # an IPv6 address
+    return f"redis://{auth}{where}:{port}/{db}"
+
+
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
@@ -60,64 +70,82 @@ class RedisCache(Cache):
     """A Cache on a Redis server; several processes may share one prefix safely.
 
     `RedisCache()` talks to localhost:6379; pass `url` for another server (redis://, rediss://,
-    unix://). Every command has connect and read timeouts, so a dead server fails instead of hanging.
+    unix://), or the framework's `host`, `port`, `db` and `password`. Every command has connect and
+    read timeouts, so a dead server fails instead of hanging.
     """
 
     def __init__(
         self,
-        url: str = "redis://localhost:6379/0",
+        url: str = DEFAULT_URL,
         prefix: str = "pagent:cache:",
         *,
         client: aioredis.Redis | None = None,
         socket_timeout: float = 5.0,
-        _root: str | None = None,
+        scope: Scope = ("", ""),
+        host: str | None = None,
+        port: int | None = None,
+        db: int | None = None,
+        password: str | None = None,
+        default_prefix: str = "",
+        default_suffix: str = "",
     ) -> None:
-        super().__init__(prefix)
+        super().__init__(
+            prefix, scope=scope, default_prefix=default_prefix, default_suffix=default_suffix
+        )
+        if (host, port, db, password) != (None, None, None, None):
+            if url != DEFAULT_URL:
+                raise ValueError("RedisCache: give either url or host/port/db/password, not both")
+            url = _url(host or "localhost", port or 6379, db or 0, password)
         self.url = url
-        self._root = prefix if _root is None else _root
         self._owns_client = client is None
         self._client: aioredis.Redis = client or aioredis.Redis.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
         )
         self._commit = self._client.register_script(_COMMIT)
 
-    def with_prefix(self, prefix: str) -> Self:
-        """A view under `self.prefix + prefix` on the same connection; closing it is a no-op."""
-        return type(self)(self.url, self.prefix + prefix, client=self._client, _root=self._root)
+    def _view(self, scope: Scope) -> Self:
+        """Another scope on the same connection; closing it is a no-op."""
+        return type(self)(self.url, self.prefix, client=self._client, scope=scope)
+
+    def _full(self, key: str) -> str:
+        before, after = self._scope.get()
+        return self.prefix + before + key + after
 
     @property
     def _versions(self) -> str:
-        return self._root + HIDDEN + "versions"
+        return self.prefix + HIDDEN + "versions"
 
     def _mailbox(self, mailbox: str) -> str:
-        return self.prefix + HIDDEN + "mailbox:" + mailbox
+        return self.prefix + HIDDEN + "mailbox:" + self._scoped(mailbox)
 
     async def get(self, key: str, default: Any = None) -> Any:
-        raw = await self._client.get(self.prefix + key)
+        raw = await self._client.get(self._full(key))
         return default if raw is None else decode(raw)
 
     async def set(self, key: str, value: Any) -> None:
-        full = self.prefix + key
+        full = self._full(key)
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.set(full, encode(value))
             pipe.hincrby(self._versions, full, 1)
             await pipe.execute()
 
     async def delete(self, key: str) -> None:
-        full = self.prefix + key
+        full = self._full(key)
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.delete(full)
             pipe.hincrby(self._versions, full, 1)
             await pipe.execute()
 
-    async def _scan(self) -> list[str]:
-        """Full names of this prefix's keys, internal ones included."""
-        match = _glob_escape(self.prefix) + "*"
+    async def _scan(self, within: str = "") -> list[str]:
+        """Full names of the keys under `prefix + within` in this scope (internal ones too)."""
+        before, after = self._scope.get()
+        match = _glob_escape(self.prefix + within + before) + "*" + _glob_escape(after)
         return [k.decode() async for k in self._client.scan_iter(match=match, count=500)]
 
     def _user_keys(self, names: list[str]) -> list[str]:
         cut = len(self.prefix)
-        return [n[cut:] for n in names if HIDDEN not in n[cut:]]
+        keys = (self._unscoped(n[cut:]) for n in names if HIDDEN not in n[cut:])
+        return [k for k in keys if k is not None]
 
     async def keys(self) -> KeySet:
         return set(self._user_keys(await self._scan()))
@@ -129,12 +157,13 @@ class RedisCache(Cache):
         names = list(keys)
         if not names:
             return {}
-        raws = await self._client.mget([self.prefix + k for k in names])
+        raws = await self._client.mget([self._full(k) for k in names])
         return {k: decode(raw) for k, raw in zip(names, raws, strict=True) if raw is not None}
 
     async def clear(self) -> None:
-        """UNLINK this prefix's keys and mailboxes; bump versions so none is ever reused."""
-        names = [n for n in await self._scan() if n != self._versions]
+        """UNLINK this scope's keys and mailboxes; bump versions so none is ever reused."""
+        found = await self._scan() + await self._scan(HIDDEN + "mailbox:")
+        names = [n for n in dict.fromkeys(found) if n != self._versions]
         for start in range(0, len(names), 500):
             batch = names[start : start + 500]
             async with self._client.pipeline(transaction=True) as pipe:
@@ -162,11 +191,15 @@ class RedisCache(Cache):
                 return decode(popped[1])
             await asyncio.sleep(0)
 
+    async def peek_mailbox(self, mailbox: str) -> list[Any]:
+        raws = await self._client.lrange(self._mailbox(mailbox), 0, -1)
+        return [decode(raw) for raw in raws]
+
     async def read_versioned(self, keys: Iterable[str]) -> dict[str, tuple[Any, int]]:
         names = list(keys)
         if not names:
             return {}
-        full = [self.prefix + k for k in names]
+        full = [self._full(k) for k in names]
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.mget(full)
             pipe.hmget(self._versions, full)
@@ -186,10 +219,10 @@ class RedisCache(Cache):
         keys: list[str] = [self._versions]
         argv: list[Any] = [len(expected), len(writes), len(deletes), len(messages)]
         for key, version in expected.items():
-            argv += [self.prefix + key, version]
-        keys += [self.prefix + key for key in writes]
+            argv += [self._full(key), version]
+        keys += [self._full(key) for key in writes]
         argv += payloads
-        keys += [self.prefix + key for key in deletes]
+        keys += [self._full(key) for key in deletes]
         for mailbox, value in messages:
             keys.append(self._mailbox(mailbox))
             argv.append(encode(value))

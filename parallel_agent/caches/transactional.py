@@ -11,7 +11,7 @@ import copy
 from collections.abc import Iterable
 from typing import Any, Self
 
-from parallel_agent.caches.cache import Cache, KeySet
+from parallel_agent.caches.cache import Cache, KeySet, Scope
 
 _ABSENT = object()
 
@@ -19,8 +19,8 @@ _ABSENT = object()
 class TransactionalCache(Cache):
     """Buffers one module attempt's effects on `base`; not shared between attempts."""
 
-    def __init__(self, base: Cache) -> None:
-        super().__init__(base.prefix)
+    def __init__(self, base: Cache, *, scope: Scope = ("", "")) -> None:
+        super().__init__(base.prefix, scope=scope)
         self._base = base
         self._seen: dict[str, Any] = {}  # key -> value as read (or _ABSENT)
         self._versions: dict[str, int] = {}
@@ -44,16 +44,19 @@ class TransactionalCache(Cache):
         return self._seen.get(key, _ABSENT)
 
     async def get(self, key: str, default: Any = None) -> Any:
+        key = self._scoped(key)
         await self._load([key])
         value = self._current(key)
         # A copy, as a remote cache would return: mutating it must not change the buffer.
         return default if value is _ABSENT else copy.deepcopy(value)
 
     async def set(self, key: str, value: Any) -> None:
+        key = self._scoped(key)
         self._deletes.discard(key)
         self._writes[key] = copy.deepcopy(value)
 
     async def delete(self, key: str) -> None:
+        key = self._scoped(key)
         self._writes.pop(key, None)
         self._deletes.add(key)
 
@@ -61,15 +64,17 @@ class TransactionalCache(Cache):
         # Every key seen is recorded, so a concurrent change to any of them forces a retry.
         await self._load(await self._base.keys())
         present = {k for k, v in self._seen.items() if v is not _ABSENT}
-        return (present | set(self._writes)) - self._deletes
+        stored = (present | set(self._writes)) - self._deletes
+        keys = (self._unscoped(k) for k in stored)
+        return {k for k in keys if k is not None}
 
     async def get_all(self) -> dict[str, Any]:
         return await self.get_many(await self.keys())
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
-        names = list(keys)
-        await self._load(names)
-        values = {k: self._current(k) for k in names}
+        names = {k: self._scoped(k) for k in keys}
+        await self._load(names.values())
+        values = {k: self._current(stored) for k, stored in names.items()}
         return {k: copy.deepcopy(v) for k, v in values.items() if v is not _ABSENT}
 
     async def clear(self) -> None:
@@ -77,11 +82,17 @@ class TransactionalCache(Cache):
             await self.delete(key)
 
     async def publish_to_mailbox(self, mailbox: str, value: Any) -> None:
-        self._messages.append((mailbox, copy.deepcopy(value)))
+        self._messages.append((self._scoped(mailbox), copy.deepcopy(value)))
 
     async def get_message(self, mailbox: str, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         """Not transactional: a popped message is consumed even if the attempt is retried."""
-        return await self._base.get_message(mailbox, timeout)
+        return await self._base.get_message(self._scoped(mailbox), timeout)
+
+    async def peek_mailbox(self, mailbox: str) -> list[Any]:
+        """The committed messages, then this attempt's own (not transactional, like get_message)."""
+        name = self._scoped(mailbox)
+        own = [copy.deepcopy(value) for box, value in self._messages if box == name]
+        return [*await self._base.peek_mailbox(name), *own]
 
     async def read_versioned(self, keys: Iterable[str]) -> dict[str, tuple[Any, int]]:
         return await self._base.read_versioned(keys)
@@ -95,9 +106,12 @@ class TransactionalCache(Cache):
     ) -> bool:
         return await self._base.commit_if_unchanged(expected, writes, deletes, messages)
 
-    def with_prefix(self, prefix: str) -> Self:
-        """Not supported inside a transaction: a module gets one view for one attempt."""
-        raise NotImplementedError("a transactional view cannot be re-prefixed")
+    def _view(self, scope: Scope) -> Self:
+        """Another scope on the same transaction: reads, writes and messages stay shared."""
+        view = type(self)(self._base, scope=scope)
+        view._seen, view._versions = self._seen, self._versions
+        view._writes, view._deletes, view._messages = self._writes, self._deletes, self._messages
+        return view
 
     async def stale(self) -> bool:
         """True when a key this attempt read has changed since: its view may have been

@@ -6,7 +6,7 @@ import uuid
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from parallel_agent.caches.codec import register_type
 
@@ -31,6 +31,8 @@ def _new_id() -> str:
 
 class Task(BaseModel):
     """What to do (`type`, `objective`, `params`) and, after a run, how it went."""
+
+    model_config = ConfigDict(extra="forbid")
 
     id: str = Field(default_factory=_new_id)
     type: str = ""

@@ -310,6 +310,8 @@ def build_pipeline(pipeline: Pipeline, ctx: RunContext, *, pipeline_dir: Path) -
         max_total_iterations=pipeline.agent.max_total_iterations,
         events=ctx.events,
         views=views,
+        output_mailbox="",  # the run store reports the outcome; nobody reads these messages
+        error_mailbox="",
     )
     for node in pipeline.nodes:
         agent.add_node(_engine_node(node, ctx, pipeline_dir, uses))
