@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from parallel_agent.jsonl import decode_lines
+from parallel_agent.jsonl import decode_lines, loads
 from parallel_agent.store.base import RunStore
 
 #: How many record numbers each failure group keeps (the smallest ones).
@@ -78,6 +78,11 @@ class NodeReport:
     retries: int = 0
     chunk_p50_s: float | None = None
     chunk_p95_s: float | None = None
+    #: records the node received (its chunks' items), emitted (outputs committed) and dropped
+    #: (processed without failing and without output: a filter's no)
+    items_in: int = 0
+    items_out: int = 0
+    items_dropped: int = 0
 
     @property
     def items_per_s(self) -> float | None:
@@ -100,6 +105,9 @@ class NodeReport:
             "chunk_p50_s": _round(self.chunk_p50_s),
             "chunk_p95_s": _round(self.chunk_p95_s),
             "retries": self.retries,
+            "items_in": self.items_in,
+            "items_out": self.items_out,
+            "items_dropped": self.items_dropped,
         }
 
     @classmethod
@@ -115,6 +123,9 @@ class NodeReport:
             retries=data.get("retries", 0),
             chunk_p50_s=data.get("chunk_p50_s"),
             chunk_p95_s=data.get("chunk_p95_s"),
+            items_in=data.get("items_in", 0),
+            items_out=data.get("items_out", 0),
+            items_dropped=data.get("items_dropped", 0),
         )
 
 
@@ -208,7 +219,7 @@ async def read_failures(
             async for result in store.results(task_id, node):
                 if not result.items_failed:
                     continue
-                for error in orjson.loads(result.errors) if result.errors else []:
+                for error in loads(result.errors) if result.errors else []:
                     if not with_input:
                         error.pop("input", None)
                     yield {"node": node, **error}
@@ -278,6 +289,9 @@ async def build_report(
                 retries=counts.retries,
                 chunk_p50_s=percentile(chunk_times, 0.5),
                 chunk_p95_s=percentile(chunk_times, 0.95),
+                items_in=counts.items_total,
+                items_out=counts.items_out,
+                items_dropped=max(0, counts.items_done - counts.items_out),
             )
         )
     return RunReport(tuple(lines), await failure_groups(store, task_id))

@@ -143,3 +143,16 @@ def gate_on_eleven(item: int) -> int:
                 break
             time.sleep(0.01)
     return item
+
+
+def ledger_identity(item: Any) -> Any:
+    """`item` unchanged, recorded in the ledger by its `id` (as `ledger_double` does)."""
+    import time
+
+    descriptor = os.open(os.environ["PAGENT_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(descriptor, f"{item['id']}\n".encode())
+    finally:
+        os.close(descriptor)
+    time.sleep(float(os.environ.get("PAGENT_LEDGER_SLEEP", "0.002")))
+    return item

@@ -477,3 +477,113 @@ async def test_invalid_graphs_fail_before_any_work() -> None:
         PipelineError, match=r"name '__import__' is not allowed .* \(node 'a', condition\)"
     ):
         agent.validate()
+
+
+def _branch_agent(condition: str, *, target_deps: list[str]) -> tuple[Agent, Outcomes]:
+    """The issue-12 shape: work -> gate (branch point) choosing `by_state` or `quarantine`, both
+    depending on `target_deps` (not necessarily on the gate)."""
+    events = Outcomes()
+    agent = Agent(events=events)
+    agent.add_node(Node(name="work", modules=[Incr("w")]))
+    agent.add_node(_flow([("by_state", condition)], default="quarantine", dependencies=["work"]))
+    agent.add_node(Node(name="by_state", modules=[Incr("b")], dependencies=target_deps))
+    agent.add_node(Node(name="quarantine", modules=[Incr("q")], dependencies=target_deps))
+    return agent, events
+
+
+@pytest.mark.parametrize("target_deps", [["work"], ["work", "flow"]])
+@pytest.mark.parametrize(
+    ("condition", "chosen", "other"), [("w == 1", "b", "q"), ("w == 2", "q", "b")]
+)
+async def test_branch_targets_run_only_when_chosen_and_once(
+    target_deps: list[str], condition: str, chosen: str, other: str
+) -> None:
+    """Issue 12: a branch target does not also run beside its branch point, and runs once."""
+    agent, events = _branch_agent(condition, target_deps=target_deps)
+    task = await agent.run_task(Task())
+    assert task.status == TaskStatus.COMPLETE
+    assert await agent.cache.get(chosen) == 1
+    assert await agent.cache.get(other) is None
+    names = {"b": "by_state", "q": "quarantine"}
+    assert [n for n, _ in events.finished].count(names[chosen]) == 1
+    assert names[other] not in {n for n, _ in events.finished}
+    assert set(task.result or {}) == {"work", "flow", names[chosen]}
+
+
+async def test_nodes_downstream_of_a_branch_target_are_gated_with_it() -> None:
+    agent, _ = _branch_agent("false", target_deps=["work"])
+    agent.add_node(Node(name="after_b", modules=[Incr("ab")], dependencies=["by_state"]))
+    agent.add_node(Node(name="after_w", modules=[Incr("aw")], dependencies=["work"]))
+    await agent.run_task(Task())
+    assert await agent.cache.get("ab") is None
+    assert await agent.cache.get("aw") == 1
+    assert await agent.cache.get("q") == 1
+
+
+async def test_a_skipped_branch_point_runs_none_of_its_targets() -> None:
+    agent, _ = _branch_agent("true", target_deps=["work"])
+    agent.nodes["flow"].node_config = NodeConfig(condition="false")
+    task = await agent.run_task(Task())
+    assert task.status == TaskStatus.COMPLETE
+    assert await agent.cache.get("b") is None and await agent.cache.get("q") is None
+
+
+async def test_loop_controller_does_not_run_gated_branch_targets() -> None:
+    """A controller's jump back upstream re-plans without the branch point's unchosen target."""
+    agent = Agent()
+    agent.add_node(Node(name="work", modules=[Incr("w")]))
+    agent.add_node(
+        Node(
+            name="gate",
+            type=ModuleType.FLOW_CONTROL,
+            modules=[FlowControlModule(FlowControlConfig(decisions=[], default="done"))],
+            dependencies=["work"],
+        )
+    )
+    agent.add_node(Node(name="done", modules=[Incr("d")], dependencies=["work"]))
+    agent.add_node(_flow([("work", "w < 3")]))
+    task = await agent.run_task(Task())
+    assert task.status == TaskStatus.COMPLETE
+    assert await agent.cache.get("w") == 3
+    assert await agent.cache.get("d") == 3  # chosen once per pass, never beside the gate
+
+
+def test_warnings_name_unconditional_and_unreachable_targets() -> None:
+    agent = Agent()
+    agent.add_node(Node(name="work", modules=[Incr("w")]))
+    agent.add_node(_flow([("work", "true"), ("a", "true")], default="b", dependencies=["work"]))
+    agent.add_node(Node(name="a", modules=[Incr("a")], dependencies=["flow"]))
+    agent.add_node(Node(name="b", modules=[Incr("b")], dependencies=["flow"]))
+    agent.add_node(Node(name="both", modules=[Incr("c")], dependencies=["a", "b"]))
+    warnings = agent.warnings()
+    assert any(
+        "'work' is a target of flow control node 'flow' but runs unconditionally" in w
+        for w in warnings
+    )
+    assert any("node 'both' can never run" in w and "'a' and 'b'" in w for w in warnings)
+    assert any(
+        "decision 1 always holds, so 'a', 'b' after it can never be chosen" in w for w in warnings
+    )
+    clean, _ = _branch_agent("w == 1", target_deps=["work"])
+    assert clean.warnings() == []
+
+
+def test_an_unconditional_decision_shadows_the_rest() -> None:
+    agent = Agent()
+    agent.add_node(Node(name="work", modules=[Incr("w")]))
+    config = FlowControlConfig(
+        decisions=[FlowDecision(next_node="a"), FlowDecision(next_node="b", condition="w > 1")]
+    )
+    agent.add_node(
+        Node(
+            name="flow",
+            type=ModuleType.FLOW_CONTROL,
+            modules=[FlowControlModule(config)],
+            dependencies=["work"],
+        )
+    )
+    agent.add_node(Node(name="a", modules=[Incr("a")], dependencies=["flow"]))
+    agent.add_node(Node(name="b", modules=[Incr("b")], dependencies=["flow"]))
+    assert agent.warnings() == [
+        "flow control node 'flow': decision 1 always holds, so 'b' after it can never be chosen"
+    ]

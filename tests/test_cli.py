@@ -801,7 +801,7 @@ def test_failed_output_is_checked_before_the_run(cli: Any, tmp_path: Path) -> No
     )
     assert_one_line_error(stdin, 2, "--failed-output needs --data PATH")
     same = cli("run", pipeline, "--data", data, "--failed-output", data)
-    assert_one_line_error(same, 2, "must differ from --data")
+    assert_one_line_error(same, 2, "is the same file as --data")
     assert cli("list").stdout == ""  # nothing ran
 
 
@@ -828,6 +828,8 @@ def test_end_of_run_report_in_plain_mode_json_and_status(cli: Any, tmp_path: Pat
     assert work[3] == "4/4" and work[-2:] == ["0", "3"]  # chunks; retries, failed items
     assert table[1].split()[3:] == ["-"] * 6  # the split has no chunks
     assert table[4:] == [
+        "records in -> out:",
+        "  work  10 -> 7  (3 failed)",
         "failed records by error type:",
         "  3  ZeroDivisionError  records 1, 5, 9  in work",
         '     e.g. ZeroDivisionError: integer division or modulo by zero in expression "…',

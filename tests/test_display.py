@@ -145,6 +145,9 @@ REPORT = RunReport(
             retries=2,
             chunk_p50_s=0.5,
             chunk_p95_s=1.25,
+            items_in=40,
+            items_out=24,
+            items_dropped=5,
         ),
         NodeReport("collect", duration_s=0.0004),
     ),
@@ -163,6 +166,8 @@ REPORT_LINES = [
     "split     12 ms       -        -          -          -        -       -",
     "work     6.00 s     3/4        5     500 ms     1.25 s        2      11",
     "collect  0.4 ms       -        -          -          -        -       -",
+    "records in -> out:",
+    "  work  40 -> 24  (5 dropped, 11 failed)",
     "failed records by error type:",
     "  10  timed out after 1 s  records 31, 32, 33, 34, 35, …  in work",
     "      e.g. timed out after 1 s",
@@ -225,8 +230,10 @@ def test_report_lines_never_exceed_the_width() -> None:
     ]
     assert lines[1].startswith("a_node_with_a_r…  2:03:04")
     assert "123456/123456" in lines[1] and "59.99 s" in lines[1] and "1:00:00" not in lines[1]
-    assert lines[3].startswith("  1,234,567  command exited with status 3  records 100001, ")
-    assert lines[4].endswith("x…")
+    assert lines[2] == "records in -> out:"
+    assert lines[3].endswith("0 -> 0  (1,234,567 failed)")
+    assert lines[5].startswith("  1,234,567  command exited with status 3  records 100001, ")
+    assert lines[6].endswith("x…")
 
 
 def test_report_renders_in_rich_at_80_columns() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import random
 import tracemalloc
 from pathlib import Path
@@ -77,8 +78,23 @@ def test_jsonl_skips_blank_lines_and_handles_bom_and_crlf(block_size: int) -> No
 
 def test_jsonl_final_newline_and_empty_input() -> None:
     assert values(b"1\n2\n", "jsonl") == [1, 2]
-    assert values(b"", "jsonl") == []
-    assert values(b"\xef\xbb\xbf\n\n", "jsonl") == []
+    expected = "in.x, line 1, column 1: empty input: expected JSON Lines records"
+    assert error(b"", "jsonl") == expected
+    assert error(b"\xef\xbb\xbf\n\n", "jsonl") == expected
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
+def test_an_empty_input_is_an_error_in_every_format(fmt: str) -> None:
+    """RELIABILITY.md promise 13: an input with nothing in it (an upstream step that wrote
+    nothing) is exit 3 in every format, never a silent run over 0 records."""
+    assert "empty input" in error(b"", fmt)
+    assert "empty input" in error(b" \n\n", fmt)
+
+
+def test_an_empty_array_and_a_header_only_csv_are_zero_records() -> None:
+    assert values(b"[]", "json") == []
+    assert values(b'{"data": []}', "json") == []
+    assert values(b"a,b\n", "csv") == []
 
 
 @pytest.mark.parametrize("block_size", [1, 4, BLOCK_SIZE])
@@ -232,7 +248,6 @@ def test_csv_values_stay_strings_and_single_column_keeps_blanks() -> None:
     assert values(b"zip,n\n02134,1.50\n", "csv") == [{"zip": "02134", "n": "1.50"}]
     assert values(b"only\n  \nx\n", "csv") == [{"only": "  "}, {"only": "x"}]
     assert values(b"a,b\n", "csv") == []
-    assert values(b"", "csv") == []
 
 
 def test_csv_many_rows_cross_batches(tmp_path: Path) -> None:
@@ -381,3 +396,33 @@ def test_a_record_json_cannot_store_again_is_an_input_error_not_a_lost_record() 
     with pytest.raises(InputDataError) as caught:
         list(reader.payload_chunks())
     assert "record 2" in str(caught.value)
+
+
+@pytest.mark.parametrize("block_size", [1, 7, BLOCK_SIZE])
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_integers_past_64_bits_are_read_exactly(fmt: str, block_size: int) -> None:
+    """RELIABILITY.md promise 14: orjson would round these to floats; the readers keep them."""
+    numbers = [18446744073709551617, -9223372036854775809, 2**64 - 1, 10**40, 1.5]
+    records = [{"n": number, "s": "12345678901234567890"} for number in numbers]
+    text = "\n".join(json.dumps(record) for record in records)
+    data = (text + "\n" if fmt == "jsonl" else "[" + text.replace("\n", ",") + "]").encode()
+    found = values(data, fmt, block_size)
+    assert found == records
+    assert [type(record["n"]) for record in found] == [int, int, int, int, float]
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 16, BLOCK_SIZE])
+def test_a_json_lines_record_past_the_maximum_size(block_size: int) -> None:
+    """Promise 15: a line of exactly `max_record_size` bytes is read, one byte more is located,
+    however the line falls across the read blocks."""
+    fits, past = b'"' + b"x" * 8 + b'"', b'"' + b"y" * 9 + b'"'
+    assert values(b"1\n\n" + fits + b"\n", "jsonl", block_size, max_record_size=10) == [1, "x" * 8]
+    message = error(
+        b"1\n\n" + fits + b"\n" + past + b"\n2\n", "jsonl", block_size, max_record_size=10
+    )
+    assert message == (
+        "in.x, line 4, record 3: record longer than the maximum record size "
+        "(10 bytes; the split's max_record_size sets it)"
+    )
+    unterminated = error(b"1\n" + past, "jsonl", block_size, max_record_size=10)
+    assert "line 2, record 2: record longer" in unterminated

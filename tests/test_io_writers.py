@@ -270,7 +270,7 @@ def test_unwritable_targets(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(OutputError, match="Not a directory"):
         check_writable(str(blocker / "out.json"))
-    with pytest.raises(OutputError, match="is a folder"):
+    with pytest.raises(UsageError, match="it is a folder"):
         check_writable(str(tmp_path))
     with pytest.raises(OutputError, match=r"x\.json: No such file or directory"):
         open_writer(str(tmp_path / "missing" / "x.json"), "json")

@@ -282,12 +282,12 @@ def test_unknown_keys_are_errors(patch: dict[str, Any], where: tuple[Any, ...]) 
         ("max_retries", -1, "greater_than_equal"),
         ("retry_delay", -0.1, "greater_than_equal"),
         ("max_visits", 0, "greater_than_equal"),
-        ("concurrency", 1.5, "int_from_float"),
-        ("concurrency", "many", "int_parsing"),
+        ("concurrency", 1.5, "int_type"),
+        ("concurrency", "many", "int_type"),
         ("timeout", math.inf, "finite_number"),
         ("lease", math.nan, "finite_number"),
         ("on_error", "ignore", "literal_error"),
-        ("parallel", "sometimes", "bool_parsing"),
+        ("parallel", "sometimes", "bool_type"),
     ],
 )
 def test_node_config_constraints(key: str, value: Any, kind: str) -> None:
@@ -480,7 +480,7 @@ def test_json_schema_is_self_contained_and_documented() -> None:
     assert schema["type"] == "object"
     assert set(schema["required"]) == {"name", "nodes"}
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"name", "description", "agent", "task", "nodes"}
+    assert set(schema["properties"]) == {"name", "description", "agent", "task", "nodes", "output"}
     defs = schema["$defs"]
     for part in walk(schema):
         ref = part.get("$ref")

@@ -52,7 +52,7 @@ def test_enums_use_lowercase_values() -> None:
     assert graph.TaskStatus.PARTIAL.value == "partial_failure"
     assert {s.value for s in graph.TaskStatus} == {
         "waiting", "executing", "stalled", "interrupted", "complete", "partial_failure",
-        "failed", "cancelled", "lost",
+        "no_output", "failed", "cancelled", "lost",
     }  # fmt: skip
 
 

@@ -333,6 +333,23 @@ async def test_expired_lease_out_of_attempts_goes_to_failed(store: RunStore, run
     assert (counts.failed, counts.leased, counts.done) == (1, 1, 0)
 
 
+async def test_commit_adds_its_outputs_to_items_out(store: RunStore, run: RunInfo) -> None:
+    """Issue 12: a filter's kept items are counted with the commit that stores them."""
+    await store.add_chunks("t1", NODE, specs(range(2)))
+    a, b = await claim(store, limit=2)
+    assert await store.commit(
+        a, result=b"1\n", errors=b"[]", items_ok=10, items_failed=0, duration_s=0.1, outputs=1
+    )
+    assert await store.commit(
+        a, result=b"1\n", errors=b"[]", items_ok=10, items_failed=0, duration_s=0.1, outputs=1
+    ), "the same lease's commit again is accepted and counts nothing twice"
+    assert await store.commit(
+        b, result=b"", errors=b"[]", items_ok=10, items_failed=0, duration_s=0.1, outputs=0
+    )
+    counts = await store.counts("t1", NODE)
+    assert (counts.items_done, counts.items_out) == (20, 1)
+
+
 async def test_release_hands_back_without_using_an_attempt(store: RunStore, run: RunInfo) -> None:
     await store.add_chunks("t1", NODE, specs(range(1)))
     [lease] = await claim(store)
@@ -367,6 +384,7 @@ async def test_counts_follow_every_transition(store: RunStore, run: RunInfo) -> 
         items_failed=2,
         retries=0,
         sealed=False,
+        items_out=18,  # outputs default to the items that succeeded
     )
     assert await store.counts("t1", "empty") == NodeCounts(0, 0, 0, 0, 0, 0, 0, 0, 0, False)
 

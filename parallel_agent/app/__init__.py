@@ -18,13 +18,14 @@ from parallel_agent.app.inspect import (
     list_runs,
 )
 from parallel_agent.app.maintenance import cancel_run, gc_runs
-from parallel_agent.app.run import RunOptions, resume_run, run_pipeline
+from parallel_agent.app.run import RunOptions, check_run_paths, resume_run, run_pipeline
 from parallel_agent.app.summary import RunSummary
 
 __all__ = [
     "RunOptions",
     "RunSummary",
     "cancel_run",
+    "check_run_paths",
     "export_failed",
     "export_results",
     "gc_runs",

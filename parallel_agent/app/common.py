@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -16,8 +17,11 @@ from parallel_agent.store.base import RunInfo, RunStore
 
 T = TypeVar("T")
 
+#: What a task id may be: it names Redis keys, appears in file names and log lines.
+TASK_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
 #: Run states after which nothing more happens to a run (until a resume).
-FINISHED = {"complete", "partial_failure", "failed", "cancelled"}
+FINISHED = {"complete", "partial_failure", "no_output", "failed", "cancelled"}
 
 
 def new_task_id() -> str:
@@ -25,9 +29,28 @@ def new_task_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
+def check_task_id(task_id: str) -> str:
+    """Refuse (UsageError) a task id that is not 1-128 letters, digits, '.', '_' or '-', or that
+    starts with '.'."""
+    if TASK_ID.fullmatch(task_id) is None:
+        raise UsageError(
+            f"invalid task id {task_id!r}: use 1 to 128 letters, digits, '.', '_' or '-', "
+            "not starting with '.'"
+        )
+    return task_id
+
+
 def resolve_store_url(url: str | None) -> str:
     """`--store`, else `PAGENT_STORE`, else the embedded SQLite file under the user's state folder."""
     return url or os.environ.get("PAGENT_STORE") or default_store_url()
+
+
+def store_file(url: str) -> str | None:
+    """The file an embedded SQLite store lives in (outputs must never replace it), else None."""
+    if not url.startswith("sqlite://"):
+        return None
+    path = url[len("sqlite://") :].split("?", 1)[0]
+    return path or None
 
 
 async def with_store(url: str | None, action: Callable[[RunStore], Awaitable[T]]) -> T:
@@ -40,7 +63,7 @@ async def with_store(url: str | None, action: Callable[[RunStore], Awaitable[T]]
 
 
 async def require_run(store: RunStore, task_id: str) -> RunInfo:
-    info = await store.get_run(task_id)
+    info = await store.get_run(check_task_id(task_id))
     if info is None:
         raise UsageError(f"unknown task id '{task_id}' in {store.url}")
     return info

@@ -6,12 +6,12 @@ import asyncio
 import time
 from typing import Any, BinaryIO
 
-from parallel_agent.app.common import require_run, with_store
+from parallel_agent.app.common import require_run, resolve_store_url, store_file, with_store
 from parallel_agent.app.outputs import write_failed_records, write_results
 from parallel_agent.app.summary import SCHEMA_VERSION, stored_durations
 from parallel_agent.errors import UsageError
 from parallel_agent.graph import TaskStatus
-from parallel_agent.io import check_writable, detect_output_format
+from parallel_agent.io import check_targets, check_writable, detect_output_format
 from parallel_agent.report import RunReport, build_report, pipeline_node_names, read_failures
 from parallel_agent.store.base import RunInfo, RunStore
 
@@ -133,16 +133,24 @@ def export_results(
 ) -> int:
     """Write a finished run's output again from the store, without reprocessing anything."""
     fmt = detect_output_format(output, output_format)
-    if output != "-":
-        check_writable(output)
+    check_writable(output)
 
     async def action(s: RunStore) -> int:
         info = await require_run(s, task_id)
+        _check_output(output, info, store)
         if "output_plan" not in info.extra:
             raise UsageError(f"task '{task_id}' has no results yet (status {info.status})")
         return await write_results(s, info, output, fmt, stdout)
 
     return asyncio.run(with_store(store, action))
+
+
+def _check_output(output: str, info: RunInfo, store: str | None) -> None:
+    """Refuse an output that would replace the run's input file or the store's file."""
+    check_targets(
+        [("--output", output)],
+        [("the run's input", info.input_path), ("--store", store_file(resolve_store_url(store)))],
+    )
 
 
 def iter_failures(task_id: str, store: str | None = None) -> list[dict[str, Any]]:
@@ -158,11 +166,11 @@ def iter_failures(task_id: str, store: str | None = None) -> list[dict[str, Any]
 
 def export_failed(task_id: str, output: str, store: str | None = None) -> int:
     """`pagent failures ID --output PATH`: write a run's failed input records again."""
-    if output != "-":
-        check_writable(output)
+    check_writable(output)
 
     async def action(s: RunStore) -> int:
         info = await require_run(s, task_id)
+        _check_output(output, info, store)
         return await write_failed_records(s, info, output)
 
     return asyncio.run(with_store(store, action))

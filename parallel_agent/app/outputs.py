@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import itertools
+import json
+import sys
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -29,13 +31,20 @@ async def write_results(
     fmt: str,
     stdout: BinaryIO | None = None,
     built: BuiltPipeline | None = None,
+    node: str | None = None,
 ) -> int:
-    """Write a run's output atomically from what the store holds; return the number of items."""
-    output = await built.output_plan() if built is not None else info.extra.get("output_plan")
+    """Write a run's output (or, with `node`, that node's) atomically from what the store holds;
+    return the number of items or rows written."""
+    if node is not None and built is not None:
+        output = await built.output_plan(node)
+    else:
+        output = await built.output_plan() if built is not None else info.extra.get("output_plan")
     if output is None:
         raise PipelineError("this pipeline produces no output (no aggregate or data node)")
-    if built is not None:
+    if built is not None and node is None:
         await store.update_run(info.task_id, extra={"output_plan": output})
+    if "value_json" in output:
+        return _write_value(json.loads(output["value_json"]), target, fmt, stdout)
     if "value" in output:
         return _write_value(output["value"], target, fmt, stdout)
     written = 0
@@ -115,7 +124,8 @@ def _write_input_records(
     """Copy the records numbered `numbers` (1-based, ascending) from the input to `target`."""
     assert info.input_path is not None
     check_input_unchanged(info)
-    reader = read_chunks(info.input_path, fmt, 4096, data_key=data_key)
+    # The run read this input already: no record size limit applies a second time.
+    reader = read_chunks(info.input_path, fmt, 4096, data_key=data_key, max_record_size=sys.maxsize)
     chunks = iter(reader)
     first = next(chunks, None)
     fields = None

@@ -20,10 +20,12 @@ from typing import BinaryIO
 from parallel_agent.app.common import (
     FINISHED,
     check_input_unchanged,
+    check_task_id,
     hash_file,
     new_task_id,
     require_run,
     resolve_store_url,
+    store_file,
     with_store,
 )
 from parallel_agent.app.outputs import failed_output_format, write_failed_records, write_results
@@ -32,7 +34,7 @@ from parallel_agent.app.summary import RunSummary, node_durations, summarize
 from parallel_agent.errors import InterruptedRunError, PagentError, TaskBusyError, UsageError
 from parallel_agent.events import EventSink, MultiSink, NodeFinished, RunFinished, RunStarted
 from parallel_agent.graph import TaskStatus
-from parallel_agent.io import check_writable, detect_format, detect_output_format
+from parallel_agent.io import check_targets, check_writable, detect_format, detect_output_format
 from parallel_agent.modules.context import (
     FailureBudget,
     InputSource,
@@ -68,8 +70,26 @@ class RunOptions:
     failed_output: str | None = None
     #: process only the first N input records (a sample); part of the run's identity
     head: int | None = None
+    #: `--output-node NODE=PATH`: write other nodes' results too (several sinks)
+    output_nodes: Sequence[str] = ()
     stdin: BinaryIO | None = None
     stdout: BinaryIO | None = None
+
+
+def check_run_paths(
+    options: RunOptions, more_outputs: Sequence[tuple[str, str | None]] = ()
+) -> None:
+    """Refuse (UsageError) before any work an output of the run that is a folder, socket or block
+    device, or that resolves to what the run reads (the input, the pipeline, the store file) or to
+    another of its outputs (`more_outputs`: what the caller writes, such as `--events`)."""
+    check_targets(
+        [("--output", options.output), ("--failed-output", options.failed_output), *more_outputs],
+        [
+            ("--data", options.data),
+            ("the pipeline", options.pipeline),
+            ("--store", store_file(resolve_store_url(options.store))),
+        ],
+    )
 
 
 def holder_is_dead(owner: str) -> bool:
@@ -88,13 +108,30 @@ def holder_is_dead(owner: str) -> bool:
 
 
 class _NodeTimes(EventSink):
-    """Adds up how long each node ran, for the summary."""
+    """Adds up how long each node ran, for the summary, and keeps each node's last outcome."""
 
     def __init__(self) -> None:
         self.durations: dict[str, float] = {}
+        self.outcomes: dict[str, tuple[str, str | None]] = {}
 
     def on_node_finished(self, event: NodeFinished) -> None:
         self.durations[event.node] = self.durations.get(event.node, 0.0) + event.duration_s
+        self.outcomes[event.node] = (event.outcome, event.error)
+
+
+def parse_output_nodes(values: Sequence[str]) -> list[tuple[str, str]]:
+    """`--output-node NODE=PATH` values as (node, path); a malformed one is a UsageError."""
+    pairs: list[tuple[str, str]] = []
+    for value in values:
+        node, sep, path = value.partition("=")
+        if not sep or not node or not path:
+            raise UsageError(f"--output-node {value!r}: expected NODE=PATH")
+        if path == "-":
+            raise UsageError(f"--output-node {value!r}: give a file (stdout is for --output -)")
+        if any(node == seen for seen, _ in pairs):
+            raise UsageError(f"--output-node {value!r}: node '{node}' is given twice")
+        pairs.append((node, path))
+    return pairs
 
 
 class PipelineRun:
@@ -103,11 +140,12 @@ class PipelineRun:
     def __init__(self, options: RunOptions, events: EventSink | None = None) -> None:
         self.options = options
         self.timer = _NodeTimes()
+        # The displays get the states NodeStates makes true; the timer keeps the engine's own
+        # outcomes (whether a node's modules returned), which decide about the outputs.
         self.states = NodeStates(
-            MultiSink(events or EventSink(), self.timer),
-            lambda: self.ctx.stop_kind if self.ctx is not None else None,
+            events or EventSink(), lambda: self.ctx.stop_kind if self.ctx is not None else None
         )
-        self.events: EventSink = self.states
+        self.events: EventSink = MultiSink(self.states, self.timer)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.ctx: RunContext | None = None
         self.interrupted = False
@@ -122,13 +160,16 @@ class PipelineRun:
     async def execute(self) -> RunSummary:
         options = self.options
         started = time.monotonic()
+        if options.task_id is not None:
+            check_task_id(options.task_id)
         pipeline = load_pipeline(options.pipeline, options.overrides)
         source = self._input_source(pipeline)
         output_format = None
         if options.output is not None:
             output_format = detect_output_format(options.output, options.output_format)
-            if options.output != "-":
-                check_writable(options.output)
+        output_nodes = parse_output_nodes(options.output_nodes)
+        for _node, path in output_nodes:
+            detect_output_format(path)
         if options.failed_output is not None:
             if source is None or source.path == "-":
                 raise UsageError(
@@ -137,13 +178,14 @@ class PipelineRun:
                 )
             if options.failed_output == "-":
                 raise UsageError("--failed-output needs a file (stdout carries the results)")
-            taken = {Path(source.path).resolve()}
-            if options.output is not None and options.output != "-":
-                taken.add(Path(options.output).resolve())
-            if Path(options.failed_output).resolve() in taken:
-                raise UsageError("--failed-output must differ from --data and --output")
             failed_output_format(options.failed_output, source.fmt)
-            check_writable(options.failed_output)
+        check_run_paths(options, [(f"--output-node {node}", path) for node, path in output_nodes])
+        if options.output is not None:
+            check_writable(options.output)
+        if options.failed_output is not None:
+            check_writable(options.failed_output, "--failed-output")
+        for node, path in output_nodes:
+            check_writable(path, f"--output-node {node}")
         store = open_store(resolve_store_url(options.store))
         await store.open()
         try:
@@ -321,6 +363,8 @@ class PipelineRun:
             ctx.request_stop("interrupted", kind="interrupt")
         built = build_pipeline(pipeline, ctx, pipeline_dir=Path(options.pipeline).parent)
         self.states.chunked = frozenset(built.processing_nodes)
+        for node, _ in parse_output_nodes(options.output_nodes):
+            await built.output_plan(node)  # an unknown or non-data node: exit 2 before any work
         self.events.emit(
             RunStarted(
                 at=time.time(),
@@ -406,32 +450,18 @@ class PipelineRun:
         output_format: str | None,
     ) -> RunSummary:
         ctx = built.ctx
+        ran = [
+            n for n in built.main_candidates if self.timer.outcomes.get(n, ("",))[0] == "succeeded"
+        ]
+        if ran and built.main_node not in ran:  # a branch did not choose it
+            built.main_node = ran[0]
         summary = await summarize(store, info, built=built)
         summary.store = store.url
-        summary.stop_reason = ctx.stop_kind
-        if ctx.stop_kind == "interrupt":
-            summary.status = TaskStatus.INTERRUPTED.value
+        if await self._ended_early(store, info, ctx, summary, engine_status, engine_error):
             return summary
-        current = await store.get_run(info.task_id)
-        if ctx.stop_kind == "cancel" or (
-            current is not None and current.status == TaskStatus.CANCELLED.value
-        ):
-            _mark_cancelled(summary)
-            return summary
-        if ctx.stop_reason is not None:
-            summary.status = TaskStatus.FAILED.value
-            summary.error = ctx.stop_reason
-            return summary
-        if engine_status != TaskStatus.COMPLETE:
-            summary.status = engine_status.value
-            summary.error = engine_error
-            if engine_error and (
-                "max_total_iterations" in engine_error or "max_visits" in engine_error
-            ):
-                summary.stop_reason = "iteration_limit"
-            if summary.status == TaskStatus.COMPLETE.value:
-                summary.status = TaskStatus.FAILED.value
-            return summary
+        stored = await store.get_run(info.task_id)
+        for notices in ((stored.extra if stored else {}).get("aggregate_notices") or {}).values():
+            summary.notices.extend(notices)
         unfinished = summary.items_total - summary.items_done - summary.items_failed
         if every_item_failed(summary):
             summary.status = TaskStatus.FAILED.value
@@ -443,12 +473,81 @@ class PipelineRun:
             summary.status = TaskStatus.PARTIAL.value
         else:
             summary.status = TaskStatus.COMPLETE.value
+        extra = parse_output_nodes(self.options.output_nodes)
+        not_run = self._not_run([built.result_node, *(node for node, _ in extra)])
+        if not_run:
+            summary.status = TaskStatus.NO_OUTPUT.value
+            summary.error = "; ".join(not_run) + "; no output was written"
+            return summary
         if self.options.output is not None and output_format is not None:
             summary.items_output = await write_results(
                 store, info, self.options.output, output_format, self.options.stdout, built=built
             )
             summary.output = self.options.output
+        for node, path in extra:
+            rows = await write_results(
+                store, info, path, detect_output_format(path), built=built, node=node
+            )
+            summary.outputs[node] = {"path": path, "rows": rows}
         return summary
+
+    async def _ended_early(
+        self,
+        store: RunStore,
+        info: RunInfo,
+        ctx: RunContext,
+        summary: RunSummary,
+        engine_status: TaskStatus,
+        engine_error: str | None,
+    ) -> bool:
+        """Set the state of a run that stopped before its end (a signal, a cancel, a stop, the
+        engine's limits or a failed node); False when it ran to its end."""
+        summary.stop_reason = ctx.stop_kind
+        if ctx.stop_kind == "interrupt":
+            summary.status = TaskStatus.INTERRUPTED.value
+            return True
+        current = await store.get_run(info.task_id)
+        if ctx.stop_kind == "cancel" or (
+            current is not None and current.status == TaskStatus.CANCELLED.value
+        ):
+            _mark_cancelled(summary)
+            return True
+        if ctx.stop_reason is not None:
+            summary.status = TaskStatus.FAILED.value
+            summary.error = ctx.stop_reason
+            return True
+        if engine_status != TaskStatus.COMPLETE:
+            summary.status = engine_status.value
+            summary.error = engine_error
+            summary.stop_reason = "iteration_limit" if _limit_reached(engine_error) else None
+            if summary.status == TaskStatus.COMPLETE.value:
+                summary.status = TaskStatus.FAILED.value
+            return True
+        return False
+
+    def _not_run(self, nodes: Sequence[str | None]) -> list[str]:
+        """Why each output node did not run in this run (a guard, a branch not chosen, an
+        upstream failure); empty when they all did."""
+        reasons = []
+        for node in dict.fromkeys(n for n in nodes if n is not None):
+            outcome, error = self.timer.outcomes.get(node, ("not reached", None))
+            if outcome == "succeeded":
+                continue
+            if outcome == "not reached":
+                why = "no flow decision chose it (or a jump went past it)"
+            elif error:
+                why = error
+            else:
+                why = "its condition was false"
+            reasons.append(f"output node '{node}' did not run: {why}")
+        return reasons
+
+
+def _limit_reached(engine_error: str | None) -> bool:
+    """True when the engine stopped on `max_total_iterations` or a node's `max_visits`."""
+    return bool(engine_error) and any(
+        limit in str(engine_error) for limit in ("max_total_iterations", "max_visits")
+    )
 
 
 def every_item_failed(summary: RunSummary) -> bool:
@@ -512,13 +611,7 @@ def resume_run(
         if info.input_path is None:
             raise UsageError(f"task '{task_id}' read stdin; it cannot be resumed, run it again")
         check_input_unchanged(info)
-        if retry_failed:
-            for node in await s.nodes(task_id):
-                await s.retry_failed(task_id, node)
-        ended_short = info.status in FINISHED and info.status != TaskStatus.COMPLETE.value
-        if retry_failed or ended_short:
-            await s.update_run(task_id, status=TaskStatus.INTERRUPTED.value)
-        return RunOptions(
+        options = RunOptions(
             pipeline=pipeline_file,
             data=info.input_path,
             data_format=info.input_format,
@@ -530,6 +623,14 @@ def resume_run(
             failed_output=failed_output,
             head=info.extra.get("head"),
         )
+        check_run_paths(options)  # before the store changes
+        if retry_failed:
+            for node in await s.nodes(task_id):
+                await s.retry_failed(task_id, node)
+        ended_short = info.status in FINISHED and info.status != TaskStatus.COMPLETE.value
+        if retry_failed or ended_short:
+            await s.update_run(task_id, status=TaskStatus.INTERRUPTED.value)
+        return options
 
     options = asyncio.run(with_store(store, prepare))
     return run_pipeline(options, events)

@@ -41,6 +41,10 @@ class RunSummary:
     stop_reason: str | None = None
     #: the results, when `parallel_agent.run(..., results=True)` asked for them (not in to_dict)
     results: list[Any] | None = None
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
+    """What aggregates skipped (missing fields, nulls) or cut (collect past its limit)."""
+    """`--output-node NODE=PATH`: {node: {path, rows}} written besides `--output`."""
 
     @property
     def exit_code(self) -> int:
@@ -75,6 +79,8 @@ class RunSummary:
                 if self.failed_output is not None
                 else None
             ),
+            "outputs": self.outputs,
+            "notices": self.notices,
         }
 
 
@@ -159,4 +165,6 @@ def summary_from_dict(data: dict[str, Any]) -> RunSummary:
         stop_reason=data.get("stop_reason"),
         nodes=data.get("nodes", {}),
         report=RunReport.from_dict(data["report"]) if data.get("report") else None,
+        outputs=data.get("outputs") or {},
+        notices=data.get("notices") or [],
     )

@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
+from parallel_agent.jsonl import dumps, loads
+
 TAG = "__pagent_type__"
 
 _TYPES: dict[str, type[BaseModel]] = {}
@@ -36,7 +38,7 @@ def _default(value: Any) -> Any:
 
 def encode(value: Any, *, sort_keys: bool = False) -> bytes:
     """Serialize a value as JSON; registered models are tagged, anything else must be JSON."""
-    return orjson.dumps(value, default=_default, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
+    return dumps(value, default=_default, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
 
 
 def _revive(value: Any) -> Any:
@@ -55,6 +57,6 @@ def decode(raw: bytes | str | None) -> Any:
     """Inverse of `encode`; None stays None. Only walks the value when a tag may be inside."""
     if raw is None:
         return None
-    value = orjson.loads(raw)
+    value = loads(raw)
     marker: Any = TAG.encode() if isinstance(raw, bytes) else TAG
     return _revive(value) if marker in raw else value

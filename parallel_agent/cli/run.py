@@ -65,6 +65,15 @@ def run(
             help="Output format when the extension does not say.",
         ),
     ] = None,
+    output_nodes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--output-node",
+            metavar="NODE=PATH",
+            help="Also write NODE's result to PATH (NODE=PATH, format from the extension); "
+            "repeatable.",
+        ),
+    ] = None,
     task_id: Annotated[
         str | None,
         typer.Option(
@@ -126,7 +135,7 @@ def run(
     Example: pagent run pipelines/parallel_processing.yaml --data pipelines/data/numbers.json
     --output out.json
     """
-    from parallel_agent.app import RunOptions, run_pipeline
+    from parallel_agent.app import RunOptions, check_run_paths, run_pipeline
     from parallel_agent.display import make_sink
 
     with handled_errors(_debug(ctx)):
@@ -143,10 +152,12 @@ def run(
             max_failures=max_failures,
             failed_output=failed_output,
             head=head,
+            output_nodes=output_nodes or [],
             stdin=sys.stdin.buffer if data == "-" else None,
             stdout=sys.stdout.buffer if output == "-" else None,
         )
         check_stdout_clash(output=output, as_json=as_json, events=events)
+        check_run_paths(options, [("--events", events), ("--json", "-" if as_json else None)])
         sink = make_sink(quiet=quiet, progress_interval=progress_interval, events_path=events)
         freeze_startup_objects()
         try:
@@ -188,7 +199,7 @@ def validate(
     with handled_errors(_debug(ctx)):
         text = read_pipeline_text(pipeline)
         loaded, warnings = check_pipeline_text(text, pipeline, overrides or [])
-        check_pipeline(loaded, pipeline_dir=Path(pipeline).parent)
+        warnings += check_pipeline(loaded, pipeline_dir=Path(pipeline).parent)
         for warning in warnings:
             sys.stderr.write(f"pagent: warning: {warning}\n")
         sys.stderr.write(f"{pipeline}: ok ({len(loaded.nodes)} nodes)\n")

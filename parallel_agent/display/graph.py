@@ -34,8 +34,36 @@ def layers(pipeline: Pipeline) -> list[list[str]]:
     return result
 
 
+def chosen_by(pipeline: Pipeline) -> dict[str, list[str]]:
+    """{branch target: the branch points choosing it}, for targets that run only when chosen
+    (those not upstream of their branch point; docs/semantics.md)."""
+    nodes = {node.name: node for node in pipeline.nodes}
+    depended = {d for node in pipeline.nodes for d in node.dependencies}
+
+    def upstream(name: str) -> set[str]:
+        seen: set[str] = set()
+        stack = list(nodes[name].dependencies)
+        while stack:
+            dep = stack.pop()
+            if dep not in seen:
+                seen.add(dep)
+                stack.extend(nodes[dep].dependencies)
+        return seen | {name}
+
+    found: dict[str, list[str]] = {}
+    for node in pipeline.nodes:
+        if node.type != "flow_control" or not (node.dependencies or node.name in depended):
+            continue
+        before = upstream(node.name)
+        targets = [d.next_node for d in node.decisions] + [node.default or ""]
+        for target in dict.fromkeys(t for t in targets if t and t not in before):
+            found.setdefault(target, []).append(node.name)
+    return found
+
+
 def render_text(pipeline: Pipeline) -> str:
     nodes = {node.name: node for node in pipeline.nodes}
+    gated = chosen_by(pipeline)
     lines = [f"pipeline {pipeline.name}"]
     for number, layer in enumerate(layers(pipeline), start=1):
         lines.append(f"layer {number}:")
@@ -45,6 +73,8 @@ def render_text(pipeline: Pipeline) -> str:
             lines.append(f"  {name} [{node.type}] {module_label(node)}{after}")
             if node.node_config.condition:
                 lines.append(f"      runs only if: {node.node_config.condition}")
+            for point in gated.get(name, []):
+                lines.append(f"      runs only when {point} chooses it")
             for decision in node.decisions:
                 lines.append(f"      -> {decision.next_node} if {decision.condition}")
             if node.default is not None:
@@ -85,11 +115,11 @@ def render_dot(pipeline: Pipeline) -> str:
         for decision in node.decisions:
             lines.append(
                 f"  {_quote(node.name)} -> {_quote(decision.next_node)} "
-                f"[style=dashed, label={_quote(decision.condition)}];"
+                f"[style=dashed, color=blue, label={_quote(decision.condition)}];"
             )
         if node.default is not None:
             lines.append(
-                f'  {_quote(node.name)} -> {_quote(node.default)} [style=dashed, label="default"];'
+                f'  {_quote(node.name)} -> {_quote(node.default)} [style=dashed, color=blue, label="default"];'
             )
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -25,7 +25,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from parallel_agent.display.report import resumed_text, stop_text
+from parallel_agent.display.report import outputs_lines, resumed_text, stop_text
 from parallel_agent.display.report_table import report_renderable
 from parallel_agent.events import (
     ChunkDone,
@@ -227,8 +227,13 @@ class LiveDisplay(EventSink):
         self.live.stop()
         summary = self.finished.summary
         stop = stop_text(summary)
-        if stop:
-            self.console.print(f"pagent: {stop}", highlight=False, markup=False)
+        if stop or summary.get("error"):
+            text = stop or summary["error"]
+            self.console.print(f"pagent: {text}", highlight=False, markup=False)
+        for notice in summary.get("notices") or []:
+            self.console.print(f"pagent: note: {notice}", highlight=False, markup=False)
+        for line in outputs_lines(summary):
+            self.console.print(line, highlight=False, markup=False)
         if summary.get("report"):
             self.console.print(report_renderable(RunReport.from_dict(summary["report"])))
         failed_output = summary.get("failed_output")
@@ -275,7 +280,16 @@ def watch_status(
     *,
     interval: float = 0.5,
     finished: frozenset[str] = frozenset(
-        {"complete", "partial_failure", "failed", "cancelled", "interrupted", "stalled", "lost"}
+        {
+            "complete",
+            "partial_failure",
+            "no_output",
+            "failed",
+            "cancelled",
+            "interrupted",
+            "stalled",
+            "lost",
+        }
     ),
 ) -> dict[str, Any]:
     """Show a run from the store alone until it ends; return its last status."""

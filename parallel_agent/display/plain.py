@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from parallel_agent.display.report import report_lines, resumed_text, stop_text
+from parallel_agent.display.report import outputs_lines, report_lines, resumed_text, stop_text
 from parallel_agent.events import (
     ChunkDone,
     ChunkFailed,
@@ -104,8 +104,10 @@ class PlainLines(EventSink):
             f"{summary.get('duration_s', 0):.2f} s"
         )
         stop = stop_text(summary)
-        if stop:
-            lines.append(f"pagent: {stop}")
+        if stop or summary.get("error"):
+            lines.append(f"pagent: {stop or summary['error']}")
+        lines.extend(f"pagent: note: {notice}" for notice in summary.get("notices") or [])
+        lines.extend(outputs_lines(summary))
         report = summary.get("report")
         if report:
             lines.extend(report_lines(RunReport.from_dict(report), self.width))

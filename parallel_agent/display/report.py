@@ -169,9 +169,41 @@ def table_lines(report: RunReport, width: int) -> list[str]:
     return lines
 
 
+def outputs_lines(summary: dict[str, Any]) -> list[str]:
+    """How many rows went to `--output` and to each `--output-node` file."""
+    lines = []
+    written = (summary.get("items") or {}).get("output")
+    if summary.get("output") and summary["output"] != "-" and written is not None:
+        lines.append(f"pagent: {written:,} rows written to {summary['output']}")
+    for node, target in (summary.get("outputs") or {}).items():
+        lines.append(f"pagent: {target['rows']:,} rows of {node} written to {target['path']}")
+    return lines
+
+
+def records_lines(report: RunReport) -> list[str]:
+    """Records in and out of each node that works chunks (a filter's kept and dropped)."""
+    nodes = [node for node in report.nodes if node.chunks]
+    if not nodes:
+        return []
+    name_width = max(len(node.node) for node in nodes)
+    lines = ["records in -> out:"]
+    for node in nodes:
+        extra = []
+        if node.items_dropped:
+            extra.append(f"{node.items_dropped:,} dropped")
+        if node.items_failed:
+            extra.append(f"{node.items_failed:,} failed")
+        tail = f"  ({', '.join(extra)})" if extra else ""
+        lines.append(f"  {node.node:<{name_width}}  {node.items_in:,} -> {node.items_out:,}{tail}")
+    return lines
+
+
 def report_lines(report: RunReport, width: int = 80) -> list[str]:
     """The report as plain lines of at most `width` characters."""
-    lines: list[str] = table_lines(report, width) if report.nodes else []
+    lines: list[str] = []
+    if report.nodes:
+        lines.extend(table_lines(report, width))
+        lines.extend(_clip(line, width) for line in records_lines(report))
     if report.failures:
         lines.append(_clip(FAILURES_TITLE, width))
         count_width = max(len(f"{group.count:,}") for group in report.failures)

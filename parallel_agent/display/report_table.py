@@ -20,6 +20,7 @@ from parallel_agent.display.report import (
     failure_cells,
     key_value_lines,
     node_cells,
+    records_lines,
 )
 from parallel_agent.report import NodeReport, RunReport
 
@@ -62,6 +63,8 @@ def report_renderable(report: RunReport) -> RenderableType:
     parts: list[RenderableType] = []
     if report.nodes:
         parts.append(_NodeTable(report.nodes))
+        for line in records_lines(report):
+            parts.append(Text(line, no_wrap=True, overflow="ellipsis"))
     if report.failures:
         parts.append(Text(FAILURES_TITLE, style="bold red"))
         count_width = max(len(f"{group.count:,}") for group in report.failures)

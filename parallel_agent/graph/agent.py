@@ -178,6 +178,10 @@ class Agent:
         self._flows = {n.name: _decisions(n) for n in self.nodes.values() if is_flow_control(n)}
         return plan
 
+    def warnings(self) -> list[str]:
+        """Branches that validate but will not do what they seem to (see Plan.warnings)."""
+        return Plan(self.nodes).warnings()
+
     def _controllers(self) -> list[Node]:
         """Flow-control nodes with no dependencies that no node depends on: loop controllers."""
         depended = {d for n in self.nodes.values() for d in n.dependencies}
@@ -247,7 +251,9 @@ class Agent:
         controllers = self._controllers()
         controller = controllers[0] if controllers else None
         run.task = task
-        selected, resumed = (work, None) if resume is None else (resume[0] & work, resume[1])
+        selected, resumed = (
+            (plan.runnable(work), None) if resume is None else (resume[0] & work, resume[1])
+        )
         try:
             while True:
                 if resumed is not None:
@@ -260,7 +266,7 @@ class Agent:
                 target = await self._visit_controller(run, controller)
                 if target is None:
                     break
-                selected = plan.downstream_of(target) & work
+                selected = plan.runnable(work, target)
         except _Stop as stop:
             run.stop = str(stop)
         self._finish(task, run)
@@ -299,7 +305,7 @@ class Agent:
                 if jump is not None or restart is not None:
                     break
             if jump is not None:
-                selected = plan.downstream_of(jump) & work
+                selected = plan.runnable(work, jump)
             elif restart is not None:
                 selected = restart
             else:

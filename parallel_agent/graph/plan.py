@@ -21,6 +21,8 @@ class Plan:
         for node in self.nodes.values():
             for dep in node.dependencies:
                 self.children[dep].add(node.name)
+        self.gates = self._gates()
+        """{target: the nodes it gates} for every branch target that runs only when chosen."""
 
     def _check_references(self) -> None:
         for node in self.nodes.values():
@@ -39,6 +41,106 @@ class Plan:
                         raise PipelineError(
                             f"flow control node '{node.name}' jumps to unknown node '{target}'"
                         )
+
+    def targets(self, name: str) -> list[str]:
+        """The nodes a flow-control node's decisions and default name, in order, once each."""
+        found: list[str] = []
+        for module in self.nodes[name].modules:
+            if isinstance(module, FlowControlModule):
+                config = module.flow_config
+                for target in [d.next_node for d in config.decisions] + [config.default or ""]:
+                    if target and target not in found:
+                        found.append(target)
+        return found
+
+    def branch_points(self) -> list[str]:
+        """Flow-control nodes that are part of the data flow (they have dependencies, or nodes
+        depend on them): evaluated in place, as opposed to the loop controller."""
+        return [
+            name
+            for name, node in self.nodes.items()
+            if self.targets(name) and (node.dependencies or self.children[name])
+        ]
+
+    def upstream_of(self, name: str) -> set[str]:
+        """Every node `name` (transitively) depends on."""
+        seen: set[str] = set()
+        stack = list(self.nodes[name].dependencies)
+        while stack:
+            dep = stack.pop()
+            if dep not in seen:
+                seen.add(dep)
+                stack.extend(self.nodes[dep].dependencies)
+        return seen
+
+    def _gates(self) -> dict[str, set[str]]:
+        """A branch target that is not upstream of its branch point runs only when chosen, and so
+        does everything downstream of it (a target upstream of it is a loop back: not gated)."""
+        gates: dict[str, set[str]] = {}
+        for point in self.branch_points():
+            before = self.upstream_of(point) | {point}
+            for target in self.targets(point):
+                if target not in before:
+                    gates[target] = self.downstream_of(target)
+        return gates
+
+    def runnable(self, work: set[str], jump: str | None = None) -> set[str]:
+        """What a pass runs: from `jump` (or everything) within `work`, minus the nodes gated by a
+        branch target other than `jump` that lies in that range."""
+        reach = (self.downstream_of(jump) if jump is not None else set(self.nodes)) & work
+        for target, gated in self.gates.items():
+            if target != jump and target in reach:
+                reach -= gated
+        return reach
+
+    def warnings(self) -> list[str]:
+        """Branches that will not do what they seem to: a target that runs anyway, before its
+        branch point decides, and a node that needs two alternatives of one branch point."""
+        found: list[str] = []
+        for point in self.branch_points():
+            before = self.upstream_of(point)
+            targets = self.targets(point)
+            for target in targets:
+                if target == point:
+                    found.append(f"flow control node '{point}' jumps to itself")
+                elif target in before:
+                    found.append(
+                        f"node '{target}' is a target of flow control node '{point}' but runs "
+                        f"unconditionally before it (it is upstream of '{point}'); choosing it "
+                        "runs it again"
+                    )
+            found.extend(self._shadowed(point))
+            gated = [t for t in targets if t in self.gates]
+            for name in self.nodes:
+                needs = [t for t in gated if name in self.gates[t]]
+                if len(needs) > 1:
+                    found.append(
+                        f"node '{name}' can never run with all it needs: it is downstream of "
+                        f"{' and '.join(repr(t) for t in needs)}, alternatives of flow control "
+                        f"node '{point}' (only one of them is chosen)"
+                    )
+        return found
+
+    def _shadowed(self, point: str) -> list[str]:
+        """Decisions (and a default) after one whose condition is always true never apply."""
+        for module in self.nodes[point].modules:
+            if not isinstance(module, FlowControlModule):
+                continue
+            config = module.flow_config
+            for number, decision in enumerate(config.decisions, start=1):
+                if decision.condition is None or decision.condition.strip() in (
+                    "true",
+                    "True",
+                    "1",
+                ):
+                    later = [d.next_node for d in config.decisions[number:]]
+                    later += [config.default] if config.default else []
+                    if later:
+                        return [
+                            f"flow control node '{point}': decision {number} always holds, so "
+                            f"{', '.join(repr(t) for t in later)} after it can never be chosen"
+                        ]
+        return []
 
     def _order(self) -> list[str]:
         sorter: TopologicalSorter[str] = TopologicalSorter(

@@ -20,6 +20,7 @@ class TaskStatus(str, Enum):  # noqa: UP042 (str mixin kept for the public API)
     INTERRUPTED = "interrupted"
     COMPLETE = "complete"
     PARTIAL = "partial_failure"
+    NO_OUTPUT = "no_output"
     FAILED = "failed"
     CANCELLED = "cancelled"
     LOST = "lost"

@@ -8,6 +8,7 @@ before any work, then `open_writer` as a context manager.
 from parallel_agent.io.readers import (
     BLOCK_SIZE,
     FORMATS,
+    MAX_RECORD_SIZE,
     ChunkReader,
     Format,
     detect_format,
@@ -15,6 +16,7 @@ from parallel_agent.io.readers import (
     read_chunks,
 )
 from parallel_agent.io.records import Chunk, InputIdentity, Record
+from parallel_agent.io.targets import check_targets
 from parallel_agent.io.writers import (
     OutputFormat,
     Writer,
@@ -27,6 +29,7 @@ from parallel_agent.io.writers import (
 __all__ = [
     "BLOCK_SIZE",
     "FORMATS",
+    "MAX_RECORD_SIZE",
     "Chunk",
     "ChunkReader",
     "Format",
@@ -34,6 +37,7 @@ __all__ = [
     "OutputFormat",
     "Record",
     "Writer",
+    "check_targets",
     "check_writable",
     "detect_format",
     "detect_output_format",

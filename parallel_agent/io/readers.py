@@ -29,12 +29,23 @@ import orjson
 
 from parallel_agent.errors import InputDataError, Location, UsageError
 from parallel_agent.io.records import Chunk, InputIdentity, PayloadChunk, Record
-from parallel_agent.jsonl import check_jsonl, encode_lines
+from parallel_agent.jsonl import (
+    MAX_DEPTH,
+    check_jsonl,
+    encode_lines,
+    first_too_deep,
+    loads,
+    may_hold_big_ints,
+    too_deep,
+)
 
 Format = Literal["json", "jsonl", "csv"]
 FORMATS: tuple[Format, ...] = ("json", "jsonl", "csv")
 #: Bytes read at a time: 64 KiB keeps a block's parsed records in the CPU cache (faster than 1 MiB).
 BLOCK_SIZE = 1 << 16
+#: The longest record read by default (a JSON Lines line, a JSON array's value): 64 MiB. A longer
+#: one is a located error (exit 3), so a runaway line cannot take the machine's memory.
+MAX_RECORD_SIZE = 64 << 20
 _BOM = b"\xef\xbb\xbf"
 _EXTENSIONS: dict[str, Format] = {
     ".json": "json",
@@ -45,6 +56,19 @@ _EXTENSIONS: dict[str, Format] = {
 
 # Parsed values and, when asked for, the line each one starts on.
 _Batch = tuple[list[Any], Sequence[int] | None]
+
+
+def _too_long(
+    name: str, limit: int, line: int | None, column: int | None, record: int | None
+) -> InputDataError:
+    return _located(
+        name,
+        f"record longer than the maximum record size ({limit:,} bytes; "
+        "the split's max_record_size sets it)",
+        line,
+        column,
+        record,
+    )
 
 
 def detect_format(path: str, explicit: str | None = None) -> Format:
@@ -63,6 +87,12 @@ def detect_format(path: str, explicit: str | None = None) -> Format:
             "pass --format json, jsonl or csv"
         )
     return _EXTENSIONS[suffix]
+
+
+def _empty(name: str, expected: str) -> InputDataError:
+    """An input with nothing in it (no bytes, or only blank lines): refused in every format, so
+    an upstream step that wrote nothing is noticed; `[]` or a header-only CSV is 0 records."""
+    return _located(name, f"empty input: {expected}", 1, 1, None)
 
 
 def _located(
@@ -147,9 +177,11 @@ class ChunkReader:
         data_key: str = "data",
         display_name: str | None = None,
         block_size: int = BLOCK_SIZE,
+        max_record_size: int = MAX_RECORD_SIZE,
     ) -> None:
         if chunk_size < 1:
             raise UsageError("chunk_size must be at least 1")
+        self.max_record_size = max_record_size
         self.source = source
         self.fmt = fmt
         self.chunk_size = chunk_size
@@ -200,10 +232,10 @@ class ChunkReader:
             for chunk in self:
                 payload, bad = encode_lines(chunk.records)
                 if bad:
-                    number = chunk.first_record + bad[0] + 1
+                    number = chunk.first_record + bad[0][0] + 1
                     raise _located(
                         self.name,
-                        "this record cannot be stored as JSON (nested too deep)",
+                        f"nested deeper than {MAX_DEPTH} levels",
                         None,
                         None,
                         number,
@@ -226,7 +258,7 @@ class ChunkReader:
         lines: list[bytes] = []
         first_line = 1  # the line of lines[0]
         blanks: collections.deque[int] = collections.deque()  # blank lines after first_line
-        for texts, start, block_blanks in _jsonl_lines(source):
+        for texts, start, block_blanks in _jsonl_lines(source, self.name, self.max_record_size):
             if not lines:
                 first_line = start
                 blanks = collections.deque(blank for blank in block_blanks if blank > start)
@@ -246,6 +278,8 @@ class ChunkReader:
         if lines:
             yield self._payload(index, record, lines, first_line, list(blanks), check)
             record += len(lines)
+        if record == 0:
+            raise _empty(self.name, "expected JSON Lines records")
         self.records = record
 
     def _payload(
@@ -285,7 +319,8 @@ class ChunkReader:
         source = _Source(self.source, self.block_size)
         count = 0
         try:
-            for batch in _READERS[self.fmt](source, self.name, self.data_key, locate):
+            read = _READERS[self.fmt]
+            for batch in read(source, self.name, self.data_key, locate, self.max_record_size):
                 count += len(batch[0])
                 yield batch
         finally:
@@ -304,6 +339,7 @@ def read_chunks(
     data_key: str = "data",
     display_name: str | None = None,
     block_size: int = BLOCK_SIZE,
+    max_record_size: int = MAX_RECORD_SIZE,
 ) -> ChunkReader:
     """A streaming reader of `source` (a path or a binary stream) in chunks of `chunk_size` records."""
     return ChunkReader(
@@ -313,6 +349,7 @@ def read_chunks(
         data_key=data_key,
         display_name=display_name,
         block_size=block_size,
+        max_record_size=max_record_size,
     )
 
 
@@ -323,10 +360,17 @@ def iter_records(
     data_key: str = "data",
     display_name: str | None = None,
     block_size: int = BLOCK_SIZE,
+    max_record_size: int = MAX_RECORD_SIZE,
 ) -> Iterator[Record]:
     """Every record of `source` as a `Record(number, line, value)`, streamed."""
     reader = read_chunks(
-        source, fmt, 1, data_key=data_key, display_name=display_name, block_size=block_size
+        source,
+        fmt,
+        1,
+        data_key=data_key,
+        display_name=display_name,
+        block_size=block_size,
+        max_record_size=max_record_size,
     )
     return reader.iter_records()
 
@@ -334,50 +378,89 @@ def iter_records(
 # ---- JSON Lines ---------------------------------------------------------------------------------
 
 
-def _read_jsonl(source: _Source, name: str, data_key: str, locate: bool) -> Iterator[_Batch]:
+def _read_jsonl(
+    source: _Source, name: str, data_key: str, locate: bool, max_record: int
+) -> Iterator[_Batch]:
     """One orjson call per line and nothing else per line, unless a line is bad."""
     record = 0
-    for texts, first, blanks in _jsonl_lines(source):
+    for texts, first, blanks in _jsonl_lines(source, name, max_record):
+        joined = b"\n".join(texts)
         try:
             values = list(map(orjson.loads, texts))
+            if may_hold_big_ints(joined):  # read exactly the lines that need it
+                values = list(map(loads, texts))
+            position = first_too_deep(joined, texts)
         except orjson.JSONDecodeError:
-            position = check_jsonl(b"\n".join(texts))
+            position = check_jsonl(joined)
             assert position is not None
+        if position is not None:
             line = _line_of(first, blanks, position)
             raise _jsonl_error(texts[position], name, line, record + position + 1) from None
         record += len(values)
         yield values, (_lines_of(first, blanks, len(texts)) if locate else None)
+    if record == 0:
+        raise _empty(name, "expected JSON Lines records")
 
 
 #: A blank line in "\n" + block + "\n" (a literal first byte keeps the search fast).
 _BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
 
 
-def _jsonl_lines(source: _Source) -> Iterator[tuple[list[bytes], int, list[int]]]:
+def _jsonl_lines(
+    source: _Source, name: str, max_record: int
+) -> Iterator[tuple[list[bytes], int, list[int]]]:
     """Each block's non-blank lines, the line number of the first, and the blank lines' numbers,
-    without parsing anything."""
-    carry = b""
+    without parsing anything. A line longer than `max_record` bytes is an error.
+
+    A line that spans blocks is kept as its pieces and joined once it ends, and only the new
+    block is searched for its end, so reading stays linear in the line's length.
+    """
+    pieces: list[bytes] = []  # the unfinished last line
+    pending = 0  # its length
     line = 1
+    records = 0  # non-blank lines handed out
     for block in source.blocks():
-        if carry:
-            block = carry + block
         cut = block.rfind(b"\n")
         if cut < 0:
-            carry = block
+            pieces.append(block)
+            pending += len(block)
+            if pending > max_record:
+                raise _too_long(name, max_record, line, None, records + 1)
             continue
-        carry = block[cut + 1 :]
         body = block[:cut]
+        if pieces:
+            pieces.append(body)
+            body = b"".join(pieces)
+        rest = block[cut + 1 :]
+        pieces, pending = ([rest], len(rest)) if rest else ([], 0)
         texts = body.split(b"\n")
+        if len(body) > max_record:
+            _check_lengths(texts, name, max_record, line, records)
         if _BLANK_LINE.search(b"\n" + body + b"\n") is None:
+            records += len(texts)
             yield texts, line, []
         else:
             blank = [line + n for n, text in enumerate(texts) if not text.strip()]
             kept = [text for text in texts if text.strip()]
             first = next(line + n for n, text in enumerate(texts) if text.strip()) if kept else line
+            records += len(kept)
             yield kept, first, blank
         line += len(texts)
+    if pending > max_record:
+        raise _too_long(name, max_record, line, None, records + 1)
+    carry = b"".join(pieces)
     if carry.strip():
         yield [carry], line, []
+
+
+def _check_lengths(texts: list[bytes], name: str, limit: int, line: int, records: int) -> None:
+    """Refuse the first of `texts` (lines from `line` on, after `records` records) over `limit`."""
+    if max(map(len, texts)) <= limit:
+        return
+    for offset, text in enumerate(texts):
+        if len(text) > limit:
+            before = sum(1 for earlier in texts[:offset] if earlier.strip())
+            raise _too_long(name, limit, line + offset, None, records + before + 1)
 
 
 def _before(blanks: Iterable[int], line: int) -> list[int]:
@@ -419,19 +502,37 @@ def _jsonl_error(text: bytes, name: str, line: int, record: int) -> InputDataErr
     except orjson.JSONDecodeError as exc:
         message, at = _explain_json(text, exc)
         return _located(name, message, line, _chars(text[:at]) + 1, record)
+    if too_deep(text):
+        return _located(name, f"nested deeper than {MAX_DEPTH} levels", line, 1, record)
     raise AssertionError("a line failed to parse once but not twice")
 
 
 # ---- JSON (a streamed array) --------------------------------------------------------------------
 
 _WS = re.compile(rb"[ \t\r\n]*")
-_STRING_TAIL = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _STRUCTURE = re.compile(rb'["\[\]{}]')
 _SCALAR_END = re.compile(rb"[,\]}\s]")
-_COMMA, _COLON, _QUOTE = ord(","), ord(":"), ord('"')
+_COMMA, _COLON, _QUOTE, _BACKSLASH = ord(","), ord(":"), ord('"'), ord("\\")
 _OPEN_ARRAY, _CLOSE_ARRAY, _OPEN_OBJECT, _CLOSE_OBJECT = b"[]{}"
 #: Commas tried (from the end of the buffer) when looking for one between two records.
 _COMMA_TRIES = 10_000
+
+
+def _string_end(buf: bytes, start: int) -> int | None:
+    """The offset after the quote that closes a JSON string whose text starts at `start`, or None
+    if the buffer ends first. bytes.find jumps from quote to quote (a regex walks byte by byte,
+    too slow for a string of many megabytes); a quote after an odd run of backslashes is escaped."""
+    position = start
+    while True:
+        quote = buf.find(b'"', position)
+        if quote < 0:
+            return None
+        before = quote
+        while before > start and buf[before - 1] == _BACKSLASH:
+            before -= 1
+        if (quote - before) % 2 == 0:
+            return quote + 1
+        position = quote + 1
 
 
 def _depth(buf: bytes, start: int, end: int) -> int:
@@ -454,7 +555,8 @@ class _JsonScanner:
     `value_end` walks one record at a time, jumping over strings with a regex.
     """
 
-    def __init__(self, source: _Source, name: str) -> None:
+    def __init__(self, source: _Source, name: str, max_record: int = MAX_RECORD_SIZE) -> None:
+        self.max_record = max_record
         self.blocks = source.blocks()
         self.block_size = source.block_size
         self.name = name
@@ -468,14 +570,23 @@ class _JsonScanner:
         self.line_pos = 0  # line_at's cursor: buf[line_pos] is on line line_no
         self.line_no = 1
 
-    def more(self) -> bool:
-        """Append the next block, dropping what was consumed; False at the end of input."""
+    def more(self, wanted: int = 0) -> bool:
+        """Append the next block (or blocks, joined once, up to `wanted` bytes), dropping what was
+        consumed; False at the end of input."""
         if self.eof:
             return False
-        block = next(self.blocks, None)
-        if block is None:
-            self.eof = True
+        blocks: list[bytes] = []
+        got = 0
+        while not blocks or got < wanted:
+            block = next(self.blocks, None)
+            if block is None:
+                self.eof = True
+                break
+            blocks.append(block)
+            got += len(block)
+        if not blocks:
             return False
+        block = b"".join(blocks)
         consumed = self.buf[: self.pos]
         newline = consumed.rfind(b"\n")
         if newline >= 0:
@@ -539,8 +650,10 @@ class _JsonScanner:
             depth -= _depth(buf, cut, previous)
         else:
             return None
+        if cut - start > self.max_record:
+            return None  # a record in it may be too long: walk them one by one
         try:
-            values: list[Any] = orjson.loads(b"[" + buf[start:cut] + b"]")
+            values: list[Any] = loads(b"[" + buf[start:cut] + b"]")
         except orjson.JSONDecodeError:
             self.careful_until = self.offset + cut + 1
             return None
@@ -555,20 +668,20 @@ class _JsonScanner:
         """
         while True:
             end = self._scan(self.pos)
-            if end is not None:
+            if end is not None and end - self.pos <= self.max_record:
                 return end
-            if self.eof:
+            if self.eof and end is None:
                 raise self.fail("unexpected end of data inside a value", len(self.buf), record)
-            wanted = 2 * (len(self.buf) - self.pos)
-            while self.more() and len(self.buf) - self.pos < wanted:
-                pass
+            if end is not None or len(self.buf) - self.pos > self.max_record:
+                line, column = self.where(self.pos)
+                raise _too_long(self.name, self.max_record, line, column, record)
+            self.more(len(self.buf) - self.pos)
 
     def _scan(self, start: int) -> int | None:
         buf = self.buf
         first = buf[start]
         if first == _QUOTE:
-            match = _STRING_TAIL.match(buf, start + 1)
-            return match.end() if match else None
+            return _string_end(buf, start + 1)
         if first not in (_OPEN_ARRAY, _OPEN_OBJECT):
             match = _SCALAR_END.search(buf, start)
             return match.start() if match else (len(buf) if self.eof else None)
@@ -580,10 +693,10 @@ class _JsonScanner:
                 return None
             char = buf[match.start()]
             if char == _QUOTE:
-                tail = _STRING_TAIL.match(buf, match.end())
-                if tail is None:
+                end = _string_end(buf, match.end())
+                if end is None:
                     return None
-                position = tail.end()
+                position = end
                 continue
             depth += 1 if char in (_OPEN_ARRAY, _OPEN_OBJECT) else -1
             position = match.end()
@@ -595,7 +708,7 @@ class _JsonScanner:
         start = self.pos
         text = self.buf[start:end]
         try:
-            value = orjson.loads(text)
+            value = loads(text)
         except orjson.JSONDecodeError as exc:
             message, at = _explain_json(text, exc)
             raise self.fail(message, start + at, record) from None
@@ -606,11 +719,13 @@ class _JsonScanner:
         return len(self.buf)
 
 
-def _read_json(source: _Source, name: str, data_key: str, locate: bool) -> Iterator[_Batch]:
-    scanner = _JsonScanner(source, name)
+def _read_json(
+    source: _Source, name: str, data_key: str, locate: bool, max_record: int
+) -> Iterator[_Batch]:
+    scanner = _JsonScanner(source, name, max_record)
     first = scanner.skip_ws()
     if first is None:
-        raise _located(name, "empty input: expected a JSON array or object", 1, 1, None)
+        raise _empty(name, "expected a JSON array or object")
     if first == _OPEN_OBJECT:
         _find_key(scanner, data_key)
     elif first != _OPEN_ARRAY:
@@ -807,7 +922,9 @@ class _CsvFeed:
         return opened if quoted else None
 
 
-def _read_csv(source: _Source, name: str, data_key: str, locate: bool) -> Iterator[_Batch]:
+def _read_csv(
+    source: _Source, name: str, data_key: str, locate: bool, max_record: int
+) -> Iterator[_Batch]:
     feed = _CsvFeed(source, name)
     reader = csv.reader(feed.lines(), strict=True)
     header: list[str] = []
@@ -847,6 +964,8 @@ def _read_csv(source: _Source, name: str, data_key: str, locate: bool) -> Iterat
     except csv.Error as exc:
         record = handed + len(values) + 1 if width >= 0 else None
         raise feed.error(exc, record, reader.line_num) from None
+    if width < 0:
+        raise _empty(name, "expected a CSV header row")
     if values:
         yield values, starts if locate else None
 
@@ -861,7 +980,7 @@ def _check_header(row: list[str], name: str, line: int) -> None:
         seen.add(field)
 
 
-_READERS: dict[str, Callable[[_Source, str, str, bool], Iterator[_Batch]]] = {
+_READERS: dict[str, Callable[[_Source, str, str, bool, int], Iterator[_Batch]]] = {
     "jsonl": _read_jsonl,
     "json": _read_json,
     "csv": _read_csv,

@@ -1,9 +1,12 @@
 """Atomic output writers: a JSON array, JSON Lines or CSV, to a file or stdout.
 
-A file is written to `.<name>.<random>.tmp` in the same folder, flushed, fsynced, closed explicitly
-(Python swallows ENOSPC at an implicit close), renamed over the target, and the folder is fsynced.
-Any failure leaves no temp file and the previous target untouched, and raises `OutputError` naming
-the path and the OS reason.
+A file is written to `.<name>.pagent-<random>.tmp` in the same folder (locked while its writer
+lives, so the next run can tell a killed writer's leftover from a live one), flushed, fsynced,
+closed explicitly (Python swallows ENOSPC at an implicit close), renamed over the target, and the
+folder is fsynced. Any failure leaves no temp file and the previous target untouched, and raises
+`OutputError` naming the path and the OS reason. A FIFO, a character device or a descriptor path
+(`/dev/stdout`, `/dev/fd/N`) is written in place instead: renaming over it would replace it.
+A symlinked target is written through the link (the link stays).
 
 CSV output: the header comes from the first record's keys, in order. A later record with a key the
 header lacks is an `OutputError` (a streamed file cannot go back and widen its header, and silently
@@ -30,6 +33,15 @@ from typing import Any, BinaryIO, Literal
 import orjson
 
 from parallel_agent.errors import OutputError, UsageError
+from parallel_agent.io.targets import (
+    check_kind,
+    descriptor_of,
+    hold,
+    remove_leftovers,
+    temp_name,
+    writes_in_place,
+)
+from parallel_agent.jsonl import decode_lines, dumps
 
 OutputFormat = Literal["json", "jsonl", "csv"]
 _FORMATS: tuple[OutputFormat, ...] = ("json", "jsonl", "csv")
@@ -44,13 +56,14 @@ _NO_FOLDER_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES}
 
 
 def detect_output_format(path: str, explicit: str | None = None) -> OutputFormat:
-    """`--output-format`, else the output's extension; stdout (`-`) defaults to JSON Lines."""
+    """`--output-format`, else the output's extension; stdout (`-`, `/dev/stdout`) and other
+    descriptors (`/dev/fd/N`) default to JSON Lines."""
     if explicit is not None:
         lowered = explicit.lower()
         if lowered not in _FORMATS:
             raise UsageError(f"unknown output format '{explicit}'; use one of: json, jsonl, csv")
         return lowered
-    if path == "-":
+    if descriptor_of(path) is not None:  # stdout, /dev/stdout, /dev/fd/N: a stream
         return "jsonl"
     suffix = Path(path).suffix.lower()
     if suffix not in _EXTENSIONS:
@@ -65,23 +78,25 @@ def _failed(target: str, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {target}: {exc.strerror or exc}")
 
 
-def check_writable(target: str) -> None:
-    """Fail before any work when the output's folder is missing or refuses a new file."""
-    if target == "-":
+def check_writable(target: str, option: str = "--output") -> None:
+    """Fail before any work when the output is a folder, socket or block device (UsageError), or
+    its folder is missing or refuses a new file (OutputError). Temp files a killed pagent left
+    beside the output are removed here."""
+    if writes_in_place(target):
         return
-    path = Path(target)
-    if path.is_dir():
-        raise OutputError(f"cannot write {target}: it is a folder")
+    check_kind(target, option)
+    path = Path(os.path.realpath(target))
     folder = path.parent
     if not folder.exists():
         raise OutputError(f"cannot write {target}: folder {folder} does not exist")
-    probe = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    probe = temp_name(path, secrets.token_hex(4))
     try:
         probe.open("xb").close()
     except OSError as exc:
         raise _failed(target, exc) from None
     with contextlib.suppress(OSError):
         probe.unlink()
+    remove_leftovers(path)
 
 
 class Writer:
@@ -108,19 +123,48 @@ class Writer:
         self.csv_fields: list[str] | None = list(fields) if fields is not None else None
         self.csv_header_written = False
         self.temp: Path | None = None
+        self.owned = False
         if target == "-":
             self.stream: BinaryIO = stdout or sys.stdout.buffer
             return
-        path = Path(target)
-        self.temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            self.stream = self.temp.open("xb")
-        except OSError as exc:
-            self.temp = None
-            raise _failed(target, exc) from None
+        self.owned = True
+        if writes_in_place(target):
+            self.stream = self._open_in_place(target)
+            return
+        self.path = Path(os.path.realpath(target))
+        self.stream = self._open_temp()
         with contextlib.suppress(OSError):  # no previous file: keep the default mode
             # Keep a replaced file's permissions: output may be private data.
-            os.fchmod(self.stream.fileno(), stat.S_IMODE(os.stat(target).st_mode))
+            os.fchmod(self.stream.fileno(), stat.S_IMODE(os.stat(self.path).st_mode))
+
+    def _open_in_place(self, target: str) -> BinaryIO:
+        descriptor = descriptor_of(target)
+        try:
+            if descriptor is not None:
+                return os.fdopen(os.dup(descriptor), "wb")
+            return open(target, "wb")
+        except OSError as exc:
+            raise _failed(target, exc) from None
+
+    def _open_temp(self) -> BinaryIO:
+        """Create and lock our temp file; one that a cleaner removed before the lock is taken is
+        made again."""
+        while True:
+            temp = temp_name(self.path, secrets.token_hex(4))
+            try:
+                stream = temp.open("xb")
+            except OSError as exc:
+                raise _failed(self.target, exc) from None
+            try:
+                if (
+                    hold(stream.fileno())
+                    and os.stat(temp).st_ino == os.fstat(stream.fileno()).st_ino
+                ):
+                    self.temp = temp
+                    return stream
+            except FileNotFoundError:
+                pass
+            stream.close()
 
     def __enter__(self) -> Writer:
         if self.fmt == "json" and not self.document:
@@ -138,7 +182,7 @@ class Writer:
     def write_document(self, value: Any) -> None:
         """Write `value` as the whole JSON document (opened with `document=True`)."""
         try:
-            self._put(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
+            self._put(dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
         except TypeError as exc:
             self.discard()
             raise OutputError(f"cannot write {self.target}: {exc}") from None
@@ -152,7 +196,7 @@ class Writer:
         encoded: list[bytes] = []
         for value in values:
             try:
-                encoded.append(orjson.dumps(value))
+                encoded.append(dumps(value))
             except TypeError as exc:
                 self.discard()
                 number = self.count + len(encoded) + 1
@@ -167,7 +211,7 @@ class Writer:
         if not lines:
             return
         if self.fmt == "csv":
-            self.write(orjson.loads(b"[" + lines.rstrip(b"\n").replace(b"\n", b",") + b"]"))
+            self.write(decode_lines(lines))
             return
         if not lines.endswith(b"\n"):
             lines += b"\n"
@@ -226,6 +270,9 @@ class Writer:
         if self.temp is None:
             try:
                 self.stream.flush()
+                if self.owned:
+                    self.owned = False
+                    self.stream.close()
             except OSError as exc:
                 raise _failed(self.target, exc) from None
             return
@@ -233,16 +280,20 @@ class Writer:
             self.stream.flush()
             os.fsync(self.stream.fileno())
             self.stream.close()
-            os.replace(self.temp, self.target)
+            os.replace(self.temp, self.path)
         except OSError as exc:
             self.discard()
             raise _failed(self.target, exc) from None
         self.temp = None
-        _fsync_folder(self.target)
+        _fsync_folder(self.path)
 
     def discard(self) -> None:
         """Drop the temp file; the target is left as it was."""
         if self.temp is None:
+            if self.owned:  # a FIFO or device written in place: what was written is gone
+                self.owned = False
+                with contextlib.suppress(OSError):
+                    self.stream.close()
             return
         with contextlib.suppress(OSError):
             self.stream.close()
@@ -259,21 +310,21 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict | list):
-        return orjson.dumps(value).decode()
+        return dumps(value).decode()
     return str(value)
 
 
-def _fsync_folder(target: str) -> None:
+def _fsync_folder(target: Path) -> None:
     """Make the rename durable; the file is in place already, so only a real I/O error is raised."""
     try:
-        descriptor = os.open(Path(target).parent, os.O_RDONLY)
+        descriptor = os.open(target.parent, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(descriptor)
     except OSError as exc:
         if exc.errno not in _NO_FOLDER_FSYNC:
-            raise _failed(target, exc) from None
+            raise _failed(str(target), exc) from None
     finally:
         os.close(descriptor)
 

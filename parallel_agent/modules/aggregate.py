@@ -12,7 +12,7 @@ from typing import Any
 
 from parallel_agent.conditions import AGGREGATE_NAMES, compile_expression
 from parallel_agent.errors import PipelineError
-from parallel_agent.jsonl import decode_lines
+from parallel_agent.jsonl import decode_lines, not_finite
 from parallel_agent.modules.context import RunContext
 
 REDUCERS = ("sum", "count", "min", "max")
@@ -45,7 +45,23 @@ async def aggregate_value(
     field: str | None = None,
     what: str = "aggregate",
 ) -> Any:
-    """Compute the aggregate of `producer`'s outputs for the non-default forms."""
+    """Compute the aggregate of `producer`'s outputs for the non-default forms; a NaN or infinity
+    in it is an error (JSON has neither: it would be written as null)."""
+    value = await _aggregate(ctx, producer, reduce, group_by, expr, field, what)
+    if not_finite(value):
+        raise PipelineError(f"{what}: the result holds a NaN or infinity, which JSON cannot hold")
+    return value
+
+
+async def _aggregate(
+    ctx: RunContext,
+    producer: str,
+    reduce: str | None,
+    group_by: str | None,
+    expr: str | None,
+    field: str | None,
+    what: str,
+) -> Any:
     if reduce is not None:
         return await _reduce(ctx, producer, reduce, field, what)
     if group_by is not None:

@@ -8,6 +8,8 @@ cache key changed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from typing import Any
 
 from parallel_agent.caches.cache import Cache
@@ -19,9 +21,12 @@ from parallel_agent.errors import (
     UsageError,
 )
 from parallel_agent.graph import AgentModule, ModuleType
+from parallel_agent.io import MAX_RECORD_SIZE
+from parallel_agent.jsonl import decode_lines
 from parallel_agent.modules.aggregate import aggregate_value
 from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings, feed_from_producer
 from parallel_agent.modules.context import RunContext
+from parallel_agent.modules.grouping import Grouper, GroupingError
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.modules.processors import ChunkProcessor
 from parallel_agent.modules.split import split_input
@@ -57,14 +62,22 @@ class SplitModule(BuiltinModule):
     type = ModuleType.PLANNER
 
     def __init__(
-        self, ctx: RunContext, node: str, chunk_size: int, checker: PooledProcessor | None = None
+        self,
+        ctx: RunContext,
+        node: str,
+        chunk_size: int,
+        checker: PooledProcessor | None = None,
+        max_record_size: int = MAX_RECORD_SIZE,
     ) -> None:
         super().__init__(ctx, node)
         self.chunk_size = chunk_size
         self.checker = checker
+        self.max_record_size = max_record_size
 
     async def work(self, cache: Cache) -> dict[str, Any]:
-        result = await split_input(self.ctx, self.node, self.chunk_size, self.checker)
+        result = await split_input(
+            self.ctx, self.node, self.chunk_size, self.checker, self.max_record_size
+        )
         return {"status": "success", "result": result}
 
 
@@ -80,17 +93,20 @@ class ChunkModule(BuiltinModule):
         settings: NodeSettings,
         processor: ChunkProcessor,
         name: str,
+        aggregates: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(ctx, node)
         self.settings = settings
         self.processor = processor
         self.name = name
+        self.aggregates = aggregates or {}
+        """{aggregate node: grouping options}: their partials are computed with each chunk."""
 
     async def work(self, cache: Cache) -> dict[str, Any]:
         ctx = self.ctx
         if self.node in ctx.producers:
             await feed_from_producer(ctx, self.node)
-        workers = ChunkWorkers(ctx, self.settings, self.processor)
+        workers = ChunkWorkers(ctx, self.settings, self.processor, self.aggregates)
         await workers.run()
         counts = await ctx.store.counts(ctx.task_id, self.node)
         return {
@@ -116,7 +132,8 @@ class AggregateModule(BuiltinModule):
 
     @property
     def computes_value(self) -> bool:
-        return any(self.options.get(key) is not None for key in ("reduce", "group_by", "expr"))
+        keys = ("reduce", "group_by", "expr", "compute")
+        return any(self.options.get(key) is not None for key in keys)
 
     async def work(self, cache: Cache) -> dict[str, Any]:
         ctx = self.ctx
@@ -125,6 +142,8 @@ class AggregateModule(BuiltinModule):
         summary = {"chunks": counts.done, "items": counts.items_done}
         if not self.computes_value:
             return {"status": "success", "result": summary}
+        if self.options.get("compute") is not None:
+            return await self._grouped(cache, producer, summary)
         value = await aggregate_value(
             ctx,
             producer,
@@ -137,3 +156,35 @@ class AggregateModule(BuiltinModule):
         await ctx.store.update_run(ctx.task_id, extra={"aggregate": {self.node: value}})
         await cache.set("final_results", value)
         return {"status": "success", "result": {**summary, "value": value}}
+
+    async def _grouped(
+        self, cache: Cache, producer: str, summary: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Merge the partials committed with the producer's chunks (one pass, memory in the
+        number of groups); a chunk committed without this node's partial is reduced here."""
+        ctx = self.ctx
+        what = f"node '{self.node}', aggregate"
+        grouper = Grouper.from_options(self.options, what, ctx.params)
+        merger = grouper.merger()
+        try:
+            async for chunk in ctx.store.results(ctx.task_id, producer):
+                partial = json.loads(chunk.partial).get(self.node) if chunk.partial else None
+                if partial is None:
+                    partial = grouper.partial(decode_lines(chunk.result), chunk.numbers)
+                merger.add(partial)
+            rows = merger.rows()
+        except GroupingError as exc:  # values the reducers cannot combine: this node fails
+            return {"status": "error", "result": str(exc)}
+        text = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
+        notices = merger.notices()
+        await ctx.store.update_run(
+            ctx.task_id,
+            extra={
+                "aggregate_json": {self.node: text},
+                "aggregate_notices": {self.node: notices},
+            },
+        )
+        with contextlib.suppress(TypeError):  # a sum past 64 bits: the store and files have it
+            await cache.set("final_results", rows)
+        result = {**summary, "groups": len(merger.groups), "skipped": merger.skipped_counts()}
+        return {"status": "success", "result": result}

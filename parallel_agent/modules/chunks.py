@@ -11,14 +11,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from parallel_agent.errors import RunCancelledError, StoreError, UsageError
 from parallel_agent.events import ChunkDone, ChunkFailed, ChunksPlanned, ChunkStarted, ItemFailed
-from parallel_agent.jsonl import encode_lines
+from parallel_agent.jsonl import decode_lines, dumps, encode_lines
 from parallel_agent.modules.context import STOP_GRACE_S, RunContext, stop_loop, wait_or_timeout
+from parallel_agent.modules.grouping import Grouper, build_groupers, chunk_partials
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError, describe
 from parallel_agent.modules.processors import ChunkProcessor
+from parallel_agent.modules.threads import run_in_thread
 from parallel_agent.store.base import ChunkSpec, Lease, NodeCounts, encode_record_numbers
 
 #: How many item errors of one chunk are also sent as events (all are stored).
@@ -27,7 +27,6 @@ ITEM_EVENTS_PER_CHUNK = 20
 MAX_IDLE_POLL_S = 0.5
 #: Longest backoff between two attempts of one chunk.
 MAX_RETRY_DELAY_S = 30.0
-_UNENCODABLE = "TypeError: result is not JSON-serialisable"
 
 
 @dataclass(frozen=True)
@@ -103,10 +102,19 @@ async def _queue_producer_results(ctx: RunContext, node: str) -> None:
 class ChunkWorkers:
     """Runs `settings.concurrency` workers over one node's chunk queue until it is drained."""
 
-    def __init__(self, ctx: RunContext, settings: NodeSettings, processor: ChunkProcessor) -> None:
+    def __init__(
+        self,
+        ctx: RunContext,
+        settings: NodeSettings,
+        processor: ChunkProcessor,
+        aggregates: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.settings = settings
         self.processor = processor
+        self.groupers: dict[str, Grouper] = build_groupers(aggregates or {}, ctx.params)
+        """The consuming aggregates whose partials are computed with each chunk (a pooled
+        processor's workers compute them themselves)."""
         self.progress = asyncio.Event()
         """Set (and replaced) each time a worker of this node here is done with a chunk."""
 
@@ -226,10 +234,21 @@ class ChunkWorkers:
             handback.cancel()
             await stop_loop(heartbeat, finished)
 
+    async def _process(self, lease: Lease) -> ChunkOutcome:
+        """The processor's outcome, with the consuming aggregates' partials of its outputs."""
+        outcome = await self.processor.process_payload(
+            lease.payload, lease.numbers, self.ctx.params
+        )
+        if self.groupers and outcome.partials is None:
+            outcome.partials = await run_in_thread(
+                chunk_partials, self.groupers, outcome.outputs, lease.numbers, outcome.origins
+            )
+        return outcome
+
     async def _timed(self, lease: Lease) -> ChunkOutcome:
         # The processor's coroutine is made here, inside the task: a task cancelled before it
         # starts then leaves no coroutine that was never awaited.
-        work = self.processor.process_payload(lease.payload, lease.numbers, self.ctx.params)
+        work = self._process(lease)
         if self.settings.timeout is None:
             return await work
         async with asyncio.timeout(self.settings.timeout):
@@ -262,17 +281,18 @@ class ChunkWorkers:
         errors = list(outcome.errors)
         if unencodable:
             origins = origins if origins is not None else list(range(lease.count))
-            dropped = set(unencodable)
+            dropped = {position for position, _ in unencodable}
+            items = decode_lines(lease.payload)  # rare: name the input of each item it failed
             errors += [
-                ItemError(numbers[origins[position]], _UNENCODABLE, None)
-                for position in unencodable
+                ItemError(numbers[origins[position]], reason, items[origins[position]])
+                for position, reason in unencodable
             ]
             errors.sort(key=_record)
             origins = [o for position, o in enumerate(origins) if position not in dropped]
         # The outputs' input record numbers, for the nodes downstream (and their failures).
         records = lease.records
         if origins is not None:
-            records = orjson.dumps([numbers[origin] for origin in origins])
+            records = dumps([numbers[origin] for origin in origins])
         if errors and settings.on_error == "fail_chunk":
             first = errors[0]
             await self._fail(lease, f"record {first.record}: {first.error}", duration)
@@ -280,11 +300,13 @@ class ChunkWorkers:
         committed = await ctx.store.commit(
             lease,
             result=data,
-            errors=orjson.dumps([error.to_dict() for error in errors]),
+            errors=dumps([error.to_dict() for error in errors]),
             items_ok=lease.count - len(errors),
             items_failed=len(errors),
             duration_s=duration,
             records=records,
+            partial=(outcome.partials or "").encode(),
+            outputs=len(origins) if origins is not None else lease.count,
         )
         if not committed:
             return

@@ -33,11 +33,13 @@ class ChunkOutcome:
     errors: list[ItemError] = field(default_factory=list)
     encoded: bytes | None = None
     """The outputs already encoded as JSON Lines (by a worker process), instead of `outputs`."""
-    unencodable: list[int] = field(default_factory=list)
-    """With `encoded`: positions of outputs that JSON could not hold."""
+    unencodable: list[tuple[int, str]] = field(default_factory=list)
+    """With `encoded`: positions of outputs that JSON could not hold, and why."""
     origins: list[int] | None = None
     """Positions (in the chunk) of the items the outputs came from, when some items gave none (a
     filter dropped them, or they failed); None: one output per item, in order."""
+    partials: str | None = None
+    """The consuming aggregates' partials of these outputs (JSON text), computed with them."""
 
 
 def origins_without(count: int, skipped: list[int]) -> list[int] | None:

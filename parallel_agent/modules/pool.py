@@ -23,8 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
+from parallel_agent.jsonl import dumps, loads
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError
 from parallel_agent.modules.worker import FRAME_PREFIX, frame, split_lengths
 
@@ -44,6 +43,9 @@ class WorkerJob:
     keep_if_true: bool = False
     batch: bool = False
     roots: tuple[str, ...] = ()
+    aggregates: str = ""
+    """JSON {aggregate node: options} of the aggregates fed by this node: the workers compute
+    their partials of each chunk's outputs (modules/grouping.py)."""
 
 
 class _Worker:
@@ -57,7 +59,7 @@ class _Worker:
         stdin.write(request)
         await stdin.drain()
         head_size, body_size = split_lengths(await stdout.readexactly(FRAME_PREFIX))
-        header = orjson.loads(await stdout.readexactly(head_size))
+        header = loads(await stdout.readexactly(head_size))
         return header, await stdout.readexactly(body_size)
 
     def kill(self) -> None:
@@ -104,7 +106,7 @@ class PooledProcessor:
     async def process_chunk(
         self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
     ) -> ChunkOutcome:
-        payload = b"".join(orjson.dumps(record) + b"\n" for record in records)
+        payload = b"".join(dumps(record) + b"\n" for record in records)
         return await self.process_payload(payload, numbers, params)
 
     async def process_payload(
@@ -120,8 +122,9 @@ class PooledProcessor:
         return ChunkOutcome(
             errors=[ItemError(record, error, item) for record, error, item in header["errors"]],
             encoded=body,
-            unencodable=list(header["unencodable"]),
+            unencodable=[(int(position), str(why)) for position, why in header["unencodable"]],
             origins=header.get("origins"),
+            partials=header.get("partials"),
         )
 
     async def check_jsonl(self, payload: bytes) -> int | None:
@@ -189,6 +192,7 @@ class PooledProcessor:
             "keep_if_true": job.keep_if_true,
             "batch": job.batch,
             "roots": list(job.roots),
+            "aggregates": job.aggregates,
             "params": params,
         }
         assert process.stdin is not None

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import orjson
 
 from parallel_agent.errors import PipelineError
-from parallel_agent.jsonl import decode_lines
+from parallel_agent.jsonl import decode_lines, dumps, loads
 from parallel_agent.modules.items import (
     ChunkFailure,
     ChunkOutcome,
@@ -221,7 +221,7 @@ class CommandProcessor(InProcess):
     ) -> ChunkOutcome:
         import os
 
-        payload = b"".join(orjson.dumps(item) + b"\n" for item in records)
+        payload = b"".join(dumps(item) + b"\n" for item in records)
         environment = {**os.environ, **(self.env or {})}
         process = await asyncio.create_subprocess_shell(
             self.command,
@@ -253,7 +253,7 @@ class CommandProcessor(InProcess):
         values = []
         for offset, line in enumerate(lines):
             try:
-                values.append(orjson.loads(line))
+                values.append(loads(line))
             except orjson.JSONDecodeError as exc:
                 raise ChunkFailure(
                     f"command output line {offset + 1} on {where} is not JSON: {exc}"

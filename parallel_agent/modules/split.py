@@ -14,7 +14,7 @@ from typing import Any
 
 from parallel_agent.errors import UsageError
 from parallel_agent.events import ChunksPlanned
-from parallel_agent.io import ChunkReader, read_chunks
+from parallel_agent.io import MAX_RECORD_SIZE, ChunkReader, read_chunks
 from parallel_agent.io.records import PayloadChunk
 from parallel_agent.modules.chunks import planned_event
 from parallel_agent.modules.context import RunContext
@@ -26,7 +26,11 @@ QUEUE_BATCH = 8
 
 
 async def split_input(
-    ctx: RunContext, node: str, chunk_size: int, checker: PooledProcessor | None = None
+    ctx: RunContext,
+    node: str,
+    chunk_size: int,
+    checker: PooledProcessor | None = None,
+    max_record_size: int = MAX_RECORD_SIZE,
 ) -> dict[str, Any]:
     """Queue the input as chunks for every consumer of `node`; return what was queued.
 
@@ -48,6 +52,7 @@ async def split_input(
         chunk_size,
         data_key=source.data_key,
         display_name=source.path,
+        max_record_size=max_record_size,
     )
     if source.fmt != "jsonl":
         checker = None  # JSON and CSV are parsed as they are read

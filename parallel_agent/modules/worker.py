@@ -17,9 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-import orjson
-
-from parallel_agent.jsonl import check_jsonl, decode_lines, encode_lines
+from parallel_agent.jsonl import check_jsonl, decode_lines, dumps, encode_lines, loads
 from parallel_agent.modules.items import (
     ChunkFailure,
     ChunkOutcome,
@@ -37,7 +35,7 @@ ADDRESS_SPACE_LIMIT = 4 << 30
 
 def frame(header: dict[str, Any], body: bytes = b"") -> bytes:
     """One protocol message: lengths, JSON header, body."""
-    head = orjson.dumps(header)
+    head = dumps(header)
     return _LENGTHS.pack(len(head), len(body)) + head + body
 
 
@@ -54,7 +52,7 @@ def _read_frame(stream: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
     if len(prefix) < FRAME_PREFIX:
         return None
     head_size, body_size = split_lengths(prefix)
-    header = orjson.loads(stream.read(head_size))
+    header = loads(stream.read(head_size))
     return header, stream.read(body_size)
 
 
@@ -76,6 +74,11 @@ class _MapJob:
             add_import_roots(*job["roots"])
             self.function = import_object(job["source"], what=self.what)
         self.kind = job["kind"]
+        self.groupers = None
+        if job.get("aggregates"):
+            from parallel_agent.modules.grouping import build_groupers
+
+            self.groupers = build_groupers(loads(job["aggregates"]), self.params)
 
     def run(self, records: list[Any], numbers: Sequence[int]) -> ChunkOutcome:
         if self.kind == "expr":
@@ -92,6 +95,11 @@ class _MapJob:
                 header["first"] + 1, header["first"] + 1 + len(records)
             )
             outcome = self.run(records, numbers)
+            partials = None
+            if self.groupers:
+                from parallel_agent.modules.grouping import chunk_partials
+
+                partials = chunk_partials(self.groupers, outcome.outputs, numbers, outcome.origins)
         except ChunkFailure as exc:
             return frame({"fail": str(exc)})
         except Exception as exc:  # a batch function raising fails the chunk, as in-process
@@ -99,6 +107,8 @@ class _MapJob:
         data, unencodable = encode_lines(outcome.outputs)
         errors = [[error.record, error.error, error.input] for error in outcome.errors]
         reply = {"errors": errors, "unencodable": unencodable, "origins": outcome.origins}
+        if partials is not None:
+            reply["partials"] = partials
         return frame(reply, data)
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from parallel_agent.conditions import AGGREGATE_NAMES, compile_condition, compile_expression
 from parallel_agent.errors import PipelineError
 from parallel_agent.graph import (
@@ -31,6 +33,7 @@ from parallel_agent.graph.tasks import Task
 from parallel_agent.modules.builtin import AggregateModule, ChunkModule, SplitModule
 from parallel_agent.modules.chunks import NodeSettings
 from parallel_agent.modules.context import RunContext
+from parallel_agent.modules.grouping import GroupingError, build_groupers
 from parallel_agent.modules.loading import add_import_roots, import_object
 from parallel_agent.modules.pool import PooledProcessor, WorkerJob
 from parallel_agent.modules.processors import (
@@ -62,6 +65,10 @@ class BuiltPipeline:
     ctx: RunContext
     processing_nodes: list[str] = field(default_factory=list)
     main_node: str | None = None
+    main_candidates: list[str] = field(default_factory=list)
+    """The split's consumers: the run is counted by one that ran (a branch may skip some)."""
+    result_node: str | None = None
+    """The node whose result `--output` writes (see `output_node`)."""
     output_node: str | None = None
     value_node: str | None = None
 
@@ -96,14 +103,25 @@ class BuiltPipeline:
             params=dict(settings.params),
         )
 
-    async def output_plan(self) -> dict[str, Any] | None:
-        """Where the output comes from: a node's results in input order, or one computed value."""
-        if self.value_node is not None:
+    async def output_plan(self, node: str | None = None) -> dict[str, Any] | None:
+        """Where `node`'s output (default: the pipeline's output node) comes from: a node's
+        results in input order, or one computed value."""
+        if node is None or node == self.result_node:
+            value_node, results_node = self.value_node, self.output_node
+        else:
+            uses, producers, _ = _wire_data_nodes(self.pipeline)
+            if uses.get(node) not in ("map", "filter", "aggregate"):
+                raise PipelineError(f"--output-node: '{node}' is not a map, filter or aggregate")
+            value_node, results_node = _output_source(self.pipeline, node, uses, producers)
+        if value_node is not None:
             run = await self.ctx.store.get_run(self.ctx.task_id)
-            values = (run.extra.get("aggregate") or {}) if run is not None else {}
-            return {"value": values.get(self.value_node)}
-        if self.output_node is not None:
-            return {"node": self.output_node}
+            extra = run.extra if run is not None else {}
+            texts = extra.get("aggregate_json") or {}
+            if value_node in texts:  # group-by rows, as JSON text: exact integers past 64 bits
+                return {"value_json": texts[value_node]}
+            return {"value": (extra.get("aggregate") or {}).get(value_node)}
+        if results_node is not None:
+            return {"node": results_node}
         return None
 
 
@@ -145,14 +163,44 @@ def _wire_data_nodes(
     return uses, producers, consumers
 
 
-def _processor(node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path) -> ChunkProcessor:
+GROUPING_KEYS = ("group_by", "compute", "sort_by", "descending", "top")
+
+
+def partial_aggregates(
+    pipeline: Pipeline, producers: dict[str, str], params: dict[str, Any]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """{producer: {aggregate node: its grouping options}} for every `compute:` aggregate, whose
+    partials the producer computes with each chunk; each is checked (reducers, expressions,
+    functions) so a mistake fails before any work."""
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for node in pipeline.nodes:
+        for spec in node.modules:
+            if isinstance(spec, AggregateSpec) and spec.compute is not None:
+                options = spec.model_dump(include=set(GROUPING_KEYS))
+                try:
+                    build_groupers({node.name: options}, params)
+                except GroupingError as exc:
+                    raise PipelineError(str(exc)) from None
+                found.setdefault(producers[node.name], {})[node.name] = options
+    return found
+
+
+def _processor(
+    node: NodeSpec,
+    spec: MapSpec | FilterSpec,
+    pipeline_dir: Path,
+    aggregates: dict[str, dict[str, Any]] | None = None,
+) -> ChunkProcessor:
     what = f"node '{node.name}', {spec.use}"
+    grouping = orjson.dumps(aggregates).decode() if aggregates else ""
     keep = isinstance(spec, FilterSpec)
     config = node.node_config
     if spec.expr is not None:
         processor = ExpressionProcessor(spec.expr, what, keep_if_true=keep)
         if config.processes:
-            return _pooled("expr", spec.expr, what, keep, False, config.processes, pipeline_dir)
+            return _pooled(
+                "expr", spec.expr, what, keep, False, config.processes, pipeline_dir, grouping
+            )
         return processor
     if spec.function is not None:
         target = ensure_callable(import_object(spec.function, what=what), spec.function, what)
@@ -166,7 +214,14 @@ def _processor(node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path) -
                     "(async functions already overlap their waits in one process)"
                 )
             return _pooled(
-                "function", spec.function, what, keep, batch, config.processes, pipeline_dir
+                "function",
+                spec.function,
+                what,
+                keep,
+                batch,
+                config.processes,
+                pipeline_dir,
+                grouping,
             )
         return FunctionProcessor(
             target,
@@ -184,7 +239,14 @@ def _processor(node: NodeSpec, spec: MapSpec | FilterSpec, pipeline_dir: Path) -
 
 
 def _pooled(
-    kind: str, source: str, what: str, keep: bool, batch: bool, size: int, pipeline_dir: Path
+    kind: str,
+    source: str,
+    what: str,
+    keep: bool,
+    batch: bool,
+    size: int,
+    pipeline_dir: Path,
+    aggregates: str = "",
 ) -> PooledProcessor:
     job = WorkerJob(
         kind=kind,
@@ -193,6 +255,7 @@ def _pooled(
         keep_if_true=keep,
         batch=batch,
         roots=(str(Path.cwd()), str(pipeline_dir.resolve())),
+        aggregates=aggregates,
     )
     return PooledProcessor(job, size)
 
@@ -222,7 +285,13 @@ def _class_module(spec: ClassSpec, node: NodeSpec) -> AgentModule:
         raise PipelineError(f"{what}: cannot create '{spec.class_}': {exc}") from None
 
 
-def _engine_node(node: NodeSpec, ctx: RunContext, pipeline_dir: Path, uses: dict[str, str]) -> Node:
+def _engine_node(
+    node: NodeSpec,
+    ctx: RunContext,
+    pipeline_dir: Path,
+    uses: dict[str, str],
+    aggregates: dict[str, dict[str, Any]] | None = None,
+) -> Node:
     config = node.node_config
     kind = ModuleType(node.type)
     if kind == ModuleType.FLOW_CONTROL:
@@ -254,10 +323,14 @@ def _engine_node(node: NodeSpec, ctx: RunContext, pipeline_dir: Path, uses: dict
             if config.processes:
                 job = WorkerJob(kind="check-jsonl", source="", what=f"node '{node.name}', split")
                 checker = PooledProcessor(job, config.processes)
-            modules.append(SplitModule(ctx, node.name, spec.chunk_size, checker))
+            modules.append(
+                SplitModule(ctx, node.name, spec.chunk_size, checker, spec.max_record_size)
+            )
         elif isinstance(spec, MapSpec | FilterSpec):
-            processor = _processor(node, spec, pipeline_dir)
-            modules.append(ChunkModule(ctx, node.name, _settings(node), processor, spec.use))
+            processor = _processor(node, spec, pipeline_dir, aggregates)
+            modules.append(
+                ChunkModule(ctx, node.name, _settings(node), processor, spec.use, aggregates)
+            )
         elif isinstance(spec, AggregateSpec):
             if spec.expr is not None:
                 compile_expression(
@@ -303,6 +376,7 @@ def build_pipeline(pipeline: Pipeline, ctx: RunContext, *, pipeline_dir: Path) -
     built = BuiltPipeline(pipeline=pipeline, agent=None, ctx=ctx)  # type: ignore[arg-type]
     built.processing_nodes = processing
     built.main_node = main
+    built.main_candidates = [c for s in splits for c in consumers.get(s, [])]
     views = StoreViews(ctx, main, built)
     agent = Agent(
         cache=MemoryCache(),
@@ -313,27 +387,65 @@ def build_pipeline(pipeline: Pipeline, ctx: RunContext, *, pipeline_dir: Path) -
         output_mailbox="",  # the run store reports the outcome; nobody reads these messages
         error_mailbox="",
     )
+    partials = partial_aggregates(pipeline, producers, ctx.params)
     for node in pipeline.nodes:
-        agent.add_node(_engine_node(node, ctx, pipeline_dir, uses))
-    agent.validate()
+        agent.add_node(_engine_node(node, ctx, pipeline_dir, uses, partials.get(node.name)))
+    gated = set().union(*agent.validate().gates.values())
+    if main in gated:  # a branch may never choose it: count the run by one that always runs
+        main = next((c for s in splits for c in consumers.get(s, []) if c not in gated), main)
+        built.main_node = views.node = main
     built.agent = agent
-    aggregates = [n for n in pipeline.nodes if uses.get(n.name) == "aggregate"]
-    if aggregates:
-        last = aggregates[-1]
-        spec = last.modules[0]
-        assert isinstance(spec, AggregateSpec)
-        if any(v is not None for v in (spec.reduce, spec.group_by, spec.expr)):
-            built.value_node = last.name
-        else:
-            built.output_node = producers[last.name]
-    elif processing:
-        built.output_node = processing[-1]
+    built.result_node = output_node(pipeline, uses, producers)
+    if built.result_node is not None:
+        built.value_node, built.output_node = _output_source(
+            pipeline, built.result_node, uses, producers
+        )
     return built
 
 
-def check_pipeline(pipeline: Pipeline, *, pipeline_dir: Path) -> None:
-    """Build the pipeline against a throwaway in-memory store: schema, graph, conditions, imports."""
+def output_node(pipeline: Pipeline, uses: dict[str, str], producers: dict[str, str]) -> str | None:
+    """The node `--output` writes: `output:` if given, else the one data node nothing consumes
+    (the sink of the data graph); several sinks without `output:` are refused, naming them."""
+    if pipeline.output is not None:
+        if uses.get(pipeline.output) not in ("map", "filter", "aggregate"):
+            raise PipelineError(
+                f"output: node '{pipeline.output}' is not a map, filter or aggregate node"
+            )
+        return pipeline.output
+    consumed = set(producers.values())
+    sinks = [
+        n.name
+        for n in pipeline.nodes
+        if uses.get(n.name) in ("map", "filter", "aggregate") and n.name not in consumed
+    ]
+    if len(sinks) > 1:
+        raise PipelineError(
+            f"the output is ambiguous: the data flow ends in {len(sinks)} nodes "
+            f"({', '.join(sinks)}); name the one --output writes with a top-level "
+            f"`output: NODE` (--output-node NODE=PATH writes others)"
+        )
+    return sinks[0] if sinks else None
+
+
+def _output_source(
+    pipeline: Pipeline, node: str, uses: dict[str, str], producers: dict[str, str]
+) -> tuple[str | None, str | None]:
+    """(value node, results node) for writing `node`: an aggregate that computes a value, or the
+    results in input order of a map/filter (a plain aggregate's producer)."""
+    if uses[node] != "aggregate":
+        return None, node
+    spec = next(n for n in pipeline.nodes if n.name == node).modules[0]
+    assert isinstance(spec, AggregateSpec)
+    if spec.computes_value:
+        return node, None
+    return None, producers[node]
+
+
+def check_pipeline(pipeline: Pipeline, *, pipeline_dir: Path) -> list[str]:
+    """Build the pipeline against a throwaway in-memory store: schema, graph, conditions, imports.
+    Returns warnings about branches that will not do what they seem to."""
     from parallel_agent.store.memory import MemoryStore
 
     ctx = RunContext(task_id="validate", store=MemoryStore(), owner="validate")
-    build_pipeline(pipeline, ctx, pipeline_dir=pipeline_dir)
+    built = build_pipeline(pipeline, ctx, pipeline_dir=pipeline_dir)
+    return built.agent.warnings()

@@ -46,7 +46,7 @@ def _fail(problems: Sequence[Problem]) -> NoReturn:
 class Strict(BaseModel):
     """Base of every model: unknown keys are errors; infinities and NaN are not numbers here."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class AgentSettings(Strict):
@@ -115,6 +115,12 @@ class SplitSpec(Strict):
 
     use: Literal["split"] = Field(description="Module kind.")
     chunk_size: int = Field(1000, ge=1, description="Records per chunk.")
+    max_record_size: int = Field(
+        64 << 20,
+        ge=1,
+        description="Longest input record in bytes (a JSON Lines line, a JSON array's value); "
+        "a longer one is a located error (exit 3). Default 64 MiB.",
+    )
 
 
 class MapSpec(Strict):
@@ -186,13 +192,35 @@ class AggregateSpec(Strict):
     reduce: Literal["sum", "count", "min", "max"] | None = Field(
         None, description="Reduce the results to one value."
     )
-    group_by: str | None = Field(None, description="Group the results by this key of each result.")
+    group_by: str | list[str] | dict[str, str] | None = Field(
+        None,
+        description="Group by this key of each result; with `compute` also a list of keys or "
+        "{name: expression}. Without `compute`: {key: [results]}.",
+    )
+    compute: dict[str, str | dict[str, Any]] | None = Field(
+        None,
+        description="Named reducers per group, SQL style: `count`, {count_if: EXPR}, "
+        "{sum|mean|min|max|first|last|count_distinct|collect: FIELD or {expr: EXPR}}, "
+        "{function: pkg.mod:obj}; combined per chunk where the chunk is processed.",
+    )
+    sort_by: str | list[str] | None = Field(
+        None, description="With `compute`: sort the rows by these columns."
+    )
+    descending: bool = Field(False, description="With `sort_by`: largest first.")
+    top: int | None = Field(
+        None, ge=1, description="With `compute`: keep only the first N rows (after sort_by)."
+    )
     expr: str | None = Field(
         None, description="Sandboxed expression over `results` and `params` giving the value."
     )
     field: str | None = Field(
         None, description="With `reduce`: reduce this key of each result instead of the result."
     )
+
+    @property
+    def computes_value(self) -> bool:
+        """False for the default form: every result in input order."""
+        return any(v is not None for v in (self.reduce, self.group_by, self.expr, self.compute))
 
     @model_validator(mode="after")
     def _at_most_one(self) -> AggregateSpec:
@@ -201,6 +229,19 @@ class AggregateSpec(Strict):
             problems.append(((), "give at most one of reduce, group_by, expr"))
         if self.field is not None and self.reduce is None:
             problems.append((("field",), "field needs reduce"))
+        if self.compute is not None:
+            if self.reduce is not None or self.expr is not None:
+                problems.append((("compute",), "compute goes with group_by, not reduce or expr"))
+            if not self.compute:
+                problems.append((("compute",), "compute needs at least one reducer"))
+        else:
+            if self.group_by is not None and not isinstance(self.group_by, str):
+                problems.append((("group_by",), "several keys or expressions need compute"))
+            for key in ("sort_by", "top"):
+                if getattr(self, key) is not None:
+                    problems.append(((key,), f"{key} needs compute"))
+            if self.descending:
+                problems.append((("descending",), "descending needs sort_by"))
         if problems:
             _fail(problems)
         return self
@@ -357,10 +398,18 @@ class Pipeline(Strict):
     agent: AgentSettings = Field(default_factory=AgentSettings, description="Engine limits.")
     task: TaskSettings = Field(default_factory=TaskSettings, description="The task to run.")
     nodes: list[NodeSpec] = Field(min_length=1, description="The nodes of the graph.")
+    output: str | None = Field(
+        None,
+        description="The node whose result `--output` writes (a map, filter or aggregate); "
+        "by default the one data node nothing consumes.",
+    )
 
     @model_validator(mode="after")
     def _references(self) -> Pipeline:
         problems = _reference_problems(self.nodes)
+        names = [node.name for node in self.nodes]
+        if self.output is not None and self.output not in names:
+            problems.append((("output",), _unknown(self.output, names)))
         if not problems:
             problems = _cycle_problems(self.nodes)
         if problems:

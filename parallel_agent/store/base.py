@@ -32,7 +32,7 @@ import orjson
 from parallel_agent.errors import RunCancelledError, StateLostError
 
 #: Run statuses after which a run never changes by itself; `gc` drops them and Redis expires them.
-FINISHED_STATUSES = frozenset({"complete", "partial_failure", "failed", "cancelled"})
+FINISHED_STATUSES = frozenset({"complete", "partial_failure", "no_output", "failed", "cancelled"})
 #: The status `pagent cancel` records; claims refuse it.
 CANCELLED = "cancelled"
 
@@ -132,6 +132,8 @@ class ChunkResult:
     records: bytes = b""
     """The input record numbers of the result's items (see `record_numbers`); `count` is the
     chunk's input size, which the result has only when `records` is empty."""
+    partial: bytes = b""
+    """The consuming aggregates' partials of the result (JSON), committed with it; may be empty."""
 
     @property
     def numbers(self) -> Sequence[int]:
@@ -171,6 +173,8 @@ class NodeCounts:
     items_failed: int
     retries: int
     sealed: bool
+    items_out: int = 0
+    """Outputs committed (a filter's kept items; a map's results): what the node emitted."""
 
 
 def record_numbers(first_record: int, count: int, records: bytes) -> Sequence[int]:
@@ -432,9 +436,13 @@ class RunStore(ABC):
         items_failed: int,
         duration_s: float,
         records: bytes = b"",
+        partial: bytes = b"",
+        outputs: int | None = None,
     ) -> bool:
         """Store the chunk's outputs and mark it DONE, with the counters, in one atomic step.
-        `records` numbers the result's items (see `record_numbers`; empty: the chunk's range).
+        `records` numbers the result's items (see `record_numbers`; empty: the chunk's range);
+        `partial` is the consuming aggregates' partials of them, committed under the same token;
+        `outputs` how many outputs `result` holds (default `items_ok`), added to `items_out`.
 
         Fenced: accepted only while the chunk is LEASED under this lease's token, so a commit from
         an expired lease nobody reclaimed yet is accepted, and a stale token after a reclaim is

@@ -14,6 +14,7 @@
     <prefix>:<task>:n:<node>:errors    HASH  index → committed item errors
     <prefix>:<task>:n:<node>:records   HASH  index → the payload's record numbers, if not in a row
     <prefix>:<task>:n:<node>:result_records  HASH  index → the result's record numbers, likewise
+    <prefix>:<task>:n:<node>:partial   HASH  index → the consuming aggregates' partials (JSON)
     <prefix>:<task>:n:<node>:ready     ZSET  index → index: PENDING chunks claimable now
     <prefix>:<task>:n:<node>:delayed   ZSET  index → not_before: PENDING chunks in backoff
     <prefix>:<task>:n:<node>:leases    ZSET  index → lease expiry: LEASED chunks (reclaim scan)
@@ -38,6 +39,7 @@ NODE_SUFFIXES = (
     "errors",
     "records",
     "result_records",
+    "partial",
     "ready",
     "delayed",
     "leases",

@@ -48,6 +48,8 @@ class _Chunk:
     result: bytes = b""
     errors: bytes = b""
     result_records: bytes = b""
+    partial: bytes = b""
+    outputs: int = 0
     items_ok: int = 0
     items_failed: int = 0
     duration_s: float = 0.0
@@ -235,6 +237,8 @@ class MemoryStore(RunStore):
         items_failed: int,
         duration_s: float,
         records: bytes = b"",
+        partial: bytes = b"",
+        outputs: int | None = None,
     ) -> bool:
         async with self._mutex:
             chunk = self._node(lease.task_id, lease.node).chunks.get(lease.index)
@@ -247,6 +251,8 @@ class MemoryStore(RunStore):
             chunk.state = ChunkState.DONE
             chunk.owner = None
             chunk.result, chunk.errors, chunk.result_records = result, errors, records
+            chunk.partial = partial
+            chunk.outputs = items_ok if outputs is None else outputs
             chunk.items_ok, chunk.items_failed = items_ok, items_failed
             chunk.duration_s = duration_s
             chunk.payload = b""
@@ -286,11 +292,12 @@ class MemoryStore(RunStore):
         async with self._mutex:
             state = self._node(task_id, node)
             by_state = dict.fromkeys(ChunkState, 0)
-            items_done = items_failed = 0
+            items_done = items_failed = items_out = 0
             for chunk in state.chunks.values():
                 by_state[chunk.state] += 1
                 items_done += chunk.items_ok
                 items_failed += chunk.items_failed
+                items_out += chunk.outputs
             return NodeCounts(
                 chunks_total=len(state.chunks),
                 pending=by_state[ChunkState.PENDING],
@@ -302,6 +309,7 @@ class MemoryStore(RunStore):
                 items_failed=items_failed,
                 retries=state.retries,
                 sealed=state.sealed,
+                items_out=items_out,
             )
 
     async def nodes(self, task_id: str) -> list[str]:
@@ -414,4 +422,5 @@ def _result(chunk: _Chunk) -> ChunkResult:
         duration_s=chunk.duration_s,
         attempt=chunk.attempt,
         records=chunk.result_records,
+        partial=chunk.partial,
     )

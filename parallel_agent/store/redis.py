@@ -31,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from parallel_agent.errors import StateLostError, StoreError, UsageError
+from parallel_agent.jsonl import dumps, loads
 from parallel_agent.store.base import (
     CANCELLED,
     DEFAULT_FINISHED_TTL_S,
@@ -252,14 +253,12 @@ class RedisStore(RunStore):
     async def create_run(self, info: RunInfo) -> bool:
         k = self._keys(info.task_id)
         data = asdict(info)
-        run_pairs = [item for name in _RUN_FIELDS for item in (name, orjson.dumps(data[name]))]
-        extra_pairs = [
-            item for key, value in info.extra.items() for item in (key, orjson.dumps(value))
-        ]
+        run_pairs = [item for name in _RUN_FIELDS for item in (name, dumps(data[name]))]
+        extra_pairs = [item for key, value in info.extra.items() for item in (key, dumps(value))]
         args = [
             info.task_id,
             repr(info.created_at),
-            orjson.dumps(info.generation),
+            dumps(info.generation),
             len(_RUN_FIELDS),
         ]
         reply = await self._script(
@@ -297,10 +296,8 @@ class RedisStore(RunStore):
             changes["finished_at"] = finished_at
         if output_path is not None:
             changes["output_path"] = output_path
-        pairs = [item for name, value in changes.items() for item in (name, orjson.dumps(value))]
-        extra_pairs = [
-            item for key, value in (extra or {}).items() for item in (key, orjson.dumps(value))
-        ]
+        pairs = [item for name, value in changes.items() for item in (name, dumps(value))]
+        extra_pairs = [item for key, value in (extra or {}).items() for item in (key, dumps(value))]
         guard = orjson.dumps(CANCELLED) if unless_cancelled else b""
         reply = await self._checked(
             task_id,
@@ -480,6 +477,8 @@ class RedisStore(RunStore):
         items_failed: int,
         duration_s: float,
         records: bytes = b"",
+        partial: bytes = b"",
+        outputs: int | None = None,
     ) -> bool:
         keys = self._node_keys(
             lease.task_id,
@@ -493,9 +492,10 @@ class RedisStore(RunStore):
             "done",
             "records",
             "result_records",
+            "partial",
         )
         args = [lease.index, lease.token, result, errors, items_ok, items_failed, repr(duration_s)]
-        args.append(records)
+        args += [records, partial, items_ok if outputs is None else outputs]
         return bool(await self._checked(lease.task_id, "commit", keys, args) == 1)
 
     async def fail(
@@ -526,11 +526,11 @@ class RedisStore(RunStore):
         exists, raw = await self._call(read)
         if not exists:
             raise run_missing(self.url, task_id)
-        total, pending, leased, done, failed, items, ok, bad, retries, sealed = (
+        total, pending, leased, done, failed, items, ok, bad, retries, sealed, out = (
             int(raw.get(name.encode(), 0)) for name in _COUNTER_FIELDS
         )
         return NodeCounts(
-            total, pending, leased, done, failed, items, ok, bad, retries, bool(sealed)
+            total, pending, leased, done, failed, items, ok, bad, retries, bool(sealed), out
         )
 
     async def nodes(self, task_id: str) -> list[str]:
@@ -571,9 +571,9 @@ class RedisStore(RunStore):
     async def results(self, task_id: str, node: str) -> AsyncIterator[ChunkResult]:
         batch = results_batch(await self.counts(task_id, node))
         async for rows in self._done_batches(
-            task_id, node, "meta", "result", "errors", "result_records", batch=batch
+            task_id, node, "meta", "result", "errors", "result_records", "partial", batch=batch
         ):
-            for index, (meta, result, errors, records) in rows:
+            for index, (meta, result, errors, records, partial) in rows:
                 if meta is None:
                     continue
                 m = orjson.loads(meta)
@@ -588,6 +588,7 @@ class RedisStore(RunStore):
                     duration_s=float(m.get("dur", 0.0)),
                     attempt=int(m["att"]),
                     records=records or b"",
+                    partial=partial or b"",
                 )
 
     async def chunk_durations(self, task_id: str, node: str) -> list[float]:
@@ -681,9 +682,9 @@ def _cause(exc: BaseException) -> str:
 def _run_info(run: dict[bytes, bytes], extra: dict[bytes, bytes]) -> RunInfo | None:
     if not run:
         return None
-    values: dict[str, Any] = {name.decode(): orjson.loads(value) for name, value in run.items()}
+    values: dict[str, Any] = {name.decode(): loads(value) for name, value in run.items()}
     known: dict[str, Any] = {name: values.get(name) for name in _RUN_FIELDS}
     return RunInfo(
         **known,
-        extra={key.decode(): orjson.loads(value) for key, value in extra.items()},
+        extra={key.decode(): loads(value) for key, value in extra.items()},
     )

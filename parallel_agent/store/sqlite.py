@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-import orjson
-
 from parallel_agent.errors import StoreError, UsageError
+from parallel_agent.jsonl import dumps, loads
 from parallel_agent.store.base import (
     CANCELLED,
     DEFAULT_RETRY_BUDGET_S,
@@ -82,6 +81,7 @@ CREATE TABLE IF NOT EXISTS nodes (     -- one row per (task, node): the counters
     items_failed INTEGER NOT NULL DEFAULT 0,
     retries      INTEGER NOT NULL DEFAULT 0,
     sealed       INTEGER NOT NULL DEFAULT 0,
+    items_out    INTEGER NOT NULL DEFAULT 0,  -- outputs committed
     PRIMARY KEY (task_id, node)
 );
 CREATE TABLE IF NOT EXISTS chunks (
@@ -111,6 +111,7 @@ CREATE TABLE IF NOT EXISTS chunk_data (  -- the blobs, apart: SQLite rewrites a 
     errors  BLOB,
     records BLOB,                          -- numbers of the payload's records, if not in a row
     result_records BLOB,                   -- numbers of the result's records, if not in a row
+    partial BLOB,                          -- the consuming aggregates' partials of the result
     PRIMARY KEY (task_id, node, idx)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_state ON chunks (task_id, node, state, idx);
@@ -253,7 +254,7 @@ class SqliteStore(RunStore):
 
     async def create_run(self, info: RunInfo) -> bool:
         fields = asdict(info)
-        fixed = orjson.dumps({k: v for k, v in fields.items() if k not in _COLUMNS})
+        fixed = dumps({k: v for k, v in fields.items() if k not in _COLUMNS})
 
         def create(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
@@ -273,7 +274,7 @@ class SqliteStore(RunStore):
                     info.generation,
                     info.output_path,
                     fixed,
-                    orjson.dumps(info.extra),
+                    dumps(info.extra),
                 ),
             )
             return True
@@ -307,7 +308,7 @@ class SqliteStore(RunStore):
             ).fetchone()
             if row is None:
                 raise run_missing(self.url, task_id)
-            merged = orjson.loads(row[0])
+            merged = loads(row[0])
             merged.update(extra or {})
             kept = unless_cancelled and row[1] == CANCELLED
             conn.execute(
@@ -319,7 +320,7 @@ class SqliteStore(RunStore):
                     finished_at,
                     output_path,
                     now,
-                    orjson.dumps(merged),
+                    dumps(merged),
                     task_id,
                 ),
             )
@@ -546,6 +547,8 @@ class SqliteStore(RunStore):
         items_failed: int,
         duration_s: float,
         records: bytes = b"",
+        partial: bytes = b"",
+        outputs: int | None = None,
     ) -> bool:
         def commit(conn: sqlite3.Connection) -> bool:
             self._require_run(conn, lease.task_id)
@@ -566,8 +569,8 @@ class SqliteStore(RunStore):
             )
             conn.execute(
                 "UPDATE chunk_data SET payload = NULL, records = NULL, result = ?, errors = ?, "
-                "result_records = ? WHERE task_id = ? AND node = ? AND idx = ?",
-                (result, errors, records or None, *_chunk_key(lease)),
+                "result_records = ?, partial = ? WHERE task_id = ? AND node = ? AND idx = ?",
+                (result, errors, records or None, partial or None, *_chunk_key(lease)),
             )
             _bump(
                 conn,
@@ -577,6 +580,7 @@ class SqliteStore(RunStore):
                 done=1,
                 items_done=items_ok,
                 items_failed=items_failed,
+                items_out=items_ok if outputs is None else outputs,
             )
             return True
 
@@ -629,17 +633,17 @@ class SqliteStore(RunStore):
         def counts(conn: sqlite3.Connection) -> NodeCounts:
             row = conn.execute(
                 "SELECT runs.task_id, chunks_total, pending, leased, done, failed, items_total, "
-                "items_done, items_failed, retries, sealed FROM runs LEFT JOIN nodes "
+                "items_done, items_failed, retries, sealed, items_out FROM runs LEFT JOIN nodes "
                 "ON nodes.task_id = runs.task_id AND nodes.node = ? WHERE runs.task_id = ?",
                 (node, task_id),
             ).fetchone()
             if row is None:
                 raise run_missing(self.url, task_id)
-            total, pending, leased, done, failed, items, ok, bad, retries, sealed = (
+            total, pending, leased, done, failed, items, ok, bad, retries, sealed, out = (
                 value or 0 for value in row[1:]
             )
             return NodeCounts(
-                total, pending, leased, done, failed, items, ok, bad, retries, bool(sealed)
+                total, pending, leased, done, failed, items, ok, bad, retries, bool(sealed), out
             )
 
         return await self._read(counts)
@@ -661,7 +665,8 @@ class SqliteStore(RunStore):
             def batch(conn: sqlite3.Connection, after: int = after) -> list[ChunkResult]:
                 rows = conn.execute(
                     "SELECT c.idx, c.first_record, c.count, d.result, d.errors, c.items_ok, "
-                    "c.items_failed, c.duration_s, c.attempt, COALESCE(d.result_records, x'') "
+                    "c.items_failed, c.duration_s, c.attempt, COALESCE(d.result_records, x''), "
+                    "COALESCE(d.partial, x'') "
                     "FROM chunks c JOIN chunk_data d "
                     "USING (task_id, node, idx) WHERE c.task_id = ? AND c.node = ? "
                     "AND c.state = 'done' AND c.idx > ? ORDER BY c.idx LIMIT ?",
@@ -807,7 +812,7 @@ def _payload(conn: sqlite3.Connection, task_id: str, node: str, index: int) -> t
     return bytes(row[0] or b""), bytes(row[1] or b"")
 
 
-_RECORD_COLUMNS = ("records", "result_records")
+_RECORD_COLUMNS = ("records", "result_records", "partial")
 
 
 def _missing_record_columns(conn: sqlite3.Connection) -> list[str]:
@@ -815,8 +820,13 @@ def _missing_record_columns(conn: sqlite3.Connection) -> list[str]:
     return [column for column in _RECORD_COLUMNS if column not in names]
 
 
+def _lacks_items_out(conn: sqlite3.Connection) -> bool:
+    names = {row[0] for row in conn.execute("SELECT name FROM pragma_table_info('nodes')")}
+    return "items_out" not in names
+
+
 def _lacks_record_numbers(conn: sqlite3.Connection) -> bool:
-    return bool(_missing_record_columns(conn))
+    return bool(_missing_record_columns(conn)) or _lacks_items_out(conn)
 
 
 def _add_record_numbers(conn: sqlite3.Connection) -> None:
@@ -824,6 +834,8 @@ def _add_record_numbers(conn: sqlite3.Connection) -> None:
     which is what its chunks are)."""
     for column in _missing_record_columns(conn):
         conn.execute(f"ALTER TABLE chunk_data ADD COLUMN {column} BLOB")
+    if _lacks_items_out(conn):
+        conn.execute("ALTER TABLE nodes ADD COLUMN items_out INTEGER NOT NULL DEFAULT 0")
 
 
 def _run_info(row: Sequence[Any]) -> RunInfo:
@@ -836,6 +848,6 @@ def _run_info(row: Sequence[Any]) -> RunInfo:
         finished_at=finished,
         generation=generation,
         output_path=output_path,
-        extra=orjson.loads(extra),
-        **orjson.loads(info),
+        extra=loads(extra),
+        **loads(info),
     )

@@ -1,5 +1,7 @@
--- KEYS: run, counters, meta, payload, result, errors, leases, done, records, result_records.
--- ARGV: index, token, result, errors, items_ok, items_failed, duration_s, result's records.
+-- KEYS: run, counters, meta, payload, result, errors, leases, done, records, result_records,
+--       partial.
+-- ARGV: index, token, result, errors, items_ok, items_failed, duration_s, result's records,
+--       the consuming aggregates' partials (empty: none), the number of outputs.
 -- Fenced: only the current token of a LEASED chunk commits; the same lease again returns 1.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 'LOST'
@@ -28,10 +30,14 @@ redis.call('HDEL', KEYS[9], index)
 if ARGV[8] ~= '' then
   redis.call('HSET', KEYS[10], index, ARGV[8])
 end
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[11], index, ARGV[9])
+end
 redis.call('ZREM', KEYS[7], index)
 redis.call('ZADD', KEYS[8], index, index)
 redis.call('HINCRBY', KEYS[2], 'leased', -1)
 redis.call('HINCRBY', KEYS[2], 'done', 1)
 redis.call('HINCRBY', KEYS[2], 'items_done', m.ok)
 redis.call('HINCRBY', KEYS[2], 'items_failed', m.bad)
+redis.call('HINCRBY', KEYS[2], 'items_out', tonumber(ARGV[10]))
 return 1

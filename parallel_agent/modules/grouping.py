@@ -1,0 +1,672 @@
+"""Group-by with named, mergeable reducers (`use: aggregate` with `compute:`).
+
+Each chunk's outputs are reduced to a *partial* where the chunk is processed (in the worker process
+with `processes: N`), committed with the chunk under its fencing token, and the aggregate node only
+merges partials: one pass, memory in the number of groups. Every reducer state is plain JSON
+(encoded with the standard library, so integers past 64 bits stay exact), and merging partials in
+input order gives the same answer whatever the chunk size:
+
+- integer sums are Python ints; float sums are kept exact (as a few floats whose exact sum is the
+  sum, `math.fsum` style) and rounded once at the end, so they do not depend on the chunking;
+- groups come out in the order their first record came in the input.
+
+No asyncio here: worker processes import this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import orjson
+
+#: Values `collect` keeps per group unless told otherwise.
+COLLECT_LIMIT = 1000
+
+REDUCERS = (
+    "count",
+    "count_if",
+    "sum",
+    "mean",
+    "min",
+    "max",
+    "first",
+    "last",
+    "count_distinct",
+    "collect",
+    "function",
+)
+
+
+class GroupingError(Exception):
+    """A key or reducer could not be computed for a record (its message names the record)."""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _encode(value: Any) -> str:
+    """A value as canonical JSON text (the group key form): 1, 1.0, true and "1" differ."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:  # an integer past 64 bits
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+# -- reducers -------------------------------------------------------------------------------
+
+
+class Reducer:
+    """`of(values)` reduces one chunk's values of a group to a state, `merge` combines two states
+    (the first from earlier records), `result` gives the output value. Values never include a
+    missing field or null (those are skipped and counted)."""
+
+    needs_values = True
+
+    def of(self, values: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def merge(self, a: Any, b: Any) -> Any:
+        raise NotImplementedError
+
+    def result(self, state: Any) -> Any:
+        return state
+
+    def notice(self, states: Sequence[Any]) -> str | None:
+        """Something the user should know about the result (a truncated collect)."""
+        return None
+
+
+class Count(Reducer):
+    def of(self, values: list[Any]) -> Any:
+        return len(values)
+
+    def merge(self, a: Any, b: Any) -> Any:
+        return a + b
+
+
+class CountIf(Count):
+    def of(self, values: list[Any]) -> Any:
+        return sum(1 for value in values if value)
+
+
+def _exact_floats(values: Sequence[float]) -> list[float]:
+    """Floats whose exact sum is the exact sum of `values`: the correctly rounded sum, then the
+    rounding error of that, and so on until nothing is left (each step is `math.fsum`, exact
+    over its inputs; a few steps at most). Non-finite sums are kept as they are."""
+    total = math.fsum(values)
+    parts = [total]
+    if not math.isfinite(total):
+        return parts
+    rest = [*values, -total]
+    try:
+        while True:
+            error = math.fsum(rest)
+            if error == 0.0:
+                return parts
+            parts.append(error)
+            rest.append(-error)
+    except OverflowError:  # an intermediate sum past the float range: rounded once, as fsum does
+        return [total]
+
+
+def _fsum(values: Sequence[float]) -> float:
+    try:
+        return math.fsum(values)
+    except (ValueError, OverflowError):  # inf - inf
+        return math.nan
+
+
+class Sum(Reducer):
+    """State: [integer total, floats whose exact sum is the float total, floats seen, n]. Both
+    totals are exact, so the result is rounded once, whatever the chunking."""
+
+    def of(self, values: list[Any]) -> Any:
+        kinds = set(map(type, values))
+        if kinds <= {int, bool}:
+            return [sum(values), [], 0, len(values)]
+        if kinds == {float}:
+            return [0, _exact_floats(values), len(values), len(values)]
+        if not kinds <= {int, bool, float}:
+            odd = next(kind for kind in kinds if kind not in (int, bool, float))
+            raise TypeError(f"needs numbers, got {odd.__name__}")
+        floats = [value for value in values if type(value) is float]
+        ints = sum(value for value in values if type(value) is not float)
+        return [ints, _exact_floats(floats), len(floats), len(values)]
+
+    def merge(self, a: Any, b: Any) -> Any:
+        floats = a[1] + b[1]
+        if len(floats) > 4:
+            finite = all(math.isfinite(value) for value in floats)
+            floats = _exact_floats(floats) if finite else [_fsum(floats)]
+        return [a[0] + b[0], floats, a[2] + b[2], a[3] + b[3]]
+
+    def total(self, state: Any, divisor: int = 1) -> Any:
+        ints, floats, seen, _ = state
+        if not seen:
+            return ints if divisor == 1 else ints / divisor
+        if not all(math.isfinite(value) for value in floats):
+            return _fsum(floats) / divisor
+        exact = Fraction(ints) + sum(map(Fraction, floats))
+        return float(exact / divisor)
+
+    def result(self, state: Any) -> Any:
+        return self.total(state) if state[3] else None
+
+
+class Mean(Sum):
+    def result(self, state: Any) -> Any:
+        return self.total(state, state[3]) if state[3] else None
+
+
+class Extreme(Reducer):
+    def __init__(self, pick: Callable[..., Any]) -> None:
+        self.pick = pick
+
+    def of(self, values: list[Any]) -> Any:
+        return self.pick(values) if values else None
+
+    def merge(self, a: Any, b: Any) -> Any:
+        if a is None:
+            return b
+        if b is None:
+            return a
+        return self.pick(a, b)
+
+
+class First(Reducer):
+    def of(self, values: list[Any]) -> Any:
+        return [values[0]] if values else None
+
+    def merge(self, a: Any, b: Any) -> Any:
+        return a if a is not None else b
+
+    def result(self, state: Any) -> Any:
+        return None if state is None else state[0]
+
+
+class Last(First):
+    def of(self, values: list[Any]) -> Any:
+        return [values[-1]] if values else None
+
+    def merge(self, a: Any, b: Any) -> Any:
+        return b if b is not None else a
+
+
+class CountDistinct(Reducer):
+    """State: the distinct values as sorted JSON texts (a set while merging)."""
+
+    def of(self, values: list[Any]) -> Any:
+        return sorted({_encode(value) for value in values})
+
+    def merge(self, a: Any, b: Any) -> Any:
+        merged = a if isinstance(a, set) else set(a)
+        merged.update(b)
+        return merged
+
+    def result(self, state: Any) -> Any:
+        return len(state)
+
+
+class Collect(Reducer):
+    """State: [the first `limit` values, how many there were]."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def of(self, values: list[Any]) -> Any:
+        return [values[: self.limit], len(values)]
+
+    def merge(self, a: Any, b: Any) -> Any:
+        kept = a[0]
+        if len(kept) < self.limit:
+            kept.extend(b[0][: self.limit - len(kept)])
+        return [kept, a[1] + b[1]]
+
+    def result(self, state: Any) -> Any:
+        return state[0]
+
+    def notice(self, states: Sequence[Any]) -> str | None:
+        over = [state for state in states if state[1] > self.limit]
+        if not over:
+            return None
+        return (
+            f"kept the first {self.limit} values in {len(over)} group(s) "
+            f"(up to {max(state[1] for state in over)} values; raise `limit` to keep more)"
+        )
+
+
+class UserReducer(Reducer):
+    """`function:` an object with init() / add(state, value) / merge(a, b) [/ result(state)],
+    whose states are JSON; or a plain function of a group's values (kept whole: small groups)."""
+
+    def __init__(self, target: Any, reference: str) -> None:
+        self.target = target
+        self.mergeable = all(hasattr(target, name) for name in ("init", "add", "merge"))
+        if not self.mergeable and not callable(target):
+            raise GroupingError(
+                f"'{reference}' is neither callable nor an object with init, add and merge"
+            )
+
+    def of(self, values: list[Any]) -> Any:
+        if not self.mergeable:
+            return list(values)
+        state = self.target.init()
+        for value in values:
+            state = self.target.add(state, value)
+        return state
+
+    def merge(self, a: Any, b: Any) -> Any:
+        if not self.mergeable:
+            a.extend(b)
+            return a
+        return self.target.merge(a, b)
+
+    def result(self, state: Any) -> Any:
+        if not self.mergeable:
+            return self.target(state)
+        finish = getattr(self.target, "result", None)
+        return finish(state) if callable(finish) else state
+
+
+# -- the grouper ----------------------------------------------------------------------------
+
+Evaluate = Callable[[dict[str, Any]], Any]
+
+
+@dataclass
+class _Column:
+    """One named reducer and where its values come from (a field, an expression, or the item)."""
+
+    name: str
+    kind: str
+    reducer: Reducer
+    field: str | None = None
+    evaluate: Evaluate | None = None
+
+
+def _compile(expr: str, what: str) -> Evaluate:
+    from parallel_agent.conditions import compile_expression  # asteval: only where used
+
+    return compile_expression(expr, what=what).evaluate
+
+
+def _import(reference: str, what: str) -> Any:
+    from parallel_agent.modules.loading import import_object
+
+    return import_object(reference, what=what)
+
+
+_BUILTIN: dict[str, Callable[[], Reducer]] = {
+    "count": Count,
+    "sum": Sum,
+    "mean": Mean,
+    "min": lambda: Extreme(min),
+    "max": lambda: Extreme(max),
+    "first": First,
+    "last": Last,
+    "count_distinct": CountDistinct,
+}
+
+
+def _kind(spec: dict[str, Any], here: str) -> str:
+    """The one reducer a `compute:` mapping names, checking its other keys."""
+    kinds = [key for key in spec if key in REDUCERS]
+    if len(kinds) != 1:
+        raise GroupingError(f"{here}: name exactly one reducer of {', '.join(REDUCERS)}")
+    kind = kinds[0]
+    allowed = {kind, "limit"} if kind == "collect" else {kind}
+    if kind == "function":
+        allowed |= {"field", "expr"}
+    extra = sorted(set(spec) - allowed)
+    if extra:
+        raise GroupingError(f"{here}: unknown key '{extra[0]}'")
+    return kind
+
+
+def _source(column: _Column, source: Any, here: str) -> _Column:
+    """Where a reducer's values come from: a field, `{expr: ...}`, or (function) the item."""
+    if isinstance(source, dict) and set(source) == {"expr"} and isinstance(source["expr"], str):
+        column.evaluate = _compile(source["expr"], f"{here} ({column.kind})")
+    elif isinstance(source, str) and source:
+        column.field = source
+    elif not (source is None and column.kind == "function"):
+        raise GroupingError(f"{here}: {column.kind} takes a field name or {{expr: ...}}")
+    return column
+
+
+def parse_reducer(name: str, spec: Any, what: str) -> _Column:
+    """A `compute:` entry: `count`, `{count_if: EXPR}`, `{KIND: FIELD}`, `{KIND: {expr: E}}`,
+    `{collect: FIELD, limit: N}` or `{function: pkg.mod:obj, field|expr: ...}`."""
+    here = f"{what}, compute '{name}'"
+    if spec == "count":
+        return _Column(name, "count", Count())
+    if not isinstance(spec, dict):
+        raise GroupingError(f"{here}: give count or a mapping like {{sum: field}}")
+    kind = _kind(spec, here)
+    argument = spec[kind]
+    if kind == "count_if":
+        if not isinstance(argument, str):
+            raise GroupingError(f"{here}: count_if takes an expression over item")
+        return _Column(name, kind, CountIf(), evaluate=_compile(argument, f"{here} (count_if)"))
+    if kind == "function":
+        if not isinstance(argument, str):
+            raise GroupingError(f"{here}: function takes 'package.module:object'")
+        reducer: Reducer = UserReducer(_import(argument, here), argument)
+        source: Any = {"expr": spec["expr"]} if "expr" in spec else spec.get("field")
+        return _source(_Column(name, kind, reducer), source, here)
+    if kind == "collect":
+        limit = spec.get("limit", COLLECT_LIMIT)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise GroupingError(f"{here}: limit must be an integer >= 1")
+        return _source(_Column(name, kind, Collect(limit)), argument, here)
+    return _source(_Column(name, kind, _BUILTIN[kind]()), argument, here)
+
+
+def parse_keys(group_by: Any, what: str) -> list[tuple[str, str | None, Evaluate | None]]:
+    """`group_by`: a field, a list of fields, or a mapping of key names to expressions."""
+    if group_by is None:
+        return []
+    if isinstance(group_by, str):
+        return [(group_by, group_by, None)]
+    if isinstance(group_by, list) and all(isinstance(f, str) for f in group_by):
+        return [(f, f, None) for f in group_by]
+    if isinstance(group_by, dict) and all(isinstance(e, str) for e in group_by.values()):
+        return [
+            (name, None, _compile(expr, f"{what}, group_by '{name}'"))
+            for name, expr in group_by.items()
+        ]
+    raise GroupingError(f"{what}: group_by is a field, a list of fields or {{name: expression}}")
+
+
+@dataclass
+class Grouper:
+    """Computes and merges the partials of one aggregate node."""
+
+    what: str
+    keys: list[tuple[str, str | None, Evaluate | None]]
+    columns: list[_Column]
+    params: dict[str, Any] = field(default_factory=dict)
+    sort_by: list[str] = field(default_factory=list)
+    descending: bool = False
+    top: int | None = None
+
+    @classmethod
+    def from_options(
+        cls, options: dict[str, Any], what: str, params: dict[str, Any] | None = None
+    ) -> Grouper:
+        compute = options.get("compute") or {}
+        return cls(
+            what=what,
+            keys=parse_keys(options.get("group_by"), what),
+            columns=[parse_reducer(name, spec, what) for name, spec in compute.items()],
+            params=dict(params or {}),
+            sort_by=_as_list(options.get("sort_by")),
+            descending=bool(options.get("descending")),
+            top=options.get("top"),
+        )
+
+    # -- per chunk --
+
+    def _names(self, item: Any, number: int) -> dict[str, Any]:
+        return {"item": item, "index": number - 1, "record": number, "params": self.params}
+
+    def _key(self, item: Any, number: int) -> str:
+        values = []
+        for name, field_name, evaluate in self.keys:
+            if evaluate is not None:
+                try:
+                    values.append(evaluate(self._names(item, number)))
+                except Exception as exc:
+                    raise GroupingError(
+                        f"{self.what}: record {number}: group_by '{name}': {_describe(exc)}"
+                    ) from None
+            else:
+                values.append(self._field(item, field_name or name, number))
+        return _encode(values)
+
+    def _field(self, item: Any, name: str, number: int) -> Any:
+        if type(item) is not dict:
+            raise GroupingError(
+                f"{self.what}: record {number}: field '{name}' needs object results, "
+                f"got {type(item).__name__}"
+            )
+        return item.get(name)
+
+    def partial(self, items: Sequence[Any], numbers: Sequence[int]) -> dict[str, Any]:
+        """The partial of one chunk's outputs (`numbers`: their input record numbers)."""
+        groups = self._groups(items, numbers)
+        skipped = [0] * len(self.columns)
+        rows = []
+        for key, positions in groups.items():
+            states = []
+            picked: dict[str, list[Any]] = {}  # one field's values, shared by its reducers
+            for index, column in enumerate(self.columns):
+                values = self._values(column, items, numbers, positions, picked)
+                skipped[index] += len(positions) - len(values)
+                try:
+                    states.append(column.reducer.of(values))
+                except Exception as exc:
+                    raise GroupingError(
+                        f"{self.what}: compute '{column.name}' ({column.kind}) on records "
+                        f"{numbers[positions[0]]}-{numbers[positions[-1]]}: {_describe(exc)}"
+                    ) from None
+            rows.append([key, states])
+        return {"groups": rows, "skipped": skipped}
+
+    def _groups(self, items: Sequence[Any], numbers: Sequence[int]) -> dict[str, list[int]]:
+        """Positions of the items of each group, groups in first-seen order, by key text."""
+        if not self.keys:
+            return {"[]": list(range(len(items)))} if items else {}
+        if len(self.keys) == 1 and self.keys[0][2] is None:
+            return self._groups_by_field(items, numbers, self.keys[0][1] or self.keys[0][0])
+        groups: dict[str, list[int]] = {}
+        for position, item in enumerate(items):
+            key = self._key(item, numbers[position])
+            found = groups.get(key)
+            if found is None:
+                groups[key] = [position]
+            else:
+                found.append(position)
+        return groups
+
+    def _groups_by_field(
+        self, items: Sequence[Any], numbers: Sequence[int], name: str
+    ) -> dict[str, list[int]]:
+        """The common case, one field: strings are grouped as they are and encoded once per
+        group; other values by their JSON text (so 1, 1.0 and true stay apart)."""
+        try:
+            values = [item.get(name) for item in items]
+        except AttributeError:
+            for position, item in enumerate(items):
+                self._field(item, name, numbers[position])
+            raise
+        groups: dict[Any, list[int]] = {}
+        if set(map(type, values)) == {str}:
+            for position, value in enumerate(values):
+                found = groups.get(value)
+                if found is None:
+                    groups[value] = [position]
+                else:
+                    found.append(position)
+            return {_encode([value]): positions for value, positions in groups.items()}
+        for position, value in enumerate(values):
+            key = _encode([value])
+            found = groups.get(key)
+            if found is None:
+                groups[key] = [position]
+            else:
+                found.append(position)
+        return groups
+
+    def _values(
+        self,
+        column: _Column,
+        items: Sequence[Any],
+        numbers: Sequence[int],
+        positions: list[int],
+        picked: dict[str, list[Any]],
+    ) -> list[Any]:
+        if column.kind == "count" and column.field is None and column.evaluate is None:
+            return positions
+        if column.evaluate is not None:
+            values = []
+            for position in positions:
+                try:
+                    value = column.evaluate(self._names(items[position], numbers[position]))
+                except Exception as exc:
+                    raise GroupingError(
+                        f"{self.what}: record {numbers[position]}: compute '{column.name}': "
+                        f"{_describe(exc)}"
+                    ) from None
+                if value is not None or column.kind == "count_if":
+                    values.append(value)
+            return values
+        name = column.field
+        if name is None:  # a function over whole items
+            return [items[position] for position in positions]
+        if name not in picked:
+            try:
+                raw = [items[position].get(name) for position in positions]
+            except AttributeError:
+                for position in positions:
+                    self._field(items[position], name, numbers[position])
+                raise
+            picked[name] = [value for value in raw if value is not None]
+        return picked[name]
+
+    def encode_partial(self, items: Sequence[Any], numbers: Sequence[int]) -> str:
+        return json.dumps(self.partial(items, numbers), ensure_ascii=False, separators=(",", ":"))
+
+    # -- merging --
+
+    def merger(self) -> Merger:
+        return Merger(self)
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+class Merger:
+    """Merges partials in input order; memory is the number of groups."""
+
+    def __init__(self, grouper: Grouper) -> None:
+        self.grouper = grouper
+        self.groups: dict[str, list[Any]] = {}
+        self.skipped = [0] * len(grouper.columns)
+
+    def add(self, partial: dict[str, Any]) -> None:
+        reducers = [column.reducer for column in self.grouper.columns]
+        groups = self.groups
+        for key, states in partial["groups"]:
+            current = groups.get(key)
+            if current is None:
+                groups[key] = states
+                continue
+            for index, reducer in enumerate(reducers):
+                try:
+                    current[index] = reducer.merge(current[index], states[index])
+                except Exception as exc:
+                    column = self.grouper.columns[index]
+                    raise GroupingError(
+                        f"{self.grouper.what}: compute '{column.name}' ({column.kind}) for "
+                        f"group {key}: {_describe(exc)}"
+                    ) from None
+        for index, count in enumerate(partial["skipped"]):
+            self.skipped[index] += count
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per group: the key fields, then the reducers, in `compute` order; groups in
+        the order of their first record, then `sort_by` and `top`."""
+        grouper = self.grouper
+        names = [name for name, _, _ in grouper.keys]
+        rows = []
+        for key, states in self.groups.items():
+            row = dict(zip(names, json.loads(key), strict=True))
+            for column, state in zip(grouper.columns, states, strict=True):
+                try:
+                    row[column.name] = column.reducer.result(state)
+                except Exception as exc:
+                    raise GroupingError(
+                        f"{grouper.what}: compute '{column.name}' ({column.kind}): {_describe(exc)}"
+                    ) from None
+            rows.append(row)
+        if grouper.sort_by:
+            rows = self._sorted(rows)
+        if grouper.top is not None:
+            rows = rows[: grouper.top]
+        return rows
+
+    def _sorted(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Stable sort on `sort_by`; nulls come last either way."""
+        grouper = self.grouper
+        for name in reversed(grouper.sort_by):
+            present = [row for row in rows if row.get(name) is not None]
+            absent = [row for row in rows if row.get(name) is None]
+            try:
+                present.sort(key=lambda row: row[name], reverse=grouper.descending)
+            except TypeError as exc:
+                raise GroupingError(f"{grouper.what}: sort_by '{name}': {exc}") from None
+            rows = present + absent
+        return rows
+
+    def notices(self) -> list[str]:
+        """What was skipped (missing fields, nulls) and what was cut (collect past its limit)."""
+        grouper = self.grouper
+        found = []
+        for index, column in enumerate(grouper.columns):
+            if self.skipped[index] and column.kind != "count":
+                source = f"'{column.field}'" if column.field else "the expression"
+                found.append(
+                    f"{grouper.what}: compute '{column.name}' ({column.kind}) skipped "
+                    f"{self.skipped[index]} record(s) where {source} was missing or null"
+                )
+            elif self.skipped[index] and column.field:
+                found.append(
+                    f"{grouper.what}: compute '{column.name}' (count) skipped "
+                    f"{self.skipped[index]} record(s) where '{column.field}' was missing or null"
+                )
+            note = column.reducer.notice([states[index] for states in self.groups.values()])
+            if note:
+                found.append(f"{grouper.what}: compute '{column.name}' (collect) {note}")
+        return found
+
+    def skipped_counts(self) -> dict[str, int]:
+        return {
+            column.name: self.skipped[index]
+            for index, column in enumerate(self.grouper.columns)
+            if self.skipped[index]
+        }
+
+
+def build_groupers(
+    aggregates: dict[str, dict[str, Any]], params: dict[str, Any] | None = None
+) -> dict[str, Grouper]:
+    """The groupers of the aggregate nodes fed by one node: {aggregate node: options}."""
+    return {
+        node: Grouper.from_options(options, f"node '{node}', aggregate", params)
+        for node, options in aggregates.items()
+    }
+
+
+def chunk_partials(
+    groupers: dict[str, Grouper],
+    outputs: Sequence[Any],
+    numbers: Sequence[int],
+    origins: Sequence[int] | None,
+) -> str:
+    """Every consuming aggregate's partial of one chunk's outputs, as JSON text. `numbers` are
+    the chunk's input record numbers, `origins` the items the outputs came from (None: all)."""
+    if origins is not None:
+        numbers = [numbers[origin] for origin in origins]
+    partials = {node: grouper.partial(outputs, numbers) for node, grouper in groupers.items()}
+    return json.dumps(partials, ensure_ascii=False, separators=(",", ":"))

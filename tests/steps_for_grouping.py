@@ -1,0 +1,53 @@
+"""User reducers for the group-by tests (`function: steps_for_grouping:<name>`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SquareSum:
+    """A mergeable reducer: the sum of squares of the item's `amount` (0 when it is missing)."""
+
+    @staticmethod
+    def init() -> int:
+        return 0
+
+    @staticmethod
+    def add(state: int, item: Any) -> int:
+        amount = item.get("amount")
+        return state + (round(amount) ** 2 if amount is not None else 0)
+
+    @staticmethod
+    def merge(a: int, b: int) -> int:
+        return a + b
+
+    @staticmethod
+    def result(state: int) -> dict[str, int]:
+        return {"squares": state}
+
+
+def median(values: list[float]) -> float:
+    """A plain function over the group's values (kept whole)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+class Pids:
+    """A mergeable reducer whose state is the set of process ids that computed it."""
+
+    @staticmethod
+    def init() -> list[int]:
+        import os
+
+        return [os.getpid()]
+
+    @staticmethod
+    def add(state: list[int], item: Any) -> list[int]:
+        return state
+
+    @staticmethod
+    def merge(a: list[int], b: list[int]) -> list[int]:
+        return sorted(set(a) | set(b))

@@ -1,0 +1,298 @@
+"""Issue 12: flow decisions gate the nodes they choose; the output is explicit and never a node
+that did not run (RELIABILITY: exit 0 means the output is right)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from parallel_agent.cli import app
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("PAGENT_STORE", f"sqlite:///{tmp_path / 'state.db'}")
+    runner = CliRunner()
+
+    def invoke(*args: str) -> Any:
+        return runner.invoke(app, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def branch_pipeline(condition: str, target_deps: str, output: str = "") -> str:
+    """The pipeline from the issue: filter, a branch point, two aggregates on the filter."""
+    return f"""
+name: branches
+{output}
+nodes:
+  - {{name: split, type: planner, modules: [{{use: split, chunk_size: 7}}]}}
+  - name: domestic
+    dependencies: [split]
+    modules: [{{use: filter, expr: "item['country'] == 'US'"}}]
+  - name: gate
+    type: flow_control
+    dependencies: [domestic]
+    decisions: [{{next_node: by_state, condition: "{condition}"}}]
+    default: quarantine
+  - name: by_state
+    dependencies: {target_deps}
+    modules: [{{use: aggregate, group_by: state, compute: {{n: count}}}}]
+  - name: quarantine
+    dependencies: {target_deps}
+    modules: [{{use: aggregate, reduce: count}}]
+"""
+
+
+def records(tmp_path: Path, count: int = 100) -> str:
+    path = tmp_path / "in.jsonl"
+    states = ["CA", "NY", "TX"]
+    rows = [
+        {"country": "US" if i % 4 else "CA", "state": states[i % 3], "n": i} for i in range(count)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def expected_by_state(count: int = 100) -> list[dict[str, Any]]:
+    groups: dict[str, int] = {}
+    for i in range(count):
+        if i % 4:
+            state = ["CA", "NY", "TX"][i % 3]
+            groups[state] = groups.get(state, 0) + 1
+    return [{"state": state, "n": n} for state, n in groups.items()]
+
+
+@pytest.mark.parametrize("target_deps", ["[domestic]", "[domestic, gate]"])
+@pytest.mark.parametrize("chosen", ["by_state", "quarantine"])
+def test_the_chosen_branch_runs_once_and_is_the_output(
+    cli: Any, tmp_path: Path, target_deps: str, chosen: str
+) -> None:
+    condition = "len(failed_subtasks) == 0" if chosen == "by_state" else "false"
+    other = "quarantine" if chosen == "by_state" else "by_state"
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(branch_pipeline(condition, target_deps, output=f"output: {chosen}"))
+    events = tmp_path / "events.jsonl"
+    out = tmp_path / "out.json"
+    result = cli(
+        "run", str(pipeline), "--data", records(tmp_path), "--output", str(out),
+        "--events", str(events), "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    finished = [
+        e["node"]
+        for e in map(json.loads, events.read_text().splitlines())
+        if e["kind"] == "node_finished"
+    ]
+    assert finished.count(chosen) == 1
+    assert other not in finished
+    value = json.loads(out.read_text())
+    assert value == (expected_by_state() if chosen == "by_state" else 75)
+
+
+@pytest.mark.parametrize("chosen", ["by_state", "quarantine"])
+def test_an_output_node_that_was_not_chosen_is_no_output_exit_1(
+    cli: Any, tmp_path: Path, chosen: str
+) -> None:
+    """The issue's bug: the output was the branch not taken, written as null with exit 0."""
+    condition = "true" if chosen == "by_state" else "false"
+    other = "quarantine" if chosen == "by_state" else "by_state"
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(branch_pipeline(condition, "[domestic]", output=f"output: {other}"))
+    out = tmp_path / "out.json"
+    result = cli("run", str(pipeline), "--data", records(tmp_path), "--output", str(out), "--json")
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "no_output"
+    assert f"output node '{other}' did not run" in summary["error"]
+    assert not out.exists()
+
+
+def test_a_guarded_output_node_that_was_skipped_writes_nothing(cli: Any, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("""
+name: guarded
+nodes:
+  - {name: split, type: planner, modules: [{use: split}]}
+  - {name: work, dependencies: [split], modules: [{use: map, expr: "item"}]}
+  - {name: total, dependencies: [work], modules: [{use: aggregate, reduce: count}],
+     node_config: {condition: "false"}}
+""")
+    out = tmp_path / "out.json"
+    result = cli("run", str(pipeline), "--data", records(tmp_path), "--output", str(out))
+    assert result.exit_code == 1
+    assert "output node 'total' did not run: its condition was false" in result.stderr
+    assert not out.exists()
+
+
+def test_several_sinks_without_output_are_refused_naming_them(cli: Any, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(branch_pipeline("true", "[domestic]"))
+    for command in (
+        ["validate", str(pipeline)],
+        ["run", str(pipeline), "--data", records(tmp_path)],
+    ):
+        result = cli(*command)
+        assert result.exit_code == 2, result.stderr
+        assert "the output is ambiguous" in result.stderr
+        assert "(by_state, quarantine)" in result.stderr
+
+
+def test_output_must_name_a_data_node(cli: Any, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(branch_pipeline("true", "[domestic]", output="output: gate"))
+    result = cli("validate", str(pipeline))
+    assert result.exit_code == 2
+    assert "output: node 'gate' is not a map, filter or aggregate node" in result.stderr
+    pipeline.write_text(branch_pipeline("true", "[domestic]", output="output: by_stat"))
+    result = cli("validate", str(pipeline))
+    assert result.exit_code == 2
+    assert "unknown node 'by_stat' (did you mean 'by_state'?)" in result.stderr
+
+
+def test_output_node_option_writes_other_sinks(cli: Any, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("""
+name: two-sinks
+output: total
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 7}]}
+  - {name: work, dependencies: [split], modules: [{use: map, expr: "item['n']"}]}
+  - {name: total, dependencies: [work], modules: [{use: aggregate, reduce: sum}]}
+  - {name: listing, dependencies: [work], modules: [{use: aggregate}]}
+""")
+    out, listing = tmp_path / "total.json", tmp_path / "listing.jsonl"
+    result = cli(
+        "run", str(pipeline), "--data", records(tmp_path, 10), "--output", str(out),
+        "--output-node", f"listing={listing}", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(out.read_text()) == sum(range(10))
+    assert listing.read_text().split() == [str(i) for i in range(10)]
+    summary = json.loads(result.stdout)
+    assert summary["outputs"] == {"listing": {"path": str(listing), "rows": 10}}
+    bad = cli("run", str(pipeline), "--data", records(tmp_path, 10), "--output-node", "nope=x.json")
+    assert bad.exit_code == 2 and "'nope' is not a map, filter or aggregate" in bad.stderr
+    bad = cli("run", str(pipeline), "--data", records(tmp_path, 10), "--output-node", "listing")
+    assert bad.exit_code == 2 and "expected NODE=PATH" in bad.stderr
+
+
+def test_validate_warns_about_a_target_that_runs_anyway(cli: Any, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("""
+name: loop-back
+nodes:
+  - {name: split, type: planner, modules: [{use: split}]}
+  - {name: work, dependencies: [split], modules: [{use: map, expr: "item"}]}
+  - {name: gate, type: flow_control, dependencies: [work], default: work}
+""")
+    result = cli("validate", str(pipeline))
+    assert result.exit_code == 0
+    assert "pagent: warning: node 'work' is a target of flow control node 'gate'" in result.stderr
+
+
+def test_graph_marks_gated_nodes(cli: Any, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(branch_pipeline("true", "[domestic]", output="output: by_state"))
+    text = cli("graph", str(pipeline)).stdout
+    assert "runs only when gate chooses it" in text
+    assert text.count("runs only when gate chooses it") == 2
+
+
+def test_report_counts_records_in_out_and_dropped(cli: Any, tmp_path: Path) -> None:
+    """Issue 12 item 5: each node's received/emitted/dropped records and the rows written."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("""
+name: counts
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 7}]}
+  - {name: keep, dependencies: [split], modules: [{use: filter, expr: "item['n'] % 4 != 0"}]}
+  - {name: half, dependencies: [keep], modules: [{use: map, expr: "10 // (item['n'] % 5)"}]}
+  - {name: rows, dependencies: [half], modules: [{use: aggregate}]}
+""")
+    out = tmp_path / "out.jsonl"
+    result = cli(
+        "run", str(pipeline), "--data", records(tmp_path, 100), "--output", str(out), "--json"
+    )
+    assert result.exit_code == 1  # n % 5 == 0 fails
+    summary = json.loads(result.stdout)
+    nodes = {node["node"]: node for node in summary["report"]["nodes"]}
+    kept = [n for n in range(100) if n % 4]
+    failing = [n for n in kept if n % 5 == 0]
+    assert (nodes["keep"]["items_in"], nodes["keep"]["items_out"]) == (100, len(kept))
+    assert nodes["keep"]["items_dropped"] == 100 - len(kept)
+    assert nodes["half"]["items_in"] == len(kept)
+    assert nodes["half"]["items_out"] == len(kept) - len(failing)
+    assert nodes["half"]["items_dropped"] == 0 and nodes["half"]["items_failed"] == len(failing)
+    assert (
+        summary["items"]["output"] == len(out.read_text().splitlines()) == len(kept) - len(failing)
+    )
+    assert f"  keep  100 -> {len(kept)}  ({100 - len(kept)} dropped)" in result.stderr
+    assert f"pagent: {len(kept) - len(failing)} rows written to {out}" in result.stderr
+
+
+def test_orders_by_currency_example(cli: Any, tmp_path: Path) -> None:
+    """pipelines/orders_by_currency.yaml: the gate chooses the group-by; rows by total, largest
+    first, equal to a plain-Python computation over the example data."""
+    root = Path(__file__).resolve().parent.parent / "pipelines"
+    data = root / "data" / "orders.jsonl"
+    out = tmp_path / "by_currency.json"
+    result = cli(
+        "run", str(root / "orders_by_currency.yaml"), "--data", str(data), "--output", str(out)
+    )
+    assert result.exit_code == 0, result.stderr
+    groups: dict[str, list[float]] = {}
+    for line in data.read_text().splitlines():
+        order = json.loads(line)
+        if order.get("price") is not None and order["price"] > 0:
+            groups.setdefault(order["currency"], []).append(order["price"])
+    from fractions import Fraction
+
+    want = sorted(
+        (
+            {
+                "currency": currency,
+                "orders": len(prices),
+                "total": float(sum(map(Fraction, prices))),
+                "mean": float(sum(map(Fraction, prices)) / len(prices)),
+                "largest": max(prices),
+            }
+            for currency, prices in groups.items()
+        ),
+        key=lambda row: row["total"],
+        reverse=True,
+    )
+    assert json.loads(out.read_text()) == want
+    validate = cli("validate", str(root / "orders_by_currency.yaml"))
+    assert validate.exit_code == 0 and "warning" not in validate.stderr
+
+
+def test_maps_chosen_right_after_the_split(cli: Any, tmp_path: Path) -> None:
+    """A branch between two maps that both consume the split: only the chosen one runs, and the
+    run is counted by it (the other's queued chunks are not unfinished work)."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        """
+name: pick-a-map
+output: plus
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 3}]}
+  - {name: gate, type: flow_control, dependencies: [split], decisions: [{next_node: plus, condition: "len(subtasks) > 0"}], default: minus}
+  - {name: minus, dependencies: [split], modules: [{use: map, expr: "-item['n']"}]}
+  - {name: plus, dependencies: [split], modules: [{use: map, expr: "item['n']"}]}
+  - {name: total, dependencies: [plus], modules: [{use: aggregate, reduce: sum}]}
+  - {name: negative, dependencies: [minus], modules: [{use: aggregate, reduce: sum}]}
+""".replace("output: plus", "output: total")
+    )
+    out = tmp_path / "out.json"
+    result = cli(
+        "run", str(pipeline), "--data", records(tmp_path, 10), "--output", str(out), "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(out.read_text()) == sum(range(10))
+    summary = json.loads(result.stdout)
+    assert summary["items"]["done"] == summary["items"]["total"] == 10
