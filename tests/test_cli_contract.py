@@ -443,7 +443,7 @@ nodes:
 
 COMMANDS = (
     "run", "validate", "schema", "graph", "status", "results", "failures", "list", "resume",
-    "cancel", "gc",
+    "cancel", "gc", "worker", "workers",
 )  # fmt: skip
 
 

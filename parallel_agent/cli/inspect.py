@@ -90,6 +90,11 @@ def status(
             f"  {node:<16} {counts['state']}: chunks {counts['done']}/{counts['chunks']} done, "
             f"{counts['leased']} in flight, {counts['failed']} failed, {counts['retries']} retries"
         )
+    for worker in report.get("workers") or []:
+        lines.append(
+            f"  worker {worker['host']}:{worker['pid']}  {worker['run']['chunks']} chunks, "
+            f"{worker['run']['items']} items, last seen {worker['last_seen']:.1f} s ago"
+        )
     if report.get("report"):
         from parallel_agent.report import RunReport
 

@@ -107,6 +107,13 @@ def run(
             help="Process only the first N records (try a pipeline on a sample).",
         ),
     ] = None,
+    workers_only: Annotated[
+        bool,
+        typer.Option(
+            "--workers-only",
+            help="Split and aggregate here, but leave every chunk to `pagent worker` processes.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
     summary_path: SummaryOption = None,
     quiet: Annotated[
@@ -152,6 +159,7 @@ def run(
             max_failures=max_failures,
             failed_output=failed_output,
             head=head,
+            workers_only=workers_only,
             output_nodes=output_nodes or [],
             stdin=sys.stdin.buffer if data == "-" else None,
             stdout=sys.stdout.buffer if output == "-" else None,
