@@ -52,6 +52,7 @@ from parallel_agent.events import (
 )
 from parallel_agent.graph import TaskStatus
 from parallel_agent.io import check_targets, check_writable, detect_format, detect_output_format
+from parallel_agent.modules.aggregate import all_stored
 from parallel_agent.modules.chunks import FAILED_ITEMS_KEY
 from parallel_agent.modules.context import (
     RUN_STOP_KEY,
@@ -547,7 +548,7 @@ class PipelineRun:
         if await self._ended_early(store, info, ctx, summary, engine_status, engine_error):
             return summary
         stored = await store.get_run(info.task_id)
-        for notices in ((stored.extra if stored else {}).get("aggregate_notices") or {}).values():
+        for notices in all_stored(stored.extra if stored else {}, "aggregate_notices"):
             summary.notices.extend(notices)
         unfinished = summary.items_total - summary.items_done - summary.items_failed
         if every_item_failed(summary):
