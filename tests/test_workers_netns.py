@@ -140,6 +140,20 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
+    def resume_on(self, number: int, task_id: str) -> subprocess.Popen[bytes]:
+        """`pagent resume` on host `number`: another hostname than the coordinator's; it reads
+        the input (a coordinator does), so nothing is hidden."""
+        namespace = self.network.add_host(number)
+        script = (
+            f"hostname host{number} && exec {sys.executable} -m parallel_agent resume {task_id}"
+        )
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, "unshare", "--uts", "sh", "-c", script],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
     def coordinator(self, task_id: str, *extra: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "parallel_agent", "run", str(self.pipeline), "--data",
@@ -272,3 +286,30 @@ def test_partitioned_worker_late_commit_is_rejected(cluster: Cluster) -> None:
     executions = collections.Counter(item for _, item in cluster.ledger_rows())
     assert any(n > 1 for n in executions.values()), "the cut host's chunk was done again"
     cluster.check_output("part")
+
+
+def test_coordinator_killed_and_resumed_from_another_host(cluster: Cluster) -> None:
+    """Promise 6: the coordinator SIGKILLed mid-run; `pagent resume` on another host waits out
+    its lock (no longer renewed) instead of exiting 6, the workers go on meanwhile, and the
+    output is exactly a clean run's."""
+    cluster.env["PAGENT_LEDGER_SLEEP"] = "0.05"
+    workers = [cluster.worker_on(n, "--task-id", "fail") for n in (1, 2)]
+    coordinator = cluster.coordinator("fail")
+    deadline = time.monotonic() + 60
+    while len(cluster.ledger_rows()) < 60:
+        assert time.monotonic() < deadline, "the run never got going"
+        time.sleep(0.02)
+    os.killpg(coordinator.pid, signal.SIGKILL)
+    coordinator.wait(timeout=10)
+    killed_at = len(cluster.ledger_rows())
+    resumed = cluster.resume_on(9, "fail")
+    code, stderr = finish(resumed)
+    assert code == 0, stderr
+    assert "is locked by coordinator" in stderr and "waiting up to" in stderr, stderr
+    assert len([h for h, _ in cluster.ledger_rows()[killed_at:] if h != "host9"]) > 0, (
+        "the workers went on while the coordinator was dead"
+    )
+    for worker in workers:
+        code, stderr = finish(worker)
+        assert code == 0, stderr
+    cluster.check_output("fail")

@@ -19,6 +19,7 @@ from parallel_agent.events import (
     EventSink,
     NodeFinished,
     NodeProgress,
+    Notice,
     RunFinished,
     RunStarted,
 )
@@ -59,6 +60,9 @@ class PlainLines(EventSink):
         self.started = self.clock()
         self.last_line = self.started
         self._write(f"pagent: task {event.task_id} started (pipeline {event.pipeline})")
+
+    def on_notice(self, event: Notice) -> None:
+        self._write(f"pagent: {event.message}")
 
     def on_chunks_planned(self, event: ChunksPlanned) -> None:
         if self.main_node is None:
