@@ -23,7 +23,7 @@ import pytest
 from helpers.redis_server import RedisServerFactory, redis_server_binary
 from helpers.runs import T0, make_info
 
-from parallel_agent.app.lock_wait import take_stale_lock
+from parallel_agent.app.lock_wait import live_coordinator, take_stale_lock
 from parallel_agent.errors import RunCancelledError, StateLostError, StoreError, UsageError
 from parallel_agent.store import default_store_url, mask_url, open_store
 from parallel_agent.store.base import (
@@ -301,6 +301,24 @@ async def test_lock_renewed_by_a_live_holder_is_not_taken(store: RunStore) -> No
         assert await store.lock_holder("t1") == "elsewhere:1:live"
     finally:
         keeper.cancel()
+
+
+async def test_live_coordinator_is_one_that_renews_or_runs_here(store: RunStore) -> None:
+    """`pagent status` says stalled when this is None: a holder elsewhere that missed its
+    renewal (a third of the TTL plus the slack), or a process of this machine that is gone."""
+    assert await live_coordinator(store, "t1") is None
+    assert await store.acquire_lock("t1", "elsewhere:1:x", 0.9)
+    assert await live_coordinator(store, "t1", ttl_s=0.9) == "elsewhere:1:x"
+    await asyncio.sleep(0.5)
+    assert await live_coordinator(store, "t1", ttl_s=0.9) is None, "missed its renewal"
+    here = f"{socket.gethostname()}:{os.getpid()}:ab"
+    assert await store.acquire_lock("t2", here, 30)
+    assert await live_coordinator(store, "t2") == here
+    gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await gone.wait()
+    dead = f"{socket.gethostname()}:{gone.pid}:ab"
+    assert await store.acquire_lock("t3", dead, 30)
+    assert await live_coordinator(store, "t3") is None, "its process is gone"
 
 
 # -- chunks --------------------------------------------------------------------------------------

@@ -281,12 +281,23 @@ def test_stopped_worker_late_commit_is_rejected(fleet: Fleet) -> None:
 
 
 def test_coordinator_killed_and_resumed_while_workers_go_on(fleet: Fleet) -> None:
+    """Promise 6; and `pagent status` meanwhile says `stalled` (no live coordinator: its lock's
+    process is gone) while listing the workers that still process chunks."""
+    fleet.env["PAGENT_LEDGER_SLEEP"] = "0.05"  # the workers outlast the status below
     workers = [fleet.worker("--task-id", "fo") for _ in range(2)]
     coordinator = fleet.run("fo")
     fleet.wait_for(lambda: len(fleet.ledger_rows()) > 100, "the run gets going")
     os.killpg(coordinator.pid, signal.SIGKILL)
     coordinator.wait(timeout=10)
     killed_at = len(fleet.ledger_rows())
+    status = subprocess.run([*PAGENT, "status", "fo", "--store", fleet.store], env=fleet.env,
+                            capture_output=True, timeout=60, text=True)  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    assert (
+        "state      stalled (no live coordinator; 2 workers still processing chunks"
+        in status.stdout
+    ), status.stdout
+    assert all(f":{worker.pid}  " in status.stdout for worker in workers), status.stdout
     fleet.wait_for(lambda: len(fleet.ledger_rows()) > killed_at + 50, "workers go on alone")
     resumed = fleet.start("resume", "fo", "--store", fleet.store, "-q")
     code, stderr = finish(resumed)

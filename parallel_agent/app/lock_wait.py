@@ -10,11 +10,16 @@ the caller then refuses (exit 6). The whole wait is bounded by the TTL plus the 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Literal
 
 from parallel_agent.store import RunStore
+
+COORDINATOR_TTL_S = 30.0
+"""The coordinator lock's time to live; its holder renews it every third of it."""
 
 POLL_S = 0.5
 """How often the lock is read while waiting: a renewal shows as its expiry moving later."""
@@ -28,6 +33,41 @@ LockWait = Literal["taken", "renewed", "taken by another", "timed out"]
 def renewal_slack(ttl_s: float) -> float:
     """How late a renewal may be before its holder counts as not renewing."""
     return ttl_s / 10
+
+
+def holder_is_here(owner: str) -> bool:
+    """True when `owner` ("host:pid:nonce") names a process of this machine."""
+    host, _, rest = owner.partition(":")
+    return host == socket.gethostname() and rest.partition(":")[0].isdigit()
+
+
+def holder_is_dead(owner: str) -> bool:
+    """True when `owner` ("host:pid:nonce") names a process of this machine that no longer runs."""
+    if not holder_is_here(owner):
+        return False
+    pid_text = owner.split(":")[1]
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+async def live_coordinator(
+    store: RunStore, task_id: str, ttl_s: float = COORDINATOR_TTL_S
+) -> str | None:
+    """The lock's holder if it is alive as far as one can tell: a process of this machine that
+    runs, or one elsewhere that renewed the lock within a third of its TTL plus the slack."""
+    state = await store.lock_state(task_id)
+    if state is None:
+        return None
+    holder, left = state
+    if holder_is_here(holder):
+        return None if holder_is_dead(holder) else holder
+    renewed_ago = ttl_s - left
+    return holder if renewed_ago <= ttl_s / 3 + renewal_slack(ttl_s) else None
 
 
 async def _read(store: RunStore, task_id: str) -> tuple[str, float, float] | None:

@@ -31,7 +31,12 @@ from parallel_agent.app.common import (
     watch_run,
     with_store,
 )
-from parallel_agent.app.lock_wait import take_stale_lock
+from parallel_agent.app.lock_wait import (
+    COORDINATOR_TTL_S,
+    holder_is_dead,
+    holder_is_here,
+    take_stale_lock,
+)
 from parallel_agent.app.outputs import failed_output_format, write_failed_records, write_results
 from parallel_agent.app.stored import code_manifest
 from parallel_agent.app.summary import RunSummary, node_durations, summarize
@@ -70,8 +75,6 @@ from parallel_agent.store.base import RunInfo, RunStore
 
 #: How often a coordinator on a shared store sends the displays the store's counts.
 PROGRESS_S = 1.0
-#: How long a coordinator's claim on a task id lives without renewal (a dead holder's expires).
-COORDINATOR_TTL_S = 30.0
 
 
 @dataclass
@@ -112,26 +115,6 @@ def check_run_paths(
             ("--store", store_file(resolve_store_url(options.store))),
         ],
     )
-
-
-def holder_is_here(owner: str) -> bool:
-    """True when `owner` ("host:pid:nonce") names a process of this machine."""
-    host, _, rest = owner.partition(":")
-    return host == socket.gethostname() and rest.partition(":")[0].isdigit()
-
-
-def holder_is_dead(owner: str) -> bool:
-    """True when `owner` ("host:pid:nonce") names a process of this machine that no longer runs."""
-    if not holder_is_here(owner):
-        return False
-    pid_text = owner.split(":")[1]
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 class _NodeTimes(EventSink):

@@ -55,7 +55,7 @@ def status(
     progress = report["progress"]
     lines = [
         f"task       {report['task_id']}",
-        f"state      {report['state']}",
+        f"state      {report['state']}{_stalled_note(report)}",
         f"pipeline   {report['pipeline']}",
         f"input      {report['input'] or '-'}",
         f"started    {_when(report['created_at'])}",
@@ -82,6 +82,19 @@ def status(
         lines.append("")
         lines.extend(report_lines(RunReport.from_dict(report["report"])))
     sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _stalled_note(report: dict[str, Any]) -> str:
+    """Why a run is stalled and what to do; `pagent worker`s may still be working on it."""
+    if report["state"] != "stalled":
+        return ""
+    task_id, workers = report["task_id"], len(report.get("workers") or [])
+    if not workers:
+        return f" (no live coordinator: pagent resume {task_id})"
+    return (
+        f" (no live coordinator; {workers} worker{'s' if workers > 1 else ''} still processing "
+        f"chunks, but only a coordinator aggregates and writes the output: pagent resume {task_id})"
+    )
 
 
 def results(
