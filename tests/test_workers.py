@@ -220,6 +220,31 @@ def test_workers_only_coordinator_displays_progress_from_the_store(fleet: Fleet)
     assert progress[-1]["chunks_done"] == fleet.records // 10
 
 
+def test_workers_only_without_workers_says_so_and_waits_for_one(fleet: Fleet) -> None:
+    """No silent wait: one line when no worker works on the run, one when a worker joins; the
+    run waits meanwhile (a fleet may start later) and then completes exactly."""
+    events = fleet.tmp / "events.jsonl"
+    coordinator = fleet.run("alone", "--workers-only", "--events", str(events))
+
+    def notices() -> list[str]:
+        if not events.exists():
+            return []
+        lines = events.read_text().splitlines()
+        return [e["message"] for e in map(json.loads, lines) if e["kind"] == "notice"]
+
+    fleet.wait_for(lambda: notices(), "a line saying no worker works on the run")
+    assert "no `pagent worker` is working on run alone" in notices()[0], notices()
+    assert coordinator.poll() is None, "it keeps waiting"
+    assert not fleet.ledger_rows()
+    worker = fleet.worker("--task-id", "alone")
+    code, stderr = finish(coordinator)
+    assert code == 0, stderr
+    assert finish(worker)[0] == 0
+    said = notices()
+    assert len(said) == 2 and "`pagent worker`s are working on run alone again" in said[1], said
+    fleet.check_output("alone")
+
+
 def test_workers_compute_the_partial_aggregates_of_their_chunks(fleet: Fleet) -> None:
     """A `compute:` aggregate's partials are computed with each chunk, by whoever works it:
     rows equal to a single-host run's with every chunk done by a worker."""
