@@ -8,6 +8,7 @@ Everything the test creates (namespaces, veths, bridge, processes) is removed by
 from __future__ import annotations
 
 import collections
+import json
 import os
 import secrets
 import shutil
@@ -164,6 +165,16 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
+    def ledger_calls(self) -> list[tuple[str, int, float]]:
+        """(host, record, time) of every call so far."""
+        if not self.ledger.exists():
+            return []
+        rows = []
+        for line in self.ledger.read_text().splitlines():
+            host, _pid, item, at = line.split()
+            rows.append((host, int(item), float(at)))
+        return rows
+
     def ledger_rows(self) -> list[tuple[str, int]]:
         if not self.ledger.exists():
             return []
@@ -313,3 +324,63 @@ def test_coordinator_killed_and_resumed_from_another_host(cluster: Cluster) -> N
         code, stderr = finish(worker)
         assert code == 0, stderr
     cluster.check_output("fail")
+
+
+LEASE_S = 1.0  # the pipeline's node_config.lease
+
+
+def test_cancel_stops_three_worker_hosts_within_a_third_of_the_lease(cluster: Cluster) -> None:
+    """`pagent cancel` holds across hosts: from the ledger, no host starts a chunk later than a
+    third of the lease after the cancel returned (a generous bound: the claim itself checks the
+    cancel atomically), and every worker leaves the run saying why."""
+    cluster.env["PAGENT_LEDGER_SLEEP"] = "0.05"
+    workers = [cluster.worker_on(n, "--task-id", "cx") for n in (1, 2, 3)]
+    coordinator = cluster.coordinator("cx", "--workers-only")
+    deadline = time.monotonic() + 60
+    while {h for h, _ in cluster.ledger_rows()} != {"host1", "host2", "host3"}:
+        assert time.monotonic() < deadline, "not every host worked"
+        time.sleep(0.02)
+    cancel = subprocess.run([sys.executable, "-m", "parallel_agent", "cancel", "cx"],
+                            env=cluster.env, capture_output=True, timeout=60)  # fmt: skip
+    cancelled_at = time.time()
+    assert cancel.returncode == 0, cancel.stderr.decode()
+    for worker in workers:
+        code, stderr = finish(worker, timeout=30)
+        assert code == 0, stderr
+        assert "left run cx (cancelled)" in stderr, stderr
+    code, stderr = finish(coordinator, timeout=30)
+    assert code == 1, stderr
+    chunk_starts: dict[int, float] = {}
+    for _host, item, at in cluster.ledger_calls():
+        chunk_starts[item // 10] = min(at, chunk_starts.get(item // 10, at))
+    late = {chunk: at - cancelled_at for chunk, at in chunk_starts.items()
+            if at > cancelled_at + LEASE_S / 3}  # fmt: skip
+    assert not late, f"chunks started after the cancel: {late}"
+    assert len(chunk_starts) < RECORDS // 10, "the run stopped early"
+
+
+def test_max_failures_is_counted_across_three_worker_hosts(cluster: Cluster) -> None:
+    """The coordinator claims nothing, each host sees only some of the failures: only the
+    run-wide count in Redis can stop the run, and it stops every host."""
+    cluster.env.update({"PAGENT_LEDGER_SLEEP": "0.05", "PAGENT_FAIL_EVERY": "7"})
+    cluster.pipeline = cluster.tmp / "failing.yaml"
+    cluster.pipeline.write_text(
+        PIPELINE.replace(
+            "steps_for_workers:ledger_triple", "steps_for_workers:ledger_fail_multiples"
+        )
+    )
+    workers = [cluster.worker_on(n, "--task-id", "mf") for n in (1, 2, 3)]
+    coordinator = cluster.coordinator("mf", "--workers-only", "--max-failures", "20", "--json")
+    stdout, stderr_bytes = coordinator.communicate(timeout=120)
+    assert coordinator.returncode == 1, stderr_bytes.decode()
+    summary = json.loads(stdout)
+    assert summary["status"] == "failed", summary
+    assert "more than 20 items failed" in summary["error"], summary
+    for worker in workers:
+        code, stderr = finish(worker)
+        assert code == 0, stderr
+        assert "left run mf (" in stderr and "more than 20 items failed" in stderr, stderr
+    failing = [(host, item) for host, item in cluster.ledger_rows() if item % 7 == 0]
+    assert len({host for host, _ in failing}) >= 2, f"failures on several hosts: {failing}"
+    assert len(failing) > 20
+    assert len({item for _, item in cluster.ledger_rows()}) < RECORDS, "the run stopped early"
