@@ -2,8 +2,8 @@
 
 A live coordinator renews its lock every TTL/3. A lock not renewed for longer than that (plus a
 slack for a busy machine) belongs to a coordinator that is dead, frozen or cut off: waiting for it
-to expire is safe, because its holder can no longer renew it either once it has expired (and a
-coordinator whose renewal fails stops). A renewal seen while waiting means the holder is alive:
+to expire is safe: the lock is only taken once it expired, and an expired lock cannot be renewed
+by its old holder (`renew_lock` fails). A renewal seen while waiting means the holder is alive:
 the caller then refuses (exit 6). The whole wait is bounded by the TTL plus the slack.
 """
 
