@@ -183,6 +183,27 @@ def too_deep(text: bytes) -> bool:
     return False
 
 
+def checked_values(payload: bytes) -> list[Any] | int:
+    """The values of a JSON Lines payload, read as `decode_lines` reads them (integers of any
+    size exact), or the position of the first line `check_jsonl` refuses: one parse does both,
+    for a split that checks a chunk and uses its values."""
+    lines = _lines(payload)
+    try:
+        values = list(_values(lines))
+    except orjson.JSONDecodeError:
+        values = None
+    if values is None or first_too_deep(payload, lines) is not None:
+        bad = check_jsonl(payload)
+        assert bad is not None  # the same parse refused it above
+        return bad
+    if may_hold_big_ints(payload):
+        return [
+            loads(line) if may_hold_big_ints(line) else value
+            for line, value in zip(lines, values, strict=True)
+        ]
+    return values
+
+
 def _lines(data: bytes) -> list[bytes]:
     """The lines of JSON Lines bytes; a final newline ends the last line rather than adding one."""
     if not data:
