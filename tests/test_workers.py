@@ -311,7 +311,10 @@ def test_coordinator_killed_and_resumed_while_workers_go_on(fleet: Fleet) -> Non
     fleet.env["PAGENT_LEDGER_SLEEP"] = "0.05"  # the workers outlast the status below
     workers = [fleet.worker("--task-id", "fo") for _ in range(2)]
     coordinator = fleet.run("fo")
-    fleet.wait_for(lambda: len(fleet.ledger_rows()) > 100, "the run gets going")
+    fleet.wait_for(
+        lambda: {pid for pid, _, _ in fleet.ledger_rows()} >= {w.pid for w in workers},
+        "both workers work",
+    )
     os.killpg(coordinator.pid, signal.SIGKILL)
     coordinator.wait(timeout=10)
     killed_at = len(fleet.ledger_rows())

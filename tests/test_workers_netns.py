@@ -83,6 +83,10 @@ class Network:
     def create(self) -> None:
         self._run("ip", "link", "add", self.bridge, "type", "bridge")
         self.links.append(self.bridge)
+        # A fixed address: a bridge otherwise takes its lowest port's, so a host added mid-run
+        # could change it under the others' ARP caches and cut them off from Redis.
+        mac = f"02:00:00:00:{self.tag[:2]}:{self.tag[2:]}"
+        self._run("ip", "link", "set", "dev", self.bridge, "address", mac)
         self._run("ip", "addr", "add", f"{self.redis_ip}/24", "dev", self.bridge)
         self._run("ip", "link", "set", self.bridge, "up")
 
