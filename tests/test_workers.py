@@ -322,7 +322,7 @@ def test_coordinator_killed_and_resumed_while_workers_go_on(fleet: Fleet) -> Non
                             capture_output=True, timeout=60, text=True)  # fmt: skip
     assert status.returncode == 0, status.stderr
     assert (
-        "state      stalled (no live coordinator; 2 workers still processing chunks"
+        "status     stalled (no live coordinator; 2 workers still processing chunks"
         in status.stdout
     ), status.stdout
     assert all(f":{worker.pid}  " in status.stdout for worker in workers), status.stdout
