@@ -1,6 +1,6 @@
 """`pagent worker` scaling (issue 13), on a private redis-server on loopback.
 
-    .venv/bin/python bench/workers_bench.py [--items 4800] [--cpu-items 400] [--repeat 3]
+    .venv/bin/python bench/workers_bench.py [--items 4800] [--cpu-items 400] [--repeat 3] [--cpu-only]
 
 1. 4,800 items in chunks of 50 through an async function awaiting 50 ms, `concurrency: 8` per
    process: items/s with 1, 2 and 4 processes (a coordinator plus 0, 1, 3 `pagent worker`s, started
@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=4800)
     parser.add_argument("--cpu-items", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cpu-only", action="store_true", help="Only the CPU-bound comparison.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
@@ -142,12 +143,13 @@ def main() -> None:
             data = tmp / "items.jsonl"
             data.write_text("".join(f"{i}\n" for i in range(args.items)))
             chunks = -(-args.items // 50)
-            print(f"async 50 ms items: {args.items} items, {chunks} chunks of 50, concurrency 8 "
-                  f"per process, median of {args.repeat}")  # fmt: skip
-            print(f"{'processes':>9} {'items/s':>9} {'x 1 proc':>9} {'ideal':>6} {'of ideal':>9} "
-                  f"{'redis cpu s':>11} {'cmds/chunk':>10}")  # fmt: skip
+            if not args.cpu_only:
+                print(f"async 50 ms items: {args.items} items, {chunks} chunks of 50, "
+                      f"concurrency 8 per process, median of {args.repeat}")  # fmt: skip
+                print(f"{'processes':>9} {'items/s':>9} {'x 1 proc':>9} {'ideal':>6} "
+                      f"{'of ideal':>9} {'redis cpu s':>11} {'cmds/chunk':>10}")  # fmt: skip
             base = None
-            for processes in (1, 2, 4):
+            for processes in () if args.cpu_only else (1, 2, 4):
                 rates, cpus, commands = [], [], []
                 for attempt in range(args.repeat):
                     cpu0, cmd0 = redis_figures(client)

@@ -126,6 +126,16 @@ class NodeProgress(Event):
 
 
 @dataclass(frozen=True)
+class Notice(Event):
+    """One line for the person running pagent about why it waits (a lock left by a coordinator
+    on another host, no `pagent worker` alive for a `--workers-only` run)."""
+
+    kind: str = field(init=False, default="notice")
+    task_id: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class RunFinished(Event):
     kind: str = field(init=False, default="run_finished")
     task_id: str = ""

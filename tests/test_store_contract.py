@@ -23,6 +23,7 @@ import pytest
 from helpers.redis_server import RedisServerFactory, redis_server_binary
 from helpers.runs import T0, make_info
 
+from parallel_agent.app.lock_wait import live_coordinator, take_stale_lock
 from parallel_agent.errors import RunCancelledError, StateLostError, StoreError, UsageError
 from parallel_agent.store import default_store_url, mask_url, open_store
 from parallel_agent.store.base import (
@@ -260,6 +261,64 @@ async def test_dead_holders_lock_expires(store: RunStore) -> None:
     assert not await store.renew_lock("t1", "dead", 30)
     assert await store.acquire_lock("t1", "b", 30)
     assert not await store.acquire_lock("t1", "dead", 30)
+
+
+async def test_lock_state_reads_holder_and_time_left(store: RunStore) -> None:
+    assert await store.lock_state("t1") is None
+    assert await store.acquire_lock("t1", "a", 30)
+    state = await store.lock_state("t1")
+    assert state is not None and state[0] == "a" and 25 < state[1] <= 30
+    assert await store.acquire_lock("t2", "b", 0.15)
+    await asyncio.sleep(0.3)
+    assert await store.lock_state("t2") is None, "an expired lock has no holder"
+
+
+async def test_stale_lock_of_another_host_is_waited_out(store: RunStore) -> None:
+    """Promise 6 (coordinator failover): a lock its holder no longer renews is taken when it
+    expires, after one line saying so; meanwhile nobody else can take it."""
+    ttl = 0.9
+    assert await store.acquire_lock("t1", "elsewhere:1:dead", ttl)
+    lines: list[str] = []
+    assert await take_stale_lock(store, "t1", "me", ttl, lines.append) == "taken"
+    assert await store.lock_holder("t1") == "me"
+    assert len(lines) == 1 and "elsewhere:1:dead" in lines[0], lines
+    assert not await store.acquire_lock("t1", "elsewhere:1:dead", ttl)
+
+
+async def test_lock_renewed_by_a_live_holder_is_not_taken(store: RunStore) -> None:
+    ttl = 0.9
+    assert await store.acquire_lock("t1", "elsewhere:1:live", ttl)
+
+    async def keep() -> None:
+        while True:
+            await asyncio.sleep(ttl / 3)
+            assert await store.renew_lock("t1", "elsewhere:1:live", ttl)
+
+    keeper = asyncio.ensure_future(keep())
+    try:
+        outcome = await take_stale_lock(store, "t1", "me", ttl, lambda line: None)
+        assert outcome == "renewed", "seen alive, not merely waited out"
+        assert await store.lock_holder("t1") == "elsewhere:1:live"
+    finally:
+        keeper.cancel()
+
+
+async def test_live_coordinator_is_one_that_renews_or_runs_here(store: RunStore) -> None:
+    """`pagent status` says stalled when this is None: a holder elsewhere that missed its
+    renewal (a third of the TTL plus the slack), or a process of this machine that is gone."""
+    assert await live_coordinator(store, "t1") is None
+    assert await store.acquire_lock("t1", "elsewhere:1:x", 0.9)
+    assert await live_coordinator(store, "t1", ttl_s=0.9) == "elsewhere:1:x"
+    await asyncio.sleep(0.5)
+    assert await live_coordinator(store, "t1", ttl_s=0.9) is None, "missed its renewal"
+    here = f"{socket.gethostname()}:{os.getpid()}:ab"
+    assert await store.acquire_lock("t2", here, 30)
+    assert await live_coordinator(store, "t2") == here
+    gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await gone.wait()
+    dead = f"{socket.gethostname()}:{gone.pid}:ab"
+    assert await store.acquire_lock("t3", dead, 30)
+    assert await live_coordinator(store, "t3") is None, "its process is gone"
 
 
 # -- chunks --------------------------------------------------------------------------------------

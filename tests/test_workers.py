@@ -220,6 +220,31 @@ def test_workers_only_coordinator_displays_progress_from_the_store(fleet: Fleet)
     assert progress[-1]["chunks_done"] == fleet.records // 10
 
 
+def test_workers_only_without_workers_says_so_and_waits_for_one(fleet: Fleet) -> None:
+    """No silent wait: one line when no worker works on the run, one when a worker joins; the
+    run waits meanwhile (a fleet may start later) and then completes exactly."""
+    events = fleet.tmp / "events.jsonl"
+    coordinator = fleet.run("alone", "--workers-only", "--events", str(events))
+
+    def notices() -> list[str]:
+        if not events.exists():
+            return []
+        lines = events.read_text().splitlines()
+        return [e["message"] for e in map(json.loads, lines) if e["kind"] == "notice"]
+
+    fleet.wait_for(lambda: notices(), "a line saying no worker works on the run")
+    assert "no `pagent worker` is working on run alone" in notices()[0], notices()
+    assert coordinator.poll() is None, "it keeps waiting"
+    assert not fleet.ledger_rows()
+    worker = fleet.worker("--task-id", "alone")
+    code, stderr = finish(coordinator)
+    assert code == 0, stderr
+    assert finish(worker)[0] == 0
+    said = notices()
+    assert len(said) == 2 and "`pagent worker`s are working on run alone again" in said[1], said
+    fleet.check_output("alone")
+
+
 def test_workers_compute_the_partial_aggregates_of_their_chunks(fleet: Fleet) -> None:
     """A `compute:` aggregate's partials are computed with each chunk, by whoever works it:
     rows equal to a single-host run's with every chunk done by a worker."""
@@ -281,12 +306,26 @@ def test_stopped_worker_late_commit_is_rejected(fleet: Fleet) -> None:
 
 
 def test_coordinator_killed_and_resumed_while_workers_go_on(fleet: Fleet) -> None:
+    """Promise 6; and `pagent status` meanwhile says `stalled` (no live coordinator: its lock's
+    process is gone) while listing the workers that still process chunks."""
+    fleet.env["PAGENT_LEDGER_SLEEP"] = "0.05"  # the workers outlast the status below
     workers = [fleet.worker("--task-id", "fo") for _ in range(2)]
     coordinator = fleet.run("fo")
-    fleet.wait_for(lambda: len(fleet.ledger_rows()) > 100, "the run gets going")
+    fleet.wait_for(
+        lambda: {pid for pid, _, _ in fleet.ledger_rows()} >= {w.pid for w in workers},
+        "both workers work",
+    )
     os.killpg(coordinator.pid, signal.SIGKILL)
     coordinator.wait(timeout=10)
     killed_at = len(fleet.ledger_rows())
+    status = subprocess.run([*PAGENT, "status", "fo", "--store", fleet.store], env=fleet.env,
+                            capture_output=True, timeout=60, text=True)  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    assert (
+        "status     stalled (no live coordinator; 2 workers still processing chunks"
+        in status.stdout
+    ), status.stdout
+    assert all(f":{worker.pid}  " in status.stdout for worker in workers), status.stdout
     fleet.wait_for(lambda: len(fleet.ledger_rows()) > killed_at + 50, "workers go on alone")
     resumed = fleet.start("resume", "fo", "--store", fleet.store, "-q")
     code, stderr = finish(resumed)

@@ -8,6 +8,7 @@ Everything the test creates (namespaces, veths, bridge, processes) is removed by
 from __future__ import annotations
 
 import collections
+import json
 import os
 import secrets
 import shutil
@@ -82,6 +83,10 @@ class Network:
     def create(self) -> None:
         self._run("ip", "link", "add", self.bridge, "type", "bridge")
         self.links.append(self.bridge)
+        # A fixed address: a bridge otherwise takes its lowest port's, so a host added mid-run
+        # could change it under the others' ARP caches and cut them off from Redis.
+        mac = f"02:00:00:00:{self.tag[:2]}:{self.tag[2:]}"
+        self._run("ip", "link", "set", "dev", self.bridge, "address", mac)
         self._run("ip", "addr", "add", f"{self.redis_ip}/24", "dev", self.bridge)
         self._run("ip", "link", "set", self.bridge, "up")
 
@@ -140,6 +145,20 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
+    def resume_on(self, number: int, task_id: str) -> subprocess.Popen[bytes]:
+        """`pagent resume` on host `number`: another hostname than the coordinator's; it reads
+        the input (a coordinator does), so nothing is hidden."""
+        namespace = self.network.add_host(number)
+        script = (
+            f"hostname host{number} && exec {sys.executable} -m parallel_agent resume {task_id}"
+        )
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, "unshare", "--uts", "sh", "-c", script],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
     def coordinator(self, task_id: str, *extra: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "parallel_agent", "run", str(self.pipeline), "--data",
@@ -149,6 +168,16 @@ class Cluster:
         )  # fmt: skip
         self.procs.append(proc)
         return proc
+
+    def ledger_calls(self) -> list[tuple[str, int, float]]:
+        """(host, record, time) of every call so far."""
+        if not self.ledger.exists():
+            return []
+        rows = []
+        for line in self.ledger.read_text().splitlines():
+            host, _pid, item, at = line.split()
+            rows.append((host, int(item), float(at)))
+        return rows
 
     def ledger_rows(self) -> list[tuple[str, int]]:
         if not self.ledger.exists():
@@ -272,3 +301,90 @@ def test_partitioned_worker_late_commit_is_rejected(cluster: Cluster) -> None:
     executions = collections.Counter(item for _, item in cluster.ledger_rows())
     assert any(n > 1 for n in executions.values()), "the cut host's chunk was done again"
     cluster.check_output("part")
+
+
+def test_coordinator_killed_and_resumed_from_another_host(cluster: Cluster) -> None:
+    """Promise 6: the coordinator SIGKILLed mid-run; `pagent resume` on another host waits out
+    its lock (no longer renewed) instead of exiting 6, the workers go on meanwhile, and the
+    output is exactly a clean run's."""
+    cluster.env["PAGENT_LEDGER_SLEEP"] = "0.05"
+    workers = [cluster.worker_on(n, "--task-id", "fail") for n in (1, 2)]
+    coordinator = cluster.coordinator("fail")
+    deadline = time.monotonic() + 60
+    while len(cluster.ledger_rows()) < 60:
+        assert time.monotonic() < deadline, "the run never got going"
+        time.sleep(0.02)
+    os.killpg(coordinator.pid, signal.SIGKILL)
+    coordinator.wait(timeout=10)
+    killed_at = len(cluster.ledger_rows())
+    resumed = cluster.resume_on(9, "fail")
+    code, stderr = finish(resumed)
+    assert code == 0, stderr
+    assert "is locked by coordinator" in stderr and "waiting up to" in stderr, stderr
+    assert len([h for h, _ in cluster.ledger_rows()[killed_at:] if h != "host9"]) > 0, (
+        "the workers went on while the coordinator was dead"
+    )
+    for worker in workers:
+        code, stderr = finish(worker)
+        assert code == 0, stderr
+    cluster.check_output("fail")
+
+
+LEASE_S = 1.0  # the pipeline's node_config.lease
+
+
+def test_cancel_stops_three_worker_hosts_within_a_third_of_the_lease(cluster: Cluster) -> None:
+    """`pagent cancel` holds across hosts: from the ledger, no host starts a chunk later than a
+    third of the lease after the cancel returned (a generous bound: the claim itself checks the
+    cancel atomically), and every worker leaves the run saying why."""
+    cluster.env["PAGENT_LEDGER_SLEEP"] = "0.05"
+    workers = [cluster.worker_on(n, "--task-id", "cx") for n in (1, 2, 3)]
+    coordinator = cluster.coordinator("cx", "--workers-only")
+    deadline = time.monotonic() + 60
+    while {h for h, _ in cluster.ledger_rows()} != {"host1", "host2", "host3"}:
+        assert time.monotonic() < deadline, "not every host worked"
+        time.sleep(0.02)
+    cancel = subprocess.run([sys.executable, "-m", "parallel_agent", "cancel", "cx"],
+                            env=cluster.env, capture_output=True, timeout=60)  # fmt: skip
+    cancelled_at = time.time()
+    assert cancel.returncode == 0, cancel.stderr.decode()
+    for worker in workers:
+        code, stderr = finish(worker, timeout=30)
+        assert code == 0, stderr
+        assert "left run cx (cancelled)" in stderr, stderr
+    code, stderr = finish(coordinator, timeout=30)
+    assert code == 1, stderr
+    chunk_starts: dict[int, float] = {}
+    for _host, item, at in cluster.ledger_calls():
+        chunk_starts[item // 10] = min(at, chunk_starts.get(item // 10, at))
+    late = {chunk: at - cancelled_at for chunk, at in chunk_starts.items()
+            if at > cancelled_at + LEASE_S / 3}  # fmt: skip
+    assert not late, f"chunks started after the cancel: {late}"
+    assert len(chunk_starts) < RECORDS // 10, "the run stopped early"
+
+
+def test_max_failures_is_counted_across_three_worker_hosts(cluster: Cluster) -> None:
+    """The coordinator claims nothing, each host sees only some of the failures: only the
+    run-wide count in Redis can stop the run, and it stops every host."""
+    cluster.env.update({"PAGENT_LEDGER_SLEEP": "0.05", "PAGENT_FAIL_EVERY": "7"})
+    cluster.pipeline = cluster.tmp / "failing.yaml"
+    cluster.pipeline.write_text(
+        PIPELINE.replace(
+            "steps_for_workers:ledger_triple", "steps_for_workers:ledger_fail_multiples"
+        )
+    )
+    workers = [cluster.worker_on(n, "--task-id", "mf") for n in (1, 2, 3)]
+    coordinator = cluster.coordinator("mf", "--workers-only", "--max-failures", "20", "--json")
+    stdout, stderr_bytes = coordinator.communicate(timeout=120)
+    assert coordinator.returncode == 1, stderr_bytes.decode()
+    summary = json.loads(stdout)
+    assert summary["status"] == "failed", summary
+    assert "more than 20 items failed" in summary["error"], summary
+    for worker in workers:
+        code, stderr = finish(worker)
+        assert code == 0, stderr
+        assert "left run mf (" in stderr and "more than 20 items failed" in stderr, stderr
+    failing = [(host, item) for host, item in cluster.ledger_rows() if item % 7 == 0]
+    assert len({host for host, _ in failing}) >= 2, f"failures on several hosts: {failing}"
+    assert len(failing) > 20
+    assert len({item for _, item in cluster.ledger_rows()}) < RECORDS, "the run stopped early"

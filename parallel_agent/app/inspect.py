@@ -7,6 +7,7 @@ import time
 from typing import Any, BinaryIO
 
 from parallel_agent.app.common import require_run, resolve_store_url, store_file, with_store
+from parallel_agent.app.lock_wait import live_coordinator
 from parallel_agent.app.outputs import write_failed_records, write_results
 from parallel_agent.app.summary import SCHEMA_VERSION, stored_durations
 from parallel_agent.errors import UsageError
@@ -35,7 +36,7 @@ async def _status(store: RunStore, task_id: str, with_report: bool = True) -> di
             "sealed": counts.sealed,
         }
     state = info.status
-    if state in ("waiting", "executing") and holder is None:
+    if state in ("waiting", "executing") and await live_coordinator(store, task_id) is None:
         state = TaskStatus.STALLED.value
     summary = info.extra.get("summary")
     stored = summary if isinstance(summary, dict) else {}

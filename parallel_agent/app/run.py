@@ -31,6 +31,12 @@ from parallel_agent.app.common import (
     watch_run,
     with_store,
 )
+from parallel_agent.app.lock_wait import (
+    COORDINATOR_TTL_S,
+    holder_is_dead,
+    holder_is_here,
+    take_stale_lock,
+)
 from parallel_agent.app.outputs import failed_output_format, write_failed_records, write_results
 from parallel_agent.app.states import NodeStates
 from parallel_agent.app.stored import code_manifest
@@ -49,6 +55,7 @@ from parallel_agent.events import (
     MultiSink,
     NodeFinished,
     NodeProgress,
+    Notice,
     RunFinished,
     RunStarted,
 )
@@ -72,8 +79,6 @@ from parallel_agent.store.base import RunInfo, RunStore
 
 #: How often a coordinator on a shared store sends the displays the store's counts.
 PROGRESS_S = 1.0
-#: How long a coordinator's claim on a task id lives without renewal (a dead holder's expires).
-COORDINATOR_TTL_S = 30.0
 
 
 @dataclass
@@ -116,21 +121,6 @@ def check_run_paths(
             ("--store", store_file(resolve_store_url(options.store))),
         ],
     )
-
-
-def holder_is_dead(owner: str) -> bool:
-    """True when `owner` ("host:pid:nonce") names a process of this machine that no longer runs."""
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 class _NodeTimes(EventSink):
@@ -283,6 +273,8 @@ class PipelineRun:
             raise TaskBusyError(
                 f"task '{task_id}' is being run by another coordinator ({holder or 'unknown'})"
             )
+        if existing is not None:
+            existing = await store.get_run(task_id)  # as it is now that the lock is ours
         done = asyncio.Event()
         keep_lock = asyncio.ensure_future(self._renew_lock(store, task_id, done))
         try:
@@ -301,14 +293,22 @@ class PipelineRun:
 
     async def _take_lock(self, store: RunStore, task_id: str) -> bool:
         """Take the coordinator lock; a lock left by a dead process on this machine is taken over
-        at once instead of waiting for it to expire."""
+        at once, one of another host is waited out while it is not renewed (lock_wait.py)."""
         if await store.acquire_lock(task_id, self.owner, COORDINATOR_TTL_S):
             return True
         holder = await store.lock_holder(task_id)
-        if holder is None or not holder_is_dead(holder):
-            return False
-        await store.release_lock(task_id, holder)
-        return await store.acquire_lock(task_id, self.owner, COORDINATOR_TTL_S)
+        if holder is None:
+            return await store.acquire_lock(task_id, self.owner, COORDINATOR_TTL_S)
+        if holder_is_here(holder):
+            if not holder_is_dead(holder):
+                return False
+            await store.release_lock(task_id, holder)
+            return await store.acquire_lock(task_id, self.owner, COORDINATOR_TTL_S)
+
+        def say(message: str) -> None:
+            self.events.emit(Notice(at=time.time(), task_id=task_id, message=message))
+
+        return await take_stale_lock(store, task_id, self.owner, COORDINATOR_TTL_S, say) == "taken"
 
     def _check_same_run(self, existing: RunInfo, digest: str, source: InputSource | None) -> None:
         if existing.pipeline_hash != digest:

@@ -155,6 +155,8 @@ class PipelineWorker:
         self.stats = WorkerStats()
         self.started_at = time.time()
         self.joined: dict[str, _JoinedRun] = {}
+        self.beat_now = asyncio.Event()
+        """Set when the heartbeat should not wait for its interval (a run was joined)."""
         self.refused: set[str] = set()
         self.ended: set[str] = set()
         self.finished_work: dict[str, float | None] = {}
@@ -216,9 +218,19 @@ class PipelineWorker:
     async def _beat(self, store: RunStore, stopped: asyncio.Event) -> None:
         """Beat every HEARTBEAT_S; a missed beat is not fatal (a lost store is seen elsewhere)."""
         while True:
+            self.beat_now.clear()
             with contextlib.suppress(StoreError):
                 await store.beat_worker(self.owner, self.heartbeat(), ttl_s=HEARTBEAT_TTL_S)
-            if await wait_or_timeout(stopped, HEARTBEAT_S):
+            waits = [
+                asyncio.ensure_future(stopped.wait()),
+                asyncio.ensure_future(self.beat_now.wait()),
+            ]
+            try:
+                await asyncio.wait(waits, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+            if stopped.is_set():
                 return
 
     async def _serve(self, store: RunStore) -> int:
@@ -366,6 +378,7 @@ class PipelineWorker:
             node.processor = _Counted(node.processor, self.stats, joined.stats)
         joined.task = asyncio.ensure_future(self._work(joined))
         self.joined[info.task_id] = joined
+        self.beat_now.set()  # `pagent status` lists it with the run at once
         self.say(f"joined run {info.task_id} ({info.pipeline_name})")
 
     async def _work(self, joined: _JoinedRun) -> None:

@@ -72,7 +72,7 @@ def status(
     progress = report["progress"]
     lines = [
         f"task       {report['task_id']}",
-        f"status     {report['status']}",
+        f"status     {report['status']}{_stalled_note(report)}",
         f"pipeline   {report['pipeline']}",
         f"input      {report['input'] or '-'}",
         f"started    {_when(report['created_at'])}",
@@ -102,6 +102,19 @@ def status(
         width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 80
         lines.extend(report_lines(RunReport.from_dict(report["report"]), width))
     sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _stalled_note(report: dict[str, Any]) -> str:
+    """Why a run is stalled and what to do; `pagent worker`s may still be working on it."""
+    if report["status"] != "stalled":
+        return ""
+    task_id, workers = report["task_id"], len(report.get("workers") or [])
+    if not workers:
+        return f" (no live coordinator: pagent resume {task_id})"
+    return (
+        f" (no live coordinator; {workers} worker{'s' if workers > 1 else ''} still processing "
+        f"chunks, but only a coordinator aggregates and writes the output: pagent resume {task_id})"
+    )
 
 
 def results(

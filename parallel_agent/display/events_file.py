@@ -36,6 +36,7 @@ class JsonLinesEvents(EventSink):
             now = time.monotonic()
             if now - self.last_flush >= FLUSH_EVERY_S or event.kind in (
                 "run_started",
+                "notice",  # it says why the run waits: a reader needs it now
                 "run_finished",
             ):
                 self.stream.flush()

@@ -37,6 +37,7 @@ from parallel_agent.events import (
     NodeFinished,
     NodeProgress,
     NodeStarted,
+    Notice,
     RunFinished,
     RunStarted,
 )
@@ -153,6 +154,9 @@ class LiveDisplay(EventSink):
             highlight=False,
             markup=False,
         )
+
+    def on_notice(self, event: Notice) -> None:
+        self.console.print(f"pagent: {event.message}", highlight=False, markup=False)
 
     def on_node_started(self, event: NodeStarted) -> None:
         self.view.row(event.node).state = "running"

@@ -19,6 +19,7 @@ from parallel_agent.events import (
     EventSink,
     NodeFinished,
     NodeProgress,
+    Notice,
     RunFinished,
     RunStarted,
 )
@@ -60,6 +61,9 @@ class PlainLines(EventSink):
         self.last_line = self.started
         verb = "resumed" if event.resumed else "started"
         self._write(f"pagent: task {event.task_id} {verb} (pipeline {event.pipeline})")
+
+    def on_notice(self, event: Notice) -> None:
+        self._write(f"pagent: {event.message}")
 
     def on_chunks_planned(self, event: ChunksPlanned) -> None:
         if self.main_node is None:

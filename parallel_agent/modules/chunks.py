@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from parallel_agent.errors import RunCancelledError, StoreError, UsageError
-from parallel_agent.events import ChunkDone, ChunkFailed, ChunksPlanned, ChunkStarted, ItemFailed
+from parallel_agent.events import (
+    ChunkDone,
+    ChunkFailed,
+    ChunksPlanned,
+    ChunkStarted,
+    ItemFailed,
+    Notice,
+)
 from parallel_agent.jsonl import decode_lines, dumps, encode_lines
 from parallel_agent.modules.context import STOP_GRACE_S, RunContext, stop_loop, wait_or_timeout
 from parallel_agent.modules.grouping import Grouper, build_groupers, chunk_partials
@@ -25,6 +32,9 @@ from parallel_agent.store.base import ChunkSpec, Lease, NodeCounts, encode_recor
 ITEM_EVENTS_PER_CHUNK = 20
 #: Longest pause between two claim attempts while other workers hold the remaining chunks.
 MAX_IDLE_POLL_S = 0.5
+END_POLL_S = 0.05
+"""How often one waiter polls once every chunk of a sealed queue is claimed: the node ends as soon
+as the last chunk elsewhere is committed (a 0.5 s poll cost a short run up to 10%)."""
 #: Longest backoff between two attempts of one chunk.
 MAX_RETRY_DELAY_S = 30.0
 #: The run's shared count of failed items (run extra), against `--max-failures`.
@@ -101,6 +111,57 @@ async def _queue_producer_results(ctx: RunContext, node: str) -> None:
     await store.seal(ctx.task_id, node)
 
 
+NO_WORKER_GRACE_S = 5.0
+"""How long a `--workers-only` node waits for a `pagent worker` to join before saying none has."""
+FLEET_CHECK_S = 2.0
+"""How often it looks at the workers' heartbeats (they beat every 2 s)."""
+
+
+class _FleetWatch:
+    """Says when no `pagent worker` works on a `--workers-only` run, and when work goes on again
+    (a worker beats with the run, or chunks get committed). The run keeps waiting either way: a
+    fleet may start later (a queued batch job, a scale-up)."""
+
+    def __init__(self, ctx: RunContext, node: str) -> None:
+        self.ctx = ctx
+        self.node = node
+        self.next_check = time.monotonic() + NO_WORKER_GRACE_S
+        self.done_when_alone: int | None = None
+        """The node's chunks done when it said no worker works on it; None while some do."""
+        self.done_at_check = 0
+
+    async def check(self, done: int) -> None:
+        ctx = self.ctx
+        if self.done_when_alone is not None and done > self.done_when_alone:
+            self._working_again()
+            return
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + FLEET_CHECK_S
+        live = await ctx.store.live_workers()
+        working = [w for w in live if ctx.task_id in (w.get("runs") or {})]
+        progressed, self.done_at_check = done > self.done_at_check, done
+        if (working or progressed) and self.done_when_alone is not None:
+            self._working_again(sorted({str(w.get("host")) for w in working}))
+        elif not (working or progressed) and self.done_when_alone is None:
+            self.done_when_alone = done
+            others = f" ({len(live)} live workers serve other runs or refused it)" if live else ""
+            self._say(
+                f"no `pagent worker` is working on run {ctx.task_id}{others}: node {self.node} "
+                "waits for one (start `pagent worker --store ... --pipeline ...` on a host that "
+                "reaches this store)"
+            )
+
+    def _working_again(self, hosts: list[str] | None = None) -> None:
+        self.done_when_alone = None
+        where = f" (on {', '.join(hosts)})" if hosts else ""
+        self._say(f"`pagent worker`s are working on run {self.ctx.task_id} again{where}")
+
+    def _say(self, message: str) -> None:
+        self.ctx.emit(Notice(at=time.time(), task_id=self.ctx.task_id, message=message))
+
+
 class ChunkWorkers:
     """Runs `settings.concurrency` workers over one node's chunk queue until it is drained."""
 
@@ -160,7 +221,8 @@ class ChunkWorkers:
                 if counts.sealed and counts.pending == 0 and counts.leased == 0:
                     return
                 await self._idle(idle)
-                idle = min(MAX_IDLE_POLL_S, idle * 2)
+                near_end = counts.sealed and counts.pending == 0 and number == 0
+                idle = min(END_POLL_S if near_end else MAX_IDLE_POLL_S, idle * 2)
                 continue
             idle = 0.01
             for lease in leases:
@@ -169,11 +231,14 @@ class ChunkWorkers:
     async def _wait_for_others(self) -> None:
         """Wait until workers elsewhere have drained the node's queue, or the run stops."""
         ctx = self.ctx
+        fleet = _FleetWatch(ctx, self.settings.node)
         while not ctx.stop.is_set():
             counts = await ctx.store.counts(ctx.task_id, self.settings.node)
             if counts.sealed and counts.pending == 0 and counts.leased == 0:
                 return
-            await self._idle(MAX_IDLE_POLL_S)
+            await fleet.check(counts.done)
+            near_end = counts.sealed and counts.pending == 0
+            await self._idle(END_POLL_S if near_end else MAX_IDLE_POLL_S)
 
     async def _idle(self, seconds: float) -> None:
         """Wait before claiming again: until the run stops, one of this node's workers here

@@ -417,6 +417,11 @@ class RunStore(ABC):
     async def lock_holder(self, task_id: str) -> str | None:
         """The owner of the task's unexpired coordinator lock, or None (read only; for status)."""
 
+    @abstractmethod
+    async def lock_state(self, task_id: str) -> tuple[str, float] | None:
+        """The owner of the task's unexpired coordinator lock and the seconds until it expires,
+        read together, or None: whether the holder still renews it shows between two reads."""
+
     # -- chunks ----------------------------------------------------------------------------------
 
     @abstractmethod

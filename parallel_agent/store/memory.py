@@ -164,6 +164,12 @@ class MemoryStore(RunStore):
             holder = self._locks.get(task_id)
             return holder[0] if holder is not None and holder[1] > self._now() else None
 
+    async def lock_state(self, task_id: str) -> tuple[str, float] | None:
+        async with self._mutex:
+            holder = self._locks.get(task_id)
+            now = self._now()
+            return (holder[0], holder[1] - now) if holder is not None and holder[1] > now else None
+
     async def release_lock(self, task_id: str, owner: str) -> None:
         async with self._mutex:
             holder = self._locks.get(task_id)

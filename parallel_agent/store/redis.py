@@ -477,6 +477,21 @@ class RedisStore(RunStore):
             return None
         return value.decode() if isinstance(value, bytes) else str(value)
 
+    async def lock_state(self, task_id: str) -> tuple[str, float] | None:
+        key = self._keys(task_id).lock
+
+        async def read(client: aioredis.Redis) -> list[Any]:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.get(key)
+                pipe.pttl(key)
+                return await pipe.execute()
+
+        value, left_ms = await self._call(read)
+        if value is None or int(left_ms) <= 0:
+            return None
+        owner = value.decode() if isinstance(value, bytes) else str(value)
+        return owner, int(left_ms) / 1000
+
     async def release_lock(self, task_id: str, owner: str) -> None:
         await self._lock("release", task_id, owner, 0)
 

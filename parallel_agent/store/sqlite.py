@@ -396,6 +396,17 @@ class SqliteStore(RunStore):
 
         return await self._read(holder)
 
+    async def lock_state(self, task_id: str) -> tuple[str, float] | None:
+        def state(conn: sqlite3.Connection) -> tuple[str, float] | None:
+            now = self._now()
+            row = conn.execute(
+                "SELECT owner, expires_at FROM locks WHERE task_id = ? AND expires_at > ?",
+                (task_id, now),
+            ).fetchone()
+            return None if row is None else (str(row[0]), float(row[1]) - now)
+
+        return await self._read(state)
+
     async def release_lock(self, task_id: str, owner: str) -> None:
         await self._write(
             lambda conn: conn.execute(
