@@ -35,7 +35,7 @@ from parallel_agent.jsonl import (
     encode_lines,
     first_too_deep,
     loads,
-    may_hold_big_ints,
+    round_trips,
     too_deep,
 )
 
@@ -386,9 +386,13 @@ def _read_jsonl(
     for texts, first, blanks in _jsonl_lines(source, name, max_record):
         joined = b"\n".join(texts)
         try:
-            values = list(map(orjson.loads, texts))
-            if may_hold_big_ints(joined):  # read exactly the lines that need it
+            try:
+                values = list(map(orjson.loads, texts))
+            except orjson.JSONDecodeError:  # maybe a number past the double range: read exactly
                 values = list(map(loads, texts))
+            else:
+                if not round_trips(joined, values):  # read exactly the lines that need it
+                    values = list(map(loads, texts))
             position = first_too_deep(joined, texts)
         except orjson.JSONDecodeError:
             position = check_jsonl(joined)
