@@ -42,10 +42,12 @@ _LONG_RUN = b"0" * (_DBL_DIG + 1)
 _LONG_NUMBER = re.compile(rb"[0-9.]{16,}(?:[eE][-+]?[0-9]+)?|[0-9.]*[eE][-+]?[0-9]{3,}")
 _NOT_FINITE = "ValueError: result is NaN or infinite, which JSON cannot hold"
 _UNENCODABLE = "TypeError: result is not JSON-serialisable"
-#: The context user code computes in: Decimal arithmetic is exact or fails (`decimal.Inexact`,
-#: a clear item error), never rounded silently; the precision bounds what one step may cost.
+#: Significant digits a Decimal result may have (about MAX_INT_BITS of an expression's ints).
+EXACT_DIGITS = 30_000
+#: The context expressions and reducers compute in: Decimal arithmetic is exact or fails
+#: (`decimal.Inexact`, a clear error), never rounded silently; the precision bounds one step.
 EXACT_CONTEXT = decimal.Context(
-    prec=100_000,
+    prec=EXACT_DIGITS,
     Emax=decimal.MAX_EMAX,
     Emin=decimal.MIN_EMIN,
     traps=[

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from typing import Any
 
 from parallel_agent.caches.cache import Cache
@@ -22,7 +21,7 @@ from parallel_agent.errors import (
 )
 from parallel_agent.graph import AgentModule, ModuleType
 from parallel_agent.io import MAX_RECORD_SIZE
-from parallel_agent.jsonl import decode_lines
+from parallel_agent.jsonl import decode_lines, dumps, loads
 from parallel_agent.modules.aggregate import aggregate_value
 from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings, feed_from_producer
 from parallel_agent.modules.context import RunContext
@@ -168,14 +167,14 @@ class AggregateModule(BuiltinModule):
         merger = grouper.merger()
         try:
             async for chunk in ctx.store.results(ctx.task_id, producer):
-                partial = json.loads(chunk.partial).get(self.node) if chunk.partial else None
+                partial = loads(chunk.partial).get(self.node) if chunk.partial else None
                 if partial is None:
                     partial = grouper.partial(decode_lines(chunk.result), chunk.numbers)
                 merger.add(partial)
             rows = merger.rows()
         except GroupingError as exc:  # values the reducers cannot combine: this node fails
             return {"status": "error", "result": str(exc)}
-        text = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
+        text = dumps(rows).decode()
         notices = merger.notices()
         await ctx.store.update_run(
             ctx.task_id,
