@@ -175,6 +175,29 @@ def _big_ints_as_text(value: Any) -> Any:
     return value
 
 
+def ascii_text(value: Any) -> str:
+    """One line of JSON in ASCII for a terminal (`--json`, `failures`): the standard library's
+    text, or, for a value holding Decimals, which it cannot write as numbers, the exact text
+    with every other character escaped."""
+    try:
+        return json.dumps(value)
+    except TypeError:
+        text = dumps(value).decode()
+    return _NOT_ASCII.sub(_escape, text)
+
+
+_NOT_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    """A character as JSON's \\u escape (two, a surrogate pair, past the first plane)."""
+    code = ord(match.group())
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
 def not_finite(value: Any) -> bool:
     """True when `value` holds a NaN or an infinity (JSON has neither; orjson writes `null`)."""
     if isinstance(value, float):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Annotated, Any
@@ -12,6 +11,7 @@ import typer
 from parallel_agent.cli.errors import handled_errors, say_stop_reason
 from parallel_agent.cli.options import FailedOutputOption, StoreOption
 from parallel_agent.cli.process import freeze_startup_objects
+from parallel_agent.jsonl import ascii_text
 
 
 def _debug(ctx: typer.Context) -> bool:
@@ -19,7 +19,7 @@ def _debug(ctx: typer.Context) -> bool:
 
 
 def _emit_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value) + "\n")
+    sys.stdout.write(ascii_text(value) + "\n")
     sys.stdout.flush()
 
 
@@ -128,7 +128,7 @@ def failures(
     with handled_errors(_debug(ctx)):
         found = iter_failures(task_id, store)
     for failure in found:
-        sys.stdout.write(json.dumps(failure) + "\n")
+        sys.stdout.write(ascii_text(failure) + "\n")
     sys.stderr.write(f"pagent: {len(found)} failed records\n")
 
 

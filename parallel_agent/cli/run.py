@@ -12,6 +12,7 @@ from parallel_agent.cli.errors import handled_errors, say_stop_reason
 from parallel_agent.cli.options import FailedOutputOption, StoreOption
 from parallel_agent.cli.process import freeze_startup_objects
 from parallel_agent.errors import UsageError
+from parallel_agent.jsonl import ascii_text
 
 
 def _debug(ctx: typer.Context) -> bool:
@@ -122,7 +123,7 @@ def run(
         finally:
             sink.close()
         if as_json:
-            sys.stdout.write(json.dumps(summary.to_dict()) + "\n")
+            sys.stdout.write(ascii_text(summary.to_dict()) + "\n")
             sys.stdout.flush()
         say_stop_reason(summary.exit_code, summary.error)
         raise typer.Exit(summary.exit_code)
