@@ -6,9 +6,9 @@ longer integer as a rounded float, `3.141592653589793238462643` as `3.1415926535
 as 0 and refuses `1e400`. A number keeps its value through a double when it has at most 15
 significant digits and an exponent of at most two digits (DBL_DIG), so text without a run of 16
 digits or dots and without a three-digit exponent is read by orjson alone (one C-level scan
-decides). Other text is written back with orjson and its long numbers compared as text: the
-same tokens mean every number was a shortest form and keeps its value (machine-written floats of
-17 digits do). Only when a number would change is the text read again by the standard library:
+decides). Other text is written back with orjson and compared (whitespace aside): the same
+text means every number was a shortest form and keeps its value (machine-written floats of 17
+digits are). Only when a number would change is the text read again by the standard library:
 integers exactly, and a number that a double cannot hold as written as a `decimal.Decimal`.
 Writing falls back per value, where orjson refused a big integer, and writes a Decimal as its
 exact text. Ordinary data never takes either detour.
@@ -38,8 +38,7 @@ _DBL_DIG = 15
 #: "e000" / "e-000" is where a number may not survive a double (see `may_change`).
 _NUMBER_CHARS = bytes.maketrans(b"0123456789.E+", b"00000000000e-")
 _LONG_RUN = b"0" * (_DBL_DIG + 1)
-#: Whole number tokens (without their sign) that `may_change` flags; nothing inside shorter ones.
-_LONG_NUMBER = re.compile(rb"[0-9.]{16,}(?:[eE][-+]?[0-9]+)?|[0-9.]*[eE][-+]?[0-9]{3,}")
+_WHITESPACE = b" \t\n\r"
 _NOT_FINITE = "ValueError: result is NaN or infinite, which JSON cannot hold"
 _UNENCODABLE = "TypeError: result is not JSON-serialisable"
 #: Significant digits a Decimal result may have (about MAX_INT_BITS of an expression's ints).
@@ -70,22 +69,25 @@ def may_change(data: bytes | str) -> bool:
 
 
 def round_trips(data: bytes | str, value: Any) -> bool:
-    """True when `value`, read from `data` by orjson, holds every number of `data` as written.
+    """True when `value`, read from the JSON text `data` by orjson, holds every number of `data`
+    as written.
 
-    The long number tokens of `data` and of `value` written by orjson must be the same: a string
-    contributes the same tokens to both (no `\\u` escapes), and a number that changed would leave
-    a token in `data` that no shortest form, so nothing in the output, can match."""
+    orjson writes `value` back: the same text (the store's payloads are orjson's), or the same
+    once JSON's whitespace is deleted from both, means every number token of `data` is one that
+    orjson writes, a shortest form, which it reads back to itself. Compact JSON has one way to
+    split it into tokens, so equal texts have equal tokens; a changed number, an escape written
+    differently or a duplicate key makes them differ, and the caller reads `data` exactly."""
     if not may_change(data):
         return True
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
-    if b"\\u" in data:
-        return False
     try:
         written = orjson.dumps(value)
     except TypeError:  # nested deeper than orjson writes
         return False
-    return _LONG_NUMBER.findall(data) == _LONG_NUMBER.findall(written)
+    if written == data:
+        return True
+    return data.translate(None, _WHITESPACE) == written.translate(None, _WHITESPACE)
 
 
 def exact_number(text: str) -> float | Decimal:
@@ -252,11 +254,12 @@ def decode_lines(data: bytes) -> list[Any]:
     if not data:
         return []
     body = data[:-1] if data.endswith(b"\n") else data
+    array = b"[" + body.replace(b"\n", b",") + b"]"
     try:
-        values = list(orjson.loads(b"[" + body.replace(b"\n", b",") + b"]"))
+        values = list(orjson.loads(array))
     except orjson.JSONDecodeError:
         return [loads(line) for line in _lines(data)]
-    if round_trips(body, values):
+    if round_trips(array, values):
         return values
     return [loads(line) for line in _lines(data)]
 

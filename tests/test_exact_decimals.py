@@ -218,18 +218,19 @@ nodes:
 
 
 def test_float_is_the_explicit_way_to_round(pagent: Pagent) -> None:
-    """Promise 14: `float(...)` and `round(...)` round because they are asked to."""
+    """Promise 14: `float(...)` and `round(...)` round because they are asked to; nothing else
+    does."""
     write_input(pagent.folder, "jsonl", ["3.141592653589793238462643"])
     pipeline = pagent.pipeline(
         PIPELINE.format(processes=0).replace(
             "dict(item, twice=item['x'] * 2, next=item['x'] + 1)",
-            "[float(item['x']) * 1.5, round(item['x'], 3)]",
+            "[float(item['x']) * 1.5, round(item['x'], 3), item['x'] * 1]",
         )
     )
     run = pagent("run", pipeline, "--data", "in.jsonl", "--output", "out.json")
     assert run.returncode == 0, run.stderr
     assert (pagent.folder / "out.json").read_text().replace(" ", "").replace("\n", "") == (
-        "[[4.71238898038469,3.142]]"
+        "[[4.71238898038469,3.142,3.141592653589793238462643]]"
     )
 
 

@@ -391,7 +391,7 @@ def _read_jsonl(
             except orjson.JSONDecodeError:  # maybe a number past the double range: read exactly
                 values = list(map(loads, texts))
             else:
-                if not round_trips(joined, values):  # read exactly the lines that need it
+                if not round_trips(b"[" + b",".join(texts) + b"]", values):  # read them exactly
                     values = list(map(loads, texts))
             position = first_too_deep(joined, texts)
         except orjson.JSONDecodeError:
