@@ -101,7 +101,15 @@ def exact_number(text: str) -> float | Decimal:
     try:
         return Decimal(text)
     except decimal.InvalidOperation:
-        raise ValueError(f"the number {text[:40]} has an exponent out of range") from None
+        raise _OutOfRange(text) from None
+
+
+class _OutOfRange(ValueError):
+    """A number whose exponent not even a Decimal holds."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(f"the number {text[:40]} has an exponent out of range")
+        self.text = text
 
 
 def _refuse_constant(name: str) -> Any:
@@ -116,7 +124,9 @@ def _exact_loads(data: bytes | str) -> Any:
         return json.loads(text, parse_float=exact_number, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise orjson.JSONDecodeError(exc.msg, exc.doc, exc.pos) from None
-    except ValueError as exc:
+    except _OutOfRange as exc:
+        raise orjson.JSONDecodeError(str(exc), text, max(text.find(exc.text), 0)) from None
+    except ValueError as exc:  # an integer past the standard library's digit limit
         raise orjson.JSONDecodeError(str(exc), text, 0) from None
 
 

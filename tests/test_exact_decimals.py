@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_abuse_io import Pagent
+from test_abuse_io import Pagent, one_error
 
 #: Texts a double changes (rounds, makes 0 or refuses) next to ones it keeps (shortest forms).
 NUMBERS = [
@@ -299,3 +299,11 @@ def test_a_sum_of_floats_and_decimals_is_an_error(pagent: Pagent, chunk: int) ->
     assert "cannot add floats and Decimals without rounding" in run.stderr.decode()
     out = pagent.folder / "out.json"  # the merge fails the node; a chunk's own sum its records
     assert not out.exists() if chunk == 1 else json.loads(out.read_text()) == []
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_an_exponent_past_what_a_decimal_holds_is_a_located_error(pagent: Pagent, fmt: str) -> None:
+    """Promise 14: a number no Decimal holds is refused where it is, never read as 0 or inf."""
+    write_input(pagent.folder, fmt, ["1.5", "1e999999999999999999999"])
+    run = pagent("run", pagent.pipeline(PIPELINE.format(processes=0)), "--data", f"in.{fmt}")
+    one_error(run, 3, f"in.{fmt}", "line 2", "record 2", "exponent out of range")

@@ -502,7 +502,7 @@ def _lines_of(first_line: int, blanks: Sequence[int], count: int) -> Sequence[in
 def _jsonl_error(text: bytes, name: str, line: int, record: int) -> InputDataError:
     """The located error for one malformed line; `record` is its 1-based record number."""
     try:
-        orjson.loads(text)
+        loads(text)
     except orjson.JSONDecodeError as exc:
         message, at = _explain_json(text, exc)
         return _located(name, message, line, _chars(text[:at]) + 1, record)
