@@ -94,6 +94,19 @@ class ItemFailed(Event):
 
 
 @dataclass(frozen=True)
+class NodeProgress(Event):
+    """A node's counts as the run store has them, from every process of the run: a coordinator
+    on a shared store sends them so its display counts the chunks `pagent worker`s commit."""
+
+    kind: str = field(init=False, default="node_progress")
+    node: str = ""
+    chunks_done: int = 0
+    items_done: int = 0
+    items_failed: int = 0
+    in_flight: int = 0
+
+
+@dataclass(frozen=True)
 class RunFinished(Event):
     kind: str = field(init=False, default="run_finished")
     task_id: str = ""

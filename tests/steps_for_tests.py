@@ -55,7 +55,10 @@ async def hangs_on_three(item: int) -> int:
 
 
 def ledger_double(item: int) -> int:
-    """Records every execution (one line per call, O_APPEND) so tests can count re-executions."""
+    """Records every execution (one line per call, O_APPEND) so tests can count re-executions.
+
+    With PAGENT_LEDGER_GATE set, each call waits until that file exists: a test holds the run at
+    an exact point instead of racing it with sleeps."""
     import time
 
     descriptor = os.open(os.environ["PAGENT_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -63,6 +66,9 @@ def ledger_double(item: int) -> int:
         os.write(descriptor, f"{item}\n".encode())
     finally:
         os.close(descriptor)
+    gate = os.environ.get("PAGENT_LEDGER_GATE")
+    while gate and not os.path.exists(gate):
+        time.sleep(0.01)
     time.sleep(float(os.environ.get("PAGENT_LEDGER_SLEEP", "0.002")))
     return item * 2
 

@@ -24,6 +24,7 @@ from parallel_agent.events import (
     ChunkStarted,
     ItemFailed,
     NodeFinished,
+    NodeProgress,
     NodeStarted,
     RunFinished,
     RunStarted,
@@ -107,6 +108,30 @@ def test_plain_lines_have_no_escape_codes_and_report_progress() -> None:
         "pagent: node work succeeded in 6.00 s",
         "pagent: task t-1 complete: 39 of 40 items done, 1 failed, 6.00 s",
     ]
+
+
+def test_displays_count_progress_from_the_store() -> None:
+    """Issue 13: chunks other hosts commit reach the coordinator's display as the store's counts,
+    which replace what its own process counted."""
+    clock = FakeClock()
+    display = LiveDisplay(
+        Console(file=io.StringIO(), width=80, color_system=None), clock=clock, auto_refresh=False
+    )
+    output = io.StringIO()
+    lines = PlainLines(output, interval=3, clock=clock)
+    for sink in (display, lines):
+        feed(sink, clock)
+        clock.now += 3
+        sink.emit(
+            NodeProgress(node="work", chunks_done=4, items_done=38, items_failed=2, in_flight=0)
+        )
+    frame = io.StringIO()
+    Console(file=frame, width=80, color_system=None).print(display.view)
+    assert "38/40 items  4/4 chunks" in frame.getvalue()
+    display.close()
+    assert (
+        output.getvalue().splitlines()[-1].startswith("pagent: 38/40 items, 4/4 chunks, 2 failed")
+    )
 
 
 @pytest.mark.skipif(shutil.which("script") is None, reason="script(1) is not installed")

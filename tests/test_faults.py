@@ -260,7 +260,8 @@ def test_sigkill_at_random_points_then_resume(
 
 
 def test_second_coordinator_with_the_same_task_id_exits_6(setup: dict[str, Any]) -> None:
-    env = {**setup["env"], "PAGENT_LEDGER_SLEEP": "0.01"}
+    gate = setup["tmp"] / "gate"
+    env = {**setup["env"], "PAGENT_LEDGER_SLEEP": "0.01", "PAGENT_LEDGER_GATE": str(gate)}
     args = ["run", setup["pipeline"], "--data", setup["data"], "--task-id", "busy", "--quiet"]
     first = pagent(args, env)
     deadline = time.monotonic() + 30
@@ -276,6 +277,7 @@ def test_second_coordinator_with_the_same_task_id_exits_6(setup: dict[str, Any])
     )
     assert second.returncode == 6, second.stderr.decode()
     assert "busy" in second.stderr.decode() or "another coordinator" in second.stderr.decode()
+    gate.touch()
     code, stderr = finish(first)
     assert code == 0, stderr
 

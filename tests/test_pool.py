@@ -158,11 +158,6 @@ def test_a_worker_that_dies_or_hangs_fails_only_its_chunk(
             "nodes[1].node_config.processes: processes needs a split, or a map or filter with expr or function",
         ),
         (
-            "{use: map, function: 'steps_for_tests:double'}",
-            "{processes: 2, rate_limit: 5}",
-            "nodes[1].node_config.processes: processes cannot be combined with rate_limit",
-        ),
-        (
             "{use: map, function: 'steps_for_tests:async_increment'}",
             "{processes: 2}",
             "processes needs a sync function; 'steps_for_tests:async_increment' is async",

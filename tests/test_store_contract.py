@@ -32,6 +32,7 @@ from parallel_agent.store.base import (
     NodeCounts,
     RunInfo,
     RunStore,
+    rate_burst,
 )
 from parallel_agent.store.memory import MemoryStore
 from parallel_agent.store.redis import RedisStore
@@ -118,6 +119,68 @@ async def test_update_run_merges_extra_and_sets_fields(store: RunStore, run: Run
     assert (info.params, info.generation) == (run.params, run.generation)
     with pytest.raises(StateLostError):
         await store.update_run("missing", status="executing")
+
+
+async def test_add_to_count_is_shared_and_atomic(store: RunStore, run: RunInfo) -> None:
+    """Issue 13: a run-wide count (failed items) that every process adds to."""
+    assert await store.add_to_count("t1", "failed_items", 3) == 3
+    results = await asyncio.gather(
+        *(store.add_to_count("t1", "failed_items", 1) for _ in range(20))
+    )
+    assert sorted(results) == list(range(4, 24))
+    info = await store.get_run("t1")
+    assert info is not None and info.extra["failed_items"] == 23
+    await store.update_run("t1", extra={"failed_items": 0})  # a resume starts the count again
+    assert await store.add_to_count("t1", "failed_items", 2) == 2
+    with pytest.raises(StateLostError):
+        await store.add_to_count("nope", "failed_items", 1)
+
+
+async def test_worker_heartbeats_expire(store: RunStore) -> None:
+    """Issue 13: `pagent worker` beats into a shared store; a worker that stops beating drops
+    out. Stores that are one machine's (memory, SQLite) keep no workers."""
+    await store.beat_worker("h:1:ab", {"host": "h", "pid": 1, "runs": ["t1"]}, ttl_s=0.3)
+    await store.beat_worker("h:2:cd", {"host": "h", "pid": 2, "runs": []}, ttl_s=30)
+    workers = await store.live_workers()
+    if not isinstance(store, RedisStore):
+        assert workers == []
+        return
+    assert sorted(w["pid"] for w in workers) == [1, 2]
+    assert all(0 <= w["last_seen"] < 30 for w in workers)
+    await asyncio.sleep(0.4)
+    assert [w["pid"] for w in await store.live_workers()] == [2]
+    await store.beat_worker("h:2:cd", {"host": "h", "pid": 2, "runs": ["t1"]}, ttl_s=30)
+    assert [w["runs"] for w in await store.live_workers()] == [["t1"]]
+
+
+async def test_token_bucket_is_shared_by_every_caller(store: RunStore, run: RunInfo) -> None:
+    """Issue 13: `rate_limit` is one budget for the whole run. Two callers (two processes) of
+    one bucket together never get more than its burst plus the rate times the time passed."""
+    first = store.token_bucket("t1", "work", rate=8.0)
+    second = store.token_bucket("t1", "work", rate=8.0)
+    if not isinstance(store, RedisStore):
+        assert first is None  # one process is the whole run: its own limiter is exact
+        return
+    assert first is not None and second is not None
+    started = time.monotonic()
+    granted = 0
+    for take in (first, second, first, second):
+        got, wait = await take(5)
+        assert 0 <= got <= rate_burst(8.0)
+        assert got == 5 or wait > 0
+        granted += got
+    elapsed = time.monotonic() - started
+    assert granted <= rate_burst(8.0) + 8.0 * elapsed + 1
+    other_node = store.token_bucket("t1", "other", rate=8.0)  # its own budget, empty at first
+    assert other_node is not None
+    got, wait = await other_node(1)
+    assert got == 0 and 0 < wait <= 1 / 8.0
+    await asyncio.sleep(wait)
+    assert (await other_node(1))[0] == 1
+    await store.add_chunks("t1", "work", [ChunkSpec(0, 0, 1, b"1\n")])
+    await store.add_chunks("t1", "other", [ChunkSpec(0, 0, 1, b"1\n")])
+    await store.delete_run("t1")  # the buckets go with the run
+    assert await store.client.keys(f"{store.prefix}:t1:*") == []
 
 
 async def test_list_and_delete_runs(store: RunStore) -> None:

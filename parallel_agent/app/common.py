@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -11,7 +12,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from parallel_agent.errors import InputDataError, UsageError
+from parallel_agent.errors import InputDataError, StateLostError, StoreError, UsageError
+from parallel_agent.modules.context import RUN_STOP_KEY, RunContext, wait_or_timeout
 from parallel_agent.store import default_store_url, open_store
 from parallel_agent.store.base import RunInfo, RunStore
 
@@ -22,6 +24,10 @@ TASK_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 #: Run states after which nothing more happens to a run (until a resume).
 FINISHED = {"complete", "partial_failure", "no_output", "failed", "cancelled"}
+#: Run states in which chunks are worked; any other makes every process of the run stop.
+WORKING_STATES = frozenset({"waiting", "executing"})
+#: Longest pause between two looks at a run's stored state by one of its processes.
+MAX_WATCH_S = 5.0
 
 
 def new_task_id() -> str:
@@ -88,3 +94,34 @@ def hash_file(path: str) -> str:
         while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def watch_interval(leases: list[float]) -> float:
+    """How often a process of a run looks at its stored state: a third of the shortest lease."""
+    return min(MAX_WATCH_S, max(0.05, min(leases, default=3 * MAX_WATCH_S) / 3))
+
+
+async def watch_run(ctx: RunContext, generation: str, interval: float, done: asyncio.Event) -> None:
+    """Until `done`: stop this process's work on the run once the run left the working states
+    (`pagent cancel`, its end), another process stopped it (`--max-failures`, `on_error: stop`
+    recorded in the store), or the run is gone from the store (state lost)."""
+    while not await wait_or_timeout(done, interval):
+        try:
+            current = await ctx.store.get_run(ctx.task_id)
+        except StoreError as exc:
+            ctx.fail_run(exc)
+            return
+        if current is None or current.generation != generation:
+            ctx.fail_run(
+                StateLostError(
+                    f"the state of task '{ctx.task_id}' is gone from {ctx.store.url} (the store "
+                    "was restarted without persistence, or the run was deleted)"
+                )
+            )
+            return
+        if current.extra.get(RUN_STOP_KEY):  # before the status its coordinator then sets
+            ctx.request_stop(str(current.extra[RUN_STOP_KEY]))
+            return
+        if current.status not in WORKING_STATES:
+            ctx.request_stop(current.status)
+            return

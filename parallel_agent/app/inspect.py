@@ -62,6 +62,11 @@ async def _status(store: RunStore, task_id: str, with_report: bool = True) -> di
         "progress": round(done / total, 4) if total else None,
         "throughput_items_s": round(done / elapsed, 1) if elapsed > 0 else None,
         "nodes": nodes,
+        "workers": [
+            {**worker, "run": worker["runs"][task_id]}
+            for worker in await store.live_workers()
+            if task_id in (worker.get("runs") or {})
+        ],
         "summary": info.extra.get("summary"),
         "report": (await _report(store, info)).to_dict() if with_report else None,
         "store": store.url,

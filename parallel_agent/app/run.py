@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from parallel_agent import __version__
 from parallel_agent.app.common import (
     FINISHED,
     check_input_unchanged,
@@ -26,15 +27,33 @@ from parallel_agent.app.common import (
     require_run,
     resolve_store_url,
     store_file,
+    watch_interval,
+    watch_run,
     with_store,
 )
 from parallel_agent.app.outputs import failed_output_format, write_failed_records, write_results
+from parallel_agent.app.stored import code_manifest
 from parallel_agent.app.summary import RunSummary, node_durations, summarize
-from parallel_agent.errors import InterruptedRunError, PagentError, TaskBusyError, UsageError
-from parallel_agent.events import EventSink, MultiSink, NodeFinished, RunFinished, RunStarted
+from parallel_agent.errors import (
+    InterruptedRunError,
+    PagentError,
+    PipelineError,
+    TaskBusyError,
+    UsageError,
+)
+from parallel_agent.events import (
+    EventSink,
+    MultiSink,
+    NodeFinished,
+    NodeProgress,
+    RunFinished,
+    RunStarted,
+)
 from parallel_agent.graph import TaskStatus
 from parallel_agent.io import check_targets, check_writable, detect_format, detect_output_format
+from parallel_agent.modules.chunks import FAILED_ITEMS_KEY
 from parallel_agent.modules.context import (
+    RUN_STOP_KEY,
     FailureBudget,
     InputSource,
     RunContext,
@@ -47,6 +66,8 @@ from parallel_agent.report import build_report
 from parallel_agent.store import open_store
 from parallel_agent.store.base import RunInfo, RunStore
 
+#: How often a coordinator on a shared store sends the displays the store's counts.
+PROGRESS_S = 1.0
 #: How long a coordinator's claim on a task id lives without renewal (a dead holder's expires).
 COORDINATOR_TTL_S = 30.0
 
@@ -71,6 +92,8 @@ class RunOptions:
     output_nodes: Sequence[str] = ()
     stdin: BinaryIO | None = None
     stdout: BinaryIO | None = None
+    #: split and aggregate, but leave every chunk to `pagent worker` processes (Redis only)
+    workers_only: bool = False
 
 
 def check_run_paths(
@@ -178,7 +201,13 @@ class PipelineRun:
             check_writable(options.failed_output, "--failed-output")
         for node, path in output_nodes:
             check_writable(path, f"--output-node {node}")
-        store = open_store(resolve_store_url(options.store))
+        store_url = resolve_store_url(options.store)
+        if options.workers_only and not store_url.lower().startswith(("redis", "unix")):
+            raise UsageError(
+                "--workers-only needs a Redis store (--store redis://...) that `pagent worker` "
+                "processes share; with this store nobody would process the chunks"
+            )
+        store = open_store(store_url)
         await store.open()
         try:
             return await self._run_with_store(store, pipeline, source, output_format, started)
@@ -240,6 +269,9 @@ class PipelineRun:
         done = asyncio.Event()
         keep_lock = asyncio.ensure_future(self._renew_lock(store, task_id, done))
         try:
+            if existing is not None:
+                # A resume runs today's code: workers compare theirs with this.
+                await store.update_run(task_id, extra=self._shared_extra(pipeline))
             info = existing or await self._create_run(store, pipeline, digest, task_id, source)
             return await self._run_graph(store, pipeline, info, source, output_format, started)
         finally:
@@ -271,6 +303,47 @@ class PipelineRun:
                 f"task '{existing.task_id}' was started on {existing.input_path}, not {path}; "
                 "use a new --task-id"
             )
+
+    async def _progress(self, store: RunStore, built: BuiltPipeline, done: asyncio.Event) -> None:
+        """On a shared store (Redis), send the displays the store's counts every
+        PROGRESS_S, so they count the chunks `pagent worker`s commit too."""
+        if not store.url.lower().startswith(("redis", "unix")):
+            return  # nobody else works on a run in a one-machine store
+        while not await wait_or_timeout(done, PROGRESS_S):
+            await self._emit_progress(store, built)
+        await self._emit_progress(store, built)  # the final counts
+
+    async def _emit_progress(self, store: RunStore, built: BuiltPipeline) -> None:
+        for node in built.processing_nodes:
+            counts = await store.counts(built.ctx.task_id, node)
+            self.events.emit(
+                NodeProgress(
+                    at=time.time(),
+                    node=node,
+                    chunks_done=counts.done,
+                    items_done=counts.items_done,
+                    items_failed=counts.items_failed,
+                    in_flight=counts.leased,
+                )
+            )
+
+    def _shared_extra(self, pipeline: Pipeline) -> dict[str, object]:
+        """What every process of the run reads from the store: the code to run, the failure
+        budget (counted from zero again by a resume) and no stop yet."""
+        return {
+            "code": self._code_manifest(pipeline),
+            "max_failures": self.options.max_failures,
+            FAILED_ITEMS_KEY: 0,
+            RUN_STOP_KEY: None,
+        }
+
+    def _code_manifest(self, pipeline: Pipeline) -> dict[str, object]:
+        """pagent's version and the digests of the code the pipeline runs, for `pagent worker`;
+        a module that cannot be found is left to the build to report, with its own message."""
+        try:
+            return code_manifest(pipeline, Path(self.options.pipeline).parent)
+        except PipelineError as exc:
+            return {"version": __version__, "digests": None, "error": str(exc)}
 
     async def _renew_lock(self, store: RunStore, task_id: str, done: asyncio.Event) -> None:
         """Keep the coordinator lock until `done`, and stop the run if someone cancelled it."""
@@ -309,6 +382,7 @@ class PipelineRun:
             extra={
                 "pipeline_file": str(Path(self.options.pipeline).resolve()),
                 "data_key": self.options.data_key,
+                **self._shared_extra(pipeline),
             },
         )
         if not await store.create_run(info):
@@ -333,6 +407,7 @@ class PipelineRun:
             params=dict(pipeline.task.params),
             events=self.events,
             failures=FailureBudget(options.max_failures),
+            claims_chunks=not options.workers_only,
         )
         self.ctx = ctx
         if self.interrupted:
@@ -349,8 +424,20 @@ class PipelineRun:
             )
         )
         await store.update_run(info.task_id, status=TaskStatus.EXECUTING.value)
-        async with built.workers():
-            task = await built.agent.run_task(built.make_task(info.task_id))
+        leases = [n.node_config.lease for n in pipeline.nodes if n.name in built.processing_nodes]
+        watched = asyncio.Event()
+        watcher = asyncio.ensure_future(
+            watch_run(ctx, info.generation, watch_interval(leases), watched)
+        )
+        progress = asyncio.ensure_future(self._progress(store, built, watched))
+        try:
+            async with built.workers():
+                task = await built.agent.run_task(built.make_task(info.task_id))
+        finally:
+            with contextlib.suppress(PagentError):
+                await stop_loop(watcher, watched)
+            with contextlib.suppress(PagentError):
+                await stop_loop(progress, watched)
         if ctx.fatal is not None:
             await store.update_run(
                 info.task_id,

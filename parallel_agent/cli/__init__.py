@@ -40,10 +40,11 @@ def root(
 
 
 def _register() -> None:
-    from parallel_agent.cli import inspect, run
+    from parallel_agent.cli import inspect, run, worker
 
     run.register(app)
     inspect.register(app)
+    worker.register(app)
 
 
 _register()

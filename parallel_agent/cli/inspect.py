@@ -70,6 +70,11 @@ def status(
             f"  {node:<16} chunks {counts['done']}/{counts['chunks']} done, {counts['leased']} in "
             f"flight, {counts['failed']} failed, {counts['retries']} retries"
         )
+    for worker in report.get("workers") or []:
+        lines.append(
+            f"  worker {worker['host']}:{worker['pid']}  {worker['run']['chunks']} chunks, "
+            f"{worker['run']['items']} items, last seen {worker['last_seen']:.1f} s ago"
+        )
     if report.get("report"):
         from parallel_agent.display.report import report_lines
         from parallel_agent.report import RunReport

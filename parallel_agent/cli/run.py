@@ -73,6 +73,13 @@ def run(
         typer.Option("--max-failures", min=0, help="Stop the run once more than N items failed."),
     ] = None,
     failed_output: FailedOutputOption = None,
+    workers_only: Annotated[
+        bool,
+        typer.Option(
+            "--workers-only",
+            help="Split and aggregate here, but leave every chunk to `pagent worker` processes.",
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")
     ] = False,
@@ -109,6 +116,7 @@ def run(
             overrides=overrides or [],
             max_failures=max_failures,
             failed_output=failed_output,
+            workers_only=workers_only,
             output_nodes=output_nodes or [],
             stdin=sys.stdin.buffer if data == "-" else None,
             stdout=sys.stdout.buffer if output == "-" else None,

@@ -35,6 +35,7 @@ from parallel_agent.events import (
     EventSink,
     ItemFailed,
     NodeFinished,
+    NodeProgress,
     NodeStarted,
     RunFinished,
     RunStarted,
@@ -178,6 +179,16 @@ class LiveDisplay(EventSink):
         if event.node == self.view.main:
             self.view.items_done += event.items - event.failed_items
             self.view.items_failed += event.failed_items
+
+    def on_node_progress(self, event: NodeProgress) -> None:
+        """The store's counts replace what this process counted (other hosts work too)."""
+        row = self.view.row(event.node)
+        row.done = event.chunks_done
+        row.in_flight = event.in_flight
+        row.failed_items = event.items_failed
+        if event.node == self.view.main:
+            self.view.items_done = event.items_done
+            self.view.items_failed = event.items_failed
 
     def on_chunk_failed(self, event: ChunkFailed) -> None:
         row = self.view.row(event.node)

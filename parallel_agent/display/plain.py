@@ -18,6 +18,7 @@ from parallel_agent.events import (
     ChunksPlanned,
     EventSink,
     NodeFinished,
+    NodeProgress,
     RunFinished,
     RunStarted,
 )
@@ -64,6 +65,14 @@ class PlainLines(EventSink):
             self.main_node = event.node
             self.items_total = event.items
             self.chunks_total = event.chunks
+
+    def on_node_progress(self, event: NodeProgress) -> None:
+        """The store's counts replace what this process counted (other hosts work too)."""
+        if event.node == self.main_node:
+            self.chunks_done = event.chunks_done
+            self.items_done = event.items_done
+            self.items_failed = event.items_failed
+            self._maybe_progress()
 
     def on_chunk_done(self, event: ChunkDone) -> None:
         if event.node == self.main_node:

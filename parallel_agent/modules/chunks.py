@@ -27,6 +27,8 @@ ITEM_EVENTS_PER_CHUNK = 20
 MAX_IDLE_POLL_S = 0.5
 #: Longest backoff between two attempts of one chunk.
 MAX_RETRY_DELAY_S = 30.0
+#: The run's shared count of failed items (run extra), against `--max-failures`.
+FAILED_ITEMS_KEY = "failed_items"
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,9 @@ class ChunkWorkers:
         """Set (and replaced) each time a worker of this node here is done with a chunk."""
 
     async def run(self) -> None:
+        if not self.ctx.claims_chunks:
+            await self._wait_for_others()
+            return
         counts = await self.ctx.store.counts(self.ctx.task_id, self.settings.node)
         # More workers than open chunks would only poll the store; a sealed queue cannot grow.
         open_chunks = counts.pending + counts.leased
@@ -147,6 +152,15 @@ class ChunkWorkers:
             idle = 0.01
             for lease in leases:
                 await self._handle(lease)
+
+    async def _wait_for_others(self) -> None:
+        """Wait until workers elsewhere have drained the node's queue, or the run stops."""
+        ctx = self.ctx
+        while not ctx.stop.is_set():
+            counts = await ctx.store.counts(ctx.task_id, self.settings.node)
+            if counts.sealed and counts.pending == 0 and counts.leased == 0:
+                return
+            await self._idle(MAX_IDLE_POLL_S)
 
     async def _idle(self, seconds: float) -> None:
         """Wait before claiming again: until the run stops, one of this node's workers here
@@ -316,12 +330,12 @@ class ChunkWorkers:
         )
         if errors:
             if settings.on_error == "stop":
-                ctx.request_stop(
+                await ctx.stop_run(
                     f"record {errors[0].record} failed in node '{settings.node}' "
                     f"(on_error: stop): {errors[0].error}"
                 )
             else:
-                self._count_failures(len(errors))
+                await self._count_failures(len(errors))
 
     async def _fail(self, lease: Lease, error: str, duration: float) -> None:
         ctx, settings = self.ctx, self.settings
@@ -341,14 +355,20 @@ class ChunkWorkers:
             )
         )
         if not will_retry:
-            self._count_failures(lease.count)
+            await self._count_failures(lease.count)
 
-    def _count_failures(self, count: int) -> None:
-        """Add failed items to the run's budget; stop the run once `--max-failures` is passed."""
-        if self.ctx.failures.add(count):
-            self.ctx.request_stop(
-                f"more than {self.ctx.failures.limit} items failed (--max-failures)"
-            )
+    async def _count_failures(self, count: int) -> None:
+        """Add failed items to the run's budget; stop the run once `--max-failures` is passed.
+        With a limit the count is kept in the store, so every process of the run shares it."""
+        failures = self.ctx.failures
+        if failures.limit is None:
+            failures.add(count)
+            return
+        failures.failed = await self.ctx.store.add_to_count(
+            self.ctx.task_id, FAILED_ITEMS_KEY, count
+        )
+        if failures.exceeded:
+            await self.ctx.stop_run(f"more than {failures.limit} items failed (--max-failures)")
 
 
 def _record(error: ItemError) -> int:

@@ -66,6 +66,8 @@ class RunContext:
     """An error that ends the whole run with its own exit code (bad input, store lost, ...)."""
     producers: dict[str, str] = field(default_factory=dict)
     """For each data node but the split, the data node whose output it consumes."""
+    claims_chunks: bool = True
+    """False on a `--workers-only` coordinator: `pagent worker` processes claim every chunk."""
 
     def emit(self, event: Event) -> None:
         self.events.emit(event)
@@ -85,11 +87,19 @@ class RunContext:
             self.stop.set()
             asyncio.get_running_loop().call_later(HANDBACK_GRACE_S, self.handback.set)
 
+    async def stop_run(self, reason: str) -> None:
+        """Stop the run in every process: here at once, and in the store (`extra.stop`), where
+        the coordinator and each `pagent worker` look every third of a lease."""
+        self.request_stop(reason)
+        await self.store.update_run(self.task_id, extra={RUN_STOP_KEY: reason})
+
     @staticmethod
     def now() -> float:
         return time.time()
 
 
+#: Run extra key holding why a process stopped the whole run (`--max-failures`, `on_error: stop`).
+RUN_STOP_KEY = "stop"
 #: How long a background loop gets to finish its current step once told to stop.
 STOP_GRACE_S = 2.0
 #: How long chunks in flight get to finish once the run stops (a signal, `pagent cancel`,

@@ -25,6 +25,7 @@ from typing import Any
 
 from parallel_agent.jsonl import dumps, loads
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError
+from parallel_agent.modules.processors import RateLimiter
 from parallel_agent.modules.worker import FRAME_PREFIX, frame, split_lengths
 
 #: Bytes a worker's pipes hold (Linux lets any process ask for up to 1 MiB).
@@ -43,24 +44,39 @@ class WorkerJob:
     keep_if_true: bool = False
     batch: bool = False
     roots: tuple[str, ...] = ()
+    #: `rate_limit` of a per-item function: a worker asks this process for a token before
+    #: each call, so the node's one limiter (shared by the run's processes on Redis) holds
+    rate_limit: float | None = None
     aggregates: str = ""
     """JSON {aggregate node: options} of the aggregates fed by this node: the workers compute
     their partials of each chunk's outputs (modules/grouping.py)."""
 
 
 class _Worker:
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, limiter: RateLimiter | None = None
+    ) -> None:
         self.process = process
+        self.limiter = limiter
+        """The node's `rate_limit`, whose tokens the worker asks for before each item call."""
 
     async def call(self, request: bytes) -> tuple[dict[str, Any], bytes]:
+        """Send a request, answer the worker's token requests (`rate_limit`), return its reply."""
         stdin, stdout = self.process.stdin, self.process.stdout
         assert stdin is not None
         assert stdout is not None
         stdin.write(request)
         await stdin.drain()
-        head_size, body_size = split_lengths(await stdout.readexactly(FRAME_PREFIX))
-        header = loads(await stdout.readexactly(head_size))
-        return header, await stdout.readexactly(body_size)
+        while True:
+            head_size, body_size = split_lengths(await stdout.readexactly(FRAME_PREFIX))
+            header = loads(await stdout.readexactly(head_size))
+            body = await stdout.readexactly(body_size)
+            if "token" not in header:
+                return header, body
+            if self.limiter is not None:
+                await self.limiter.wait()
+            stdin.write(frame({"granted": 1}))
+            await stdin.drain()
 
     def kill(self) -> None:
         """SIGKILL the worker's process group: the worker and what the user's code started."""
@@ -102,6 +118,11 @@ class PooledProcessor:
     starting: list[asyncio.Future[_Worker]] = field(default_factory=list)
     slots: asyncio.Semaphore | None = None
     closed: bool = False
+    limiter: RateLimiter | None = None
+
+    def __post_init__(self) -> None:
+        if self.job.rate_limit:
+            self.limiter = RateLimiter(self.job.rate_limit)
 
     async def process_chunk(
         self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
@@ -194,10 +215,11 @@ class PooledProcessor:
             "roots": list(job.roots),
             "aggregates": job.aggregates,
             "params": params,
+            "rate_limit": job.rate_limit,
         }
         assert process.stdin is not None
         process.stdin.write(frame(description))
-        return _Worker(process)
+        return _Worker(process, self.limiter)
 
     def _kill(self, worker: _Worker) -> None:
         """Kill a worker and let go of its pipes at once; `close` collects its exit."""

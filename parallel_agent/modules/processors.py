@@ -30,6 +30,7 @@ from parallel_agent.modules.items import (
     span,
 )
 from parallel_agent.modules.threads import run_in_thread
+from parallel_agent.store.base import TokenBucket, rate_burst
 
 _STDERR_TAIL = 2000
 
@@ -70,20 +71,43 @@ class InProcess:
 
 
 class RateLimiter:
-    """A token bucket shared by a node's workers: at most `rate` item calls per second."""
+    """A token bucket shared by a node's workers: at most `rate` item calls per second. With a
+    `bucket` (a shared store) the budget is the whole run's, across processes and hosts: tokens
+    are fetched a batch per round trip and spent here."""
 
     def __init__(self, rate: float) -> None:
+        self.rate = rate
         self.interval = 1.0 / rate
         self.next_at = 0.0
         self.lock = asyncio.Lock()
+        self.bucket: TokenBucket | None = None
+        self.tokens = 0
+        self.waiting = 0
 
     async def wait(self) -> None:
-        async with self.lock:
-            now = time.monotonic()
-            if self.next_at > now:
-                await asyncio.sleep(self.next_at - now)
-                now = self.next_at
-            self.next_at = max(self.next_at, now) + self.interval
+        self.waiting += 1
+        try:
+            async with self.lock:
+                if self.bucket is not None:
+                    await self._take_shared(self.bucket)
+                    return
+                now = time.monotonic()
+                if self.next_at > now:
+                    await asyncio.sleep(self.next_at - now)
+                    now = self.next_at
+                self.next_at = max(self.next_at, now) + self.interval
+        finally:
+            self.waiting -= 1
+
+    async def _take_shared(self, bucket: TokenBucket) -> None:
+        """One token; a round trip fetches one for every call waiting here, no more, so no
+        token is held back to be spent later (that would break the run-wide window)."""
+        while not self.tokens:
+            granted, wait = await bucket(min(self.waiting, rate_burst(self.rate)))
+            self.tokens += granted
+            if not granted:
+                await asyncio.sleep(max(0.001, wait))
+        self.tokens -= 1
 
 
 @dataclass

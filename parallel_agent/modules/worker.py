@@ -59,7 +59,7 @@ def _read_frame(stream: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
 class _MapJob:
     """Runs a map or filter over each chunk it is sent."""
 
-    def __init__(self, job: dict[str, Any]) -> None:
+    def __init__(self, job: dict[str, Any], tokens: _TokenAsker | None = None) -> None:
         self.params = job.get("params", {})
         self.what = job["what"]
         self.keep_if_true = job["keep_if_true"]
@@ -73,6 +73,8 @@ class _MapJob:
 
             add_import_roots(*job["roots"])
             self.function = import_object(job["source"], what=self.what)
+            if job.get("rate_limit") and not self.batch and tokens is not None:
+                self.function = tokens.wrap(self.function)
         self.kind = job["kind"]
         self.groupers = None
         if job.get("aggregates"):
@@ -112,6 +114,26 @@ class _MapJob:
         return frame(reply, data)
 
 
+class _TokenAsker:
+    """`rate_limit` in a worker process: before each item call it asks the coordinating process
+    for a token (one frame each way), so the node's one limiter paces every process."""
+
+    def __init__(self, requests: BinaryIO, replies: BinaryIO) -> None:
+        self.requests = requests
+        self.replies = replies
+
+    def wrap(self, function: Any) -> Any:
+        def limited(item: Any) -> Any:
+            self.replies.write(frame({"token": 1}))
+            self.replies.flush()
+            if _read_frame(self.requests) is None:
+                os._exit(0)  # the coordinator closed our input: it stopped this work
+
+            return function(item)
+
+        return limited
+
+
 class _CheckJob:
     """Parses JSON Lines input for the split, so a big input is checked on every core."""
 
@@ -127,11 +149,13 @@ class _BrokenJob:
         return frame({"fail": self.problem})
 
 
-def _job(description: dict[str, Any]) -> _MapJob | _CheckJob | _BrokenJob:
+def _job(
+    description: dict[str, Any], tokens: _TokenAsker | None = None
+) -> _MapJob | _CheckJob | _BrokenJob:
     if description["kind"] == "check-jsonl":
         return _CheckJob()
     try:
-        return _MapJob(description)
+        return _MapJob(description, tokens)
     except Exception as exc:  # reported on every chunk, so the chunk fails with the reason
         return _BrokenJob(f"worker process could not load {description['source']}: {exc}")
 
@@ -188,7 +212,7 @@ def main() -> None:
     description = _read_frame(requests)
     if description is None:
         return
-    job = _job(description[0])
+    job = _job(description[0], _TokenAsker(requests, replies))
     while (request := _read_frame(requests)) is not None:
         try:
             replies.write(job.answer(*request))

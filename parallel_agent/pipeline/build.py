@@ -86,7 +86,7 @@ class BuiltPipeline:
                 elif isinstance(module, SplitModule) and module.checker is not None:
                     checkers.append(module.checker)
         for processor in processors:
-            if isinstance(processor, PooledProcessor):
+            if isinstance(processor, PooledProcessor) and self.ctx.claims_chunks:
                 processor.warm_up(self.ctx.params)
         try:
             yield
@@ -222,6 +222,7 @@ def _processor(
                 config.processes,
                 pipeline_dir,
                 grouping,
+                rate_limit=config.rate_limit,
             )
         return FunctionProcessor(
             target,
@@ -247,6 +248,7 @@ def _pooled(
     size: int,
     pipeline_dir: Path,
     aggregates: str = "",
+    rate_limit: float | None = None,
 ) -> PooledProcessor:
     job = WorkerJob(
         kind=kind,
@@ -256,6 +258,7 @@ def _pooled(
         batch=batch,
         roots=(str(Path.cwd()), str(pipeline_dir.resolve())),
         aggregates=aggregates,
+        rate_limit=rate_limit,
     )
     return PooledProcessor(job, size)
 
@@ -328,6 +331,7 @@ def _engine_node(
             )
         elif isinstance(spec, MapSpec | FilterSpec):
             processor = _processor(node, spec, pipeline_dir, aggregates)
+            share_rate_limit(processor, ctx, node.name)
             modules.append(
                 ChunkModule(ctx, node.name, _settings(node), processor, spec.use, aggregates)
             )
@@ -447,3 +451,54 @@ def check_pipeline(pipeline: Pipeline, *, pipeline_dir: Path) -> list[str]:
     ctx = RunContext(task_id="validate", store=MemoryStore(), owner="validate")
     built = build_pipeline(pipeline, ctx, pipeline_dir=pipeline_dir)
     return built.agent.warnings()
+
+
+@dataclass
+class ChunkNode:
+    """What a process that only works chunks (`pagent worker`) needs of a map or filter node:
+    how it works its chunks, what processes them, and the partial aggregates it computes."""
+
+    settings: NodeSettings
+    processor: ChunkProcessor
+    aggregates: dict[str, dict[str, Any]] | None = None
+
+
+def chunk_node_specs(pipeline: Pipeline) -> list[tuple[NodeSpec, MapSpec | FilterSpec]]:
+    """The pipeline's map and filter nodes with their module, in file order (checks the wiring)."""
+    uses = _wire_data_nodes(pipeline)[0]
+    found = []
+    for node in pipeline.nodes:
+        if uses.get(node.name) in ("map", "filter"):
+            spec = node.modules[0]
+            assert isinstance(spec, MapSpec | FilterSpec)
+            found.append((node, spec))
+    return found
+
+
+def build_chunk_node(
+    pipeline: Pipeline,
+    node: NodeSpec,
+    spec: MapSpec | FilterSpec,
+    pipeline_dir: Path,
+    ctx: RunContext,
+) -> ChunkNode:
+    """One map or filter node of `pipeline` without the rest of the graph, as the coordinator
+    builds it (partial aggregates and a shared rate limit included)."""
+    add_import_roots(Path.cwd(), pipeline_dir)
+    producers = _wire_data_nodes(pipeline)[1]
+    aggregates = partial_aggregates(pipeline, producers, ctx.params).get(node.name)
+    processor = _processor(node, spec, pipeline_dir, aggregates)
+    share_rate_limit(processor, ctx, node.name)
+    return ChunkNode(_settings(node), processor, aggregates)
+
+
+def share_rate_limit(processor: ChunkProcessor, ctx: RunContext, node: str) -> None:
+    """`rate_limit` is the node's budget across every process of the run: on a shared store
+    its limiter draws from the store's bucket."""
+    if (
+        isinstance(processor, FunctionProcessor)
+        and processor.limiter is not None
+        or isinstance(processor, PooledProcessor)
+        and processor.limiter is not None
+    ):
+        processor.limiter.bucket = ctx.store.token_bucket(ctx.task_id, node, processor.limiter.rate)

@@ -371,8 +371,6 @@ class NodeSpec(Strict):
         if not self.node_config.processes:
             return []
         where = ("node_config", "processes")
-        if self.node_config.rate_limit is not None:
-            return [(where, "processes cannot be combined with rate_limit")]
         if any(isinstance(m, SplitSpec) for m in self.modules):
             return []
         kinds = [m for m in self.modules if isinstance(m, MapSpec | FilterSpec)]

@@ -17,10 +17,11 @@ Vocabulary:
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
@@ -338,6 +339,13 @@ class RunStore(ABC):
         """Remove every row or key of the task (run, chunks, results, counters, lock).
         Idempotent."""
 
+    @abstractmethod
+    async def add_to_count(self, task_id: str, key: str, amount: int) -> int:
+        """Add `amount` to the integer `extra[key]` (0 when absent) atomically and return the
+        new value: a count every process of a run shares (failed items against
+        `--max-failures`, across the coordinator and every `pagent worker`). Raises
+        StateLostError if the run is gone."""
+
     async def gc(self, older_than_s: float, now: float | None = None) -> list[str]:
         """Delete finished runs whose `finished_at` (else `updated_at`) is older than
         `older_than_s`; return their task ids. Unfinished runs are never collected."""
@@ -364,6 +372,27 @@ class RunStore(ABC):
                 f"task '{task_id}' in {self.url} belongs to another run (generation "
                 f"{info.generation}, expected {generation}); its earlier state is gone"
             )
+
+    # -- worker heartbeats -----------------------------------------------------------------------
+
+    async def beat_worker(self, worker: str, state: dict[str, Any], ttl_s: float) -> None:
+        """Record that `pagent worker` `worker` is alive, with what it does (`state`, JSON);
+        the entry expires `ttl_s` after the last beat. Only a shared store (Redis) keeps them:
+        workers never use the others, so they drop the beat."""
+        return None
+
+    async def live_workers(self) -> list[dict[str, Any]]:
+        """The last heartbeat of every worker whose entry has not expired, each with
+        `last_seen` (seconds ago, by the store's clock)."""
+        return []
+
+    # -- run-wide rate limits --------------------------------------------------------------------
+
+    def token_bucket(self, task_id: str, name: str, rate: float) -> TokenBucket | None:
+        """A token bucket of `rate` tokens a second that every process of the run draws from
+        (`rate_limit` across hosts), or None where one process is the whole run (memory,
+        SQLite: the process's own limiter is exact there)."""
+        return None
 
     # -- coordinator lock ------------------------------------------------------------------------
 
@@ -495,6 +524,17 @@ class RunStore(ABC):
     def _now(self) -> float:
         """The store's clock when a caller passes no `now`."""
         return time.time()
+
+
+#: Takes up to `want` tokens from a shared bucket in one round trip: (granted, seconds until
+#: the next token when fewer were granted).
+TokenBucket = Callable[[int], Awaitable[tuple[int, float]]]
+
+
+def rate_burst(rate: float) -> int:
+    """How many tokens a shared bucket holds (and hands out per round trip): a quarter second
+    of the rate, at least one. Any one-second window holds at most `rate + burst` calls."""
+    return max(1, math.ceil(rate / 4))
 
 
 def run_cancelled(task_id: str) -> RunCancelledError:

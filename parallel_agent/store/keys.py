@@ -1,6 +1,8 @@
 """Every Redis key the run store uses, in one place.
 
     <prefix>:runs                      ZSET  task id → created_at: the run index for list_runs/gc
+    <prefix>:workers                   ZSET  worker id → expiry of its last heartbeat
+    <prefix>:worker:<worker id>        STRING its last heartbeat (JSON), with a PX expiry
     <prefix>:<task>:run                HASH  RunInfo fields, each value JSON (extra is separate)
     <prefix>:<task>:extra              HASH  RunInfo.extra: top-level key → JSON (merge = HSET)
     <prefix>:<task>:lock               STRING owner of the coordinator lock, with a PX expiry
@@ -20,8 +22,9 @@
     <prefix>:<task>:n:<node>:leases    ZSET  index → lease expiry: LEASED chunks (reclaim scan)
     <prefix>:<task>:n:<node>:done      ZSET  index → index: DONE chunks, for ordered streaming
     <prefix>:<task>:n:<node>:failed    ZSET  index → index: FAILED chunks
+    <prefix>:<task>:n:<node>:bucket    HASH  the node's run-wide rate_limit tokens (expires unused)
 
-The run index is the only key outside a task's namespace; it holds no data of its own and members
+The run and worker indexes and the heartbeats are the only keys outside a task's namespace; it holds no data of its own and members
 whose run expired are pruned by list_runs/gc. Every other key of a finished run gets the finished
 TTL, except the lock, which keeps its own short expiry.
 """
@@ -98,3 +101,13 @@ class TaskKeys:
 def runs_index(prefix: str) -> str:
     """The ZSET of every task id under `prefix`."""
     return f"{prefix}:runs"
+
+
+def workers_index(prefix: str) -> str:
+    """The ZSET of `pagent worker` ids under `prefix`, scored by heartbeat expiry."""
+    return f"{prefix}:workers"
+
+
+def worker_key(prefix: str, worker: str) -> str:
+    """One worker's last heartbeat."""
+    return f"{prefix}:worker:{worker}"

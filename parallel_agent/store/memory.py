@@ -122,6 +122,13 @@ class MemoryStore(RunStore):
             task.info = replace(task.info, **changes)
             return task.info.status
 
+    async def add_to_count(self, task_id: str, key: str, amount: int) -> int:
+        async with self._mutex:
+            task = self._task(task_id)
+            value = int(task.info.extra.get(key) or 0) + amount
+            task.info = replace(task.info, extra={**task.info.extra, key: value})
+            return value
+
     async def list_runs(self) -> list[RunInfo]:
         async with self._mutex:
             infos = [copy.deepcopy(task.info) for task in self._tasks.values()]

@@ -47,12 +47,14 @@ from parallel_agent.store.base import (
     RetryBudget,
     RunInfo,
     RunStore,
+    TokenBucket,
     mask_url,
+    rate_burst,
     results_batch,
     run_cancelled,
     run_missing,
 )
-from parallel_agent.store.keys import TaskKeys, runs_index
+from parallel_agent.store.keys import TaskKeys, runs_index, worker_key, workers_index
 
 T = TypeVar("T")
 
@@ -91,6 +93,9 @@ SCRIPTS = (
     "release",
     "retry_failed",
     "lock",
+    "add_to_count",
+    "beat",
+    "take_tokens",
 )
 _RUN_FIELDS = [f.name for f in fields(RunInfo) if f.name != "extra"]
 _COUNTER_FIELDS = [f.name for f in fields(NodeCounts)]
@@ -327,6 +332,10 @@ class RedisStore(RunStore):
 
         await self._call(expire)
 
+    async def add_to_count(self, task_id: str, key: str, amount: int) -> int:
+        k = self._keys(task_id)
+        return int(await self._checked(task_id, "add_to_count", [k.run, k.extra], [key, amount]))
+
     async def list_runs(self) -> list[RunInfo]:
         index = runs_index(self.prefix)
         ids = [raw.decode() for raw in await self._call(lambda c: _members(c, index))]
@@ -360,11 +369,53 @@ class RedisStore(RunStore):
 
         async def delete(c: aioredis.Redis) -> None:
             async with c.pipeline(transaction=True) as pipe:
-                pipe.unlink(*k.data_keys(nodes), k.lock)
+                pipe.unlink(*k.data_keys(nodes), k.lock, *(k.node(n, "bucket") for n in nodes))
                 pipe.zrem(k.runs, task_id)
                 await pipe.execute()
 
         await self._call(delete)
+
+    # -- worker heartbeats -----------------------------------------------------------------------
+
+    async def beat_worker(self, worker: str, state: dict[str, Any], ttl_s: float) -> None:
+        keys = [workers_index(self.prefix), worker_key(self.prefix, worker)]
+        ttl_ms = max(1, int(ttl_s * 1000))
+        payload = orjson.dumps({**state, "ttl_ms": ttl_ms})
+        await self._script("beat", keys, [worker, payload, ttl_ms])
+
+    async def live_workers(self) -> list[dict[str, Any]]:
+        index = workers_index(self.prefix)
+        ids = [raw.decode() for raw in await self._call(lambda c: _members(c, index))]
+
+        async def read(c: aioredis.Redis) -> list[Any]:
+            async with c.pipeline(transaction=False) as pipe:
+                for worker in ids:
+                    pipe.get(worker_key(self.prefix, worker))
+                    pipe.pttl(worker_key(self.prefix, worker))
+                return await pipe.execute()
+
+        replies = await self._call(read) if ids else []
+        workers = []
+        for at in range(0, len(replies), 2):
+            state, left_ms = replies[at : at + 2]
+            if state is None:  # expired since the index was read; the next beat prunes it
+                continue
+            entry = orjson.loads(state)
+            seen_ms = max(0, int(entry.get("ttl_ms", 0)) - max(0, int(left_ms)))
+            workers.append({**entry, "last_seen": seen_ms / 1000})
+        return workers
+
+    # -- run-wide rate limits --------------------------------------------------------------------
+
+    def token_bucket(self, task_id: str, name: str, rate: float) -> TokenBucket | None:
+        key = self._keys(task_id).node(name, "bucket")
+        burst = rate_burst(rate)
+
+        async def take(want: int) -> tuple[int, float]:
+            reply = await self._script("take_tokens", [key], [repr(rate), burst, want, ""])
+            return int(reply[0]), float(reply[1])
+
+        return take
 
     # -- lock ------------------------------------------------------------------------------------
 

@@ -324,6 +324,18 @@ class SqliteStore(RunStore):
 
         return await self._write(update)
 
+    async def add_to_count(self, task_id: str, key: str, amount: int) -> int:
+        def add(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT extra FROM runs WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise run_missing(self.url, task_id)
+            merged = loads(row[0])
+            merged[key] = int(merged.get(key) or 0) + amount
+            conn.execute("UPDATE runs SET extra = ? WHERE task_id = ?", (dumps(merged), task_id))
+            return int(merged[key])
+
+        return await self._write(add)
+
     async def list_runs(self) -> list[RunInfo]:
         def list_all(conn: sqlite3.Connection) -> list[RunInfo]:
             rows = conn.execute(
