@@ -4,8 +4,10 @@
 
 Side by side in one run, each command the fastest of `--repeat`:
 
-- pagent `processes: 2` (split → identity map → aggregate `group_by` with count, sum and mean),
-  SQLite store in a temporary folder;
+- pagent `processes: 2`, split → aggregate `group_by` with count, sum and mean (the split's
+  worker processes parse each chunk once, check it and reduce it to its partial), SQLite store in
+  a temporary folder; also split → identity map (`expr: "item"`, and `function: "copy:copy"`) →
+  aggregate, the form where every record passes through a map and is stored twice;
 - a one-process script with `json` and a dict of accumulators; the same with `orjson`; the orjson
   script on `multiprocessing.Pool(2)` (the parent reads batches of lines, the workers parse and
   aggregate them, the parent merges);
@@ -33,6 +35,19 @@ from pathlib import Path
 PYTHON = sys.executable
 PAGENT = str(Path(PYTHON).parent / "pagent")
 TIME = ["/usr/bin/time", "-f", "peak_rss_kib=%M"]
+
+DIRECT = """
+name: group-by-bench
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 20000}],
+     node_config: {processes: 2}}
+  - name: by_key
+    dependencies: [split]
+    modules:
+    - use: aggregate
+      group_by: key
+      compute: {n: count, total: {sum: v}, avg: {mean: v}}
+"""
 
 PIPELINE = """
 name: group-by-bench
@@ -220,7 +235,9 @@ def main() -> None:
         make_input(data, args.records, args.keys)
         make_input(small, min(100_000, args.records), args.keys)
         pipeline = folder / "group.yaml"
-        pipeline.write_text(PIPELINE)
+        pipeline.write_text(DIRECT)
+        mapped = folder / "group_map.yaml"
+        mapped.write_text(PIPELINE)
         scripts = {}
         for name, text in (
             ("json", SCRIPT.format(module="json")),
@@ -240,6 +257,9 @@ def main() -> None:
         outputs["pagent"] = folder / "pagent.json"
         seconds, summary, peak = pagent(pipeline, data, outputs["pagent"], folder, args.repeat)
         figures["pagent processes: 2"] = (seconds, peak)
+        outputs["pagent_map"] = folder / "pagent_map.json"
+        seconds, map_summary, _ = pagent(mapped, data, outputs["pagent_map"], folder, args.repeat)
+        figures["pagent map expr item"] = (seconds, 0)
         copying = folder / "group_function.yaml"
         copying.write_text(PIPELINE.replace('expr: "item"', 'function: "copy:copy"'))
         outputs["pagent_function"] = folder / "pagent_function.json"
@@ -257,15 +277,21 @@ def main() -> None:
             f"{'command':<22} {'seconds':>8} {'records/s':>12} {'vs json':>8} {'vs orjson':>9} {'peak MiB':>9}  output"
         )
         for name, (secs, rss) in figures.items():
-            key = {"pagent processes: 2": "pagent", "pagent map function": "pagent_function"}.get(
-                name, name
-            )
+            key = {
+                "pagent processes: 2": "pagent",
+                "pagent map expr item": "pagent_map",
+                "pagent map function": "pagent_function",
+            }.get(name, name)
             ok = "ok" if close(rows_of(outputs[key]), reference) else "WRONG OUTPUT"
             print(
                 f"{name:<22} {secs:8.2f} {args.records / secs:12,.0f} {json_s / secs:7.2f}x "
-                f"{orjson_s / secs:8.2f}x {rss / 1024:9.0f}  {ok}"
+                f"{orjson_s / secs:8.2f}x {rss / 1024 if rss else math.nan:9.0f}  {ok}"
             )
-        for label, run in (("expr map", summary), ("function map", function_summary)):
+        for label, run in (
+            ("split → aggregate", summary),
+            ("expr map", map_summary),
+            ("function map", function_summary),
+        ):
             node_s = {node: values.get("duration_s", 0.0) for node, values in run["nodes"].items()}
             times = ", ".join(f"{n} {s:.2f} s" for n, s in node_s.items())
             print(f"pagent node times ({label}): {times}")

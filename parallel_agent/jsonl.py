@@ -324,6 +324,25 @@ def too_deep(text: bytes) -> bool:
     return False
 
 
+def checked_values(payload: bytes) -> list[Any] | int:
+    """The values of a JSON Lines payload, read as `decode_lines` reads them (every number
+    exact), or the position of the first line `check_jsonl` refuses: one parse does both,
+    for a split that checks a chunk and uses its values."""
+    lines = _lines(payload)
+    try:
+        values = list(_values(lines))
+    except orjson.JSONDecodeError:
+        values = None
+    if values is None or first_too_deep(payload, lines) is not None:
+        bad = check_jsonl(payload)
+        if bad is not None:
+            return bad
+        return [loads(line) for line in lines]  # a number past the double range, read exactly
+    if round_trips(b"[" + b",".join(lines) + b"]", values):
+        return values
+    return [loads(line) for line in lines]  # a number a double would change, read exactly
+
+
 def _lines(data: bytes) -> list[bytes]:
     """The lines of JSON Lines bytes; a final newline ends the last line rather than adding one."""
     if not data:

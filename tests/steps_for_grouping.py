@@ -51,3 +51,31 @@ class Pids:
     @staticmethod
     def merge(a: list[int], b: list[int]) -> list[int]:
         return sorted(set(a) | set(b))
+
+
+class Ledger:
+    """A mergeable count that also appends each item's `id` to the file $PAGENT_LEDGER and
+    sleeps $PAGENT_LEDGER_SLEEP seconds, so a test can kill a run midway (as `ledger_identity`
+    does for a map)."""
+
+    @staticmethod
+    def init() -> int:
+        return 0
+
+    @staticmethod
+    def add(state: int, item: Any) -> int:
+        import os
+        import time
+
+        path = os.environ["PAGENT_LEDGER"]
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(descriptor, f"{item['id']}\n".encode())
+        finally:
+            os.close(descriptor)
+        time.sleep(float(os.environ.get("PAGENT_LEDGER_SLEEP", "0.002")))
+        return state + 1
+
+    @staticmethod
+    def merge(a: int, b: int) -> int:
+        return a + b

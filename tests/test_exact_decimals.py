@@ -307,3 +307,36 @@ def test_an_exponent_past_what_a_decimal_holds_is_a_located_error(pagent: Pagent
     write_input(pagent.folder, fmt, ["1.5", "1e999999999999999999999"])
     run = pagent("run", pagent.pipeline(PIPELINE.format(processes=0)), "--data", f"in.{fmt}")
     one_error(run, 3, f"in.{fmt}", "line 2", "record 2", "exponent out of range")
+
+
+SPLIT_FED = """
+name: split-fed
+nodes:
+  - {{name: split, type: planner, modules: [{{use: split, chunk_size: {chunk}}}]}}
+  - name: agg
+    dependencies: [split]
+    modules:
+      - use: aggregate
+        group_by: g
+        compute: {{total: {{sum: x}}, high: {{max: x}}, seen: {{collect: x}}}}
+"""
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+@pytest.mark.parametrize("chunk", [1, 10])
+def test_an_aggregate_fed_by_the_split_reads_decimals_exactly(
+    pagent: Pagent, fmt: str, chunk: int
+) -> None:
+    """Promise 14: a compute aggregate reading the split directly (its partials computed where
+    the split checks each chunk) sums, compares and collects the exact values."""
+    texts = ["3.141592653589793238462643", "1e400", "-1e-400", "2"]
+    records = [f'{{"g": "a", "x": {text}}}' for text in texts]
+    body = "[" + ",".join(records) + "]" if fmt == "json" else "\n".join(records) + "\n"
+    (pagent.folder / f"in.{fmt}").write_text(body)
+    pipeline = pagent.pipeline(SPLIT_FED.format(chunk=chunk))
+    run = pagent("run", pipeline, "--data", f"in.{fmt}", "--output", "out.json")
+    assert run.returncode == 0, run.stderr
+    values = [Decimal(text) for text in texts]
+    assert read_exactly(pagent.folder / "out.json") == [
+        {"g": "a", "total": sum(values), "high": Decimal("1e400"), "seen": values}
+    ]

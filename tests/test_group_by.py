@@ -47,8 +47,30 @@ COMPUTE = """
 
 
 def pipeline_text(
-    chunk_size: int, processes: int = 0, map_function: str = "", extra: str = ""
+    chunk_size: int,
+    processes: int = 0,
+    map_function: str = "",
+    extra: str = "",
+    direct: bool = False,
+    compute: str = COMPUTE,
 ) -> str:
+    """split → map → aggregate; `direct`: split → aggregate (the split's `processes` workers
+    compute the partials)."""
+    if direct:
+        return f"""
+name: grouping
+nodes:
+  - name: split
+    type: planner
+    modules: [{{use: split, chunk_size: {chunk_size}}}]
+    node_config: {{processes: {processes}}}
+  - name: by_city
+    dependencies: [split]
+    modules:
+    - use: aggregate
+      group_by: city
+{extra}      compute:{compute}
+    node_config: {{lease: 2, retry_delay: 0.05}}"""
     work = f'function: "{map_function}"' if map_function else 'expr: "item"'
     return f"""
 name: grouping
@@ -63,7 +85,7 @@ nodes:
     modules:
     - use: aggregate
       group_by: city
-{extra}      compute:{COMPUTE}"""
+{extra}      compute:{compute}"""
 
 
 def generate(count: int, seed: int = 7) -> list[dict[str, Any]]:
@@ -146,13 +168,17 @@ def write_input(tmp_path: Path, rows: list[dict[str, Any]]) -> str:
     return str(path)
 
 
+@pytest.mark.parametrize("form", ["map", "direct", "direct in processes"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
 def test_group_by_equals_plain_python_for_every_chunk_size(
-    cli: Any, tmp_path: Path, chunk_size: int
+    cli: Any, tmp_path: Path, chunk_size: int, form: str
 ) -> None:
+    """Through a map, and fed by the split directly (partials computed by the aggregate here,
+    or by the split's worker processes as they check the lines)."""
     rows = generate(400)
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(pipeline_text(chunk_size))
+    processes = 2 if form == "direct in processes" else 0
+    pipeline.write_text(pipeline_text(chunk_size, processes, direct=form != "map"))
     out = tmp_path / "out.json"
     result = cli(
         "run", str(pipeline), "--data", write_input(tmp_path, rows), "--output", str(out), "--json"
@@ -243,9 +269,8 @@ def test_global_compute_without_group_by(cli: Any, tmp_path: Path) -> None:
     assert json.loads(out.read_text()) == [want]
 
 
-def test_a_reducer_error_names_the_record(cli: Any, tmp_path: Path) -> None:
-    rows = [{"city": "a", "amount": 1}, {"city": "a", "amount": "x"}]
-    text = """
+BAD_REDUCER_PIPELINES = {
+    "map": """
 name: bad
 nodes:
   - {name: split, type: planner, modules: [{use: split, chunk_size: 1}]}
@@ -253,7 +278,25 @@ nodes:
   - name: agg
     dependencies: [work]
     modules: [{use: aggregate, group_by: city, compute: {total: {sum: amount}}}]
-"""
+""",
+    "direct": """
+name: bad
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 1}], node_config: {processes: 2}}
+  - name: agg
+    dependencies: [split]
+    modules: [{use: aggregate, group_by: city, compute: {total: {sum: amount}}}]
+    node_config: {max_retries: 0}
+""",
+}
+
+
+@pytest.mark.parametrize("form", ["map", "direct"])
+def test_a_reducer_error_names_the_record(cli: Any, tmp_path: Path, form: str) -> None:
+    """Fed by the split directly, the chunk whose partial failed in the split's worker is
+    reduced by the aggregate, which fails it with the same located error."""
+    rows = [{"city": "a", "amount": 1}, {"city": "a", "amount": "x"}]
+    text = BAD_REDUCER_PIPELINES[form]
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(text)
     result = cli("run", str(pipeline), "--data", write_input(tmp_path, rows), "--json")
@@ -317,6 +360,9 @@ def test_partials_are_committed_with_their_chunks(tmp_path: Path) -> None:
     assert len(found) == 6
     assert all(set(p) == {"by_city"} for p in found)
     assert sum(n for p in found for _, states in p["by_city"]["groups"] for n in states[:1]) == 60
+    # `avg` (mean of amount) shares the state of `total` (sum of amount): stored once
+    states = [states for p in found for _, states in p["by_city"]["groups"]]
+    assert all(s[3] is None and s[2] is not None for s in states)
 
 
 # -- crashes ----------------------------------------------------------------------------------
@@ -332,16 +378,22 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
 
 
 @pytest.mark.fault
+@pytest.mark.parametrize("direct", [False, True], ids=["map", "direct"])
 @pytest.mark.parametrize("processes", [0, 2])
 @pytest.mark.parametrize("seed", range(2))
 def test_sigkill_then_resume_counts_no_partial_twice(
-    tmp_path: Path, store_url: str, processes: int, seed: int
+    tmp_path: Path, store_url: str, processes: int, seed: int, direct: bool
 ) -> None:
+    """SIGKILL mid-run, then resume. `direct` (split → aggregate): the ledger is a `function:`
+    reducer, which the aggregate runs itself, so the kill lands while it commits its chunks."""
     rows = generate(300, seed=seed)
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(
-        pipeline_text(10, processes, map_function="steps_for_tests:ledger_identity")
-    )
+    if direct:  # a reducer keeps the ledger (and the pace) instead of the map
+        ledger_column = '\n        ledger: {function: "steps_for_grouping:Ledger"}\n'
+        text = pipeline_text(10, processes, direct=True, compute=COMPUTE + ledger_column)
+    else:
+        text = pipeline_text(10, processes, map_function="steps_for_tests:ledger_identity")
+    pipeline.write_text(text)
     ledger = tmp_path / "ledger.txt"
     env = {
         **os.environ,
@@ -370,7 +422,10 @@ def test_sigkill_then_resume_counts_no_partial_twice(
     assert resumed.returncode == 0, resumed.stderr.decode()
     executions = len(ledger.read_text().split())
     print(f"records executed {executions} times for {len(rows)} records")  # > : chunks re-ran
-    assert json.loads(out.read_text()) == expected(rows)
+    got = json.loads(out.read_text())
+    if direct:
+        assert [row.pop("ledger") for row in got] == [row["n"] for row in got]
+    assert got == expected(rows)
 
 
 def test_partials_are_computed_in_the_worker_processes(cli: Any, tmp_path: Path) -> None:
@@ -393,3 +448,221 @@ nodes:
     assert result.exit_code == 0, result.stderr
     [row] = json.loads(out.read_text())
     assert row["pids"] and os.getpid() not in row["pids"]
+
+
+def run_module(
+    tmp_path: Path, text: str, rows: list[dict[str, Any]], *args: str
+) -> tuple[int, int, str, str]:
+    """`python -m parallel_agent run` of `text` over `rows`, task id `t`, SQLite store in
+    tmp_path: the coordinator's pid, its exit status, stdout and stderr."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(text)
+    env = {**os.environ, "PAGENT_STORE": f"sqlite:///{tmp_path / 's.db'}", "PYTHONPATH": str(TESTS)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "parallel_agent", "run", str(pipeline), "--data",
+         write_input(tmp_path, rows), "--task-id", "t", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stdout, stderr = process.communicate(timeout=60)
+    return process.pid, process.returncode, stdout, stderr
+
+
+async def store_call(tmp_path: Path, call: Any) -> Any:
+    from parallel_agent.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 's.db'}")
+    await store.open()
+    try:
+        return await call(store)
+    finally:
+        await store.close()
+
+
+def test_split_workers_queue_partials_not_lines(tmp_path: Path) -> None:
+    """split (`processes: 2`) → aggregate: the split's workers reduce each chunk to the
+    aggregate's partial from the parse that checks it, and that is what is queued for the
+    aggregate (no record is stored for it). Inspected with the aggregate held back."""
+    import asyncio
+
+    from parallel_agent.modules.grouping import PARTIAL_PAYLOAD, Grouper
+
+    rows = [{"city": "a" if i % 3 else "b", "id": i} for i in range(40)]
+    compute = "\n        n: count\n        ids: {sum: id}\n"
+    text = pipeline_text(5, 2, direct=True, compute=compute).replace(
+        "node_config: {lease: 2", 'node_config: {condition: "False", lease: 2'
+    )
+    run_module(tmp_path, text, rows)
+
+    async def queued(store: Any) -> list[Any]:
+        return await store.claim("t", "by_city", "test", lease_s=30, limit=100)
+
+    leases = asyncio.run(store_call(tmp_path, queued))
+    assert [lease.index for lease in leases] == list(range(8))
+    grouper = Grouper.from_options(
+        {"group_by": "city", "compute": {"n": "count", "ids": {"sum": "id"}}}, "x"
+    )
+    for lease in leases:
+        assert lease.payload.startswith(PARTIAL_PAYLOAD)
+        partial = json.loads(lease.payload[len(PARTIAL_PAYLOAD) :])["by_city"]
+        chunk = rows[lease.index * 5 : lease.index * 5 + 5]
+        assert partial == grouper.partial(chunk, range(lease.index * 5 + 1, lease.index * 5 + 6))
+
+
+def test_split_fed_aggregate_commits_partials_and_runs_user_reducers_itself(
+    tmp_path: Path,
+) -> None:
+    """A `function:` reducer is user code: the split's workers leave that aggregate's chunks
+    as lines, and the aggregate reduces them under its own timeout and retries (here, in the
+    coordinating process). Each chunk commits its partial and no results."""
+    import asyncio
+
+    rows = [{"city": "a" if i % 3 else "b", "id": i} for i in range(40)]
+    compute = '\n        pids: {function: "steps_for_grouping:Pids"}\n'
+    out = tmp_path / "out.json"
+    text = pipeline_text(5, 2, direct=True, compute=compute)
+    pid, status, stdout, stderr = run_module(tmp_path, text, rows, "--output", str(out), "--json")
+    assert status == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["items"]["done"] == 40
+    assert summary["nodes"]["by_city"]["done"] == 8
+
+    async def committed(store: Any) -> list[Any]:
+        return [r async for r in store.results("t", "by_city")]
+
+    chunks = asyncio.run(store_call(tmp_path, committed))
+    assert [chunk.index for chunk in chunks] == list(range(8))
+    assert all(chunk.result == b"" and chunk.partial for chunk in chunks)
+    got = json.loads(out.read_text())
+    assert [row["city"] for row in got] == ["b", "a"]
+    assert all(row["pids"] == [pid] for row in got)
+
+
+def test_only_a_compute_aggregate_consumes_a_split(cli: Any, tmp_path: Path) -> None:
+    text = """
+name: plain
+nodes:
+  - {name: split, type: planner, modules: [{use: split}]}
+  - {name: agg, dependencies: [split], modules: [{use: aggregate, reduce: count}]}
+"""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(text)
+    result = cli("validate", str(pipeline))
+    assert result.exit_code == 2
+    assert "only an aggregate with `compute:` can; put a map or filter between" in result.stderr
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_split_fed_aggregate_keeps_input_integers_past_64_bits(
+    cli: Any, tmp_path: Path, processes: int
+) -> None:
+    """Input integers past 64 bits reach the reducers exact, also when the split's workers
+    parse the chunk and reduce it in the same pass."""
+    rows = [{"city": "a" if i % 2 else "b", "v": 2**70 + i, "id": i} for i in range(30)]
+    compute = "\n        n: count\n        total: {sum: v}\n        top: {max: v}\n"
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(pipeline_text(4, processes, direct=True, compute=compute))
+    out = tmp_path / "out.json"
+    result = cli("run", str(pipeline), "--data", write_input(tmp_path, rows), "--output", str(out))
+    assert result.exit_code == 0, result.stderr
+    want = [
+        {
+            "city": city,
+            "n": 15,
+            "total": sum(r["v"] for r in rows if r["city"] == city),
+            "top": max(r["v"] for r in rows if r["city"] == city),
+        }
+        for city in ("b", "a")
+    ]
+    assert json.loads(out.read_text()) == want
+
+
+def test_float_sums_and_means_are_the_exact_value_rounded_once() -> None:
+    """Sum and mean of floats (tiny, huge, subnormal, signed zeros), whole or merged from two
+    chunks: the exact sum (or sum / n) rounded once, as `Fraction` gives it."""
+    from parallel_agent.modules.grouping import Mean, Sum
+
+    rng = random.Random(11)
+    total, mean = Sum(), Mean()
+    for _ in range(3000):
+        count = rng.randint(1, 30)
+        values = [
+            rng.choice(
+                [rng.uniform(-1e20, 1e20), rng.uniform(-1, 1) * 10.0 ** rng.randint(-300, 300),
+                 rng.randint(0, 2000) / 2, 0.1, -0.0, 5e-324]
+            )
+            for _ in range(count)
+        ]  # fmt: skip
+        exact = sum(map(Fraction, values), Fraction(0))
+        cut = rng.randint(1, count)
+        for state in (
+            total.of(values),
+            total.merge(total.of(values[:cut]), total.of(values[cut:]) if cut < count else
+                        [0, [], 0, 0]),
+        ):  # fmt: skip
+            for got, want in ((total.result(state), exact), (mean.result(state), exact / count)):
+                assert repr(got) == repr(float(want)), values  # -0.0 is not 0.0 here
+
+
+def test_a_split_feeds_aggregates_directly_and_a_map_at_once(cli: Any, tmp_path: Path) -> None:
+    """Each consumer of one split gets what it needs: the map the lines, each `compute:`
+    aggregate its own partials (computed by the split's workers), all from one parse."""
+    rows = generate(120, seed=9)
+    text = """
+name: three
+output: by_name
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 7}], node_config: {processes: 2}}
+  - {name: by_name, dependencies: [split], modules: [{use: aggregate, group_by: name, compute: {n: count}}]}
+  - name: by_city
+    dependencies: [split]
+    modules: [{use: aggregate, group_by: city, compute: {n: count, total: {sum: amount}}}]
+  - {name: ids, dependencies: [split], modules: [{use: map, expr: "item['id']"}]}
+"""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(text)
+    names, cities, ids = (tmp_path / f"{n}.json" for n in ("names", "cities", "ids"))
+    result = cli(
+        "run", str(pipeline), "--data", write_input(tmp_path, rows), "--output", str(names),
+        "--output-node", f"by_city={cities}", "--output-node", f"ids={ids}", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(ids.read_text()) == [r["id"] for r in rows]
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["name"]] = counts.get(row["name"], 0) + 1
+    assert json.loads(names.read_text()) == [{"name": k, "n": v} for k, v in counts.items()]
+    by_city = {row.get("city"): row for row in expected(rows)}
+    assert json.loads(cities.read_text()) == [
+        {"city": city, "n": row["n"], "total": row["total"]} for city, row in by_city.items()
+    ]
+    assert json.loads(result.stdout)["items"]["done"] == 120
+
+
+def test_aggregates_finishing_together_keep_their_own_values(cli: Any, tmp_path: Path) -> None:
+    """Two value aggregates (`reduce`) and two group-bys of one map each write their own output
+    (they used to share one stored entry, the last one written winning)."""
+    rows = generate(50, seed=4)
+    text = """
+name: four
+output: total
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 6}]}
+  - {name: ids, dependencies: [split], modules: [{use: map, expr: "item['id']"}]}
+  - {name: total, dependencies: [ids], modules: [{use: aggregate, reduce: sum}]}
+  - {name: most, dependencies: [ids], modules: [{use: aggregate, reduce: max}]}
+  - {name: rows, dependencies: [split], modules: [{use: map, expr: "item"}]}
+  - {name: by_name, dependencies: [rows], modules: [{use: aggregate, group_by: name, compute: {n: count}}]}
+  - {name: by_odd, dependencies: [rows], modules: [{use: aggregate, group_by: {odd: "item['id'] % 2"}, compute: {n: count}}]}
+"""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(text)
+    paths = {name: tmp_path / f"{name}.json" for name in ("total", "most", "by_name", "by_odd")}
+    result = cli(
+        "run", str(pipeline), "--data", write_input(tmp_path, rows), "--output", str(paths["total"]),
+        *(f"--output-node={name}={paths[name]}" for name in ("most", "by_name", "by_odd")),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    got = {name: json.loads(path.read_text()) for name, path in paths.items()}
+    assert got["total"] == sum(range(50)) and got["most"] == 49
+    assert sum(row["n"] for row in got["by_name"]) == 50
+    assert got["by_odd"] == [{"odd": 0, "n": 25}, {"odd": 1, "n": 25}]

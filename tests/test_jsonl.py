@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from parallel_agent.jsonl import check_jsonl, decode_lines, encode_lines
+from parallel_agent.jsonl import check_jsonl, checked_values, decode_lines, encode_lines
 
 
 def nested(depth: int) -> bytes:
@@ -64,6 +64,7 @@ def test_nesting_past_what_can_be_written_is_refused(
 ) -> None:
     payload = before + nested(depth) + b"\n"
     assert (check_jsonl(payload) is None) is valid
+    assert isinstance(checked_values(payload), list) is valid
     if valid:
         assert len(decode_lines(payload)) == (2 if before else 1)
     else:
@@ -112,12 +113,15 @@ def test_decode_reads_what_check_accepts_as_each_line_says() -> None:
                 assert check_jsonl(payload) == bad, payload[:80]
                 if bad is None:
                     assert decode_lines(payload) == values, payload[:80]
+                # a split's one parse (check + values for its aggregates' partials)
+                assert checked_values(payload) == (values if bad is None else bad), payload[:80]
 
 
 @pytest.mark.parametrize("payload", [b"", b"\n", b"  \n", b"1\n\n", b"1\n2", b"1\r\n2\r\n"])
 def test_empty_and_blank_lines(payload: bytes) -> None:
     values, bad = each_line(payload)
     assert check_jsonl(payload) == bad
+    assert checked_values(payload) == (values if bad is None else bad)
     if bad is None:
         assert decode_lines(payload) == values
 

@@ -206,9 +206,19 @@ def test_a_split_checks_json_lines_on_worker_processes(cli: Any, tmp_path: Path)
     assert outputs[0] == outputs[1] == [i * 2 for i in range(30)]
 
 
+def split_aggregate_pipeline(processes: int) -> str:
+    """The split feeding a `compute:` aggregate directly: its workers also compute partials."""
+    return split_pipeline(processes).split("  - {name: work")[0] + (
+        "  - {name: totals, dependencies: [split], modules: [{use: aggregate, "
+        "compute: {n: count, total: {sum: x}}}]}\n"
+    )
+
+
+@pytest.mark.parametrize("form", [split_pipeline, split_aggregate_pipeline])
 def test_a_split_on_workers_locates_bad_input_as_in_process(
     cli: Any,  # noqa: F811
     tmp_path: Path,
+    form: Any,
 ) -> None:
     data = tmp_path / "in.jsonl"
     lines = [b'{"x": %d}' % i for i in range(40)]
@@ -217,7 +227,7 @@ def test_a_split_on_workers_locates_bad_input_as_in_process(
     errors = []
     for processes in (0, 2):
         output = tmp_path / "out.json"
-        pipeline = write_pipeline(tmp_path, split_pipeline(processes), f"p{processes}.yaml")
+        pipeline = write_pipeline(tmp_path, form(processes), f"p{processes}.yaml")
         result = cli("run", pipeline, "--data", str(data), "--output", str(output))
         assert result.exit_code == 3
         assert not output.exists()

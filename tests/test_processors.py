@@ -187,3 +187,28 @@ def test_what_no_exception_should_be_fails_the_chunk_not_the_run(
 
     with pytest.raises(RuntimeError, match="StopIteration|SystemExit: 3"):
         asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("expr", "identity"),
+    [("item", True), (" item ", True), ("(item)", True), ("item['x']", False),
+     ("items", False), ("item or 0", False), ("item +", False)],
+)  # fmt: skip
+def test_an_identity_map_passes_items_through_without_the_interpreter(
+    expr: str, identity: bool
+) -> None:
+    """`expr: item` (a do-nothing map before an aggregate) skips the interpreter: the same
+    outputs; a filter `item` still tests truthiness."""
+    from parallel_agent.modules.items import is_identity
+
+    assert is_identity(expr) is identity
+    if identity:
+        processor = ExpressionProcessor(expr, "test")
+        assert processor.identity
+        records = [{"a": 1}, None, 0, [2**70]]
+        outcome = asyncio.run(processor.process_chunk(records, range(1, 5), {}))
+        assert outcome.outputs == records and outcome.origins is None and not outcome.errors
+        kept = ExpressionProcessor(expr, "test", keep_if_true=True)
+        assert not kept.identity
+        outcome = asyncio.run(kept.process_chunk(records, range(1, 5), {}))
+        assert outcome.outputs == [{"a": 1}, [2**70]] and outcome.origins == [0, 3]

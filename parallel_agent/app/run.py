@@ -51,6 +51,7 @@ from parallel_agent.events import (
 )
 from parallel_agent.graph import TaskStatus
 from parallel_agent.io import check_targets, check_writable, detect_format, detect_output_format
+from parallel_agent.modules.aggregate import all_stored
 from parallel_agent.modules.chunks import FAILED_ITEMS_KEY
 from parallel_agent.modules.context import (
     RUN_STOP_KEY,
@@ -532,7 +533,7 @@ class PipelineRun:
                 summary.status = TaskStatus.FAILED.value
             return summary
         stored = await store.get_run(info.task_id)
-        for notices in ((stored.extra if stored else {}).get("aggregate_notices") or {}).values():
+        for notices in all_stored(stored.extra if stored else {}, "aggregate_notices"):
             summary.notices.extend(notices)
         unfinished = summary.items_total - summary.items_done - summary.items_failed
         if summary.items_failed or summary.chunks_failed or unfinished > 0:

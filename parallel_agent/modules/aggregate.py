@@ -7,15 +7,42 @@ By default the results are the concatenation of every item's output in input ord
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from parallel_agent.conditions import compile_expression
 from parallel_agent.errors import PipelineError
 from parallel_agent.jsonl import decode_lines, not_finite
 from parallel_agent.modules.context import RunContext
+from parallel_agent.modules.grouping import PARTIAL_PAYLOAD, Grouper, chunk_partials
+from parallel_agent.modules.items import ChunkOutcome
+from parallel_agent.modules.threads import run_in_thread
 
 REDUCERS = ("sum", "count", "min", "max")
+_MISSING = object()
+
+
+def stored_key(kind: str, node: str) -> str:
+    """The run's `extra` key under which aggregate `node` keeps its `kind` of result
+    ("aggregate": a value, "aggregate_json": group-by rows as JSON text, "aggregate_notices").
+    One top-level key per node: `extra` merges top-level keys only, so aggregates of one run
+    finishing together never overwrite each other's."""
+    return f"{kind}:{node}"
+
+
+def stored(extra: dict[str, Any], kind: str, node: str, default: Any = None) -> Any:
+    """What `stored_key` keeps, or (a run stored by an older pagent) `extra[kind][node]`."""
+    found = extra.get(stored_key(kind, node), _MISSING)
+    if found is not _MISSING:
+        return found
+    return (extra.get(kind) or {}).get(node, default)
+
+
+def all_stored(extra: dict[str, Any], kind: str) -> list[Any]:
+    """Every aggregate's `kind` of result in a run's `extra`."""
+    prefix = f"{kind}:"
+    older = list((extra.get(kind) or {}).values())
+    return older + [value for key, value in extra.items() if key.startswith(prefix)]
 
 
 async def iter_outputs(ctx: RunContext, node: str) -> AsyncIterator[Any]:
@@ -100,3 +127,30 @@ async def _reduce(ctx: RunContext, producer: str, reduce: str, field: str | None
     if reduce == "sum":
         return total
     return best
+
+
+class SplitPartials:
+    """The chunk processor of a `compute:` aggregate fed by a split: each chunk becomes this
+    node's partial, committed with the chunk (no results are stored: nothing reads them). The
+    split's worker processes usually computed it already (the payload is the partial);
+    otherwise the chunk's lines are reduced here, on a thread."""
+
+    def __init__(self, node: str, grouper: Grouper) -> None:
+        self.node = node
+        self.groupers = {node: grouper}
+
+    async def process_chunk(
+        self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
+    ) -> ChunkOutcome:
+        partials = await run_in_thread(chunk_partials, self.groupers, records, numbers, None)
+        return ChunkOutcome(encoded=b"", partials=partials)
+
+    async def process_payload(
+        self, payload: bytes, numbers: Sequence[int], params: dict[str, Any]
+    ) -> ChunkOutcome:
+        if payload.startswith(PARTIAL_PAYLOAD):
+            return ChunkOutcome(encoded=b"", partials=payload[len(PARTIAL_PAYLOAD) :].decode())
+        return await self.process_chunk(await run_in_thread(decode_lines, payload), numbers, params)
+
+    async def close(self) -> None:
+        """Nothing to release: no worker processes of its own."""

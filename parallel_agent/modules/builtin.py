@@ -21,11 +21,11 @@ from parallel_agent.errors import (
 )
 from parallel_agent.graph import AgentModule, ModuleType
 from parallel_agent.io import MAX_RECORD_SIZE
-from parallel_agent.jsonl import decode_lines, dumps, loads
-from parallel_agent.modules.aggregate import aggregate_value
+from parallel_agent.jsonl import decode_lines, dumps
+from parallel_agent.modules.aggregate import SplitPartials, aggregate_value, stored_key
 from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings, feed_from_producer
 from parallel_agent.modules.context import RunContext
-from parallel_agent.modules.grouping import Grouper, GroupingError
+from parallel_agent.modules.grouping import Grouper, GroupingError, load_partials
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.modules.processors import ChunkProcessor
 from parallel_agent.modules.split import split_input
@@ -125,9 +125,18 @@ class AggregateModule(BuiltinModule):
     name = "aggregate"
     type = ModuleType.EXECUTOR
 
-    def __init__(self, ctx: RunContext, node: str, options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        ctx: RunContext,
+        node: str,
+        options: dict[str, Any],
+        settings: NodeSettings | None = None,
+    ) -> None:
         super().__init__(ctx, node)
         self.options = options
+        self.settings = settings
+        """Set for a `compute:` aggregate fed by a split: it works its own chunk queue, each
+        chunk committing only its partial."""
 
     @property
     def computes_value(self) -> bool:
@@ -137,6 +146,12 @@ class AggregateModule(BuiltinModule):
     async def work(self, cache: Cache) -> dict[str, Any]:
         ctx = self.ctx
         producer = ctx.producers[self.node]
+        if self.settings is not None:
+            grouper = Grouper.from_options(
+                self.options, f"node '{self.node}', aggregate", ctx.params
+            )
+            await ChunkWorkers(ctx, self.settings, SplitPartials(self.node, grouper)).run()
+            producer = self.node  # its own chunks hold the partials
         counts = await ctx.store.counts(ctx.task_id, producer)
         summary = {"chunks": counts.done, "items": counts.items_done}
         if not self.computes_value:
@@ -152,7 +167,7 @@ class AggregateModule(BuiltinModule):
             field=self.options.get("field"),
             what=f"node '{self.node}', aggregate",
         )
-        await ctx.store.update_run(ctx.task_id, extra={"aggregate": {self.node: value}})
+        await ctx.store.update_run(ctx.task_id, extra={stored_key("aggregate", self.node): value})
         await cache.set("final_results", value)
         return {"status": "success", "result": {**summary, "value": value}}
 
@@ -167,7 +182,7 @@ class AggregateModule(BuiltinModule):
         merger = grouper.merger()
         try:
             async for chunk in ctx.store.results(ctx.task_id, producer):
-                partial = loads(chunk.partial).get(self.node) if chunk.partial else None
+                partial = load_partials(chunk.partial).get(self.node) if chunk.partial else None
                 if partial is None:
                     partial = grouper.partial(decode_lines(chunk.result), chunk.numbers)
                 merger.add(partial)
@@ -179,8 +194,8 @@ class AggregateModule(BuiltinModule):
         await ctx.store.update_run(
             ctx.task_id,
             extra={
-                "aggregate_json": {self.node: text},
-                "aggregate_notices": {self.node: notices},
+                stored_key("aggregate_json", self.node): text,
+                stored_key("aggregate_notices", self.node): notices,
             },
         )
         with contextlib.suppress(TypeError):  # a sum past 64 bits: the store and files have it

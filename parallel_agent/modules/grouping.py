@@ -18,7 +18,9 @@ No asyncio here: worker processes import this module.
 from __future__ import annotations
 
 import decimal
+import json
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -27,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from parallel_agent.jsonl import EXACT_CONTEXT, dumps, loads
+from parallel_agent.jsonl import EXACT_CONTEXT, dumps, exact_number, loads
 
 #: Values `collect` keeps per group unless told otherwise.
 COLLECT_LIMIT = 1000
@@ -182,6 +184,15 @@ class Sum(Reducer):
             return ints if divisor == 1 else ints / divisor
         if not all(math.isfinite(value) for value in floats):
             return _fsum(floats) / divisor
+        if not ints and divisor < 2**53:
+            # The exact sum as one float if it is one: then IEEE division (the divisor is exact
+            # as a float) is correctly rounded, as the Fraction below would be, and far cheaper.
+            # `+ 0.0`: a zero sum is 0.0, as from the Fraction, never -0.0.
+            parts = _exact_floats(floats) if len(floats) > 1 else floats
+            if len(parts) == 1:
+                return parts[0] / divisor + 0.0
+            if divisor == 1:
+                return math.fsum(parts) + 0.0  # correctly rounded, as exact as the Fraction
         exact = Fraction(ints) + sum(map(Fraction, floats))
         return float(exact / divisor)
 
@@ -487,15 +498,20 @@ class Grouper:
 
     def partial(self, items: Sequence[Any], numbers: Sequence[int]) -> dict[str, Any]:
         """The partial of one chunk's outputs (`numbers`: their input record numbers)."""
-        groups = self._groups(items, numbers)
+        fields: dict[str, list[Any]] = {}  # a field's value in every item, read once
+        groups = self._groups(items, numbers, fields)
         skipped = [0] * len(self.columns)
+        same_state = self.same_states()
         rows = []
         for key, positions in groups.items():
-            states = []
+            states: list[Any] = []
             picked: dict[str, list[Any]] = {}  # one field's values, shared by its reducers
             for index, column in enumerate(self.columns):
-                values = self._values(column, items, numbers, positions, picked)
+                values = self._values(column, items, numbers, positions, picked, fields)
                 skipped[index] += len(positions) - len(values)
+                if same_state[index] is not None:  # stored once: the merger fills it in
+                    states.append(None)
+                    continue
                 try:
                     states.append(column.reducer.of(values))
                 except Exception as exc:
@@ -506,12 +522,29 @@ class Grouper:
             rows.append([key, states])
         return {"groups": rows, "skipped": skipped}
 
-    def _groups(self, items: Sequence[Any], numbers: Sequence[int]) -> dict[str, list[int]]:
+    def same_states(self) -> list[int | None]:
+        """For each column, an earlier column whose per-chunk state it shares (a sum and a mean
+        of the same field have the same state), or None."""
+        found: list[int | None] = []
+        first: dict[str, int] = {}
+        for index, column in enumerate(self.columns):
+            if column.kind in ("sum", "mean") and column.field is not None:
+                found.append(first.setdefault(column.field, index))
+                if found[-1] == index:
+                    found[-1] = None
+            else:
+                found.append(None)
+        return found
+
+    def _groups(
+        self, items: Sequence[Any], numbers: Sequence[int], fields: dict[str, list[Any]]
+    ) -> dict[str, list[int]]:
         """Positions of the items of each group, groups in first-seen order, by key text."""
         if not self.keys:
             return {"[]": list(range(len(items)))} if items else {}
         if len(self.keys) == 1 and self.keys[0][2] is None:
-            return self._groups_by_field(items, numbers, self.keys[0][1] or self.keys[0][0])
+            name = self.keys[0][1] or self.keys[0][0]
+            return self._groups_by_field(self._column(items, numbers, name, fields))
         groups: dict[str, list[int]] = {}
         for position, item in enumerate(items):
             key = self._key(item, numbers[position])
@@ -522,17 +555,23 @@ class Grouper:
                 found.append(position)
         return groups
 
-    def _groups_by_field(
-        self, items: Sequence[Any], numbers: Sequence[int], name: str
-    ) -> dict[str, list[int]]:
+    def _column(
+        self, items: Sequence[Any], numbers: Sequence[int], name: str, fields: dict[str, list[Any]]
+    ) -> list[Any]:
+        """Field `name` of every item (None where missing), in one pass; `fields` keeps it."""
+        found = fields.get(name)
+        if found is None:
+            try:
+                found = fields[name] = [item.get(name) for item in items]
+            except AttributeError:
+                for position, item in enumerate(items):
+                    self._field(item, name, numbers[position])
+                raise
+        return found
+
+    def _groups_by_field(self, values: list[Any]) -> dict[str, list[int]]:
         """The common case, one field: strings are grouped as they are and encoded once per
         group; other values by their JSON text (so 1, 1.0 and true stay apart)."""
-        try:
-            values = [item.get(name) for item in items]
-        except AttributeError:
-            for position, item in enumerate(items):
-                self._field(item, name, numbers[position])
-            raise
         groups: dict[Any, list[int]] = {}
         if set(map(type, values)) == {str}:
             for position, value in enumerate(values):
@@ -558,6 +597,7 @@ class Grouper:
         numbers: Sequence[int],
         positions: list[int],
         picked: dict[str, list[Any]],
+        fields: dict[str, list[Any]],
     ) -> list[Any]:
         if column.kind == "count" and column.field is None and column.evaluate is None:
             return positions
@@ -578,17 +618,16 @@ class Grouper:
         if name is None:  # a function over whole items
             return [items[position] for position in positions]
         if name not in picked:
-            try:
-                raw = [items[position].get(name) for position in positions]
-            except AttributeError:
-                for position in positions:
-                    self._field(items[position], name, numbers[position])
-                raise
-            picked[name] = [value for value in raw if value is not None]
+            every = self._column(items, numbers, name, fields)
+            if len(positions) == 1:
+                raw = [every[positions[0]]]
+            else:  # a C-level gather of the group's values
+                raw = list(operator.itemgetter(*positions)(every))
+            picked[name] = [value for value in raw if value is not None] if None in raw else raw
         return picked[name]
 
     def encode_partial(self, items: Sequence[Any], numbers: Sequence[int]) -> str:
-        return dumps(self.partial(items, numbers)).decode()
+        return partial_text(self.partial(items, numbers))
 
     # -- merging --
 
@@ -609,16 +648,25 @@ class Merger:
         self.grouper = grouper
         self.groups: dict[str, list[Any]] = {}
         self.skipped = [0] * len(grouper.columns)
+        same_state = grouper.same_states()
+        self.shared = [(i, earlier) for i, earlier in enumerate(same_state) if earlier is not None]
+        """(column, earlier column) pairs with one state: a partial holds it once (null in the
+        later column), the merge combines it once."""
+        self.merged = [
+            (i, column.reducer) for i, column in enumerate(grouper.columns) if same_state[i] is None
+        ]
 
     def add(self, partial: dict[str, Any]) -> None:
-        reducers = [column.reducer for column in self.grouper.columns]
         groups = self.groups
+        shared = self.shared
         for key, states in partial["groups"]:
             current = groups.get(key)
             if current is None:
+                for index, earlier in shared:
+                    states[index] = states[earlier]
                 groups[key] = states
                 continue
-            for index, reducer in enumerate(reducers):
+            for index, reducer in self.merged:
                 try:
                     current[index] = reducer.merge(current[index], states[index])
                 except Exception as exc:
@@ -627,6 +675,8 @@ class Merger:
                         f"{self.grouper.what}: compute '{column.name}' ({column.kind}) for "
                         f"group {key}: {_describe(exc)}"
                     ) from None
+            for index, earlier in shared:
+                current[index] = current[earlier]
         for index, count in enumerate(partial["skipped"]):
             self.skipped[index] += count
 
@@ -704,6 +754,25 @@ def build_groupers(
     }
 
 
+def load_partials(text: bytes | str) -> dict[str, Any]:
+    """A chunk's stored partials: `jsonl.loads` (orjson for speed, every number exact), unless
+    the text holds something orjson refuses (`Infinity` in a state): then the standard library,
+    numbers read the same way."""
+    try:
+        return dict(loads(text))
+    except orjson.JSONDecodeError:
+        return dict(json.loads(text, parse_float=exact_number))
+
+
+def partial_text(value: Any) -> str:
+    """A partial as JSON text: the standard library's (it writes a state's `Infinity`, and
+    integers past 64 bits exactly), or, for a state holding Decimals, `jsonl.dumps`'s."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except TypeError:
+        return dumps(value).decode()
+
+
 def chunk_partials(
     groupers: dict[str, Grouper],
     outputs: Sequence[Any],
@@ -715,4 +784,27 @@ def chunk_partials(
     if origins is not None:
         numbers = [numbers[origin] for origin in origins]
     partials = {node: grouper.partial(outputs, numbers) for node, grouper in groupers.items()}
-    return dumps(partials).decode()
+    return partial_text(partials)
+
+
+#: How a chunk queued by a split for an aggregate starts when it holds that aggregate's partial
+#: (computed by the split's worker while it checked the chunk) instead of the input lines. No
+#: JSON Lines payload starts with a NUL byte, so the two kinds cannot be mistaken.
+PARTIAL_PAYLOAD = b"\x00partial\n"
+
+
+def split_partials(
+    groupers: dict[str, Grouper], values: Sequence[Any], first: int
+) -> dict[str, str]:
+    """{aggregate node: its partial, as JSON text `{node: partial}` (what a chunk commits)} of
+    a split's chunk whose first record has the number `first + 1`. An aggregate whose partial fails is left out: it reduces the chunk's
+    lines itself, so the failure is the chunk's, retried and reported as any other."""
+    numbers = range(first + 1, first + 1 + len(values))
+    found = {}
+    for node, grouper in groupers.items():
+        try:
+            partial = grouper.partial(values, numbers)
+        except Exception:
+            continue
+        found[node] = partial_text({node: partial})
+    return found

@@ -6,6 +6,7 @@ import only this (no asyncio) so that they start fast.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,15 @@ class ChunkFailure(Exception):
 def describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def is_identity(expr: str) -> bool:
+    """`expr` is `item` alone: a map that passes each item through, no interpreter needed."""
+    try:
+        body = ast.parse(expr.strip(), mode="eval").body
+    except SyntaxError:
+        return False
+    return isinstance(body, ast.Name) and body.id == "item"
 
 
 def evaluate_items(

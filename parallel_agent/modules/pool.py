@@ -148,11 +148,15 @@ class PooledProcessor:
             partials=header.get("partials"),
         )
 
-    async def check_jsonl(self, payload: bytes) -> int | None:
-        """For a `check-jsonl` job: the position of the first line that is not JSON, or None."""
-        header, _ = await self._call({}, payload, {})
+    async def check_jsonl(
+        self, payload: bytes, first: int = 0
+    ) -> tuple[int | None, dict[str, str]]:
+        """For a `check-jsonl` job: the position of the first line that is not JSON, or None;
+        and the partials of the aggregates the job reduces for (`first`: the records before
+        the chunk)."""
+        header, _ = await self._call({"first": first}, payload, {})
         bad = header["bad"]
-        return None if bad is None else int(bad)
+        return (None if bad is None else int(bad)), dict(header.get("partials") or {})
 
     async def _call(
         self, request: dict[str, Any], body: bytes, params: dict[str, Any]

@@ -26,6 +26,7 @@ from parallel_agent.modules.items import (
     call_items,
     describe,
     evaluate_items,
+    is_identity,
     origins_without,
     span,
 )
@@ -122,6 +123,7 @@ class ExpressionProcessor(InProcess):
         from parallel_agent.conditions import compile_expression  # asteval: only where used
 
         self.compiled = compile_expression(self.expr, what=self.what)
+        self.identity = not self.keep_if_true and is_identity(self.expr)
 
     async def process_chunk(
         self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
@@ -131,6 +133,8 @@ class ExpressionProcessor(InProcess):
     def run_chunk(
         self, records: list[Any], numbers: Sequence[int], params: dict[str, Any]
     ) -> ChunkOutcome:
+        if self.identity:  # `expr: item`: each item as it is
+            return ChunkOutcome(outputs=list(records))
         return evaluate_items(self.compiled.evaluate, records, numbers, params, self.keep_if_true)
 
 

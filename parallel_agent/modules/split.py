@@ -15,6 +15,7 @@ from parallel_agent.events import ChunksPlanned
 from parallel_agent.io import MAX_RECORD_SIZE, ChunkReader, read_chunks
 from parallel_agent.io.records import PayloadChunk
 from parallel_agent.modules.context import RunContext
+from parallel_agent.modules.grouping import PARTIAL_PAYLOAD
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.store.base import ChunkSpec
 
@@ -86,11 +87,11 @@ class _Splitter:
         self.targets = targets
         self.reader = reader
         self.checker = checker
-        self.batch: list[ChunkSpec] = []
+        self.batch: list[tuple[PayloadChunk, dict[str, str]]] = []
         self.queueing: asyncio.Future[None] | None = None
-        self.checks: collections.deque[tuple[PayloadChunk, asyncio.Future[int | None]]] = (
-            collections.deque()
-        )
+        self.checks: collections.deque[
+            tuple[PayloadChunk, asyncio.Future[tuple[int | None, dict[str, str]]]]
+        ] = collections.deque()
         self.chunks = self.items = 0
 
     async def run(self) -> None:
@@ -115,9 +116,11 @@ class _Splitter:
             if chunk is None:
                 break
             if self.checker is None:
-                await self._queue(chunk)
+                await self._queue(chunk, {})
                 continue
-            check = asyncio.ensure_future(self.checker.check_jsonl(chunk.payload))
+            check = asyncio.ensure_future(
+                self.checker.check_jsonl(chunk.payload, chunk.first_record)
+            )
             self.checks.append((chunk, check))
             while self.checks and (len(self.checks) > window or self.checks[0][1].done()):
                 await self._settle()
@@ -126,13 +129,14 @@ class _Splitter:
 
     async def _settle(self) -> None:
         chunk, check = self.checks.popleft()
-        bad = await check
+        bad, partials = await check
         if bad is not None:
             raise self.reader.jsonl_error(chunk, bad)
-        await self._queue(chunk)
+        await self._queue(chunk, partials)
 
-    async def _queue(self, chunk: PayloadChunk) -> None:
-        self.batch.append(ChunkSpec(chunk.index, chunk.first_record, chunk.count, chunk.payload))
+    async def _queue(self, chunk: PayloadChunk, partials: dict[str, str]) -> None:
+        """`partials`: {aggregate: its partial of the chunk}, queued for it instead of the lines."""
+        self.batch.append((chunk, partials))
         self.chunks += 1
         self.items += chunk.count
         if len(self.batch) >= QUEUE_BATCH:
@@ -148,6 +152,19 @@ class _Splitter:
             self.batch = []
 
 
-async def _queue(ctx: RunContext, targets: list[str], batch: list[ChunkSpec]) -> None:
+async def _queue(
+    ctx: RunContext, targets: list[str], batch: list[tuple[PayloadChunk, dict[str, str]]]
+) -> None:
     for target in targets:
-        await ctx.store.add_chunks(ctx.task_id, target, batch)
+        specs = [
+            ChunkSpec(
+                chunk.index, chunk.first_record, chunk.count, _payload(chunk, partials, target)
+            )
+            for chunk, partials in batch
+        ]
+        await ctx.store.add_chunks(ctx.task_id, target, specs)
+
+
+def _payload(chunk: PayloadChunk, partials: dict[str, str], target: str) -> bytes:
+    partial = partials.get(target)
+    return chunk.payload if partial is None else PARTIAL_PAYLOAD + partial.encode()

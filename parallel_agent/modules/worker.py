@@ -17,7 +17,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-from parallel_agent.jsonl import check_jsonl, decode_lines, dumps, encode_lines, loads
+from parallel_agent.jsonl import (
+    check_jsonl,
+    checked_values,
+    decode_lines,
+    dumps,
+    encode_lines,
+    loads,
+)
 from parallel_agent.modules.items import (
     ChunkFailure,
     ChunkOutcome,
@@ -25,6 +32,7 @@ from parallel_agent.modules.items import (
     call_items,
     describe,
     evaluate_items,
+    is_identity,
 )
 
 _LENGTHS = struct.Struct("<II")
@@ -76,6 +84,7 @@ class _MapJob:
             if job.get("rate_limit") and not self.batch and tokens is not None:
                 self.function = tokens.wrap(self.function)
         self.kind = job["kind"]
+        self.identity = self.kind == "expr" and not self.keep_if_true and is_identity(job["source"])
         self.groupers = None
         if job.get("aggregates"):
             from parallel_agent.modules.grouping import build_groupers
@@ -83,6 +92,8 @@ class _MapJob:
             self.groupers = build_groupers(loads(job["aggregates"]), self.params)
 
     def run(self, records: list[Any], numbers: Sequence[int]) -> ChunkOutcome:
+        if self.identity:  # `expr: item`: each item as it is
+            return ChunkOutcome(outputs=records)
         if self.kind == "expr":
             return evaluate_items(self.evaluate, records, numbers, self.params, self.keep_if_true)
         if self.batch:
@@ -135,10 +146,28 @@ class _TokenAsker:
 
 
 class _CheckJob:
-    """Parses JSON Lines input for the split, so a big input is checked on every core."""
+    """Parses JSON Lines input for the split, so a big input is checked on every core; with
+    `aggregates` (the `compute:` aggregates the split feeds directly) it also reduces each chunk
+    it checked to their partials, from the same parse."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.groupers = None
+        if job.get("aggregates"):
+            from parallel_agent.modules.grouping import build_groupers
+
+            self.groupers = build_groupers(loads(job["aggregates"]), job.get("params"))
 
     def answer(self, header: dict[str, Any], body: bytes) -> bytes:
-        return frame({"bad": check_jsonl(body)})
+        if not self.groupers:
+            return frame({"bad": check_jsonl(body)})
+        from parallel_agent.modules.grouping import split_partials
+
+        values = checked_values(body)
+        if isinstance(values, int):
+            return frame({"bad": values})
+        return frame(
+            {"bad": None, "partials": split_partials(self.groupers, values, header["first"])}
+        )
 
 
 class _BrokenJob:
@@ -153,7 +182,10 @@ def _job(
     description: dict[str, Any], tokens: _TokenAsker | None = None
 ) -> _MapJob | _CheckJob | _BrokenJob:
     if description["kind"] == "check-jsonl":
-        return _CheckJob()
+        try:
+            return _CheckJob(description)
+        except Exception as exc:  # every chunk then fails with the reason
+            return _BrokenJob(f"worker process could not load the aggregates' reducers: {exc}")
     try:
         return _MapJob(description, tokens)
     except Exception as exc:  # reported on every chunk, so the chunk fails with the reason

@@ -30,6 +30,7 @@ from parallel_agent.graph import (
     NodeConfig,
 )
 from parallel_agent.graph.tasks import Task
+from parallel_agent.modules.aggregate import stored
 from parallel_agent.modules.builtin import AggregateModule, ChunkModule, SplitModule
 from parallel_agent.modules.chunks import NodeSettings
 from parallel_agent.modules.context import RunContext
@@ -116,10 +117,10 @@ class BuiltPipeline:
         if value_node is not None:
             run = await self.ctx.store.get_run(self.ctx.task_id)
             extra = run.extra if run is not None else {}
-            texts = extra.get("aggregate_json") or {}
-            if value_node in texts:  # group-by rows, as JSON text: exact integers past 64 bits
-                return {"value_json": texts[value_node]}
-            return {"value": (extra.get("aggregate") or {}).get(value_node)}
+            text = stored(extra, "aggregate_json", value_node)
+            if text is not None:  # group-by rows, as JSON text: exact integers past 64 bits
+                return {"value_json": text}
+            return {"value": stored(extra, "aggregate", value_node)}
         if results_node is not None:
             return {"node": results_node}
         return None
@@ -153,14 +154,31 @@ def _wire_data_nodes(
                 f"node '{node.name}' ({use}) needs exactly one data dependency (a split, map or "
                 f"filter node); it has {len(sources)}: {', '.join(sources) or 'none'}"
             )
-        if use == "aggregate" and uses[sources[0]] == "split":
+        direct = use == "aggregate" and uses[sources[0]] == "split"
+        if direct and not _computes(node):
             raise PipelineError(
-                f"node '{node.name}' aggregates '{sources[0]}' directly; put a map or filter between"
+                f"node '{node.name}' aggregates '{sources[0]}' directly, which only an aggregate "
+                "with `compute:` can; put a map or filter between"
             )
         producers[node.name] = sources[0]
-        if use != "aggregate":
+        if use != "aggregate" or direct:
             consumers.setdefault(sources[0], []).append(node.name)
     return uses, producers, consumers
+
+
+def _runs_user_code(options: dict[str, Any]) -> bool:
+    """An aggregate with a `function:` reducer: the split's workers leave its partials to the
+    aggregate, where the node's `timeout` and retries govern the user's code (a split has
+    neither)."""
+    compute = options.get("compute") or {}
+    return any(isinstance(spec, dict) and "function" in spec for spec in compute.values())
+
+
+def _computes(node: NodeSpec) -> bool:
+    """A `compute:` aggregate: the only kind that may consume a split (its chunks' partials)."""
+    return any(
+        isinstance(spec, AggregateSpec) and spec.compute is not None for spec in node.modules
+    )
 
 
 GROUPING_KEYS = ("group_by", "compute", "sort_by", "descending", "top")
@@ -324,7 +342,17 @@ def _engine_node(
         if isinstance(spec, SplitSpec):
             checker = None
             if config.processes:
-                job = WorkerJob(kind="check-jsonl", source="", what=f"node '{node.name}', split")
+                reduced = {
+                    name: options
+                    for name, options in (aggregates or {}).items()
+                    if not _runs_user_code(options)
+                }
+                job = WorkerJob(
+                    kind="check-jsonl",
+                    source="",
+                    what=f"node '{node.name}', split",
+                    aggregates=orjson.dumps(reduced).decode() if reduced else "",
+                )
                 checker = PooledProcessor(job, config.processes)
             modules.append(
                 SplitModule(ctx, node.name, spec.chunk_size, checker, spec.max_record_size)
@@ -338,7 +366,9 @@ def _engine_node(
         elif isinstance(spec, AggregateSpec):
             if spec.expr is not None:
                 compile_expression(spec.expr, what=f"node '{node.name}', aggregate expr")
-            modules.append(AggregateModule(ctx, node.name, spec.model_dump()))
+            direct = uses.get(ctx.producers.get(node.name, "")) == "split"
+            settings = _settings(node) if direct else None
+            modules.append(AggregateModule(ctx, node.name, spec.model_dump(), settings))
         else:
             modules.append(_class_module(spec, node))
     if use is not None:
@@ -372,8 +402,13 @@ def build_pipeline(pipeline: Pipeline, ctx: RunContext, *, pipeline_dir: Path) -
     uses, producers, consumers = _wire_data_nodes(pipeline)
     ctx.producers = producers
     ctx.consumers = consumers
-    processing = [n.name for n in pipeline.nodes if uses.get(n.name) in ("map", "filter")]
     splits = [n.name for n in pipeline.nodes if uses.get(n.name) == "split"]
+    # The nodes that work chunks: maps, filters and the aggregates fed by a split.
+    processing = [
+        n.name
+        for n in pipeline.nodes
+        if uses.get(n.name) in ("map", "filter") or producers.get(n.name) in splits
+    ]
     main = next((c for s in splits for c in consumers.get(s, [])), None)
     built = BuiltPipeline(pipeline=pipeline, agent=None, ctx=ctx)  # type: ignore[arg-type]
     built.processing_nodes = processing
