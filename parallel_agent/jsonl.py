@@ -4,9 +4,9 @@ store and worker processes, decoded and encoded in C-level passes.
 orjson is the fast path, but it holds integers of 64 bits and numbers as doubles only: it reads a
 longer integer as a rounded float, `3.141592653589793238462643` as `3.141592653589793`, `1e-400`
 as 0 and refuses `1e400`. A number keeps its value through a double when it has at most 15
-significant digits and an exponent of at most two digits (DBL_DIG), so text without a run of 16
-digits or dots and without a three-digit exponent is read by orjson alone (one C-level scan
-decides). Other text is written back with orjson and compared (whitespace aside): the same
+significant digits and lies in the double's normal range (DBL_DIG), so text without a run of 16
+digits or dots and without a negative three-digit exponent is read by orjson alone (one C-level
+scan decides; a number past the range is refused by orjson, and then read exactly). Other text is written back with orjson and compared (whitespace aside): the same
 text means every number was a shortest form and keeps its value (machine-written floats of 17
 digits are). Only when a number would change is the text read again by the standard library:
 integers exactly, and a number that a double cannot hold as written as a `decimal.Decimal`.
@@ -34,9 +34,9 @@ import orjson
 MAX_DEPTH = 254
 #: Significant digits every double keeps as written (DBL_DIG): a number with more may change.
 _DBL_DIG = 15
-#: Digits and dots become "0", "E" becomes "e" and "+" becomes "-": then a run of 16 zeros or
-#: "e000" / "e-000" is where a number may not survive a double (see `may_change`).
-_NUMBER_CHARS = bytes.maketrans(b"0123456789.E+", b"00000000000e-")
+#: Digits and dots become "0" and "E" becomes "e": then a run of 16 zeros or "e-000" is where
+#: a number may not survive a double (see `may_change`).
+_NUMBER_CHARS = bytes.maketrans(b"0123456789.E", b"00000000000e")
 _LONG_RUN = b"0" * (_DBL_DIG + 1)
 _WHITESPACE = b" \t\n\r"
 _NOT_FINITE = "ValueError: result is NaN or infinite, which JSON cannot hold"
@@ -60,12 +60,13 @@ EXACT_CONTEXT = decimal.Context(
 
 
 def may_change(data: bytes | str) -> bool:
-    """True when `data` has a run of 16 digits or dots, or a three-digit exponent: only then can
-    a number in it lose its value as a double (an integer past 64 bits has 19 digits)."""
+    """True when `data` has a run of 16 digits or dots, or a negative three-digit exponent: only
+    then can a number in it lose its value as a double (an integer past 64 bits has 19 digits;
+    a positive exponent changes nothing in range, and orjson refuses a number past it)."""
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
     scanned = data.translate(_NUMBER_CHARS)
-    return scanned.find(_LONG_RUN) >= 0 or scanned.find(b"e000") >= 0 or b"e-000" in scanned
+    return scanned.find(_LONG_RUN) >= 0 or b"e-000" in scanned
 
 
 def round_trips(data: bytes | str, value: Any) -> bool:
