@@ -12,9 +12,10 @@ from __future__ import annotations
 import ast
 import contextvars
 import decimal
+import difflib
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from parallel_agent.errors import ConditionError
@@ -224,7 +225,7 @@ def _static_check(tree: ast.AST, text: str, what: str) -> None:
             ):
                 problem = "this f-string format specification is not allowed"
         if problem is not None:
-            raise ConditionError(f"{what}: {problem} in expression {text!r}")
+            raise _error(problem, text, what)
 
 
 def _free_names(tree: ast.AST, bound: frozenset[str] = frozenset()) -> set[str]:
@@ -249,27 +250,48 @@ def _free_names(tree: ast.AST, bound: frozenset[str] = frozenset()) -> set[str]:
     return names
 
 
+def _error(problem: str, text: str, what: str) -> ConditionError:
+    """`KeyError: 'x' in expression "item['x']" (node 'n', map)`: the error first, then where."""
+    located = f"{problem} in expression {text!r}"
+    return ConditionError(f"{located} ({what})", problem=located)
+
+
+def _unknown_names(unknown: Sequence[str], allowed: frozenset[str]) -> str:
+    """`NameError: name 'factr' is not defined (did you mean 'factor'?)`, naming what may be read."""
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(allowed), n=1)
+        parts.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    label = "name" if len(unknown) == 1 else "names"
+    verb = "is" if len(unknown) == 1 else "are"
+    readable = ", ".join(sorted(allowed))
+    return f"NameError: {label} {', '.join(parts)} {verb} not defined (it may read {readable})"
+
+
 class _Program:
     """A parsed, checked expression plus one interpreter per thread."""
 
-    def __init__(self, text: str, what: str) -> None:
+    def __init__(self, text: str, what: str, allowed: frozenset[str] | None = None) -> None:
         if not isinstance(text, str) or not text.strip():
-            raise ConditionError(f"{what}: the expression is empty")
-        if len(text) > MAX_EXPRESSION_LENGTH:
             raise ConditionError(
-                f"{what}: the expression is longer than {MAX_EXPRESSION_LENGTH} characters"
+                f"the expression is empty ({what})", problem="the expression is empty"
             )
+        if len(text) > MAX_EXPRESSION_LENGTH:
+            problem = f"the expression is longer than {MAX_EXPRESSION_LENGTH} characters"
+            raise ConditionError(f"{problem} ({what})", problem=problem)
         self.text = text
         self.what = what
         source = text.strip()
         try:
             tree = ast.parse(source, mode="eval")
         except SyntaxError as exc:
-            raise ConditionError(
-                f"{what}: invalid syntax ({exc.msg}) in expression {text!r}"
-            ) from None
+            raise _error(f"SyntaxError: {exc.msg}", text, what) from None
         _static_check(tree, text, what)
         self.names = frozenset(_free_names(tree) - set(base_symbols()))
+        if allowed is not None:
+            unknown = sorted(self.names - allowed)
+            if unknown:
+                raise _error(_unknown_names(unknown, allowed), text, what)
         # asteval runs statements; hand it the same expression wrapped as one.
         module = ast.Module(body=[ast.Expr(value=tree.body)], type_ignores=[])
         self.node = ast.fix_missing_locations(module)
@@ -306,14 +328,15 @@ class _Program:
             kind, message = "Error", ""
         message = message.strip().splitlines()[-1] if message.strip() else kind
         message = _DECIMAL_SIGNALS.get(kind, message)
-        return ConditionError(f"{self.what}: {kind}: {message} in expression {self.text!r}")
+        return _error(f"{kind}: {message}", self.text, self.what)
 
 
 class _Compiled:
-    """Text parsed and checked once; `names` are the free names it reads."""
+    """Text parsed and checked once; `names` are the free names it reads. With `allowed`, a
+    name outside it (and the builtins) is refused at compile time."""
 
-    def __init__(self, text: str, *, what: str) -> None:
-        self._program = _Program(text, what)
+    def __init__(self, text: str, *, what: str, allowed: frozenset[str] | None = None) -> None:
+        self._program = _Program(text, what, allowed)
         self.text = text
         self.what = what
         self.names: frozenset[str] = self._program.names
@@ -361,6 +384,14 @@ def compile_condition(text: str, *, what: str) -> Condition:
     return Condition(text, what=what)
 
 
-def compile_expression(text: str, *, what: str) -> Expression:
-    """Parse and check a per-item expression (names: `item`, `index`, `params`) once."""
-    return Expression(text, what=what)
+#: The names a map or filter `expr` reads: the item, its 1-based input record number, its 0-based
+#: position (`record - 1`) and the task's params.
+ITEM_NAMES = frozenset({"item", "record", "index", "params"})
+#: The names an aggregate `expr` reads: the results in input order and the task's params.
+AGGREGATE_NAMES = frozenset({"results", "params"})
+
+
+def compile_expression(text: str, *, what: str, names: frozenset[str] = ITEM_NAMES) -> Expression:
+    """Parse and check an expression once; reading a name outside `names` (and the builtins)
+    is a ConditionError (a misspelling must not read as None)."""
+    return Expression(text, what=what, allowed=names)

@@ -21,6 +21,7 @@ Lower layers raise these; only `parallel_agent.cli` turns them into a line on st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,16 @@ class PipelineError(PagentError):
 
 
 class ConditionError(PipelineError):
-    """Raised when a condition or expression cannot be compiled, fails, or tries to escape the sandbox."""
+    """Raised when a condition or expression cannot be compiled, fails, or tries to escape the sandbox.
+
+    The message reads `KeyError: 'x' in expression "item['x']" (node 'parse', map)`: the short
+    error type first, where it happened after; `problem` is the message without that last part."""
+
+    def __init__(
+        self, message: str, *, location: Location | None = None, problem: str | None = None
+    ) -> None:
+        self.problem = problem or message
+        super().__init__(message, location=location)
 
 
 class InputDataError(PagentError):
@@ -106,9 +116,11 @@ class TaskBusyError(PagentError):
 
 
 class InterruptedRunError(PagentError):
-    """Raised when a run stops on SIGINT/SIGTERM/SIGHUP; its state is kept for `pagent resume`."""
+    """Raised when a run stops on SIGINT/SIGTERM/SIGHUP; its state is kept for `pagent resume`.
+    `summary` is the run's summary (what `--json` prints), when it got that far."""
 
     exit_code = 130
+    summary: dict[str, Any] | None = None
 
 
 class RunCancelledError(PagentError):

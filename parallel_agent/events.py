@@ -9,6 +9,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+#: The words every display uses for a node's state, in this order of precedence.
+NODE_STATES = (
+    "succeeded",
+    "partial",
+    "failed",
+    "interrupted",
+    "cancelled",
+    "skipped",
+    "not reached",
+)
+
 
 @dataclass(frozen=True)
 class Event:
@@ -28,6 +39,8 @@ class RunStarted(Event):
     pipeline: str = ""
     nodes: tuple[str, ...] = ()
     total_items: int | None = None
+    resumed: bool = False
+    """True when the task existed already: work done before is counted in `ChunksPlanned`."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +54,8 @@ class NodeStarted(Event):
 class NodeFinished(Event):
     kind: str = field(init=False, default="node_finished")
     node: str = ""
-    outcome: str = ""  # succeeded | skipped | failed
+    #: succeeded | partial | failed | interrupted | cancelled | skipped | not reached (NODE_STATES)
+    outcome: str = ""
     duration_s: float = 0.0
     error: str | None = None
 
@@ -52,6 +66,11 @@ class ChunksPlanned(Event):
     node: str = ""
     chunks: int = 0
     items: int = 0
+    #: chunks and items finished before this coordinator started (a resume), from the store
+    chunks_done: int = 0
+    chunks_failed: int = 0
+    items_done: int = 0
+    items_failed: int = 0
 
 
 @dataclass(frozen=True)

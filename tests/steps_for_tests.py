@@ -136,6 +136,21 @@ def reads_stdin(item: int) -> int:
     return item + len(subprocess.run(["cat"], capture_output=True, check=True).stdout)
 
 
+def gate_on_eleven(item: int) -> int:
+    """Record 11 (item 10) waits at a gate: it says it arrived (`at-gate` in
+    PAGENT_TEST_MARKERS) and returns once the test created `open-gate` (at most a minute)."""
+    import time
+
+    if item == 10:
+        markers = Path(os.environ["PAGENT_TEST_MARKERS"])
+        (markers / "at-gate").touch()
+        for _ in range(6000):
+            if (markers / "open-gate").exists():
+                break
+            time.sleep(0.01)
+    return item
+
+
 def ledger_identity(item: Any) -> Any:
     """`item` unchanged, recorded in the ledger by its `id` (as `ledger_double` does)."""
     import time

@@ -102,7 +102,7 @@ class Pagent:
     def runs(self) -> list[str]:
         listed = self("list", "--json")
         assert listed.returncode == 0, listed.stderr
-        return [json.loads(line)["task_id"] for line in listed.stdout.splitlines()]
+        return [run["task_id"] for run in json.loads(listed.stdout)]  # one JSON array
 
 
 @pytest.fixture
@@ -191,7 +191,7 @@ def test_outputs_of_one_command_must_differ(pagent: Pagent, tmp_path: Path) -> N
         (["--output", "out.jsonl", "--failed-output", "./out.jsonl"], "--failed-output"),
         (["--output", pipeline, "--output-format", "jsonl"], "the pipeline"),
         (["--output", "state.db", "--output-format", "jsonl"], "--store"),
-        (["--output", "-", "--json"], "--json - (stdout) is the same file as --output -"),
+        (["--output", "-", "--json"], "--output - and --json would all write to stdout"),
     ]
     for extra, fragment in cases:
         one_error(pagent("run", pipeline, "--data", "in.jsonl", *extra), 2, fragment)
@@ -477,8 +477,8 @@ def test_integers_past_64_bits_through_redis(
     run = pagent("run", pipeline, "--data", data, "--store", store, "--output", "sum.json")
     assert run.returncode == 1, run.stderr  # record 2 has no 'x'
     assert json.loads((tmp_path / "sum.json").read_text()) == sum(BIG) - BIG[1]
-    [task] = pagent("list", "--store", store, "--json").stdout.splitlines()
-    failed = pagent("failures", json.loads(task)["task_id"], "--store", store)
+    [task] = json.loads(pagent("list", "--store", store, "--json").stdout)
+    failed = pagent("failures", task["task_id"], "--store", store)
     [failure] = [json.loads(line) for line in failed.stdout.splitlines()]
     assert failure["record"] == 2
     assert failure["input"] == {"n": BIG[1], "i": 1}

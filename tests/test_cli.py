@@ -832,7 +832,7 @@ def test_end_of_run_report_in_plain_mode_json_and_status(cli: Any, tmp_path: Pat
         "  work  10 -> 7  (3 failed)",
         "failed records by error type:",
         "  3  ZeroDivisionError  records 1, 5, 9  in work",
-        "     e.g. ConditionError: node 'work', map: ZeroDivisionError: integer division…",
+        '     e.g. ZeroDivisionError: integer division or modulo by zero in expression "…',
     ]  # clipped at 80 columns
 
     report = json.loads(result.stdout)["report"]

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
 import pytest
 
-from parallel_agent.conditions import MAX_SIZE, compile_condition, compile_expression
+from parallel_agent.conditions import (
+    AGGREGATE_NAMES,
+    ITEM_NAMES,
+    MAX_SIZE,
+    compile_condition,
+    compile_expression,
+)
 from parallel_agent.errors import ConditionError
 
 WHAT = "node 'flow_control', decision 2 (next_node 'aggregator')"
@@ -144,9 +151,36 @@ def test_expressions_are_thread_safe() -> None:
     assert errors == []
 
 
-def test_expression_error_names_what_and_text() -> None:
+def test_expression_error_puts_the_error_type_first_and_the_node_after() -> None:
+    """Issue 14: the short error type first (it is what a narrow report keeps), the node after."""
     expr = compile_expression("item['a']", what="node 'map', map")
-    with pytest.raises(
-        ConditionError, match=r"node 'map', map: KeyError: 'a' in expression \"item\['a'\]\""
-    ):
+    with pytest.raises(ConditionError) as caught:
         expr.evaluate({"item": {}})
+    assert str(caught.value) == "KeyError: 'a' in expression \"item['a']\" (node 'map', map)"
+    assert caught.value.problem == "KeyError: 'a' in expression \"item['a']\""
+
+
+@pytest.mark.parametrize(
+    ("text", "names", "unknown"),
+    [
+        ("item['v'] > 2 or verbose", None, "name 'verbose' is not defined"),
+        ("item['v'] * factr", None, "name 'factr' is not defined"),
+        ("itme + 1", None, "name 'itme' (did you mean 'item'?) is not defined"),
+        ("len(result)", AGGREGATE_NAMES, "name 'result' (did you mean 'results'?) is not defined"),
+        ("item + index + records", None, "name 'records' (did you mean 'record'?)"),
+    ],
+)
+def test_an_expression_reads_only_its_documented_names(
+    text: str, names: frozenset[str] | None, unknown: str
+) -> None:
+    """Issue 11 item 13: a misspelled name is an error when compiled, never a silent None."""
+    with pytest.raises(ConditionError, match=re.escape(f"NameError: {unknown}")):
+        compile_expression(text, what="node 'n', map", names=names or ITEM_NAMES)
+
+
+def test_record_and_index_name_the_same_item_side_by_side() -> None:
+    expr = compile_expression("[record, index, item, params['k']]", what="node 'n', map")
+    namespace = {"item": "x", "record": 4, "index": 3, "params": {"k": 1}}
+    assert expr.evaluate(namespace) == [4, 3, "x", 1]
+    aggregate = compile_expression("len(results) + params['k']", what="a", names=AGGREGATE_NAMES)
+    assert aggregate.evaluate({"results": [1, 2], "params": {"k": 1}}) == 3

@@ -242,8 +242,19 @@ def test_report_lines_never_exceed_the_width() -> None:
     )
     lines = report_lines(wide)
     assert all(len(line) <= 80 for line in lines), "\n".join(lines)
-    assert lines[1].startswith("a_no…  2:03:04")  # the name gives way to the figures
-    assert "2:03:04" in lines[1] and "123456/123456" in lines[1] and "1:00:00" in lines[1]
+    # the name gives way to the figures down to 10 characters, then the p95 column goes
+    assert lines[0].split() == [
+        "node",
+        "time",
+        "chunks",
+        "items/s",
+        "p50",
+        "chunk",
+        "retries",
+        "failed",
+    ]
+    assert lines[1].startswith("a_node_with_a_r…  2:03:04")
+    assert "123456/123456" in lines[1] and "59.99 s" in lines[1] and "1:00:00" not in lines[1]
     assert lines[2] == "records in -> out:"
     assert lines[3].endswith("0 -> 0  (1,234,567 failed)")
     assert lines[5].startswith("  1,234,567  command exited with status 3  records 100001, ")
@@ -378,3 +389,86 @@ def test_no_color_environment_turns_colour_off(monkeypatch: pytest.MonkeyPatch) 
     assert colour_codes(text) == []
     assert "failed records by error type:" in text and "\x1b[" in text  # still a live display
     assert no_color({"NO_COLOR": "1"}) and not no_color({"NO_COLOR": ""}) and not no_color({})
+
+
+NARROW = RunReport(
+    nodes=(
+        NodeReport("split", duration_s=0.004),
+        NodeReport(
+            "geocode-addresses",
+            duration_s=12.64,
+            chunks=40,
+            chunks_done=38,
+            chunks_failed=2,
+            items_processed=2000,
+            items_failed=41,
+            retries=3,
+            chunk_p50_s=0.02,
+            chunk_p95_s=0.5,
+        ),
+    ),
+    failures=(FailureGroup("KeyError", 41, (1, 2, 3), ("geocode-addresses",), "KeyError: 'x'"),),
+)
+
+
+@pytest.mark.parametrize(
+    ("width", "headings"),
+    [
+        (
+            120,
+            [
+                "node",
+                "time",
+                "chunks",
+                "items/s",
+                "p50",
+                "chunk",
+                "p95",
+                "chunk",
+                "retries",
+                "failed",
+            ],
+        ),
+        (
+            80,
+            [
+                "node",
+                "time",
+                "chunks",
+                "items/s",
+                "p50",
+                "chunk",
+                "p95",
+                "chunk",
+                "retries",
+                "failed",
+            ],
+        ),
+        (60, ["node", "time", "chunks", "items/s", "retries", "failed"]),
+        (40, ["node", "time", "chunks", "failed"]),
+        (30, ["node", "chunks", "failed"]),
+    ],
+)
+def test_a_narrow_report_drops_columns_and_keeps_names_and_figures_whole(
+    width: int, headings: list[str]
+) -> None:
+    """Issue 14 item 6: `sp…  23 ms` at 60 columns was unreadable."""
+    lines = report_lines(NARROW, width)
+    assert all(len(line) <= width for line in lines), "\n".join(lines)
+    assert lines[0].split() == headings
+    assert lines[2].split()[0][:9] == "geocode-a"
+    assert "38/40" in lines[2].split() and lines[2].split()[-1] == "41"
+
+
+def test_a_very_narrow_report_is_key_value_lines() -> None:
+    lines = report_lines(NARROW, 24)
+    assert all(len(line) <= 24 for line in lines), "\n".join(lines)
+    assert lines[:6] == [
+        "split",
+        "  time: 4.0 ms",
+        "geocode-addresses",
+        "  time: 12.64 s",
+        "  chunks: 38/40",
+        "  items/s: 158",
+    ]
+    assert "  failed: 41" in lines

@@ -7,6 +7,7 @@ output counts occurrences) and asserts that none are missing or duplicated.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
@@ -569,7 +570,8 @@ def test_sqlite_under_kills_with_status_readers(setup: dict[str, Any]) -> None:
         reader.join(timeout=30)
     assert problems == []
     database = env["PAGENT_STORE"].removeprefix("sqlite://")
-    with sqlite3.connect(database) as connection:
+    # `with sqlite3.connect()` commits but does not close (Python 3.13 warns about that).
+    with contextlib.closing(sqlite3.connect(database)) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     missing, duplicated, _ = report(output, setup["ledger"])
     assert missing == [] and duplicated == []

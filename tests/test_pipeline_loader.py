@@ -20,7 +20,7 @@ from parallel_agent.pipeline import (
     load_pipeline_text,
     pipeline_hash,
 )
-from parallel_agent.pipeline.loader import MAX_ALIASES, MAX_ERRORS, MAX_VALUES
+from parallel_agent.pipeline.loader import MAX_ALIASES, MAX_ERRORS, MAX_VALUES, check_pipeline_text
 
 EXAMPLE = """\
 name: parallel-processing
@@ -123,7 +123,7 @@ def test_schema_error_names_file_line_column_and_path() -> None:
         (
             "{concurrency: 3,",
             "{concurency: 3,",
-            "p.yaml, line 13, column 19: nodes[1].node_config.concurency: unknown key 'concurency'",
+            "p.yaml, line 13, column 19: nodes[1].node_config.concurency: unknown key 'concurency' (did you mean 'concurrency'?)",
         ),
         (
             "use: map",
@@ -495,7 +495,8 @@ def test_a_bad_override_value_is_blamed_on_the_override() -> None:
     )
     message = error_of(EXAMPLE, ("nodes.router.node_config.timout=1",))
     assert message == (
-        "--set nodes.router.node_config.timout=1: nodes[3].node_config.timout: unknown key 'timout'"
+        "--set nodes.router.node_config.timout=1: nodes[3].node_config.timout: unknown key 'timout' "
+        "(did you mean 'timeout'?)"
     )
 
 
@@ -551,3 +552,85 @@ def test_override_of_unknown_node_suggests_the_closest_name() -> None:
         "--set 'nodes.procesor.node_config.concurrency=8': no node named 'procesor' "
         "(did you mean 'processor'?)"
     )
+
+
+SEVERAL_PROBLEMS = """\
+name: t
+nodes:
+  - {name: split, modules: [{use: split, chunk_size: 2}]}
+  - name: m
+    dependencies: [split]
+    node_config: {concurency: 3}
+    modules: [{use: filter, expr: "item['v'] > 2 or verbose"}]
+  - name: n
+    dependencies: [m]
+    modules: [{use: map, expr: "item['v'] * factr"}]
+  - name: o
+    dependencies: [n]
+    modules: [{use: map, expr: 'item["a" == 1'}]
+  - name: p
+    dependencies: [o]
+    modules: [{use: aggregate, expr: "sum(result)"}]
+"""
+
+
+def test_every_problem_of_a_file_is_reported_each_at_its_line_and_column() -> None:
+    """Issue 14 item 4 and issue 11 item 13: expressions are checked when the file is loaded (so
+    `validate` and `run` refuse them, exit 2), located like YAML errors, the error type first,
+    all of them at once and together with the schema's own problems."""
+    assert error_of(SEVERAL_PROBLEMS).splitlines() == [
+        "p.yaml, line 6, column 19: nodes[1].node_config.concurency: unknown key 'concurency' "
+        "(did you mean 'concurrency'?)",
+        "p.yaml, line 7, column 29: nodes[1].modules[0].expr: NameError: name 'verbose' is not "
+        "defined (it may read index, item, params, record) in expression "
+        "\"item['v'] > 2 or verbose\" (node 'm')",
+        "p.yaml, line 10, column 26: nodes[2].modules[0].expr: NameError: name 'factr' is not "
+        "defined (it may read index, item, params, record) in expression \"item['v'] * factr\" "
+        "(node 'n')",
+        "p.yaml, line 13, column 26: nodes[3].modules[0].expr: SyntaxError: '[' was never closed "
+        "in expression 'item[\"a\" == 1' (node 'o')",
+        "p.yaml, line 16, column 32: nodes[4].modules[0].expr: NameError: name 'result' (did you "
+        "mean 'results'?) is not defined (it may read params, results) in expression "
+        "'sum(result)' (node 'p')",
+    ]
+
+
+def test_a_condition_name_no_module_writes_is_a_warning_not_an_error() -> None:
+    """Conditions read cache keys, so any name may be meant; one nobody is known to write reads
+    as None (documented), and the loader says so as a located warning."""
+    text = """\
+name: t
+nodes:
+  - {name: split, modules: [{use: split, chunk_size: 2}]}
+  - name: m
+    dependencies: [split]
+    node_config: {condition: "len(completed_subtask) > 0 and params['go']"}
+    modules: [{use: map, expr: "record"}]
+"""
+    pipeline, warnings = check_pipeline_text(text, "p.yaml")
+    assert pipeline.nodes[1].node_config.condition is not None
+    assert warnings == [
+        "p.yaml, line 6, column 19: nodes[1].node_config.condition: condition of node 'm' reads "
+        "'completed_subtask', which no module is known to write: it reads as None (did you mean "
+        "'completed_subtasks'?)"
+    ]
+    fixed = text.replace("completed_subtask)", "completed_subtasks)")
+    assert check_pipeline_text(fixed, "p.yaml")[1] == []
+
+
+def test_an_unknown_module_and_an_unknown_dependency_are_both_reported() -> None:
+    """Issue 14: `use: mapp` used to hide the unknown dependency of the same file."""
+    text = """\
+name: t
+nodes:
+  - {name: split, modules: [{use: split, chunk_size: 2}]}
+  - name: m
+    dependencies: [splitt]
+    modules: [{use: mapp, expr: "item"}]
+"""
+    assert error_of(text).splitlines() == [
+        "p.yaml, line 5, column 20: nodes[1].dependencies[0]: unknown node 'splitt' (did you "
+        "mean 'split'?)",
+        "p.yaml, line 6, column 16: nodes[1].modules[0].use: unknown module 'mapp'; known "
+        "modules: aggregate, filter, map, split",
+    ]

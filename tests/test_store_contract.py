@@ -642,12 +642,29 @@ async def test_sqlite_busy_database_becomes_store_error(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_sqlite_file_that_is_not_a_database(tmp_path: Path) -> None:
+async def test_sqlite_file_that_is_not_a_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused, and the connection opened on it is closed (Python 3.13 warns about an unclosed
+    one wherever the garbage collector happens to run: issue 14 item 9)."""
+    import sqlite3
+
+    opened: list[sqlite3.Connection] = []
+    connect = sqlite3.connect
+
+    def recording_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        opened.append(connect(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(sqlite3, "connect", recording_connect)
     path = tmp_path / "garbage.db"
     path.write_bytes(b"this is not a database" * 100)
     store = open_store(f"sqlite://{path}")
     with pytest.raises(StoreError, match=f"{path}.*not a database"):
         await store.open()
+    assert len(opened) == 1
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        opened[0].execute("SELECT 1")
 
 
 async def test_sqlite_state_file_without_record_numbers_gets_them(tmp_path: Path) -> None:

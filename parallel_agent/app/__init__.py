@@ -1,5 +1,6 @@
 """The library API (application services) behind the command line, one idea a module.
 
+- `api`: `run(pipeline, data, ...)`, the entry point for notebooks and scripts;
 - `run`: run and resume a pipeline (`run_pipeline`, `resume_run`);
 - `inspect`: read-only questions about runs (status, list, results, failures);
 - `maintenance`: cancel a run, drop finished runs;
@@ -8,6 +9,7 @@
 The CLI is a thin shell over these functions; scripts and tests call them directly.
 """
 
+from parallel_agent.app.api import run
 from parallel_agent.app.inspect import (
     export_failed,
     export_results,
@@ -31,5 +33,6 @@ __all__ = [
     "iter_failures",
     "list_runs",
     "resume_run",
+    "run",
     "run_pipeline",
 ]

@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from parallel_agent.errors import InputDataError, StateLostError, StoreError, UsageError
-from parallel_agent.modules.context import RUN_STOP_KEY, RunContext, wait_or_timeout
+from parallel_agent.modules.context import (
+    RUN_STOP_KEY,
+    RUN_STOP_KIND_KEY,
+    RunContext,
+    wait_or_timeout,
+)
 from parallel_agent.store import default_store_url, open_store
 from parallel_agent.store.base import RunInfo, RunStore
 
@@ -120,8 +125,10 @@ async def watch_run(ctx: RunContext, generation: str, interval: float, done: asy
             )
             return
         if current.extra.get(RUN_STOP_KEY):  # before the status its coordinator then sets
-            ctx.request_stop(str(current.extra[RUN_STOP_KEY]))
+            kind = str(current.extra.get(RUN_STOP_KIND_KEY) or "error")
+            ctx.request_stop(str(current.extra[RUN_STOP_KEY]), kind=kind)
             return
         if current.status not in WORKING_STATES:
-            ctx.request_stop(current.status)
+            cancelled = current.status == "cancelled"
+            ctx.request_stop(current.status, kind="cancel" if cancelled else "error")
             return

@@ -8,7 +8,7 @@ from typing import Any, BinaryIO
 
 from parallel_agent.app.common import require_run, resolve_store_url, store_file, with_store
 from parallel_agent.app.outputs import write_failed_records, write_results
-from parallel_agent.app.summary import stored_durations
+from parallel_agent.app.summary import SCHEMA_VERSION, stored_durations
 from parallel_agent.errors import UsageError
 from parallel_agent.graph import TaskStatus
 from parallel_agent.io import check_targets, check_writable, detect_output_format
@@ -37,14 +37,26 @@ async def _status(store: RunStore, task_id: str, with_report: bool = True) -> di
     state = info.status
     if state in ("waiting", "executing") and holder is None:
         state = TaskStatus.STALLED.value
+    summary = info.extra.get("summary")
+    stored = summary if isinstance(summary, dict) else {}
+    for name, row in nodes.items():
+        row["state"] = (stored.get("nodes") or {}).get(name, {}).get("state") or live_state(row)
     main = next(iter(nodes.values()), None)
     now = time.time()
     elapsed = (info.finished_at or now) - info.created_at
     done = main["items_done"] if main else 0
     total = main["items"] if main else 0
+    failed = sum(n["items_failed"] for n in nodes.values())
+    if stored.get("items") and info.finished_at is not None:
+        # A finished run: the counts its summary recorded (failed chunks' items included).
+        total, done, failed = (stored["items"].get(key, 0) for key in ("total", "done", "failed"))
     return {
+        "schema_version": SCHEMA_VERSION,
         "task_id": task_id,
+        "status": state,
         "state": state,
+        "stop_reason": stored.get("stop_reason"),
+        "error": stored.get("error") or info.extra.get("error"),
         "recorded_status": info.status,
         "pipeline": info.pipeline_name,
         "input": info.input_path,
@@ -54,11 +66,7 @@ async def _status(store: RunStore, task_id: str, with_report: bool = True) -> di
         "updated_at": info.updated_at,
         "finished_at": info.finished_at,
         "elapsed_s": round(elapsed, 3),
-        "items": {
-            "total": total,
-            "done": done,
-            "failed": sum(n["items_failed"] for n in nodes.values()),
-        },
+        "items": {"total": total, "done": done, "failed": failed},
         "progress": round(done / total, 4) if total else None,
         "throughput_items_s": round(done / elapsed, 1) if elapsed > 0 else None,
         "nodes": nodes,
@@ -71,6 +79,15 @@ async def _status(store: RunStore, task_id: str, with_report: bool = True) -> di
         "report": (await _report(store, info)).to_dict() if with_report else None,
         "store": store.url,
     }
+
+
+def live_state(counts: dict[str, Any]) -> str:
+    """A node's state from its counters alone, while its run has no final summary."""
+    if counts["sealed"] and counts["done"] + counts["failed"] == counts["chunks"]:
+        if not (counts["items_failed"] or counts["failed"]):
+            return "succeeded"
+        return "partial" if counts["items_done"] else "failed"
+    return "running" if counts["leased"] or counts["done"] or counts["failed"] else "waiting"
 
 
 async def _report(store: RunStore, info: RunInfo) -> RunReport:

@@ -32,6 +32,7 @@ from parallel_agent.app.common import (
     with_store,
 )
 from parallel_agent.app.outputs import failed_output_format, write_failed_records, write_results
+from parallel_agent.app.states import NodeStates
 from parallel_agent.app.stored import code_manifest
 from parallel_agent.app.summary import RunSummary, node_durations, summarize
 from parallel_agent.errors import (
@@ -89,6 +90,8 @@ class RunOptions:
     max_failures: int | None = None
     #: write the failed input records here, in the input's format, when the run ends
     failed_output: str | None = None
+    #: process only the first N input records (a sample); part of the run's identity
+    head: int | None = None
     #: `--output-node NODE=PATH`: write other nodes' results too (several sinks)
     output_nodes: Sequence[str] = ()
     stdin: BinaryIO | None = None
@@ -161,7 +164,12 @@ class PipelineRun:
     def __init__(self, options: RunOptions, events: EventSink | None = None) -> None:
         self.options = options
         self.timer = _NodeTimes()
-        self.events: EventSink = MultiSink(events or EventSink(), self.timer)
+        # The displays get the states NodeStates makes true; the timer keeps the engine's own
+        # outcomes (whether a node's modules returned), which decide about the outputs.
+        self.states = NodeStates(
+            events or EventSink(), lambda: self.ctx.stop_kind if self.ctx is not None else None
+        )
+        self.events: EventSink = MultiSink(self.states, self.timer)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.ctx: RunContext | None = None
         self.interrupted = False
@@ -171,7 +179,7 @@ class PipelineRun:
         handed back, and the run ends resumable (exit 130)."""
         self.interrupted = True
         if self.ctx is not None:
-            self.ctx.request_stop("interrupted")
+            self.ctx.request_stop("interrupted", kind="interrupt")
 
     async def execute(self) -> RunSummary:
         options = self.options
@@ -224,11 +232,13 @@ class PipelineRun:
                 )
             return None
         fmt = detect_format(options.data, options.data_format)
+        if options.head is not None and options.head < 1:
+            raise UsageError(f"--head must be 1 or more, not {options.head}")
         if options.data == "-":
-            return InputSource("-", fmt, options.data_key, stream=options.stdin)
+            return InputSource("-", fmt, options.data_key, stream=options.stdin, head=options.head)
         if not Path(options.data).is_file():
             raise UsageError(f"--data: no such file: {options.data}")
-        return InputSource(options.data, fmt, options.data_key)
+        return InputSource(options.data, fmt, options.data_key, head=options.head)
 
     async def _run_with_store(
         self,
@@ -274,7 +284,9 @@ class PipelineRun:
                 # A resume runs today's code: workers compare theirs with this.
                 await store.update_run(task_id, extra=self._shared_extra(pipeline))
             info = existing or await self._create_run(store, pipeline, digest, task_id, source)
-            return await self._run_graph(store, pipeline, info, source, output_format, started)
+            return await self._run_graph(
+                store, pipeline, info, source, output_format, started, resumed=existing is not None
+            )
         finally:
             with contextlib.suppress(PagentError):
                 await stop_loop(keep_lock, done)
@@ -297,6 +309,15 @@ class PipelineRun:
             raise UsageError(
                 f"task '{existing.task_id}' was started with a different pipeline; "
                 "use a new --task-id"
+            )
+        if existing.extra.get("head") != self.options.head:
+            before = existing.extra.get("head")
+            raise UsageError(
+                f"task '{existing.task_id}' was started with "
+                + (f"--head {before}" if before else "every record")
+                + ", not "
+                + (f"--head {self.options.head}" if self.options.head else "every record")
+                + "; use a new --task-id"
             )
         path = source.path if source is not None else None
         if path not in (None, "-") and existing.input_path not in (None, str(Path(path).resolve())):
@@ -352,7 +373,7 @@ class PipelineRun:
             await store.renew_lock(task_id, self.owner, COORDINATOR_TTL_S)
             info = await store.get_run(task_id)
             if info is not None and info.status == TaskStatus.CANCELLED.value and self.ctx:
-                self.ctx.request_stop("cancelled")
+                self.ctx.request_stop("cancelled", kind="cancel")
 
     async def _create_run(
         self,
@@ -383,6 +404,7 @@ class PipelineRun:
             extra={
                 "pipeline_file": str(Path(self.options.pipeline).resolve()),
                 "data_key": self.options.data_key,
+                "head": self.options.head,
                 **self._shared_extra(pipeline),
             },
         )
@@ -398,6 +420,8 @@ class PipelineRun:
         source: InputSource | None,
         output_format: str | None,
         started: float,
+        *,
+        resumed: bool = False,
     ) -> RunSummary:
         options = self.options
         ctx = RunContext(
@@ -412,8 +436,9 @@ class PipelineRun:
         )
         self.ctx = ctx
         if self.interrupted:
-            ctx.request_stop("interrupted")
+            ctx.request_stop("interrupted", kind="interrupt")
         built = build_pipeline(pipeline, ctx, pipeline_dir=Path(options.pipeline).parent)
+        self.states.chunked = frozenset(built.processing_nodes)
         for node, _ in parse_output_nodes(options.output_nodes):
             await built.output_plan(node)  # an unknown or non-data node: exit 2 before any work
         self.events.emit(
@@ -422,6 +447,7 @@ class PipelineRun:
                 task_id=info.task_id,
                 pipeline=pipeline.name,
                 nodes=tuple(node.name for node in pipeline.nodes),
+                resumed=resumed,
             )
         )
         await store.update_run(info.task_id, status=TaskStatus.EXECUTING.value)
@@ -448,7 +474,11 @@ class PipelineRun:
                 unless_cancelled=True,
             )
             raise ctx.fatal
+        if ctx.stop_kind is not None or task.status != TaskStatus.COMPLETE:
+            self.states.not_reached(node.name for node in pipeline.nodes)
         summary = await self._finish(store, built, info, task.status, task.error, output_format)
+        for node, state in self.states.states.items():
+            summary.nodes.setdefault(node, {})["state"] = state
         summary.duration_s = time.monotonic() - started
         durations = node_durations(info, self.timer.durations)
         for node, seconds in durations.items():
@@ -483,9 +513,11 @@ class PipelineRun:
             )
         )
         if summary.status == TaskStatus.INTERRUPTED.value:
-            raise InterruptedRunError(
+            interrupted = InterruptedRunError(
                 f"run interrupted; resume it with: pagent resume {info.task_id}"
             )
+            interrupted.summary = summary.to_dict()
+            raise interrupted
         return summary
 
     async def _write_failed(self, store: RunStore, info: RunInfo, summary: RunSummary) -> None:
@@ -513,29 +545,18 @@ class PipelineRun:
             built.main_node = ran[0]
         summary = await summarize(store, info, built=built)
         summary.store = store.url
-        if ctx.stop_reason == "interrupted":
-            summary.status = TaskStatus.INTERRUPTED.value
-            return summary
-        current = await store.get_run(info.task_id)
-        if ctx.stop_reason == "cancelled" or (
-            current is not None and current.status == TaskStatus.CANCELLED.value
-        ):
-            _mark_cancelled(summary)
-            return summary
-        if ctx.stop_reason is not None:
-            summary.status = TaskStatus.FAILED.value
-            summary.error = ctx.stop_reason
-            return summary
-        if engine_status != TaskStatus.COMPLETE:
-            summary.status = engine_status.value
-            summary.error = engine_error
-            if summary.status == TaskStatus.COMPLETE.value:
-                summary.status = TaskStatus.FAILED.value
+        if await self._ended_early(store, info, ctx, summary, engine_status, engine_error):
             return summary
         stored = await store.get_run(info.task_id)
         for notices in all_stored(stored.extra if stored else {}, "aggregate_notices"):
             summary.notices.extend(notices)
         unfinished = summary.items_total - summary.items_done - summary.items_failed
+        if every_item_failed(summary):
+            summary.status = TaskStatus.FAILED.value
+            summary.error = (
+                f"every item failed ({summary.items_failed:,} of {summary.items_total:,})"
+            )
+            return summary
         if summary.items_failed or summary.chunks_failed or unfinished > 0:
             summary.status = TaskStatus.PARTIAL.value
         else:
@@ -558,6 +579,40 @@ class PipelineRun:
             summary.outputs[node] = {"path": path, "rows": rows}
         return summary
 
+    async def _ended_early(
+        self,
+        store: RunStore,
+        info: RunInfo,
+        ctx: RunContext,
+        summary: RunSummary,
+        engine_status: TaskStatus,
+        engine_error: str | None,
+    ) -> bool:
+        """Set the state of a run that stopped before its end (a signal, a cancel, a stop, the
+        engine's limits or a failed node); False when it ran to its end."""
+        summary.stop_reason = ctx.stop_kind
+        if ctx.stop_kind == "interrupt":
+            summary.status = TaskStatus.INTERRUPTED.value
+            return True
+        current = await store.get_run(info.task_id)
+        if ctx.stop_kind == "cancel" or (
+            current is not None and current.status == TaskStatus.CANCELLED.value
+        ):
+            _mark_cancelled(summary)
+            return True
+        if ctx.stop_reason is not None:
+            summary.status = TaskStatus.FAILED.value
+            summary.error = ctx.stop_reason
+            return True
+        if engine_status != TaskStatus.COMPLETE:
+            summary.status = engine_status.value
+            summary.error = engine_error
+            summary.stop_reason = "iteration_limit" if _limit_reached(engine_error) else None
+            if summary.status == TaskStatus.COMPLETE.value:
+                summary.status = TaskStatus.FAILED.value
+            return True
+        return False
+
     def _not_run(self, nodes: Sequence[str | None]) -> list[str]:
         """Why each output node did not run in this run (a guard, a branch not chosen, an
         upstream failure); empty when they all did."""
@@ -576,8 +631,23 @@ class PipelineRun:
         return reasons
 
 
+def _limit_reached(engine_error: str | None) -> bool:
+    """True when the engine stopped on `max_total_iterations` or a node's `max_visits`."""
+    return bool(engine_error) and any(
+        limit in str(engine_error) for limit in ("max_total_iterations", "max_visits")
+    )
+
+
+def every_item_failed(summary: RunSummary) -> bool:
+    """True when items failed and no data node processed a single item successfully."""
+    if not summary.items_failed:
+        return False
+    return all(not counts.get("items_done") for counts in summary.nodes.values())
+
+
 def _mark_cancelled(summary: RunSummary) -> None:
     summary.status = TaskStatus.CANCELLED.value
+    summary.stop_reason = "cancel"
     summary.error = "cancelled by pagent cancel"
 
 
@@ -639,6 +709,7 @@ def resume_run(
             store=store,
             stdout=stdout,
             failed_output=failed_output,
+            head=info.extra.get("head"),
         )
         check_run_paths(options)  # before the store changes
         if retry_failed:

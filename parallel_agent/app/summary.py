@@ -10,6 +10,10 @@ from parallel_agent.pipeline.build import BuiltPipeline
 from parallel_agent.report import RunReport
 from parallel_agent.store.base import RunInfo, RunStore
 
+#: Version of the JSON that `run --json` and `status --json` print (docs/json.md); it changes
+#: when a field is removed or changes meaning, not when one is added.
+SCHEMA_VERSION = 1
+
 
 @dataclass
 class RunSummary:
@@ -33,6 +37,10 @@ class RunSummary:
     report: RunReport | None = None
     failed_output: str | None = None
     failed_output_records: int | None = None
+    #: why the run stopped before its end (STOP_KINDS in modules.context), None when it did not
+    stop_reason: str | None = None
+    #: the results, when `parallel_agent.run(..., results=True)` asked for them (not in to_dict)
+    results: list[Any] | None = None
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)
     """What aggregates skipped (missing fields, nulls) or cut (collect past its limit)."""
@@ -44,8 +52,10 @@ class RunSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "schema_version": SCHEMA_VERSION,
             "task_id": self.task_id,
             "status": self.status,
+            "stop_reason": self.stop_reason,
             "items": {
                 "total": self.items_total,
                 "done": self.items_done,
@@ -112,6 +122,7 @@ async def summarize(
             "done": node_counts.done,
             "failed": node_counts.failed,
             "items": node_counts.items_total,
+            "items_done": node_counts.items_done,
             "items_failed": node_counts.items_failed,
             "retries": node_counts.retries,
         }
@@ -151,6 +162,7 @@ def summary_from_dict(data: dict[str, Any]) -> RunSummary:
         output=data.get("output"),
         store=data.get("store", ""),
         error=data.get("error"),
+        stop_reason=data.get("stop_reason"),
         nodes=data.get("nodes", {}),
         report=RunReport.from_dict(data["report"]) if data.get("report") else None,
         outputs=data.get("outputs") or {},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import Annotated, Any
@@ -9,8 +10,16 @@ from typing import Annotated, Any
 import typer
 
 from parallel_agent.cli.errors import handled_errors, say_stop_reason
-from parallel_agent.cli.options import FailedOutputOption, StoreOption
+from parallel_agent.cli.options import (
+    FailedOutputOption,
+    JsonOption,
+    StoreOption,
+    SummaryOption,
+    check_stdout_clash,
+    write_summary,
+)
 from parallel_agent.cli.process import freeze_startup_objects
+from parallel_agent.errors import InterruptedRunError
 from parallel_agent.jsonl import ascii_text
 
 
@@ -31,15 +40,23 @@ def _when(timestamp: float | None) -> str:
 
 def status(
     ctx: typer.Context,
-    task_id: Annotated[str, typer.Argument(help="The task id printed when the run started.")],
+    task_id: Annotated[
+        str, typer.Argument(metavar="TASK_ID", help="The task id printed when the run started.")
+    ],
     store: StoreOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
     watch: Annotated[
         bool, typer.Option("--watch", help="Follow the run live (from the store) until it ends.")
     ] = False,
 ) -> None:
-    """Show where a run stands (exit 0 found, 2 unknown id, 4 store unreachable)."""
+    """Show where a run stands: status, counts, node states, report.
+
+    Exit 0 found, 2 unknown id, 4 store unreachable.
+
+    Example: pagent status 20261128-235941-255f10 --json
+    """
     from parallel_agent.app import get_status
+    from parallel_agent.display.report import report_lines, stop_text
 
     with handled_errors(_debug(ctx)):
         if watch:
@@ -55,7 +72,7 @@ def status(
     progress = report["progress"]
     lines = [
         f"task       {report['task_id']}",
-        f"state      {report['state']}",
+        f"status     {report['status']}",
         f"pipeline   {report['pipeline']}",
         f"input      {report['input'] or '-'}",
         f"started    {_when(report['created_at'])}",
@@ -65,10 +82,13 @@ def status(
         + f", {items['failed']} failed",
         f"throughput {report['throughput_items_s'] or 0:,.0f} items/s over {report['elapsed_s']:.1f} s",
     ]
+    stop = stop_text(report)
+    if stop:
+        lines.append(f"stopped    {stop.removeprefix('stopped early: ')}")
     for node, counts in report["nodes"].items():
         lines.append(
-            f"  {node:<16} chunks {counts['done']}/{counts['chunks']} done, {counts['leased']} in "
-            f"flight, {counts['failed']} failed, {counts['retries']} retries"
+            f"  {node:<16} {counts['state']}: chunks {counts['done']}/{counts['chunks']} done, "
+            f"{counts['leased']} in flight, {counts['failed']} failed, {counts['retries']} retries"
         )
     for worker in report.get("workers") or []:
         lines.append(
@@ -76,24 +96,30 @@ def status(
             f"{worker['run']['items']} items, last seen {worker['last_seen']:.1f} s ago"
         )
     if report.get("report"):
-        from parallel_agent.display.report import report_lines
         from parallel_agent.report import RunReport
 
         lines.append("")
-        lines.extend(report_lines(RunReport.from_dict(report["report"])))
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 80
+        lines.extend(report_lines(RunReport.from_dict(report["report"]), width))
     sys.stdout.write("\n".join(lines) + "\n")
 
 
 def results(
     ctx: typer.Context,
-    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task id.")],
     output: Annotated[
-        str, typer.Option("--output", "-o", help="Where to write (- for stdout).")
+        str, typer.Option("--output", "-o", metavar="PATH", help="Where to write (- for stdout).")
     ] = "-",
-    output_format: Annotated[str | None, typer.Option("--output-format")] = None,
+    output_format: Annotated[
+        str | None,
+        typer.Option("--output-format", metavar="FORMAT", help="json, jsonl or csv."),
+    ] = None,
     store: StoreOption = None,
 ) -> None:
-    """Write a run's results again from the store, without reprocessing."""
+    """Write a run's results again from the store.
+
+    Example: pagent results 20261128-235941-255f10 --output out.jsonl
+    """
     from parallel_agent.app import export_results
 
     with handled_errors(_debug(ctx)):
@@ -109,19 +135,25 @@ def results(
 
 def failures(
     ctx: typer.Context,
-    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task id.")],
     store: StoreOption = None,
     output: Annotated[
         str | None,
         typer.Option(
             "--output",
             "-o",
+            metavar="PATH",
             help="Write the failed input records to PATH (- for stdout) in the input's format, "
             "ready for pagent run, instead of listing them.",
         ),
     ] = None,
 ) -> None:
-    """List failed records as JSON Lines: node, record number, input record, error."""
+    """List failed records as JSON Lines, or write them for a rerun.
+
+    Each line holds node, record number (1-based), input record and error.
+
+    Example: pagent failures 20261128-235941-255f10 --output failed.jsonl
+    """
     from parallel_agent.app import export_failed, iter_failures
     from parallel_agent.report import failed_output_message
 
@@ -140,45 +172,56 @@ def failures(
 def list_command(
     ctx: typer.Context,
     store: StoreOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON Lines.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON array of runs (newest first).")
+    ] = False,
 ) -> None:
-    """List the runs the store remembers, newest first."""
+    """List the runs the store remembers, newest first.
+
+    Example: pagent list --json
+    """
     from parallel_agent.app import list_runs
 
     with handled_errors(_debug(ctx)):
         runs = list_runs(store)
+    if as_json:
+        _emit_json(runs)
+        return
     for run in runs:
-        if as_json:
-            _emit_json(run)
-        else:
-            sys.stdout.write(
-                f"{run['task_id']:<28} {run['status']:<16} {_when(run['created_at'])}  {run['pipeline']}\n"
-            )
+        sys.stdout.write(
+            f"{run['task_id']:<28} {run['status']:<16} {_when(run['created_at'])}  {run['pipeline']}\n"
+        )
 
 
 def resume(
     ctx: typer.Context,
-    task_id: Annotated[str, typer.Argument(help="The task id to continue.")],
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task id to continue.")],
     output: Annotated[
-        str | None, typer.Option("--output", "-o", help="Output file (default: the run's own).")
+        str | None,
+        typer.Option(
+            "--output", "-o", metavar="PATH", help="Output file (default: the run's own)."
+        ),
     ] = None,
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="Run failed chunks again.")
     ] = False,
     store: StoreOption = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")
-    ] = False,
+    as_json: JsonOption = False,
+    summary_path: SummaryOption = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print nothing on stderr but errors.")
     ] = False,
     failed_output: FailedOutputOption = None,
 ) -> None:
-    """Continue an interrupted or failed run, reusing every finished chunk."""
+    """Continue an interrupted or failed run, reusing finished chunks.
+
+    Example: pagent resume 20261128-235941-255f10 --retry-failed
+    """
     from parallel_agent.app import resume_run
     from parallel_agent.display import make_sink
 
     with handled_errors(_debug(ctx)):
+        check_stdout_clash(output=output, as_json=as_json)
         sink = make_sink(quiet=quiet)
         freeze_startup_objects()
         try:
@@ -191,20 +234,29 @@ def resume(
                 stdout=sys.stdout.buffer if output == "-" else None,
                 failed_output=failed_output,
             )
-        finally:
+        except InterruptedRunError as exc:
+            sink.close()  # first: the live display must be off before stdout is written
+            if exc.summary is not None:
+                write_summary(exc.summary, as_json=as_json, path=summary_path)
+            raise
+        except BaseException:
             sink.close()
-        if as_json:
-            _emit_json(summary.to_dict())
+            raise
+        sink.close()
+        write_summary(summary.to_dict(), as_json=as_json, path=summary_path)
         say_stop_reason(summary.exit_code, summary.error)
         raise typer.Exit(summary.exit_code)
 
 
 def cancel(
     ctx: typer.Context,
-    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task id.")],
     store: StoreOption = None,
 ) -> None:
-    """Cancel a run: its coordinator stops claiming chunks."""
+    """Cancel a run: its coordinator stops claiming chunks.
+
+    Example: pagent cancel 20261128-235941-255f10
+    """
     from parallel_agent.app import cancel_run
 
     with handled_errors(_debug(ctx)):
@@ -215,16 +267,43 @@ def cancel(
 def gc(
     ctx: typer.Context,
     older_than: Annotated[
-        float, typer.Option("--older-than", help="Age in hours of finished runs to drop.")
+        float,
+        typer.Option(
+            "--older-than", metavar="HOURS", help="Age in hours of finished runs to drop."
+        ),
     ] = 168.0,
+    task_glob: Annotated[
+        str | None,
+        typer.Option(
+            "--task-id", metavar="GLOB", help="Only runs whose task id matches GLOB ('nightly-*')."
+        ),
+    ] = None,
+    pipeline: Annotated[
+        str | None,
+        typer.Option("--pipeline", metavar="NAME", help="Only runs of the pipeline named NAME."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be dropped; drop nothing.")
+    ] = False,
     store: StoreOption = None,
 ) -> None:
-    """Drop finished runs older than --older-than hours (Redis keys also expire on their own)."""
+    """Drop finished runs older than --older-than hours.
+
+    Each dropped (or, with --dry-run, droppable) task id is printed on stdout, one a line.
+    Unfinished runs are never dropped; Redis keys of finished runs also expire on their own.
+
+    Example: pagent gc --older-than 24 --task-id 'nightly-*' --dry-run
+    """
     from parallel_agent.app import gc_runs
 
     with handled_errors(_debug(ctx)):
-        dropped = gc_runs(older_than * 3600, store)
-    sys.stderr.write(f"pagent: dropped {len(dropped)} finished runs\n")
+        dropped = gc_runs(
+            older_than * 3600, store, task_glob=task_glob, pipeline=pipeline, dry_run=dry_run
+        )
+    for task_id in dropped:
+        sys.stdout.write(task_id + "\n")
+    verb = "would drop" if dry_run else "dropped"
+    sys.stderr.write(f"pagent: {verb} {len(dropped)} finished runs\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -9,10 +9,16 @@ from typing import Annotated
 import typer
 
 from parallel_agent.cli.errors import handled_errors, say_stop_reason
-from parallel_agent.cli.options import FailedOutputOption, StoreOption
+from parallel_agent.cli.options import (
+    FailedOutputOption,
+    JsonOption,
+    StoreOption,
+    SummaryOption,
+    check_stdout_clash,
+    write_summary,
+)
 from parallel_agent.cli.process import freeze_startup_objects
-from parallel_agent.errors import UsageError
-from parallel_agent.jsonl import ascii_text
+from parallel_agent.errors import InterruptedRunError, UsageError
 
 
 def _debug(ctx: typer.Context) -> bool:
@@ -21,34 +27,49 @@ def _debug(ctx: typer.Context) -> bool:
 
 def run(
     ctx: typer.Context,
-    pipeline: Annotated[str, typer.Argument(help="The pipeline YAML file.")],
+    pipeline: Annotated[str, typer.Argument(metavar="PIPELINE", help="The pipeline YAML file.")],
     data: Annotated[
-        str | None, typer.Option("--data", "-d", help="Input file, or - for stdin.")
+        str | None, typer.Option("--data", "-d", metavar="PATH", help="Input file, or - for stdin.")
     ] = None,
     data_format: Annotated[
         str | None,
         typer.Option(
-            "--format", "-f", help="Input format: json, jsonl or csv (default: from the extension)."
+            "--format",
+            "-f",
+            metavar="FORMAT",
+            help="Input format: json, jsonl or csv (default: from the extension).",
         ),
     ] = None,
     data_key: Annotated[
         str,
         typer.Option(
-            "--data-key", help="Key of the record array when the JSON input is an object."
+            "--data-key",
+            metavar="KEY",
+            help="Key of the record array when the JSON input is an object.",
         ),
     ] = "data",
     output: Annotated[
         str | None,
-        typer.Option("--output", "-o", help="Output file (.json, .jsonl, .csv), or - for stdout."),
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="PATH",
+            help="Output file (.json, .jsonl, .csv), or - for stdout.",
+        ),
     ] = None,
     output_format: Annotated[
         str | None,
-        typer.Option("--output-format", help="Output format when the extension does not say."),
+        typer.Option(
+            "--output-format",
+            metavar="FORMAT",
+            help="Output format when the extension does not say.",
+        ),
     ] = None,
     output_nodes: Annotated[
         list[str] | None,
         typer.Option(
             "--output-node",
+            metavar="NODE=PATH",
             help="Also write NODE's result to PATH (NODE=PATH, format from the extension); "
             "repeatable.",
         ),
@@ -57,6 +78,7 @@ def run(
         str | None,
         typer.Option(
             "--task-id",
+            metavar="TASK_ID",
             help="Name the run (default: a new id). Reusing a finished id returns its summary.",
         ),
     ] = None,
@@ -65,14 +87,26 @@ def run(
         list[str] | None,
         typer.Option(
             "--set",
+            metavar="KEY=VALUE",
             help="Override a pipeline value: KEY=VALUE (task.params.KEY) or a.b.c=VALUE; repeatable.",
         ),
     ] = None,
     max_failures: Annotated[
         int | None,
-        typer.Option("--max-failures", min=0, help="Stop the run once more than N items failed."),
+        typer.Option(
+            "--max-failures", min=0, metavar="N", help="Stop the run once more than N items failed."
+        ),
     ] = None,
     failed_output: FailedOutputOption = None,
+    head: Annotated[
+        int | None,
+        typer.Option(
+            "--head",
+            min=1,
+            metavar="N",
+            help="Process only the first N records (try a pipeline on a sample).",
+        ),
+    ] = None,
     workers_only: Annotated[
         bool,
         typer.Option(
@@ -80,26 +114,34 @@ def run(
             help="Split and aggregate here, but leave every chunk to `pagent worker` processes.",
         ),
     ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON summary on stdout at the end.")
-    ] = False,
+    as_json: JsonOption = False,
+    summary_path: SummaryOption = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print nothing on stderr but errors.")
     ] = False,
     events: Annotated[
         str | None,
-        typer.Option("--events", help="Write run events as JSON Lines to PATH (or - for stdout)."),
+        typer.Option(
+            "--events",
+            metavar="PATH",
+            help="Write run events as JSON Lines to PATH (or - for stdout).",
+        ),
     ] = None,
     progress_interval: Annotated[
         float,
         typer.Option(
             "--progress-interval",
             min=0.1,
+            metavar="SECONDS",
             help="Seconds between progress lines when not on a terminal.",
         ),
     ] = 10.0,
 ) -> None:
-    """Run a pipeline over input data."""
+    """Run a pipeline over input data (JSON, JSON Lines or CSV).
+
+    Example: pagent run pipelines/parallel_processing.yaml --data pipelines/data/numbers.json
+    --output out.json
+    """
     from parallel_agent.app import RunOptions, check_run_paths, run_pipeline
     from parallel_agent.display import make_sink
 
@@ -116,53 +158,72 @@ def run(
             overrides=overrides or [],
             max_failures=max_failures,
             failed_output=failed_output,
+            head=head,
             workers_only=workers_only,
             output_nodes=output_nodes or [],
             stdin=sys.stdin.buffer if data == "-" else None,
             stdout=sys.stdout.buffer if output == "-" else None,
         )
-        if events == "-" and (output == "-" or as_json):
-            raise UsageError("--events - shares stdout with the results or --json; give it a file")
+        check_stdout_clash(output=output, as_json=as_json, events=events)
         check_run_paths(options, [("--events", events), ("--json", "-" if as_json else None)])
         sink = make_sink(quiet=quiet, progress_interval=progress_interval, events_path=events)
         freeze_startup_objects()
         try:
             summary = run_pipeline(options, sink)
-        finally:
+        except InterruptedRunError as exc:
+            sink.close()  # first: the live display must be off before stdout is written
+            if exc.summary is not None:
+                write_summary(exc.summary, as_json=as_json, path=summary_path)
+            raise
+        except BaseException:
             sink.close()
-        if as_json:
-            sys.stdout.write(ascii_text(summary.to_dict()) + "\n")
-            sys.stdout.flush()
+            raise
+        sink.close()
+        write_summary(summary.to_dict(), as_json=as_json, path=summary_path)
         say_stop_reason(summary.exit_code, summary.error)
         raise typer.Exit(summary.exit_code)
 
 
 def validate(
     ctx: typer.Context,
-    pipeline: Annotated[str, typer.Argument(help="The pipeline YAML file.")],
+    pipeline: Annotated[str, typer.Argument(metavar="PIPELINE", help="The pipeline YAML file.")],
     overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a pipeline value.")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Override a pipeline value; repeatable."),
     ] = None,
 ) -> None:
-    """Check a pipeline without running it (schema, graph, conditions, imports)."""
+    """Check a pipeline without running it.
+
+    Checks the schema, the graph, every expression and condition, and the imports; warns about
+    condition names no module is known to write.
+
+    Example: pagent validate pipelines/parallel_processing.yaml --set factor=3
+    """
     from pathlib import Path
 
-    from parallel_agent.pipeline import load_pipeline
     from parallel_agent.pipeline.build import check_pipeline
+    from parallel_agent.pipeline.loader import check_pipeline_text, read_pipeline_text
 
     with handled_errors(_debug(ctx)):
-        loaded = load_pipeline(pipeline, overrides or [])
-        for warning in check_pipeline(loaded, pipeline_dir=Path(pipeline).parent):
+        text = read_pipeline_text(pipeline)
+        loaded, warnings = check_pipeline_text(text, pipeline, overrides or [])
+        warnings += check_pipeline(loaded, pipeline_dir=Path(pipeline).parent)
+        for warning in warnings:
             sys.stderr.write(f"pagent: warning: {warning}\n")
         sys.stderr.write(f"{pipeline}: ok ({len(loaded.nodes)} nodes)\n")
 
 
 def graph(
     ctx: typer.Context,
-    pipeline: Annotated[str, typer.Argument(help="The pipeline YAML file.")],
-    fmt: Annotated[str, typer.Option("--format", help="text, mermaid or dot.")] = "text",
+    pipeline: Annotated[str, typer.Argument(metavar="PIPELINE", help="The pipeline YAML file.")],
+    fmt: Annotated[
+        str, typer.Option("--format", metavar="FORMAT", help="text, mermaid or dot.")
+    ] = "text",
 ) -> None:
-    """Show how a pipeline will run: nodes, dependencies, layers and flow decisions."""
+    """Show a pipeline's nodes, dependencies and decisions.
+
+    Example: pagent graph pipelines/parallel_processing.yaml --format mermaid
+    """
     from parallel_agent.display.graph import RENDERERS
     from parallel_agent.pipeline import load_pipeline
 
@@ -174,7 +235,10 @@ def graph(
 
 
 def schema() -> None:
-    """Print the pipeline file's JSON Schema (for editors)."""
+    """Print the pipeline file's JSON Schema (for editors).
+
+    Example: pagent schema > pipeline.schema.json
+    """
     from parallel_agent.pipeline import pipeline_json_schema
 
     sys.stdout.write(json.dumps(pipeline_json_schema(), indent=2) + "\n")

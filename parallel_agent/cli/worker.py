@@ -16,7 +16,10 @@ def worker(
     store: Annotated[
         str,
         typer.Option(
-            "--store", envvar="PAGENT_STORE", help="The runs' Redis store: redis://host:6379/0."
+            "--store",
+            envvar="PAGENT_STORE",
+            metavar="URL",
+            help="The runs' Redis store: redis://host:6379/0.",
         ),
     ],
     pipelines: Annotated[
@@ -24,26 +27,35 @@ def worker(
         typer.Option(
             "--pipeline",
             "-p",
+            metavar="PATH",
             help="A pipeline file whose runs this worker joins (same hash); repeatable.",
         ),
     ] = None,
     task_ids: Annotated[
         list[str] | None,
         typer.Option(
-            "--task-id", help="Join only these runs (and exit once they ended); repeatable."
+            "--task-id",
+            metavar="TASK_ID",
+            help="Join only these runs (and exit once they ended); repeatable.",
         ),
     ] = None,
     concurrency: Annotated[
         int | None,
-        typer.Option("--concurrency", min=1, help="Cap each node's concurrency on this host."),
+        typer.Option(
+            "--concurrency", min=1, metavar="N", help="Cap each node's concurrency on this host."
+        ),
     ] = None,
     processes: Annotated[
         int | None,
-        typer.Option("--processes", min=1, help="Cap each node's worker processes on this host."),
+        typer.Option(
+            "--processes", min=1, metavar="N", help="Cap each node's worker processes on this host."
+        ),
     ] = None,
     idle_exit: Annotated[
         float | None,
-        typer.Option("--idle-exit", min=0, help="Exit 0 after S seconds with nothing to claim."),
+        typer.Option(
+            "--idle-exit", min=0, metavar="S", help="Exit 0 after S seconds with nothing to claim."
+        ),
     ] = None,
     any_pipeline: Annotated[
         bool,
@@ -53,7 +65,10 @@ def worker(
         ),
     ] = False,
 ) -> None:
-    """Help the runs of a Redis store: claim their chunks, process them, commit them."""
+    """Claim and process the chunks of a Redis store's runs.
+
+    Example: pagent worker --store redis://host:6379/0 --pipeline pipeline.yaml
+    """
     from parallel_agent.app.worker import WorkerOptions, run_worker
 
     with handled_errors(bool((ctx.obj or {}).get("debug"))):
@@ -74,12 +89,18 @@ def workers(
     store: Annotated[
         str,
         typer.Option(
-            "--store", envvar="PAGENT_STORE", help="The runs' Redis store: redis://host:6379/0."
+            "--store",
+            envvar="PAGENT_STORE",
+            metavar="URL",
+            help="The runs' Redis store: redis://host:6379/0.",
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the workers as JSON.")] = False,
 ) -> None:
-    """List the live `pagent worker` processes of a Redis store."""
+    """List the live `pagent worker` processes of a Redis store.
+
+    Example: pagent workers --store redis://host:6379/0 --json
+    """
     from parallel_agent.app.worker import list_workers
 
     with handled_errors(bool((ctx.obj or {}).get("debug"))):

@@ -25,7 +25,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from parallel_agent.display.report import outputs_lines
+from parallel_agent.display.report import outputs_lines, resumed_text, stop_text
 from parallel_agent.display.report_table import report_renderable
 from parallel_agent.events import (
     ChunkDone,
@@ -138,6 +138,8 @@ class LiveDisplay(EventSink):
             refresh_per_second=refresh_per_second,
             auto_refresh=auto_refresh,
             transient=False,
+            # stdout carries results (`--output -`) and `--json`: never into the display
+            redirect_stdout=False,
         )
         self.live.start()
 
@@ -145,8 +147,9 @@ class LiveDisplay(EventSink):
         self.view.task_id = event.task_id
         self.view.pipeline = event.pipeline
         self.view.started = self.view.clock()
+        verb = "resumed" if event.resumed else "started"
         self.console.print(
-            f"pagent: task {event.task_id} started (pipeline {event.pipeline})",
+            f"pagent: task {event.task_id} {verb} (pipeline {event.pipeline})",
             highlight=False,
             markup=False,
         )
@@ -160,10 +163,19 @@ class LiveDisplay(EventSink):
             self.view.errors.append(f"node {event.node}: {event.error}")
 
     def on_chunks_planned(self, event: ChunksPlanned) -> None:
-        self.view.row(event.node).chunks = event.chunks
+        row = self.view.row(event.node)
+        row.chunks = event.chunks
+        row.done = event.chunks_done
+        row.failed_chunks = event.chunks_failed
+        row.failed_items = event.items_failed
         if self.view.main is None:
             self.view.main = event.node
             self.view.items_total = event.items
+            self.view.items_done = event.items_done
+            self.view.items_failed = event.items_failed
+            resumed = resumed_text(event)
+            if resumed:
+                self.console.print(f"pagent: {resumed}", highlight=False, markup=False)
 
     def on_chunk_started(self, event: ChunkStarted) -> None:
         row = self.view.row(event.node)
@@ -208,6 +220,14 @@ class LiveDisplay(EventSink):
         items = event.summary.get("items", {})
         self.view.items_done = items.get("done", self.view.items_done)
         self.view.items_total = items.get("total", self.view.items_total)
+        self.view.items_failed = items.get("failed", self.view.items_failed)
+        for node, counts in (event.summary.get("nodes") or {}).items():
+            row = self.view.row(node)
+            if "state" in counts:
+                row.state = counts["state"]
+            if "chunks" in counts:
+                row.chunks, row.done = counts["chunks"], counts.get("done", row.done)
+                row.failed_chunks = counts.get("failed", row.failed_chunks)
 
     def close(self) -> None:
         if self.finished is None:
@@ -217,8 +237,10 @@ class LiveDisplay(EventSink):
         self.live.refresh()
         self.live.stop()
         summary = self.finished.summary
-        if summary.get("error"):
-            self.console.print(f"pagent: {summary['error']}", highlight=False, markup=False)
+        stop = stop_text(summary)
+        if stop or summary.get("error"):
+            text = stop or summary["error"]
+            self.console.print(f"pagent: {text}", highlight=False, markup=False)
         for notice in summary.get("notices") or []:
             self.console.print(f"pagent: note: {notice}", highlight=False, markup=False)
         for line in outputs_lines(summary):
@@ -239,7 +261,7 @@ def view_from_status(report: dict[str, Any], view: RunView | None = None) -> Run
     view = view or RunView()
     view.task_id = report["task_id"]
     view.pipeline = report["pipeline"]
-    view.status = report["state"]
+    view.status = report.get("status") or report["state"]
     items = report["items"]
     view.items_total, view.items_done, view.items_failed = (
         items["total"],
@@ -257,11 +279,7 @@ def view_from_status(report: dict[str, Any], view: RunView | None = None) -> Run
             counts["items_failed"],
             counts["failed"],
         )
-        row.state = (
-            "done"
-            if counts["sealed"] and counts["done"] + counts["failed"] == counts["chunks"]
-            else "running"
-        )
+        row.state = counts.get("state", row.state)
         if view.main is None:
             view.main = name
     return view
@@ -289,7 +307,7 @@ def watch_status(
     report = fetch()
     view = view_from_status(report)
     with Live(view, console=console, refresh_per_second=4, transient=False) as live:
-        while report["state"] not in finished:
+        while (report.get("status") or report["state"]) not in finished:
             time.sleep(interval)
             report = fetch()
             view_from_status(report, view)

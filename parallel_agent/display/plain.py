@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from parallel_agent.display.report import outputs_lines, report_lines
+from parallel_agent.display.report import outputs_lines, report_lines, resumed_text, stop_text
 from parallel_agent.events import (
     ChunkDone,
     ChunkFailed,
@@ -58,13 +58,19 @@ class PlainLines(EventSink):
     def on_run_started(self, event: RunStarted) -> None:
         self.started = self.clock()
         self.last_line = self.started
-        self._write(f"pagent: task {event.task_id} started (pipeline {event.pipeline})")
+        verb = "resumed" if event.resumed else "started"
+        self._write(f"pagent: task {event.task_id} {verb} (pipeline {event.pipeline})")
 
     def on_chunks_planned(self, event: ChunksPlanned) -> None:
         if self.main_node is None:
             self.main_node = event.node
             self.items_total = event.items
             self.chunks_total = event.chunks
+            self.chunks_done = event.chunks_done
+            self.items_done = event.items_done
+            self.items_failed = event.items_failed
+            if resumed_text(event):
+                self._write(f"pagent: {resumed_text(event)}")
 
     def on_node_progress(self, event: NodeProgress) -> None:
         """The store's counts replace what this process counted (other hosts work too)."""
@@ -106,8 +112,9 @@ class PlainLines(EventSink):
             f"{items.get('total', 0)} items done, {items.get('failed', 0)} failed, "
             f"{summary.get('duration_s', 0):.2f} s"
         )
-        if summary.get("error"):
-            lines.append(f"pagent: {summary['error']}")
+        stop = stop_text(summary)
+        if stop or summary.get("error"):
+            lines.append(f"pagent: {stop or summary['error']}")
         lines.extend(f"pagent: note: {notice}" for notice in summary.get("notices") or [])
         lines.extend(outputs_lines(summary))
         report = summary.get("report")

@@ -15,8 +15,10 @@ from rich.text import Text
 from parallel_agent.display.report import (
     FAILURES_TITLE,
     HEADINGS,
+    choose_columns,
     column_widths,
     failure_cells,
+    key_value_lines,
     node_cells,
     records_lines,
 )
@@ -30,10 +32,17 @@ class _NodeTable:
         self.nodes = nodes
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        rows = [HEADINGS, *(node_cells(node) for node in self.nodes)]
+        full = [HEADINGS, *(node_cells(node) for node in self.nodes)]
+        columns = choose_columns(full, options.max_width)
+        if columns is None:
+            report = RunReport(nodes=tuple(self.nodes))
+            for line in key_value_lines(report, options.max_width):
+                yield Text(line, style="" if line.startswith(" ") else "bold", no_wrap=True)
+            return
+        rows = [[row[c] for c in columns] for row in full]
         widths = column_widths(rows, options.max_width)
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
-        for heading, size in zip(HEADINGS, widths, strict=True):
+        for heading, size in zip(rows[0], widths, strict=True):
             node_column = heading == "node"
             table.add_column(
                 heading,

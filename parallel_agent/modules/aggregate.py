@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from parallel_agent.conditions import compile_expression
+from parallel_agent.conditions import AGGREGATE_NAMES, compile_expression
 from parallel_agent.errors import PipelineError
 from parallel_agent.jsonl import decode_lines, not_finite
 from parallel_agent.modules.context import RunContext
@@ -98,7 +98,7 @@ async def _aggregate(
             groups.setdefault(str(key), []).append(value)
         return groups
     if expr is not None:
-        compiled = compile_expression(expr, what=what)
+        compiled = compile_expression(expr, what=what, names=AGGREGATE_NAMES)
         results = [value async for value in iter_outputs(ctx, producer)]
         return compiled.evaluate({"results": results, "params": ctx.params})
     raise PipelineError(f"{what}: nothing to compute")

@@ -19,7 +19,7 @@ from parallel_agent.modules.grouping import Grouper, build_groupers, chunk_parti
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError, describe
 from parallel_agent.modules.processors import ChunkProcessor
 from parallel_agent.modules.threads import run_in_thread
-from parallel_agent.store.base import ChunkSpec, Lease, encode_record_numbers
+from parallel_agent.store.base import ChunkSpec, Lease, NodeCounts, encode_record_numbers
 
 #: How many item errors of one chunk are also sent as events (all are stored).
 ITEM_EVENTS_PER_CHUNK = 20
@@ -58,8 +58,21 @@ async def feed_from_producer(ctx: RunContext, node: str) -> None:
     if not counts.sealed:
         await _queue_producer_results(ctx, node)
         counts = await store.counts(ctx.task_id, node)
-    ctx.emit(
-        ChunksPlanned(at=ctx.now(), node=node, chunks=counts.chunks_total, items=counts.items_total)
+    ctx.emit(planned_event(ctx, node, counts))
+
+
+def planned_event(ctx: RunContext, node: str, counts: NodeCounts) -> ChunksPlanned:
+    """A node's queue as the store holds it when this coordinator starts on it: on a resume,
+    the chunks and items finished before count as done, so displays show the run's totals."""
+    return ChunksPlanned(
+        at=ctx.now(),
+        node=node,
+        chunks=counts.chunks_total,
+        items=counts.items_total,
+        chunks_done=counts.done,
+        chunks_failed=counts.failed,
+        items_done=counts.items_done,
+        items_failed=counts.items_failed,
     )
 
 
@@ -125,7 +138,7 @@ class ChunkWorkers:
         try:
             await self._work_queue(number)
         except RunCancelledError:
-            self.ctx.request_stop("cancelled")
+            self.ctx.request_stop("cancelled", kind="cancel")
         except StoreError as exc:
             self.ctx.fail_run(exc)
 
@@ -332,7 +345,8 @@ class ChunkWorkers:
             if settings.on_error == "stop":
                 await ctx.stop_run(
                     f"record {errors[0].record} failed in node '{settings.node}' "
-                    f"(on_error: stop): {errors[0].error}"
+                    f"(on_error: stop): {errors[0].error}",
+                    kind="on_error_stop",
                 )
             else:
                 await self._count_failures(len(errors))
@@ -368,7 +382,9 @@ class ChunkWorkers:
             self.ctx.task_id, FAILED_ITEMS_KEY, count
         )
         if failures.exceeded:
-            await self.ctx.stop_run(f"more than {failures.limit} items failed (--max-failures)")
+            await self.ctx.stop_run(
+                f"more than {failures.limit} items failed (--max-failures)", kind="max_failures"
+            )
 
 
 def _record(error: ItemError) -> int:

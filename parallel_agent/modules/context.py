@@ -25,6 +25,8 @@ class InputSource:
     fmt: str
     data_key: str = "data"
     stream: BinaryIO | None = None
+    head: int | None = None
+    """Read only the first `head` records (`pagent run --head N`, to try a pipeline on a sample)."""
 
 
 @dataclass
@@ -57,6 +59,8 @@ class RunContext:
     failures: FailureBudget = field(default_factory=FailureBudget)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: str | None = None
+    stop_kind: str | None = None
+    """Why the run stopped early, as a word scripts can test (STOP_KINDS); `stop_reason` says it."""
     handback: asyncio.Event = field(default_factory=asyncio.Event)
     """Set HANDBACK_GRACE_S after `stop`: chunks still in flight are then abandoned and their
     leases released, so a resume (or another worker) redoes them."""
@@ -76,30 +80,39 @@ class RunContext:
         """Stop the run because of `error`; the run service raises it once the engine has stopped."""
         if self.fatal is None:
             self.fatal = error
-        self.request_stop(str(error))
+        self.request_stop(str(error), kind="error")
 
-    def request_stop(self, reason: str) -> None:
-        """Ask every worker to stop claiming new chunks (first reason wins); chunks in flight get
-        HANDBACK_GRACE_S to finish, then are handed back."""
+    def request_stop(self, reason: str, kind: str = "error") -> None:
+        """Ask every worker to stop claiming new chunks (first reason wins; `kind` is one of
+        STOP_KINDS); chunks in flight get HANDBACK_GRACE_S to finish, then are handed back."""
         if self.stop_reason is None:
             self.stop_reason = reason
+            self.stop_kind = kind
         if not self.stop.is_set():
             self.stop.set()
             asyncio.get_running_loop().call_later(HANDBACK_GRACE_S, self.handback.set)
 
-    async def stop_run(self, reason: str) -> None:
+    async def stop_run(self, reason: str, kind: str = "error") -> None:
         """Stop the run in every process: here at once, and in the store (`extra.stop`), where
         the coordinator and each `pagent worker` look every third of a lease."""
-        self.request_stop(reason)
-        await self.store.update_run(self.task_id, extra={RUN_STOP_KEY: reason})
+        self.request_stop(reason, kind=kind)
+        await self.store.update_run(
+            self.task_id, extra={RUN_STOP_KEY: reason, RUN_STOP_KIND_KEY: kind}
+        )
 
     @staticmethod
     def now() -> float:
         return time.time()
 
 
-#: Run extra key holding why a process stopped the whole run (`--max-failures`, `on_error: stop`).
+#: Why a run stopped before its end: Ctrl-C or a signal, `pagent cancel`, `--max-failures`,
+#: `on_error: stop`, the engine's `max_total_iterations`/`max_visits`, or an error (store, input).
+STOP_KINDS = ("interrupt", "cancel", "max_failures", "on_error_stop", "iteration_limit", "error")
+
+#: Run extra keys holding why a process stopped the whole run (`--max-failures`, `on_error: stop`)
+#: and that stop's kind (STOP_KINDS), for the other processes of the run.
 RUN_STOP_KEY = "stop"
+RUN_STOP_KIND_KEY = "stop_kind"
 #: How long a background loop gets to finish its current step once told to stop.
 STOP_GRACE_S = 2.0
 #: How long chunks in flight get to finish once the run stops (a signal, `pagent cancel`,

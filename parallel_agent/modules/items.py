@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from parallel_agent.errors import ConditionError
+
 
 @dataclass(frozen=True)
 class ItemError:
@@ -54,7 +56,10 @@ class ChunkFailure(Exception):
 
 
 def describe(exc: BaseException) -> str:
+    """`KeyError: 'x'`; an expression's error already starts with the error it wraps."""
     text = str(exc)
+    if isinstance(exc, ConditionError):
+        return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -75,14 +80,17 @@ def evaluate_items(
     keep_if_true: bool,
 ) -> ChunkOutcome:
     """An expression per item (`evaluate` takes the names it sees); failures are per item.
-    `numbers` are the items' input record numbers (`index` is the 0-based one)."""
+    `numbers` are the items' 1-based input record numbers: `record` in the expression, the number
+    failures are reported under; `index` is the same position 0-based (`record - 1`)."""
     outcome = ChunkOutcome()
     outputs, errors = outcome.outputs, outcome.errors
     skipped: list[int] = []
     for offset, item in enumerate(records):
         number = numbers[offset]
         try:
-            value = evaluate({"item": item, "index": number - 1, "params": params})
+            value = evaluate(
+                {"item": item, "record": number, "index": number - 1, "params": params}
+            )
         except Exception as exc:  # a failing item is recorded, never fatal here
             errors.append(ItemError(number, describe(exc), item))
             skipped.append(offset)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 from parallel_agent.errors import UsageError
 from parallel_agent.events import ChunksPlanned
 from parallel_agent.io import MAX_RECORD_SIZE, ChunkReader, read_chunks
 from parallel_agent.io.records import PayloadChunk
+from parallel_agent.modules.chunks import planned_event
 from parallel_agent.modules.context import RunContext
 from parallel_agent.modules.grouping import PARTIAL_PAYLOAD
 from parallel_agent.modules.pool import PooledProcessor
@@ -37,13 +40,9 @@ async def split_input(
     targets = ctx.consumers.get(node) or [node]
     sealed = [(await ctx.store.counts(ctx.task_id, target)).sealed for target in targets]
     if all(sealed):
-        counts = await ctx.store.counts(ctx.task_id, targets[0])
         for target in targets:
-            ctx.emit(
-                ChunksPlanned(
-                    at=ctx.now(), node=target, chunks=counts.chunks_total, items=counts.items_total
-                )
-            )
+            counts = await ctx.store.counts(ctx.task_id, target)
+            ctx.emit(planned_event(ctx, target, counts))
         return {"chunks": counts.chunks_total, "items": counts.items_total, "resumed": True}
     if ctx.source is None:
         raise UsageError(f"node '{node}' splits the input, but the run has no input data (--data)")
@@ -60,7 +59,7 @@ async def split_input(
         checker = None  # JSON and CSV are parsed as they are read
     if checker is not None:
         checker.warm_up(ctx.params)  # while the first chunk is read
-    splitter = _Splitter(ctx, targets, reader, checker)
+    splitter = _Splitter(ctx, targets, reader, checker, limit=source.head)
     await splitter.run()
     for target in targets:
         await ctx.store.seal(ctx.task_id, target)
@@ -82,8 +81,10 @@ class _Splitter:
         targets: list[str],
         reader: ChunkReader,
         checker: PooledProcessor | None,
+        limit: int | None = None,
     ) -> None:
         self.ctx = ctx
+        self.limit = limit
         self.targets = targets
         self.reader = reader
         self.checker = checker
@@ -108,13 +109,25 @@ class _Splitter:
 
     async def _read_all(self) -> None:
         chunks = self.reader.payload_chunks(check=self.checker is None)
+        try:
+            await self._read_chunks(chunks)
+        finally:
+            close = getattr(chunks, "close", None)  # with --head the rest is never read
+            if close is not None:
+                close()
+
+    async def _read_chunks(self, chunks: Iterator[PayloadChunk]) -> None:
         window = 2 * self.checker.size if self.checker is not None else 0
-        while True:
+        read = 0
+        while self.limit is None or read < self.limit:
             # Reading (and, without a checker, parsing) is CPU work: keep it off the event loop
             # so that leases elsewhere stay renewed.
             chunk = await asyncio.to_thread(next, chunks, None)
             if chunk is None:
                 break
+            if self.limit is not None and read + chunk.count > self.limit:
+                chunk = _first_records(chunk, self.limit - read)
+            read += chunk.count
             if self.checker is None:
                 await self._queue(chunk, {})
                 continue
@@ -150,6 +163,12 @@ class _Splitter:
         if self.batch:
             self.queueing = asyncio.ensure_future(_queue(self.ctx, self.targets, self.batch))
             self.batch = []
+
+
+def _first_records(chunk: PayloadChunk, count: int) -> PayloadChunk:
+    """The chunk cut after its first `count` records (one JSON line each in its payload)."""
+    lines = chunk.payload.split(b"\n")[:count]
+    return dataclasses.replace(chunk, count=count, payload=b"\n".join(lines) + b"\n")
 
 
 async def _queue(

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from parallel_agent.conditions import compile_condition, compile_expression
+from parallel_agent.conditions import AGGREGATE_NAMES, compile_condition, compile_expression
 from parallel_agent.errors import PipelineError
 from parallel_agent.graph import (
     Agent,
@@ -365,7 +365,9 @@ def _engine_node(
             )
         elif isinstance(spec, AggregateSpec):
             if spec.expr is not None:
-                compile_expression(spec.expr, what=f"node '{node.name}', aggregate expr")
+                compile_expression(
+                    spec.expr, what=f"node '{node.name}', aggregate expr", names=AGGREGATE_NAMES
+                )
             direct = uses.get(ctx.producers.get(node.name, "")) == "split"
             settings = _settings(node) if direct else None
             modules.append(AggregateModule(ctx, node.name, spec.model_dump(), settings))

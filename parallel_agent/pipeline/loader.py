@@ -21,8 +21,10 @@ import yaml
 from pydantic import ValidationError
 
 from parallel_agent.errors import Location, PipelineError, UsageError
+from parallel_agent.pipeline.expressions import check_expressions, unknown_dependencies
 from parallel_agent.pipeline.schema import (
     BUILTIN_MODULES,
+    KNOWN_KEYS,
     PROBLEMS,
     KeyPath,
     Pipeline,
@@ -282,7 +284,9 @@ def _human(error: Any) -> str:
     context = error.get("ctx") or {}
     leaf = error["loc"][-1] if error["loc"] else None
     if kind == "extra_forbidden":
-        return f"unknown key '{leaf}'"
+        close = difflib.get_close_matches(str(leaf), sorted(KNOWN_KEYS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown key '{leaf}'{hint}"
     if kind == "missing":
         return "required"
     if kind in _COMPARISONS:
@@ -345,16 +349,10 @@ def _where(path: KeyPath, source: str, marks: Marks, applied: dict[KeyPath, str]
     return Location(source, line, column)
 
 
-def _validation_error(
-    exc: ValidationError, source: str, marks: Marks, applied: dict[KeyPath, str]
-) -> PipelineError:
-    located = [
-        (_where(path, source, marks, applied), path, message) for path, message in _problems(exc)
-    ]
-    first_where, first_path, first_message = located[0]
-    if len(located) == 1 and isinstance(first_where, Location):
-        message = f"{dotted(first_path)}: {first_message}" if first_path else first_message
-        return PipelineError(message, location=first_where)
+def _located(
+    problems: Sequence[Problem], source: str, marks: Marks, applied: dict[KeyPath, str]
+) -> list[tuple[Location | str, KeyPath, str]]:
+    located = [(_where(path, source, marks, applied), path, message) for path, message in problems]
 
     def order(item: tuple[Location | str, KeyPath, str]) -> tuple[int, int]:
         where = item[0]
@@ -362,10 +360,25 @@ def _validation_error(
             return where.line, where.column or 0
         return 1 << 30, 0
 
-    lines = [
+    return sorted(located, key=order)
+
+
+def _lines(located: Sequence[tuple[Location | str, KeyPath, str]]) -> list[str]:
+    return [
         f"{where}: {dotted(path)}: {message}" if path else f"{where}: {message}"
-        for where, path, message in sorted(located, key=order)
+        for where, path, message in located
     ]
+
+
+def _located_error(
+    problems: Sequence[Problem], source: str, marks: Marks, applied: dict[KeyPath, str]
+) -> PipelineError:
+    located = _located(problems, source, marks, applied)
+    first_where, first_path, first_message = located[0]
+    if len(located) == 1 and isinstance(first_where, Location):
+        message = f"{dotted(first_path)}: {first_message}" if first_path else first_message
+        return PipelineError(message, location=first_where)
+    lines = _lines(located)
     if len(lines) > MAX_ERRORS:
         lines = [*lines[:MAX_ERRORS], f"... and {len(lines) - MAX_ERRORS} more errors"]
     # One line: the CLI writes each error as a single `pagent: error: ...` line.
@@ -379,6 +392,13 @@ def load_pipeline_text(
     text: str, source: str = "<string>", overrides: Sequence[str] = ()
 ) -> Pipeline:
     """Parse, override and validate a pipeline given as text; `source` names it in messages."""
+    return check_pipeline_text(text, source, overrides)[0]
+
+
+def check_pipeline_text(
+    text: str, source: str = "<string>", overrides: Sequence[str] = ()
+) -> tuple[Pipeline, list[str]]:
+    """`load_pipeline_text`, plus the located warnings (`pagent validate` prints them)."""
     doc, marks = _parse(text, source)
     if doc is None:
         raise PipelineError("the pipeline is empty", location=Location(source))
@@ -389,20 +409,33 @@ def load_pipeline_text(
             location=Location(source, line, column),
         )
     applied = _apply_overrides(doc, overrides)
+    errors, warnings = check_expressions(doc)
     try:
-        return Pipeline.model_validate(doc)
+        pipeline = Pipeline.model_validate(doc)
     except ValidationError as exc:
-        raise _validation_error(exc, source, marks, applied) from None
+        schema_errors = _problems(exc)
+        # The graph's checks run only on a valid model: find unknown dependencies here too, so
+        # that one run of `validate` shows every problem of the file.
+        if not any("dependencies" in path for path, _ in schema_errors):
+            schema_errors += unknown_dependencies(doc)
+        errors = [*schema_errors, *errors]
+    if errors:
+        raise _located_error(errors, source, marks, applied)
+    return pipeline, _lines(_located(warnings, source, marks, applied))
+
+
+def read_pipeline_text(path: str | Path) -> str:
+    """A pipeline file's text; an unreadable file is a PipelineError (exit 2)."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise PipelineError(f"cannot read pipeline {path}: {reason}") from None
 
 
 def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
     """Read, parse, override and validate a pipeline file; any problem is a PipelineError (exit 2)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise PipelineError(f"cannot read pipeline {path}: {reason}") from None
-    return load_pipeline_text(text, str(path), overrides)
+    return load_pipeline_text(read_pipeline_text(path), str(path), overrides)
 
 
 def pipeline_hash(pipeline: Pipeline) -> str:

@@ -128,7 +128,9 @@ class MapSpec(Strict):
 
     use: Literal["map"] = Field(description="Module kind.")
     expr: str | None = Field(
-        None, description="Sandboxed expression over `item`, `index` and `params`."
+        None,
+        description="Sandboxed expression over `item`, `record` (1-based input record number), "
+        "`index` (`record - 1`) and `params`; any other name is an error.",
     )
     function: str | None = Field(
         None,
@@ -166,7 +168,9 @@ class FilterSpec(Strict):
 
     use: Literal["filter"] = Field(description="Module kind.")
     expr: str | None = Field(
-        None, description="Sandboxed expression over `item`, `index` and `params`."
+        None,
+        description="Sandboxed expression over `item`, `record` (1-based input record number), "
+        "`index` (`record - 1`) and `params`; any other name is an error.",
     )
     function: str | None = Field(
         None,
@@ -472,3 +476,23 @@ def _cycle_problems(nodes: Sequence[NodeSpec]) -> list[Problem]:
             )
         ]
     return []
+
+
+def _known_keys() -> frozenset[str]:
+    """Every key a pipeline file may hold (field names and aliases), for "did you mean"."""
+    keys: set[str] = set()
+    pending: list[type[BaseModel]] = [Pipeline]
+    seen: set[type[BaseModel]] = set()
+    while pending:
+        model = pending.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            keys.add(info.alias or name)
+        pending.extend(sub for sub in Strict.__subclasses__() if sub not in seen)
+    return frozenset(keys)
+
+
+#: The keys of every section of a pipeline file.
+KNOWN_KEYS = _known_keys()

@@ -231,10 +231,14 @@ class SqliteStore(RunStore):
                 isolation_level=None,
                 check_same_thread=False,
             )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open {self.url}: {exc}") from None
+        try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.Error as exc:
+            conn.close()  # a file that is not a database: close what was opened
             raise StoreError(f"cannot open {self.url}: {exc}") from None
         return conn
 
