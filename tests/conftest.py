@@ -4,6 +4,7 @@ unique key prefix per test that is deleted afterwards. Never FLUSHALL: the serve
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -11,6 +12,16 @@ import pytest
 
 REDIS_URL = os.environ.get("PAGENT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+# A runner may start the suite with stop signals ignored (a background job of a non-interactive
+# shell ignores SIGINT). pagent keeps an ignored signal ignored on purpose (`nohup`), so the
+# processes these tests start and then interrupt must not inherit that: a signal handled here is
+# reset to its default in every child at exec.
+for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(_signum) is signal.SIG_IGN:
+        signal.signal(
+            _signum, signal.default_int_handler if _signum == signal.SIGINT else signal.SIG_DFL
+        )
 
 
 def _redis_reachable(url: str) -> str | None:
