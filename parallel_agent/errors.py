@@ -103,6 +103,11 @@ class StateLostError(StoreError):
     """Raised when the store answers but the run's state is gone (e.g. a Redis restart without persistence)."""
 
 
+class CoordinatorLockLostError(StateLostError):
+    """Raised when a coordinator's lock on its task expired, was evicted or taken: another
+    coordinator may run the task now, so this one stops and records nothing."""
+
+
 class OutputError(PagentError):
     """Raised when the output cannot be written; no partial file is left behind."""
 

@@ -199,7 +199,10 @@ def test_every_item_failed_is_a_failed_run_and_a_failed_node(cli: Any, tmp_path:
 
 def test_some_items_failed_is_a_partial_node(cli: Any, tmp_path: Path) -> None:
     pipeline = pipeline_with(tmp_path, "{use: map, expr: '1 / (item % 3)'}")
-    result = cli("run", pipeline, "--data", numbers(tmp_path), "--json", "--events", "ev.jsonl")
+    events_file = tmp_path / "ev.jsonl"
+    result = cli(
+        "run", pipeline, "--data", numbers(tmp_path), "--json", "--events", str(events_file)
+    )
     summary = json.loads(result.stdout)
     assert (result.exit_code, summary["status"]) == (1, "partial_failure")
     assert summary["stop_reason"] is None
@@ -209,7 +212,7 @@ def test_some_items_failed_is_a_partial_node(cli: Any, tmp_path: Path) -> None:
         "collect": "succeeded",
     }
     assert "node work partial" in result.stderr
-    events = [json.loads(line) for line in Path("ev.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
     finished = {e["node"]: e["outcome"] for e in events if e["kind"] == "node_finished"}
     assert finished["work"] == "partial"
     status = json.loads(cli("status", summary["task_id"], "--json").stdout)

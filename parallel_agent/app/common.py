@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from parallel_agent.errors import InputDataError, StateLostError, StoreError, UsageError
+from parallel_agent.errors import InputDataError, StoreError, UsageError
 from parallel_agent.modules.context import (
     RUN_STOP_KEY,
     RUN_STOP_KIND_KEY,
@@ -112,17 +112,11 @@ async def watch_run(ctx: RunContext, generation: str, interval: float, done: asy
     recorded in the store), or the run is gone from the store (state lost)."""
     while not await wait_or_timeout(done, interval):
         try:
-            current = await ctx.store.get_run(ctx.task_id)
+            # gone or recreated: StateLostError; on Redis it also makes every later script of
+            # this process check the marker, and refuses a server that now evicts any key
+            current = await ctx.store.check_generation(ctx.task_id, generation)
         except StoreError as exc:
             ctx.fail_run(exc)
-            return
-        if current is None or current.generation != generation:
-            ctx.fail_run(
-                StateLostError(
-                    f"the state of task '{ctx.task_id}' is gone from {ctx.store.url} (the store "
-                    "was restarted without persistence, or the run was deleted)"
-                )
-            )
             return
         if current.extra.get(RUN_STOP_KEY):  # before the status its coordinator then sets
             kind = str(current.extra.get(RUN_STOP_KIND_KEY) or "error")

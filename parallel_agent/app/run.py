@@ -36,9 +36,11 @@ from parallel_agent.app.states import NodeStates
 from parallel_agent.app.stored import code_manifest
 from parallel_agent.app.summary import RunSummary, node_durations, summarize
 from parallel_agent.errors import (
+    CoordinatorLockLostError,
     InterruptedRunError,
     PagentError,
     PipelineError,
+    StateLostError,
     TaskBusyError,
     UsageError,
 )
@@ -173,6 +175,10 @@ class PipelineRun:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.ctx: RunContext | None = None
         self.interrupted = False
+        self.generation: str | None = None
+        """The run's generation marker, once the coordinator checked it under its lock."""
+        self.store_lost: PagentError | None = None
+        """What the lock renewal found before the run context existed (the run then stops)."""
 
     def interrupt(self) -> None:
         """Stop claiming chunks; in-flight chunks get a short grace (HANDBACK_GRACE_S), then are
@@ -368,12 +374,37 @@ class PipelineRun:
             return {"version": __version__, "digests": None, "error": str(exc)}
 
     async def _renew_lock(self, store: RunStore, task_id: str, done: asyncio.Event) -> None:
-        """Keep the coordinator lock until `done`, and stop the run if someone cancelled it."""
+        """Keep the coordinator lock until `done`; stop the run if someone cancelled it, and end
+        it (exit 4) if the lock or the run's state is lost or the store stays unreachable."""
         while not await wait_or_timeout(done, COORDINATOR_TTL_S / 3):
-            await store.renew_lock(task_id, self.owner, COORDINATOR_TTL_S)
-            info = await store.get_run(task_id)
+            try:
+                info = await self._check_still_ours(store, task_id)
+            except PagentError as error:
+                if self.ctx is None:
+                    self.store_lost = error
+                else:
+                    self.ctx.fail_run(error)
+                return
             if info is not None and info.status == TaskStatus.CANCELLED.value and self.ctx:
                 self.ctx.request_stop("cancelled", kind="cancel")
+
+    async def _check_still_ours(self, store: RunStore, task_id: str) -> RunInfo | None:
+        """Check the run's generation marker and renew the lock: StateLostError when the run is
+        gone or recreated (a flush, a restart without persistence, eviction),
+        CoordinatorLockLostError when the lock expired, was evicted or was taken over (another
+        coordinator may run the task: this one must not go on beside it)."""
+        if self.generation is None:
+            info = await store.get_run(task_id)
+        else:
+            info = await store.check_generation(task_id, self.generation)
+        if not await store.renew_lock(task_id, self.owner, COORDINATOR_TTL_S):
+            holder = await store.lock_holder(task_id)
+            raise CoordinatorLockLostError(
+                f"the coordinator lock of task '{task_id}' in {store.url} was lost ("
+                + (f"now held by {holder}" if holder else "expired or evicted")
+                + "): this coordinator stopped without recording a status"
+            )
+        return info
 
     async def _create_run(
         self,
@@ -435,6 +466,10 @@ class PipelineRun:
             claims_chunks=not options.workers_only,
         )
         self.ctx = ctx
+        await store.check_generation(info.task_id, info.generation)
+        self.generation = info.generation
+        if self.store_lost is not None:
+            ctx.fail_run(self.store_lost)
         if self.interrupted:
             ctx.request_stop("interrupted", kind="interrupt")
         built = build_pipeline(pipeline, ctx, pipeline_dir=Path(options.pipeline).parent)
@@ -466,14 +501,10 @@ class PipelineRun:
             with contextlib.suppress(PagentError):
                 await stop_loop(progress, watched)
         if ctx.fatal is not None:
-            await store.update_run(
-                info.task_id,
-                status=TaskStatus.FAILED.value,
-                finished_at=time.time(),
-                extra={"error": str(ctx.fatal)},
-                unless_cancelled=True,
-            )
+            await self._record_fatal(store, info.task_id, ctx.fatal)
             raise ctx.fatal
+        # the lock may have been lost since its last renewal: never write beside another coordinator
+        await self._check_still_ours(store, info.task_id)
         if ctx.stop_kind is not None or task.status != TaskStatus.COMPLETE:
             self.states.not_reached(node.name for node in pipeline.nodes)
         summary = await self._finish(store, built, info, task.status, task.error, output_format)
@@ -519,6 +550,23 @@ class PipelineRun:
             interrupted.summary = summary.to_dict()
             raise interrupted
         return summary
+
+    async def _record_fatal(self, store: RunStore, task_id: str, fatal: PagentError) -> None:
+        """Record `failed` with the error, unless the task is no longer this coordinator's (its
+        lock is lost) or its state is gone (then the error that says so is raised, not this)."""
+        if isinstance(fatal, CoordinatorLockLostError):
+            return
+        try:
+            await store.update_run(
+                task_id,
+                status=TaskStatus.FAILED.value,
+                finished_at=time.time(),
+                extra={"error": str(fatal)},
+                unless_cancelled=True,
+            )
+        except StateLostError:
+            if not isinstance(fatal, StateLostError):
+                raise
 
     async def _write_failed(self, store: RunStore, info: RunInfo, summary: RunSummary) -> None:
         """`--failed-output`: the failed input records, in the input's format."""

@@ -358,11 +358,12 @@ class RunStore(ABC):
                 dropped.append(info.task_id)
         return dropped
 
-    async def check_generation(self, task_id: str, generation: str) -> None:
-        """Raise StateLostError unless the run exists with this generation marker.
+    async def check_generation(self, task_id: str, generation: str) -> RunInfo:
+        """The run; StateLostError unless it exists with this generation marker.
 
-        Call it after (re)connecting: a Redis without persistence that restarted is empty, and a
-        run recreated under the same id has another marker. Never restart silently from zero.
+        Call it after (re)connecting, and periodically (the coordinator does at each lock
+        renewal): a Redis without persistence that restarted is empty, and a run recreated under
+        the same id has another marker. Never restart silently from zero.
         """
         info = await self.get_run(task_id)
         if info is None:
@@ -372,6 +373,7 @@ class RunStore(ABC):
                 f"task '{task_id}' in {self.url} belongs to another run (generation "
                 f"{info.generation}, expected {generation}); its earlier state is gone"
             )
+        return info
 
     # -- worker heartbeats -----------------------------------------------------------------------
 
@@ -546,5 +548,5 @@ def run_missing(url: str, task_id: str) -> StateLostError:
     """The error for a transition on a run the store does not hold (deleted, collected or lost)."""
     return StateLostError(
         f"the state of task '{task_id}' is gone from {url} "
-        "(the store was restarted without persistence, or the run was deleted)"
+        "(the store was restarted without persistence or flushed, or the run was deleted)"
     )

@@ -93,10 +93,15 @@ SCRIPTS = (
     "release",
     "retry_failed",
     "lock",
+    "counts",
     "add_to_count",
     "beat",
     "take_tokens",
 )
+#: Scripts that run inside common.lua's guarded(): KEYS[1] is the run hash, the last ARGV the
+#: generation marker the run must carry ('' = not known yet), and a key of the run that vanished
+#: (evicted, deleted) since a script last saw it is reported instead of read as empty.
+GUARDED = frozenset(SCRIPTS) - {"create_run", "lock", "beat", "take_tokens"}
 _RUN_FIELDS = [f.name for f in fields(RunInfo) if f.name != "extra"]
 _COUNTER_FIELDS = [f.name for f in fields(NodeCounts)]
 
@@ -106,7 +111,10 @@ def script_source(name: str) -> str:
     """A script's text with the shared helpers (common.lua) in front."""
     folder = resources.files("parallel_agent.store") / "lua"
     common = (folder / "common.lua").read_text(encoding="utf-8")
-    return common + "\n" + (folder / f"{name}.lua").read_text(encoding="utf-8")
+    body = (folder / f"{name}.lua").read_text(encoding="utf-8")
+    if name in GUARDED:
+        return f"{common}\nreturn guarded(function()\n{body}\nend)\n"
+    return f"{common}\n{body}"
 
 
 def _option(query: dict[str, str], name: str, default: float, url: str) -> float:
@@ -146,6 +154,9 @@ class RedisStore(RunStore):
         self.prefix = prefix.rstrip(":") or "pagent"
         self._client = client
         self._scripts: dict[str, AsyncScript] = {}
+        self._generations: dict[str, bytes] = {}
+        """The generation marker (as stored) of each run this store created or checked: every
+        guarded script refuses a run that carries another one (recreated after a loss)."""
 
     @property
     def client(self) -> aioredis.Redis:
@@ -241,17 +252,36 @@ class RedisStore(RunStore):
         script = self._scripts[name]
         return await self._call(lambda c: script(keys=list(keys), args=list(args), client=c))
 
-    def _keys(self, task_id: str) -> TaskKeys:
-        return TaskKeys(self.prefix, task_id)
-
     async def _checked(
         self, task_id: str, name: str, keys: Sequence[str], args: Sequence[Any]
     ) -> Any:
-        """Run a transition script; a run that is gone raises StateLostError."""
-        reply = await self._script(name, keys, args)
-        if reply == LOST:
-            raise run_missing(self.url, task_id)
+        """Run a guarded script; a run or a key of it that is gone raises StateLostError."""
+        generation = self._generations.get(task_id, b"")
+        reply = await self._script(name, keys, [*args, generation])
+        if isinstance(reply, bytes) and reply.startswith(LOST):
+            raise self._lost(task_id, reply.decode())
         return reply
+
+    def _lost(self, task_id: str, reply: str) -> StateLostError:
+        """The error for a guarded script's LOST reply."""
+        _, _, what = reply.partition(" ")
+        kind, _, name = what.partition(" ")
+        if kind == "key":
+            return StateLostError(
+                f"the state of task '{task_id}' in {self.url} lost its key {name} (evicted by "
+                "a maxmemory policy, or deleted by someone else): the run cannot go on"
+            )
+        if kind == "generation":
+            expected = loads(self._generations.get(task_id, b'""'))
+            found = "none" if name == "nil" else loads(name)
+            return StateLostError(
+                f"task '{task_id}' in {self.url} belongs to another run (generation {found}, "
+                f"expected {expected}); its earlier state is gone"
+            )
+        return run_missing(self.url, task_id)
+
+    def _keys(self, task_id: str) -> TaskKeys:
+        return TaskKeys(self.prefix, task_id)
 
     # -- runs ------------------------------------------------------------------------------------
 
@@ -269,7 +299,17 @@ class RedisStore(RunStore):
         reply = await self._script(
             "create_run", [k.run, k.extra, k.runs], [*args, *run_pairs, *extra_pairs]
         )
+        if reply == 1:
+            self._generations[info.task_id] = dumps(info.generation)
         return bool(reply == 1)
+
+    async def check_generation(self, task_id: str, generation: str) -> RunInfo:
+        """Also refuse a server that now evicts any key (its policy changed since open), and
+        make every later transition check this marker inside its script."""
+        info = await super().check_generation(task_id, generation)
+        await self._check_eviction()
+        self._generations[task_id] = dumps(generation)
+        return info
 
     async def get_run(self, task_id: str) -> RunInfo | None:
         k = self._keys(task_id)
@@ -307,7 +347,7 @@ class RedisStore(RunStore):
         reply = await self._checked(
             task_id,
             "update_run",
-            [k.run, k.extra],
+            [k.run, k.extra, k.nodes],
             [guard, len(changes), *pairs, *extra_pairs],
         )
         recorded = str(orjson.loads(reply))
@@ -567,16 +607,9 @@ class RedisStore(RunStore):
 
     async def counts(self, task_id: str, node: str) -> NodeCounts:
         k = self._keys(task_id)
-
-        async def read(c: aioredis.Redis) -> list[Any]:
-            async with c.pipeline(transaction=True) as pipe:
-                pipe.exists(k.run)
-                pipe.hgetall(k.node(node, "counters"))
-                return await pipe.execute()
-
-        exists, raw = await self._call(read)
-        if not exists:
-            raise run_missing(self.url, task_id)
+        keys = [k.run, k.nodes, *k.node_keys(node)]
+        reply = await self._checked(task_id, "counts", keys, [])
+        raw = dict(zip(reply[::2], reply[1::2], strict=True))
         total, pending, leased, done, failed, items, ok, bad, retries, sealed, out = (
             int(raw.get(name.encode(), 0)) for name in _COUNTER_FIELDS
         )
@@ -620,13 +653,22 @@ class RedisStore(RunStore):
             after = f"({rows[-1][0]}"
 
     async def results(self, task_id: str, node: str) -> AsyncIterator[ChunkResult]:
-        batch = results_batch(await self.counts(task_id, node))
+        counts = await self.counts(task_id, node)
+        streamed = 0
         async for rows in self._done_batches(
-            task_id, node, "meta", "result", "errors", "result_records", "partial", batch=batch
+            task_id,
+            node,
+            "meta",
+            "result",
+            "errors",
+            "result_records",
+            "partial",
+            batch=results_batch(counts),
         ):
             for index, (meta, result, errors, records, partial) in rows:
-                if meta is None:
-                    continue
+                if meta is None or result is None or errors is None:
+                    raise self._vanished(task_id, node, f"chunk {index}")
+                streamed += 1
                 m = orjson.loads(meta)
                 yield ChunkResult(
                     index=index,
@@ -641,6 +683,15 @@ class RedisStore(RunStore):
                     records=records or b"",
                     partial=partial or b"",
                 )
+        if streamed < counts.done:
+            raise self._vanished(task_id, node, f"{counts.done - streamed} done chunks")
+
+    def _vanished(self, task_id: str, node: str, what: str) -> StateLostError:
+        """A committed chunk that vanished while its results were read (evicted, deleted)."""
+        return StateLostError(
+            f"the state of task '{task_id}' in {self.url} lost {what} of node '{node}' while "
+            "its results were read (evicted by a maxmemory policy, or deleted by someone else)"
+        )
 
     async def chunk_durations(self, task_id: str, node: str) -> list[float]:
         durations: list[float] = []
@@ -666,6 +717,8 @@ class RedisStore(RunStore):
             for index, meta, payload, records in zip(
                 indices, metas, payloads, numbers, strict=True
             ):
+                if meta is None or payload is None:
+                    raise self._vanished(task_id, node, f"failed chunk {int(index)}")
                 m = orjson.loads(meta)
                 failed.append(
                     FailedChunk(

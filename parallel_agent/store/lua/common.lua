@@ -25,3 +25,40 @@ end
 local function save(meta_key, index, m)
   redis.call('HSET', meta_key, index, cjson.encode(m))
 end
+
+-- Store loss (docs/store.md). The run hash (KEYS[1]) lists as fields `key:<name>` the task's keys
+-- that existed after the last script touched them. Redis deletes a key a script empties, and the
+-- script then drops it from the list; a listed key that is gone was evicted (maxmemory) or deleted
+-- behind the scripts' back. The transition scripts run inside guarded() (see redis.py), which
+-- checks the list and the run's generation marker first and updates the list last.
+local function guarded(body)
+  local expected = table.remove(ARGV)
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    return 'LOST'
+  end
+  if expected ~= '' then
+    local generation = redis.call('HGET', KEYS[1], 'generation')
+    if generation ~= expected then
+      return 'LOST generation ' .. tostring(generation)
+    end
+  end
+  local listed = {}
+  for i = 2, #KEYS do
+    listed[i] = redis.call('HEXISTS', KEYS[1], 'key:' .. KEYS[i]) == 1
+    if listed[i] and redis.call('EXISTS', KEYS[i]) == 0 then
+      return 'LOST key ' .. KEYS[i]
+    end
+  end
+  local reply = body()
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    for i = 2, #KEYS do
+      local present = redis.call('EXISTS', KEYS[i]) == 1
+      if present and not listed[i] then
+        redis.call('HSET', KEYS[1], 'key:' .. KEYS[i], 1)
+      elseif listed[i] and not present then
+        redis.call('HDEL', KEYS[1], 'key:' .. KEYS[i])
+      end
+    end
+  end
+  return reply
+end

@@ -18,4 +18,7 @@ while i <= #ARGV do
   i = i + 2
 end
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[1], 'key:' .. KEYS[2], 1)  -- store loss: see common.lua
+end
 return 1

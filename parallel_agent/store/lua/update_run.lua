@@ -1,4 +1,5 @@
--- KEYS: run, extra. ARGV: keep (a JSON status that must not be overwritten, or ''), n_fields,
+-- KEYS: run, extra, nodes (only checked by guarded(): the finished TTL reaches the node keys
+-- through it). ARGV: keep (a JSON status that must not be overwritten, or ''), n_fields,
 -- field/value..., extra field/value...
 -- Returns the run's status (JSON) after the update, or 'LOST'.
 if redis.call('EXISTS', KEYS[1]) == 0 then
