@@ -2,9 +2,12 @@
 
     .venv/bin/python bench/exact_values.py [--records 200000] [--rounds 5] [--max-mb 64]
 
-1. Ordinary data (no integer past 64 bits): each step of the exact codec next to the same step
-   done the way it was before (orjson alone, which rounds big integers), measured in the same
-   run, rounds interleaved, best round counts. The ratio should be about 1.00.
+1. Ordinary data, in three kinds: short numbers (prices, counts: nothing to check beyond the
+   scan), machine floats (17-digit shortest forms and 16-digit integers: the scan flags them,
+   orjson writes them back to compare) and, for reference, data holding numbers a double
+   cannot hold (read exactly, as Decimals). Each step of the exact codec next to the same step
+   done the way it was before (orjson alone, which rounds big integers and long decimals),
+   measured in the same run, rounds interleaved, best round counts.
 2. One record of 8 to `--max-mb` MiB (JSON Lines and JSON): the reader's time next to a plain
    `orjson.loads` of the same bytes (linear by construction); a flat ratio means the reader is
    linear in the record's length.
@@ -51,6 +54,37 @@ def before_check(payload: bytes) -> int | None:
     return None
 
 
+def short_numbers(count: int) -> bytes:
+    """Prices with two decimals, counts and ids: no run of 16 digits, no long exponent."""
+    pick = random.Random(7)
+    return before_encode(
+        [
+            {
+                "id": index,
+                "price": pick.randint(0, 10**6) / 100,
+                "qty": pick.randint(1, 50),
+                "name": f"item-{index}",
+                "tags": ["a", "b"],
+                "nested": {"n": pick.randint(-(10**9), 10**9), "ok": index % 2 == 0},
+            }
+            for index in range(count)
+        ]
+    )
+
+
+def with_decimals(count: int) -> bytes:
+    """Machine floats plus, in every record, a 25-digit decimal no double holds."""
+    lines = machine_floats(count).split(b"\n")[:-1]
+    return b"".join(
+        line[:-1] + b',"exact":3.14159265358979323846%05d}\n' % index
+        for index, line in enumerate(lines)
+    )
+
+
+def machine_floats(count: int) -> bytes:
+    return before_encode(ordinary(count))
+
+
 def ordinary(count: int) -> list[dict[str, Any]]:
     pick = random.Random(7)
     return [
@@ -80,12 +114,13 @@ def read_all(data: bytes, fmt: str) -> int:
     return sum(chunk.count for chunk in reader.payload_chunks())
 
 
-def codec_table(records: int, rounds: int) -> None:
-    values = ordinary(records)
-    lines = before_encode(values)
+def codec_table(records: int, rounds: int, kind: str, make: Callable[[int], bytes]) -> None:
+    lines = make(records)
+    values = jsonl.decode_lines(lines)
     array = b"[" + lines[:-1].replace(b"\n", b",") + b"]"
-    assert jsonl.decode_lines(lines) == before_decode(lines) == values
-    assert jsonl.encode_lines(values) == (lines, [])
+    exact = kind == "decimals"  # orjson alone rounds these: nothing to compare with
+    assert exact or jsonl.decode_lines(lines) == before_decode(lines) == values
+    assert exact or jsonl.encode_lines(values) == (lines, [])
 
     def json_reader_before() -> int:
         saved = readers_module.loads
@@ -97,7 +132,10 @@ def codec_table(records: int, rounds: int) -> None:
 
     # What the store holds: chunks of 1,000 records.
     parts = [values[start : start + 1000] for start in range(0, len(values), 1000)]
-    chunks = [before_encode(part) for part in parts]
+    chunks = [jsonl.encode_lines(part)[0] for part in parts]
+    floats = [
+        [orjson.loads(orjson.dumps(value, default=float)) for value in part] for part in parts
+    ]
     steps = [
         (
             "check JSON Lines input (split)",
@@ -111,7 +149,7 @@ def codec_table(records: int, rounds: int) -> None:
         ),
         (
             "encode chunk results",
-            lambda: [before_encode(part) for part in parts],
+            lambda: [before_encode(part) for part in floats],
             lambda: [jsonl.encode_lines(part) for part in parts],
         ),
         ("read a JSON array", json_reader_before, lambda: read_all(array, "json")),
@@ -121,7 +159,8 @@ def codec_table(records: int, rounds: int) -> None:
             lambda: whole_run(lines, exact=True),
         ),
     ]
-    print(f"## Exact numbers on ordinary data: {records:,} records, {len(lines) / 1e6:.1f} MB")
+    print()
+    print(f"## {kind}: {records:,} records, {len(lines) / 1e6:.1f} MB")
     print("| step | before (orjson alone) | now (exact) | now / before |")
     print("|---|---:|---:|---:|")
     for name, old, new in steps:
@@ -142,8 +181,8 @@ def whole_run(lines: bytes, *, exact: bool) -> None:
     from parallel_agent.modules import chunks as chunks_module
 
     patches = [
-        (jsonl, "may_hold_big_ints", lambda data: False),
-        (readers_module, "may_hold_big_ints", lambda data: False),
+        (jsonl, "round_trips", lambda data, value: True),
+        (readers_module, "round_trips", lambda data, value: True),
         (readers_module, "check_jsonl", before_check),
         (chunks_module, "encode_lines", lambda values: (before_encode(values), [])),
     ]
@@ -202,7 +241,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-mb", type=int, default=32)
     args = parser.parse_args()
-    codec_table(args.records, args.rounds)
+    for kind, make in (
+        ("short numbers", short_numbers),
+        ("machine floats", machine_floats),
+        ("decimals", with_decimals),
+    ):
+        codec_table(args.records, args.rounds, kind, make)
     long_record_table(args.max_mb, max(1, args.rounds // 2))
 
 

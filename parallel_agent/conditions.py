@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import contextvars
+import decimal
 import difflib
 import re
 import threading
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from parallel_agent.errors import ConditionError
+from parallel_agent.jsonl import EXACT_CONTEXT
 
 if TYPE_CHECKING:
     from parallel_agent.sandbox import SandboxInterpreter
@@ -64,6 +66,22 @@ _SEQUENCES: tuple[type, ...] = (str, bytes, list, tuple)
 _AMPLIFYING_METHODS = frozenset(
     {"ljust", "rjust", "center", "zfill", "expandtabs", "replace", "join", "extend"}
 )
+
+
+_ROUNDING_CONTEXT = EXACT_CONTEXT.copy()
+_ROUNDING_CONTEXT.traps[decimal.Inexact] = False
+_ROUNDING_CONTEXT.traps[decimal.Underflow] = False
+#: Decimal methods that cannot be exact and cost seconds at EXACT_DIGITS: refused.
+_INEXACT_METHODS = frozenset({"exp", "ln", "log10", "sqrt"})
+#: What a Decimal operation that cannot stay exact says (see `EXACT_CONTEXT`).
+_DECIMAL_SIGNALS = {
+    "Inexact": "the Decimal result would be rounded (float() computes approximately)",
+    "Underflow": "the Decimal result would be rounded (float() computes approximately)",
+    "Overflow": "the Decimal result's exponent is out of range",
+    "DivisionByZero": "Decimal division by zero",
+    "DivisionUndefined": "Decimal division 0 / 0",
+    "InvalidOperation": "invalid Decimal operation",
+}
 
 
 class SandboxLimitError(RuntimeError):
@@ -116,6 +134,9 @@ def _check_binop(op: type[ast.operator], left: Any, right: Any) -> None:
     elif op is ast.LShift and isinstance(left, int) and isinstance(right, int):
         if left.bit_length() + right > MAX_INT_BITS:
             raise SandboxLimitError(f"shift over {MAX_INT_BITS} bits")
+    elif op is ast.Pow and isinstance(left, decimal.Decimal | int) and not isinstance(right, int):
+        if isinstance(left, decimal.Decimal) or isinstance(right, decimal.Decimal):
+            raise SandboxLimitError("a Decimal to a power that is not an integer cannot be exact")
     elif op is ast.Mod and isinstance(left, str | bytes):
         raise SandboxLimitError("%-formatting of strings is not allowed")
 
@@ -157,6 +178,14 @@ def _safe_sum(values: Iterable[Any], start: Any = 0) -> Any:
     return sum(values, start)
 
 
+def _round(number: Any, digits: int | None = None) -> Any:
+    """round(): asked for, so a Decimal may round here (elsewhere its arithmetic is exact)."""
+    if isinstance(number, decimal.Decimal):
+        with decimal.localcontext(_ROUNDING_CONTEXT):
+            return round(number) if digits is None else round(number, digits)
+    return round(number) if digits is None else round(number, digits)
+
+
 def _safe_str(value: Any = "") -> str:
     _check_size(_size(value), "str()")
     return str(value)
@@ -166,7 +195,7 @@ def base_symbols() -> dict[str, Any]:
     """The symbols every expression sees: a whitelist of pure builtins and the JSON constants."""
     return {
         "len": len, "min": min, "max": max, "sum": _safe_sum, "any": any, "all": all, "abs": abs,
-        "round": round, "sorted": sorted, "reversed": lambda seq: list(reversed(seq)),
+        "round": _round, "sorted": sorted, "reversed": lambda seq: list(reversed(seq)),
         "range": _capped_range, "str": _safe_str, "int": int, "float": float, "bool": bool,
         "list": list, "dict": dict, "set": set, "tuple": tuple, "enumerate": enumerate, "zip": zip,
         "isinstance": isinstance, "divmod": divmod, **CONSTANTS,
@@ -281,7 +310,8 @@ class _Program:
     def run(self, interp: SandboxInterpreter, symtable: dict[str, Any]) -> Any:
         interp.reset(symtable, self.text)
         try:
-            value = interp.run(self.node.body[0], with_raise=True)
+            with decimal.localcontext(EXACT_CONTEXT):
+                value = interp.run(self.node.body[0], with_raise=True)
         except Exception as exc:
             raise self._error(interp, exc) from None
         if interp.error:
@@ -297,6 +327,7 @@ class _Program:
         else:
             kind, message = "Error", ""
         message = message.strip().splitlines()[-1] if message.strip() else kind
+        message = _DECIMAL_SIGNALS.get(kind, message)
         return _error(f"{kind}: {message}", self.text, self.what)
 
 

@@ -6,6 +6,7 @@ Apart from `conditions` so that asteval is imported only when an expression is f
 from __future__ import annotations
 
 import ast
+import decimal
 import io
 import sys
 import threading
@@ -17,6 +18,7 @@ from asteval.astutils import op2func
 
 from parallel_agent.conditions import (
     _AMPLIFYING_METHODS,
+    _INEXACT_METHODS,
     MAX_EVALUATION_BYTES,
     MAX_EXPRESSION_LENGTH,
     MAX_ITERATIONS,
@@ -116,6 +118,8 @@ class SandboxInterpreter(Interpreter):  # type: ignore[misc]
         owner = getattr(value, "__self__", None)
         if node.attr in _AMPLIFYING_METHODS and isinstance(owner, str | bytes | list):
             return _guard_method(node.attr, value, owner)
+        if node.attr in _INEXACT_METHODS and isinstance(owner, decimal.Decimal):
+            raise SandboxLimitError(f"Decimal.{node.attr} cannot be exact: use float()")
         return value
 
     def on_formattedvalue(self, node: ast.FormattedValue) -> Any:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -19,9 +21,18 @@ def nested(depth: int) -> bytes:
     return b"[" * depth + b"]" * depth
 
 
+def as_written(text: str) -> float | Decimal:
+    """A float when its shortest form has the value of `text`, else a Decimal (promise 14)."""
+    number = float(text)
+    if math.isfinite(number) and Decimal(repr(number)) == Decimal(text):
+        return number
+    return Decimal(text)
+
+
 def each_line(payload: bytes) -> tuple[list[Any] | None, int | None]:
-    """The reference: every line parsed on its own (orjson's grammar, integers exact, at most
-    254 levels deep: what orjson can write back); the values, or the first bad line."""
+    """The reference: every line parsed on its own (orjson's grammar, integers exact, numbers
+    a double cannot hold as written as Decimals, at most 254 levels deep: what orjson can write
+    back); the values, or the first bad line."""
     if not payload:
         return [], None
     lines = (payload[:-1] if payload.endswith(b"\n") else payload).split(b"\n")
@@ -29,9 +40,10 @@ def each_line(payload: bytes) -> tuple[list[Any] | None, int | None]:
     for position, line in enumerate(lines):
         try:
             orjson.loads(line)
-        except orjson.JSONDecodeError:
-            return None, position
-        value = json.loads(line)
+        except orjson.JSONDecodeError as exc:
+            if "infinity" not in str(exc):  # past a double's range: a number read exactly
+                return None, position
+        value = json.loads(line, parse_float=as_written)
         try:
             orjson.dumps(value)
         except TypeError as exc:
@@ -63,7 +75,8 @@ TRICKY = [
     nested(1024),
     nested(1025),
     b'{"a":' * 1024 + b"1" + b"}" * 1024,
-    b"1" * 400,  # past a double: refused
+    b"1" * 400,  # past a double: an integer read exactly
+    b"[1e400, -1e-400, 3.141592653589793238462643, 0.30000000000000004]",  # Decimals and a float
     b"18446744073709551616",  # past 64 bits: read exactly
     b'{"n": [-123456789012345678901234567890, 1.5]}',
     b'"12345678901234567890 in a string"',

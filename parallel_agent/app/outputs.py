@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import itertools
-import json
 import sys
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -18,7 +17,7 @@ from parallel_agent.io import (
     read_chunks,
     write_records_like_input,
 )
-from parallel_agent.jsonl import decode_lines
+from parallel_agent.jsonl import decode_lines, loads
 from parallel_agent.pipeline.build import BuiltPipeline
 from parallel_agent.report import read_failures
 from parallel_agent.store.base import RunInfo, RunStore
@@ -44,7 +43,7 @@ async def write_results(
     if built is not None and node is None:
         await store.update_run(info.task_id, extra={"output_plan": output})
     if "value_json" in output:
-        return _write_value(json.loads(output["value_json"]), target, fmt, stdout)
+        return _write_value(loads(output["value_json"]), target, fmt, stdout)
     if "value" in output:
         return _write_value(output["value"], target, fmt, stdout)
     written = 0

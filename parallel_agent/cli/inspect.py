@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -21,6 +20,7 @@ from parallel_agent.cli.options import (
 )
 from parallel_agent.cli.process import freeze_startup_objects
 from parallel_agent.errors import InterruptedRunError
+from parallel_agent.jsonl import ascii_text
 
 
 def _debug(ctx: typer.Context) -> bool:
@@ -28,7 +28,7 @@ def _debug(ctx: typer.Context) -> bool:
 
 
 def _emit_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value) + "\n")
+    sys.stdout.write(ascii_text(value) + "\n")
     sys.stdout.flush()
 
 
@@ -178,7 +178,7 @@ def failures(
     with handled_errors(_debug(ctx)):
         found = iter_failures(task_id, store)
     for failure in found:
-        sys.stdout.write(json.dumps(failure) + "\n")
+        sys.stdout.write(ascii_text(failure) + "\n")
     sys.stderr.write(f"pagent: {len(found)} failed records\n")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from parallel_agent.errors import OutputError, UsageError
+from parallel_agent.jsonl import ascii_text
 
 StoreOption = Annotated[
     str | None,
@@ -67,7 +67,7 @@ def check_stdout_clash(*, output: str | None, as_json: bool, events: str | None 
 
 def write_summary(summary: dict[str, Any], *, as_json: bool, path: str | None) -> None:
     """`--json` on stdout and `--summary PATH` in a file: the same document."""
-    text = json.dumps(summary) + "\n"
+    text = ascii_text(summary) + "\n"
     if path is not None:
         try:
             Path(path).write_text(text, encoding="utf-8")

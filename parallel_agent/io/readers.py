@@ -35,7 +35,7 @@ from parallel_agent.jsonl import (
     encode_lines,
     first_too_deep,
     loads,
-    may_hold_big_ints,
+    round_trips,
     too_deep,
 )
 
@@ -386,9 +386,13 @@ def _read_jsonl(
     for texts, first, blanks in _jsonl_lines(source, name, max_record):
         joined = b"\n".join(texts)
         try:
-            values = list(map(orjson.loads, texts))
-            if may_hold_big_ints(joined):  # read exactly the lines that need it
+            try:
+                values = list(map(orjson.loads, texts))
+            except orjson.JSONDecodeError:  # maybe a number past the double range: read exactly
                 values = list(map(loads, texts))
+            else:
+                if not round_trips(b"[" + b",".join(texts) + b"]", values):  # read them exactly
+                    values = list(map(loads, texts))
             position = first_too_deep(joined, texts)
         except orjson.JSONDecodeError:
             position = check_jsonl(joined)
@@ -498,7 +502,7 @@ def _lines_of(first_line: int, blanks: Sequence[int], count: int) -> Sequence[in
 def _jsonl_error(text: bytes, name: str, line: int, record: int) -> InputDataError:
     """The located error for one malformed line; `record` is its 1-based record number."""
     try:
-        orjson.loads(text)
+        loads(text)
     except orjson.JSONDecodeError as exc:
         message, at = _explain_json(text, exc)
         return _located(name, message, line, _chars(text[:at]) + 1, record)

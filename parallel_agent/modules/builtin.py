@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from typing import Any
 
 from parallel_agent.caches.cache import Cache
@@ -22,7 +21,7 @@ from parallel_agent.errors import (
 )
 from parallel_agent.graph import AgentModule, ModuleType
 from parallel_agent.io import MAX_RECORD_SIZE
-from parallel_agent.jsonl import decode_lines
+from parallel_agent.jsonl import decode_lines, dumps
 from parallel_agent.modules.aggregate import SplitPartials, aggregate_value, stored_key
 from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings, feed_from_producer
 from parallel_agent.modules.context import RunContext
@@ -190,7 +189,7 @@ class AggregateModule(BuiltinModule):
             rows = merger.rows()
         except GroupingError as exc:  # values the reducers cannot combine: this node fails
             return {"status": "error", "result": str(exc)}
-        text = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
+        text = dumps(rows).decode()
         notices = merger.notices()
         await ctx.store.update_run(
             ctx.task_id,

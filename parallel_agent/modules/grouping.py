@@ -3,11 +3,13 @@
 Each chunk's outputs are reduced to a *partial* where the chunk is processed (in the worker process
 with `processes: N`), committed with the chunk under its fencing token, and the aggregate node only
 merges partials: one pass, memory in the number of groups. Every reducer state is plain JSON
-(encoded with the standard library, so integers past 64 bits stay exact), and merging partials in
-input order gives the same answer whatever the chunk size:
+(encoded by `parallel_agent.jsonl`, so integers past 64 bits and Decimals stay exact), and merging
+partials in input order gives the same answer whatever the chunk size:
 
 - integer sums are Python ints; float sums are kept exact (as a few floats whose exact sum is the
   sum, `math.fsum` style) and rounded once at the end, so they do not depend on the chunking;
+- Decimals (numbers a double cannot hold as written) add up exactly, with integers too; a group
+  mixing them with floats is an error rather than a rounded sum;
 - groups come out in the order their first record came in the input.
 
 No asyncio here: worker processes import this module.
@@ -15,17 +17,19 @@ No asyncio here: worker processes import this module.
 
 from __future__ import annotations
 
+import decimal
 import json
 import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
 import orjson
 
-from parallel_agent.jsonl import may_hold_big_ints
+from parallel_agent.jsonl import EXACT_CONTEXT, dumps, exact_number, loads
 
 #: Values `collect` keeps per group unless told otherwise.
 COLLECT_LIMIT = 1000
@@ -56,10 +60,7 @@ def _describe(exc: BaseException) -> str:
 
 def _encode(value: Any) -> str:
     """A value as canonical JSON text (the group key form): 1, 1.0, true and "1" differ."""
-    try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-    except TypeError:  # an integer past 64 bits
-        return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
 # -- reducers -------------------------------------------------------------------------------
@@ -126,9 +127,18 @@ def _fsum(values: Sequence[float]) -> float:
         return math.nan
 
 
+_MIXED = "cannot add floats and Decimals without rounding (convert one kind with float())"
+
+
+def _decimal_total(state: Any) -> Decimal | None:
+    """The exact sum of a state's Decimals (its fifth element, as text), None when it has none."""
+    return Decimal(state[4]) if len(state) > 4 else None
+
+
 class Sum(Reducer):
-    """State: [integer total, floats whose exact sum is the float total, floats seen, n]. Both
-    totals are exact, so the result is rounded once, whatever the chunking."""
+    """State: [integer total, floats whose exact sum is the float total, floats seen, n] and,
+    once a Decimal was seen, the exact total of the Decimals as text. Every total is exact, so
+    the result is rounded once (floats) or not at all (ints, Decimals), whatever the chunking."""
 
     def of(self, values: list[Any]) -> Any:
         kinds = set(map(type, values))
@@ -136,9 +146,16 @@ class Sum(Reducer):
             return [sum(values), [], 0, len(values)]
         if kinds == {float}:
             return [0, _exact_floats(values), len(values), len(values)]
-        if not kinds <= {int, bool, float}:
-            odd = next(kind for kind in kinds if kind not in (int, bool, float))
+        if not kinds <= {int, bool, float, Decimal}:
+            odd = next(kind for kind in kinds if kind not in (int, bool, float, Decimal))
             raise TypeError(f"needs numbers, got {odd.__name__}")
+        if Decimal in kinds:
+            if float in kinds:
+                raise TypeError(_MIXED)
+            with decimal.localcontext(EXACT_CONTEXT):
+                exact = sum((value for value in values if type(value) is Decimal), Decimal(0))
+            ints = sum(value for value in values if type(value) is not Decimal)
+            return [ints, [], 0, len(values), str(exact)]
         floats = [value for value in values if type(value) is float]
         ints = sum(value for value in values if type(value) is not float)
         return [ints, _exact_floats(floats), len(floats), len(values)]
@@ -148,10 +165,21 @@ class Sum(Reducer):
         if len(floats) > 4:
             finite = all(math.isfinite(value) for value in floats)
             floats = _exact_floats(floats) if finite else [_fsum(floats)]
-        return [a[0] + b[0], floats, a[2] + b[2], a[3] + b[3]]
+        merged = [a[0] + b[0], floats, a[2] + b[2], a[3] + b[3]]
+        exact_a, exact_b = _decimal_total(a), _decimal_total(b)
+        if exact_a is None and exact_b is None:
+            return merged
+        if merged[2]:
+            raise TypeError(_MIXED)
+        with decimal.localcontext(EXACT_CONTEXT):
+            return [*merged, str((exact_a or Decimal(0)) + (exact_b or Decimal(0)))]
 
     def total(self, state: Any, divisor: int = 1) -> Any:
-        ints, floats, seen, _ = state
+        ints, floats, seen = state[0], state[1], state[2]
+        decimals = _decimal_total(state)
+        if decimals is not None:
+            with decimal.localcontext(EXACT_CONTEXT):
+                return _exact_quotient(decimals + ints, divisor)
         if not seen:
             return ints if divisor == 1 else ints / divisor
         if not all(math.isfinite(value) for value in floats):
@@ -170,6 +198,23 @@ class Sum(Reducer):
 
     def result(self, state: Any) -> Any:
         return self.total(state) if state[3] else None
+
+
+def _exact_quotient(total: Decimal, divisor: int) -> Decimal:
+    """`total` / `divisor`: exact when the quotient ends, else rounded (half even) to the total's
+    significant digits plus 20, never fewer than 34 (a mean is the one result that may round,
+    as a float mean does)."""
+    if divisor == 1:
+        return total
+    try:
+        with decimal.localcontext(EXACT_CONTEXT):
+            return total / divisor
+    except decimal.Inexact:
+        context = EXACT_CONTEXT.copy()
+        context.prec = max(34, len(total.as_tuple().digits) + 20)
+        context.clear_traps()
+        with decimal.localcontext(context):
+            return total / divisor
 
 
 class Mean(Sum):
@@ -582,7 +627,7 @@ class Grouper:
         return picked[name]
 
     def encode_partial(self, items: Sequence[Any], numbers: Sequence[int]) -> str:
-        return json.dumps(self.partial(items, numbers), ensure_ascii=False, separators=(",", ":"))
+        return partial_text(self.partial(items, numbers))
 
     # -- merging --
 
@@ -642,7 +687,7 @@ class Merger:
         names = [name for name, _, _ in grouper.keys]
         rows = []
         for key, states in self.groups.items():
-            row = dict(zip(names, json.loads(key), strict=True))
+            row = dict(zip(names, loads(key), strict=True))
             for column, state in zip(grouper.columns, states, strict=True):
                 try:
                     row[column.name] = column.reducer.result(state)
@@ -710,16 +755,22 @@ def build_groupers(
 
 
 def load_partials(text: bytes | str) -> dict[str, Any]:
-    """A chunk's stored partials: orjson for speed, unless the text has a number of 19 digits
-    or more (orjson reads an integer past 64 bits as a float) or something orjson refuses
-    (`Infinity`): then the standard library, exact. Both read every float the same."""
-    raw = text.encode() if isinstance(text, str) else text
-    if not may_hold_big_ints(raw):
-        try:
-            return dict(orjson.loads(raw))
-        except orjson.JSONDecodeError:
-            pass
-    return dict(json.loads(raw))
+    """A chunk's stored partials: `jsonl.loads` (orjson for speed, every number exact), unless
+    the text holds something orjson refuses (`Infinity` in a state): then the standard library,
+    numbers read the same way."""
+    try:
+        return dict(loads(text))
+    except orjson.JSONDecodeError:
+        return dict(json.loads(text, parse_float=exact_number))
+
+
+def partial_text(value: Any) -> str:
+    """A partial as JSON text: the standard library's (it writes a state's `Infinity`, and
+    integers past 64 bits exactly), or, for a state holding Decimals, `jsonl.dumps`'s."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except TypeError:
+        return dumps(value).decode()
 
 
 def chunk_partials(
@@ -733,7 +784,7 @@ def chunk_partials(
     if origins is not None:
         numbers = [numbers[origin] for origin in origins]
     partials = {node: grouper.partial(outputs, numbers) for node, grouper in groupers.items()}
-    return json.dumps(partials, ensure_ascii=False, separators=(",", ":"))
+    return partial_text(partials)
 
 
 #: How a chunk queued by a split for an aggregate starts when it holds that aggregate's partial
@@ -755,5 +806,5 @@ def split_partials(
             partial = grouper.partial(values, numbers)
         except Exception:
             continue
-        found[node] = json.dumps({node: partial}, ensure_ascii=False, separators=(",", ":"))
+        found[node] = partial_text({node: partial})
     return found
