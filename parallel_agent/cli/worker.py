@@ -10,18 +10,21 @@ import typer
 
 from parallel_agent.cli.errors import handled_errors
 
+#: `--store` of `worker` and `workers`: required, since workers meet only in a shared Redis.
+RedisStoreOption = Annotated[
+    str,
+    typer.Option(
+        "--store",
+        envvar="PAGENT_STORE",
+        metavar="URL",
+        help="The runs' Redis store: redis://host:6379/0.",
+    ),
+]
+
 
 def worker(
     ctx: typer.Context,
-    store: Annotated[
-        str,
-        typer.Option(
-            "--store",
-            envvar="PAGENT_STORE",
-            metavar="URL",
-            help="The runs' Redis store: redis://host:6379/0.",
-        ),
-    ],
+    store: RedisStoreOption,
     pipelines: Annotated[
         list[str] | None,
         typer.Option(
@@ -86,15 +89,7 @@ def worker(
 
 def workers(
     ctx: typer.Context,
-    store: Annotated[
-        str,
-        typer.Option(
-            "--store",
-            envvar="PAGENT_STORE",
-            metavar="URL",
-            help="The runs' Redis store: redis://host:6379/0.",
-        ),
-    ],
+    store: RedisStoreOption,
     as_json: Annotated[bool, typer.Option("--json", help="Print the workers as JSON.")] = False,
 ) -> None:
     """List the live `pagent worker` processes of a Redis store.
