@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -666,3 +668,91 @@ nodes:
     assert got["total"] == sum(range(50)) and got["most"] == 49
     assert sum(row["n"] for row in got["by_name"]) == 50
     assert got["by_odd"] == [{"odd": 0, "n": 25}, {"odd": 1, "n": 25}]
+
+
+QUICK_COMPUTE = {
+    "n": "count",
+    "total": {"sum": "v"},
+    "avg": {"mean": "v"},
+    "low": {"min": "v"},
+    "high": {"max": "w"},
+    "wsum": {"sum": "w"},
+}
+
+
+def _quick_cases() -> list[tuple[str, list[Any], bool]]:
+    """(name, items, whether the quick path takes them): every shape the quick path must
+    either reduce exactly as the general path does, or hand to it."""
+    rng = random.Random(21)
+    keys = ["a", "b", "ü", "", "k 1", "[1]", '"q"']
+
+    def rows(value: Any, other: Any = None, count: int = 60) -> list[Any]:
+        return [
+            {"key": rng.choice(keys), "v": value(), "w": (other or value)()} for _ in range(count)
+        ]
+
+    halves = lambda: rng.randrange(-2000, 2000) / 2  # noqa: E731
+    awkward = lambda: rng.choice([0.1, 1e300, -1e300, 5e-324, -0.0, 1e-300, 3.3])  # noqa: E731
+    ints = lambda: rng.randrange(-(2**70), 2**70)  # noqa: E731
+    cases: list[tuple[str, list[Any], bool]] = [
+        ("floats", rows(halves), True),
+        ("awkward floats", rows(awkward), True),
+        ("ints past 64 bits", rows(ints), True),
+        ("int and float fields", rows(ints, halves), True),
+        ("one record", rows(halves, count=1), True),
+        ("not-finite", rows(lambda: rng.choice([math.inf, math.nan, 1.5])), True),
+        ("inf - inf", rows(lambda: rng.choice([math.inf, -math.inf])), False),
+        ("an overflowing sum", rows(lambda: 1e308), False),
+    ]
+    mixed = rows(halves)
+    mixed[7]["v"] = 3
+    cases.append(("ints among floats", mixed, False))
+    for name, change in (
+        ("a null value", lambda r: r.__setitem__("v", None)),
+        ("a missing value", lambda r: r.pop("w")),
+        ("a bool value", lambda r: r.__setitem__("v", True)),
+        ("a string value", lambda r: r.__setitem__("w", "1")),
+        ("an int key", lambda r: r.__setitem__("key", 1)),
+        ("a bool key", lambda r: r.__setitem__("key", True)),
+        ("a null key", lambda r: r.__setitem__("key", None)),
+        ("a missing key", lambda r: r.pop("key")),
+        ("an unhashable key", lambda r: r.__setitem__("key", ["a"])),
+    ):
+        items = rows(halves)
+        change(items[rng.randrange(len(items))])
+        cases.append((name, items, False))
+    cases.append(("a record that is not an object", [*rows(halves), [1, 2]], False))
+    return cases
+
+
+@pytest.mark.parametrize(
+    ("name", "items", "quick"), _quick_cases(), ids=[case[0] for case in _quick_cases()]
+)
+def test_quick_partial_equals_the_general_path(name: str, items: list[Any], quick: bool) -> None:
+    """The C-speed partial of the common shape (one string key, count/sum/mean/min/max of
+    fields all ints or all floats) is exactly the general path's partial, key order and states
+    included; any other shape goes to the general path. Merged partials agree too."""
+    from parallel_agent.modules.grouping import Grouper, GroupingError
+
+    grouper = Grouper.from_options({"group_by": "key", "compute": QUICK_COMPUTE}, "node 'g'")
+    numbers = range(1, len(items) + 1)
+    taken = grouper._quick_partial(items)
+    assert (taken is not None) == quick, name
+    try:
+        general = grouper._general_partial(items, numbers)
+    except GroupingError as exc:
+        assert not quick
+        with pytest.raises(GroupingError, match=re.escape(str(exc))):
+            grouper.partial(items, numbers)
+        return
+    assert json.dumps(grouper.partial(items, numbers)) == json.dumps(general), name
+    cut = len(items) // 3
+    merged = []
+    for compute in (grouper.partial, grouper._general_partial):
+        merger = grouper.merger()
+        for first, part in ((1, items[:cut]), (cut + 1, items[cut:])):
+            if part:
+                partial = compute(part, range(first, first + len(part)))
+                merger.add(json.loads(json.dumps(partial)))
+        merged.append(json.dumps(merger.rows()))
+    assert merged[0] == merged[1], name

@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
+from functools import cached_property
+from itertools import repeat
 from typing import Any
 
 import orjson
@@ -91,8 +93,7 @@ class Count(Reducer):
     def of(self, values: list[Any]) -> Any:
         return len(values)
 
-    def merge(self, a: Any, b: Any) -> Any:
-        return a + b
+    merge = staticmethod(operator.add)  # type: ignore[assignment]
 
 
 class CountIf(Count):
@@ -163,12 +164,12 @@ class Sum(Reducer):
     def merge(self, a: Any, b: Any) -> Any:
         floats = a[1] + b[1]
         if len(floats) > 4:
-            finite = all(math.isfinite(value) for value in floats)
+            finite = all(map(math.isfinite, floats))
             floats = _exact_floats(floats) if finite else [_fsum(floats)]
         merged = [a[0] + b[0], floats, a[2] + b[2], a[3] + b[3]]
-        exact_a, exact_b = _decimal_total(a), _decimal_total(b)
-        if exact_a is None and exact_b is None:
+        if len(a) == 4 and len(b) == 4:  # no Decimals: the common case, kept cheap
             return merged
+        exact_a, exact_b = _decimal_total(a), _decimal_total(b)
         if merged[2]:
             raise TypeError(_MIXED)
         with decimal.localcontext(EXACT_CONTEXT):
@@ -182,7 +183,7 @@ class Sum(Reducer):
                 return _exact_quotient(decimals + ints, divisor)
         if not seen:
             return ints if divisor == 1 else ints / divisor
-        if not all(math.isfinite(value) for value in floats):
+        if not all(map(math.isfinite, floats)):
             return _fsum(floats) / divisor
         if not ints and divisor < 2**53:
             # The exact sum as one float if it is one: then IEEE division (the divisor is exact
@@ -333,6 +334,52 @@ class UserReducer(Reducer):
 
 
 # -- the grouper ----------------------------------------------------------------------------
+
+_QUICK_KINDS = frozenset({"count", "sum", "mean", "min", "max"})
+
+
+def _grouped(keys: list[Any], values: dict[str, list[Any]]) -> dict[Any, Any]:
+    """{key: what `_group_values` reads}, in first-seen order: with one value field, the
+    group's values themselves (the cheapest pass); otherwise its positions, as a 1-tuple."""
+    groups: dict[Any, Any] = {}
+    if len(values) == 1:
+        (column,) = values.values()
+        for key, value in zip(keys, column, strict=True):
+            found = groups.get(key)
+            if found is None:
+                groups[key] = [value]
+            else:
+                found.append(value)
+        return groups
+    for position, key in enumerate(keys):
+        found = groups.get(key)
+        if found is None:
+            groups[key] = [position]
+        else:
+            found.append(position)
+    return {key: (positions,) for key, positions in groups.items()}
+
+
+def _group_values(found: Any, values: dict[str, list[Any]], name: str) -> Sequence[Any]:
+    if type(found) is not tuple:  # the values of the one field
+        return found  # type: ignore[no-any-return]
+    positions = found[0]
+    column = values[name]
+    if len(positions) == 1:
+        return (column[positions[0]],)
+    return operator.itemgetter(*positions)(column)  # type: ignore[no-any-return]
+
+
+def _quick_state(kind: str, values: Sequence[Any]) -> Any:
+    """The state `of` gives for a group's values, all ints or all floats (never empty)."""
+    if kind == "min":
+        return min(values)
+    if kind == "max":
+        return max(values)
+    if type(values[0]) is float:  # sum and mean, as Sum.of
+        return [0, _exact_floats(values), len(values), len(values)]
+    return [sum(values), [], 0, len(values)]
+
 
 Evaluate = Callable[[dict[str, Any]], Any]
 
@@ -498,6 +545,10 @@ class Grouper:
 
     def partial(self, items: Sequence[Any], numbers: Sequence[int]) -> dict[str, Any]:
         """The partial of one chunk's outputs (`numbers`: their input record numbers)."""
+        quick = self._quick_partial(items)
+        return quick if quick is not None else self._general_partial(items, numbers)
+
+    def _general_partial(self, items: Sequence[Any], numbers: Sequence[int]) -> dict[str, Any]:
         fields: dict[str, list[Any]] = {}  # a field's value in every item, read once
         groups = self._groups(items, numbers, fields)
         skipped = [0] * len(self.columns)
@@ -521,6 +572,82 @@ class Grouper:
                     ) from None
             rows.append([key, states])
         return {"groups": rows, "skipped": skipped}
+
+    @cached_property
+    def _quick_columns(self) -> list[tuple[str, str | None]] | None:
+        """(kind, field) of every column when the key is one field and each column a plain
+        count or a sum, mean, min or max of a field: the shape `_quick_partial` handles."""
+        if len(self.keys) != 1 or self.keys[0][2] is not None:
+            return None
+        found: list[tuple[str, str | None]] = []
+        for column in self.columns:
+            if column.evaluate is not None or column.kind not in _QUICK_KINDS:
+                return None
+            if (column.kind == "count") != (column.field is None):
+                return None  # a count of a field skips nulls: the general path
+            found.append((column.kind, column.field))
+        return found
+
+    def _quick_partial(self, items: Sequence[Any]) -> dict[str, Any] | None:
+        """`partial` of the common case, with C-level passes where it can: objects with a
+        string key and numeric fields each all ints or all floats, checked once per chunk
+        rather than per group. Anything else (None) takes the general path, which gives the
+        same partial for this case and names the record for every error."""
+        columns = self._quick_columns
+        if columns is None or not items:
+            return None
+        read = self._quick_read(items, columns)
+        if read is None:
+            return None
+        keys, values = read
+        try:
+            groups = _grouped(keys, values)
+        except TypeError:  # an unhashable key
+            return None
+        # Only strings are grouped as they are: an int key would meet an equal float or bool.
+        # A key of another type would be a group of its own (no str equals it), so checking
+        # the groups' keys checks every record's.
+        if set(map(type, groups)) != {str}:
+            return None
+        same_state = self.same_states()
+        plan = [
+            (kind, None if same_state[index] is not None else name)
+            for index, (kind, name) in enumerate(columns)
+        ]
+        rows = []
+        try:
+            for key, found in groups.items():
+                states: list[Any] = []
+                for kind, name in plan:
+                    if kind == "count":
+                        states.append(len(found[0]) if type(found) is tuple else len(found))
+                    elif name is None:  # a mean sharing a sum's state: stored once
+                        states.append(None)
+                    else:
+                        states.append(_quick_state(kind, _group_values(found, values, name)))
+                rows.append([_encode([key]), states])
+        except (ArithmeticError, ValueError):  # inf - inf, an overflowing sum: named there
+            return None
+        return {"groups": rows, "skipped": [0] * len(columns)}
+
+    def _quick_read(
+        self, items: Sequence[Any], columns: list[tuple[str, str | None]]
+    ) -> tuple[list[Any], dict[str, list[Any]]] | None:
+        """The key of every item and {field: its value in every item}, read in C; None unless
+        every item is an object and each field's values are all ints or all floats."""
+        key_name = self.keys[0][1] or self.keys[0][0]
+        try:
+            keys = list(map(dict.get, items, repeat(key_name)))
+        except TypeError:  # an item that is not an object
+            return None
+        values: dict[str, list[Any]] = {}
+        for _, name in columns:
+            if name is not None and name not in values:
+                column = values[name] = list(map(dict.get, items, repeat(name)))
+                kinds = set(map(type, column))
+                if kinds != {float} and kinds != {int}:
+                    return None
+        return keys, values
 
     def same_states(self) -> list[int | None]:
         """For each column, an earlier column whose per-chunk state it shares (a sum and a mean
@@ -653,30 +780,32 @@ class Merger:
         """(column, earlier column) pairs with one state: a partial holds it once (null in the
         later column), the merge combines it once."""
         self.merged = [
-            (i, column.reducer) for i, column in enumerate(grouper.columns) if same_state[i] is None
+            (i, column.reducer.merge)
+            for i, column in enumerate(grouper.columns)
+            if same_state[i] is None
         ]
 
     def add(self, partial: dict[str, Any]) -> None:
-        groups = self.groups
-        shared = self.shared
-        for key, states in partial["groups"]:
-            current = groups.get(key)
-            if current is None:
+        groups, shared, merged = self.groups, self.shared, self.merged
+        key, index = None, 0
+        try:
+            for key, states in partial["groups"]:
+                current = groups.get(key)
+                if current is None:
+                    for index, earlier in shared:
+                        states[index] = states[earlier]
+                    groups[key] = states
+                    continue
+                for index, merge in merged:
+                    current[index] = merge(current[index], states[index])
                 for index, earlier in shared:
-                    states[index] = states[earlier]
-                groups[key] = states
-                continue
-            for index, reducer in self.merged:
-                try:
-                    current[index] = reducer.merge(current[index], states[index])
-                except Exception as exc:
-                    column = self.grouper.columns[index]
-                    raise GroupingError(
-                        f"{self.grouper.what}: compute '{column.name}' ({column.kind}) for "
-                        f"group {key}: {_describe(exc)}"
-                    ) from None
-            for index, earlier in shared:
-                current[index] = current[earlier]
+                    current[index] = current[earlier]
+        except Exception as exc:
+            column = self.grouper.columns[index]
+            raise GroupingError(
+                f"{self.grouper.what}: compute '{column.name}' ({column.kind}) for "
+                f"group {key}: {_describe(exc)}"
+            ) from None
         for index, count in enumerate(partial["skipped"]):
             self.skipped[index] += count
 
