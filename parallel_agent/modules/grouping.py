@@ -21,7 +21,7 @@ import decimal
 import json
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
@@ -338,47 +338,58 @@ class UserReducer(Reducer):
 _QUICK_KINDS = frozenset({"count", "sum", "mean", "min", "max"})
 
 
-def _grouped(keys: list[Any], values: dict[str, list[Any]]) -> dict[Any, Any]:
-    """{key: what `_group_values` reads}, in first-seen order: with one value field, the
-    group's values themselves (the cheapest pass); otherwise its positions, as a 1-tuple."""
-    groups: dict[Any, Any] = {}
-    if len(values) == 1:
-        (column,) = values.values()
-        for key, value in zip(keys, column, strict=True):
-            found = groups.get(key)
-            if found is None:
-                groups[key] = [value]
-            else:
-                found.append(value)
-        return groups
-    for position, key in enumerate(keys):
+def _grouped(keys: list[Any], values: dict[str, list[Any]]) -> tuple[dict[Any, list[Any]], bool]:
+    """({key: its group}, in first-seen order) and whether a group is its values (one value
+    field: the cheapest pass) rather than its positions."""
+    groups: dict[Any, list[Any]] = {}
+    by_values = len(values) == 1
+    column = next(iter(values.values())) if by_values else range(len(keys))
+    for key, value in zip(keys, column, strict=True):
         found = groups.get(key)
         if found is None:
-            groups[key] = [position]
+            groups[key] = [value]
         else:
-            found.append(position)
-    return {key: (positions,) for key, positions in groups.items()}
+            found.append(value)
+    return groups, by_values
 
 
-def _group_values(found: Any, values: dict[str, list[Any]], name: str) -> Sequence[Any]:
-    if type(found) is not tuple:  # the values of the one field
-        return found  # type: ignore[no-any-return]
-    positions = found[0]
-    column = values[name]
-    if len(positions) == 1:
-        return (column[positions[0]],)
-    return operator.itemgetter(*positions)(column)  # type: ignore[no-any-return]
+def _group_values(
+    found: list[list[Any]], column: list[Any], by_values: bool
+) -> Iterable[Sequence[Any]]:
+    """Each group's values of `column`."""
+    if by_values:
+        return found
+    return (
+        (column[positions[0]],) if len(positions) == 1 else operator.itemgetter(*positions)(column)
+        for positions in found
+    )
 
 
-def _quick_state(kind: str, values: Sequence[Any]) -> Any:
-    """The state `of` gives for a group's values, all ints or all floats (never empty)."""
-    if kind == "min":
-        return min(values)
-    if kind == "max":
-        return max(values)
-    if type(values[0]) is float:  # sum and mean, as Sum.of
-        return [0, _exact_floats(values), len(values), len(values)]
+def _float_sum(values: Sequence[float]) -> list[Any]:
+    """Sum.of's state of floats."""
+    return [0, _exact_floats(values), len(values), len(values)]
+
+
+def _int_sum(values: Sequence[int]) -> list[Any]:
+    """Sum.of's state of ints."""
     return [sum(values), [], 0, len(values)]
+
+
+#: The state `of` gives a group's values, by reducer and the type of every value.
+_QUICK_STATE: dict[tuple[str, type], Callable[[Sequence[Any]], Any]] = {
+    ("sum", float): _float_sum,
+    ("sum", int): _int_sum,
+    ("mean", float): _float_sum,
+    ("mean", int): _int_sum,
+    ("min", float): min,
+    ("min", int): min,
+    ("max", float): max,
+    ("max", int): max,
+}
+
+
+def _key_text(value: str) -> str:
+    return _encode([value])
 
 
 Evaluate = Callable[[dict[str, Any]], Any]
@@ -580,6 +591,8 @@ class Grouper:
         if len(self.keys) != 1 or self.keys[0][2] is not None:
             return None
         found: list[tuple[str, str | None]] = []
+        if not self.columns:
+            return None
         for column in self.columns:
             if column.evaluate is not None or column.kind not in _QUICK_KINDS:
                 return None
@@ -601,7 +614,7 @@ class Grouper:
             return None
         keys, values = read
         try:
-            groups = _grouped(keys, values)
+            groups, by_values = _grouped(keys, values)
         except TypeError:  # an unhashable key
             return None
         # Only strings are grouped as they are: an int key would meet an equal float or bool.
@@ -609,25 +622,23 @@ class Grouper:
         # the groups' keys checks every record's.
         if set(map(type, groups)) != {str}:
             return None
+        found = list(groups.values())
         same_state = self.same_states()
-        plan = [
-            (kind, None if same_state[index] is not None else name)
-            for index, (kind, name) in enumerate(columns)
-        ]
-        rows = []
+        per_column: list[Iterable[Any]] = []
         try:
-            for key, found in groups.items():
-                states: list[Any] = []
-                for kind, name in plan:
-                    if kind == "count":
-                        states.append(len(found[0]) if type(found) is tuple else len(found))
-                    elif name is None:  # a mean sharing a sum's state: stored once
-                        states.append(None)
-                    else:
-                        states.append(_quick_state(kind, _group_values(found, values, name)))
-                rows.append([_encode([key]), states])
+            for index, (kind, name) in enumerate(columns):
+                if kind == "count":
+                    per_column.append([len(positions) for positions in found])
+                elif same_state[index] is not None:  # a mean sharing a sum's state: stored once
+                    per_column.append([None] * len(found))
+                else:
+                    column = values[name or ""]
+                    state = _QUICK_STATE[kind, type(column[0])]
+                    per_column.append(list(map(state, _group_values(found, column, by_values))))
         except (ArithmeticError, ValueError):  # inf - inf, an overflowing sum: named there
             return None
+        states = zip(*per_column, strict=True)
+        rows = [[key, list(row)] for key, row in zip(map(_key_text, groups), states, strict=True)]
         return {"groups": rows, "skipped": [0] * len(columns)}
 
     def _quick_read(
