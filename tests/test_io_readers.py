@@ -76,6 +76,26 @@ def test_jsonl_skips_blank_lines_and_handles_bom_and_crlf(block_size: int) -> No
     assert records(data, "jsonl", block_size) == [(1, {"a": 1}), (4, [1, 2]), (6, "s"), (7, 3)]
 
 
+@pytest.mark.parametrize("block_size", BLOCKS)
+def test_blank_lines_anywhere_in_a_block_are_skipped_on_every_path(block_size: int) -> None:
+    """Whitespace-only lines first, last, in a row or alone in a block are skipped, and the
+    chunk payloads number the records the line-by-line reader does."""
+    rng = random.Random(3)
+    for _ in range(150):
+        lines, want = [], []
+        for number in range(rng.randint(1, 12)):
+            if rng.random() < 0.4:
+                lines.append(rng.choice(["", " ", "\t", " \r", "\x0b", "\x0c "]))
+            else:
+                lines.append(str(number))
+                want.append((len(lines), number))
+        if not want:
+            continue
+        data = ("\n".join(lines) + rng.choice(["", "\n"])).encode()
+        assert records(data, "jsonl", block_size) == want, data
+        assert payload_values(data, "jsonl", block_size) == [value for _, value in want], data
+
+
 def test_jsonl_final_newline_and_empty_input() -> None:
     assert values(b"1\n2\n", "jsonl") == [1, 2]
     expected = "in.x, line 1, column 1: empty input: expected JSON Lines records"

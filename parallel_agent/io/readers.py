@@ -291,7 +291,9 @@ class ChunkReader:
         blanks: list[int],
         check: bool,
     ) -> PayloadChunk:
-        payload = b"\n".join(lines) + b"\n"
+        lines.append(b"")  # the payload ends with a newline, joined in one copy
+        payload = b"\n".join(lines)
+        del lines[-1]
         chunk = PayloadChunk(index, first, len(lines), payload, first_line, tuple(blanks))
         if check:
             bad = check_jsonl(chunk.payload)
@@ -410,6 +412,17 @@ def _read_jsonl(
 _BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
 
 
+def _has_blank_line(body: bytes) -> bool:
+    """True when one of the lines of `body` (no final newline) is empty or only whitespace:
+    between two newlines, or the first or the last line."""
+    if _BLANK_LINE.search(body) is not None:
+        return True
+    first = body.find(b"\n")
+    if not (body if first < 0 else body[:first]).strip():
+        return True
+    return not body[body.rfind(b"\n") + 1 :].strip()
+
+
 def _jsonl_lines(
     source: _Source, name: str, max_record: int
 ) -> Iterator[tuple[list[bytes], int, list[int]]]:
@@ -440,7 +453,7 @@ def _jsonl_lines(
         texts = body.split(b"\n")
         if len(body) > max_record:
             _check_lengths(texts, name, max_record, line, records)
-        if _BLANK_LINE.search(b"\n" + body + b"\n") is None:
+        if not _has_blank_line(body):
             records += len(texts)
             yield texts, line, []
         else:
