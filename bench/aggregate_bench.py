@@ -12,11 +12,14 @@ Side by side in one run, each command the fastest of `--repeat`:
   script on `multiprocessing.Pool(2)` (the parent reads batches of lines, the workers parse and
   aggregate them, the parent merges);
 - peak memory (GNU time, whole command with its workers) of pagent at 100,000 and at `--records`;
+- where pagent's time goes: its nodes' own times, the rest (start-up, output, exit), and the same
+  command on 10 records (its fixed cost);
 - the weather-style monthly summary (days, rain total, rainy days, mean max temperature per month)
   over 1,461 and 10,227 daily rows: the aggregate node's time against the map node's.
 
 Every output is compared with the json script's, so a fast wrong answer is flagged. The data is
-generated here (no downloads). Nothing asserts on time.
+generated here (no downloads). pagent's bytecode is written first, as `pip install` does (see
+run_all.py). Nothing asserts on time.
 """
 
 from __future__ import annotations
@@ -223,7 +226,17 @@ def pagent(
     return seconds, json.loads(stdout), peak
 
 
+def write_bytecode() -> None:
+    """As `run_all.py` does: pagent's modules load from bytecode, as after `pip install`."""
+    import compileall
+
+    import parallel_agent
+
+    compileall.compile_dir(Path(parallel_agent.__file__).parent, quiet=1)
+
+
 def main() -> None:
+    write_bytecode()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--keys", type=int, default=1000)
@@ -268,6 +281,9 @@ def main() -> None:
         )
         figures["pagent map function"] = (seconds, 0)
         _, _, small_peak = pagent(pipeline, small, folder / "small.json", folder, 1)
+        tiny = folder / "tiny.jsonl"
+        make_input(tiny, 10, args.keys)
+        fixed, _, _ = pagent(pipeline, tiny, folder / "tiny.json", folder, max(args.repeat, 3))
         reference = rows_of(outputs["json"])
         json_s, orjson_s = figures["json"][0], figures["orjson"][0]
         print(
@@ -295,6 +311,15 @@ def main() -> None:
             node_s = {node: values.get("duration_s", 0.0) for node, values in run["nodes"].items()}
             times = ", ".join(f"{n} {s:.2f} s" for n, s in node_s.items())
             print(f"pagent node times ({label}): {times}")
+        wall = figures["pagent processes: 2"][0]
+        nodes = {node: values.get("duration_s", 0.0) for node, values in summary["nodes"].items()}
+        outside = wall - sum(nodes.values())
+        print(
+            f"where pagent processes: 2 spends {wall:.2f} s: split {nodes.get('split', 0):.2f} s, "
+            f"aggregate {nodes.get('by_key', 0):.2f} s, the rest {outside:.2f} s (start-up, "
+            f"output, exit); the same command on 10 records takes {fixed:.2f} s, "
+            f"{fixed / orjson_s:.2f}x the orjson script's whole time"
+        )
         print(
             f"pagent peak memory: {small_peak / 1024:.0f} MiB at {min(100_000, args.records):,} "
             f"records, {peak / 1024:.0f} MiB at {args.records:,} ({peak / max(small_peak, 1):.2f}x;"
