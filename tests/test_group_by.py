@@ -482,11 +482,12 @@ async def store_call(tmp_path: Path, call: Any) -> Any:
 
 def test_split_workers_queue_partials_not_lines(tmp_path: Path) -> None:
     """split (`processes: 2`) → aggregate: the split's workers reduce each chunk to the
-    aggregate's partial from the parse that checks it, and that is what is queued for the
-    aggregate (no record is stored for it). Inspected with the aggregate held back."""
+    aggregate's partial from the parse that checks it, and the split queues the chunk already
+    committed with it: no record is stored for the aggregate and nothing is left to claim.
+    Inspected with the aggregate held back (its condition is false)."""
     import asyncio
 
-    from parallel_agent.modules.grouping import PARTIAL_PAYLOAD, Grouper
+    from parallel_agent.modules.grouping import Grouper
 
     rows = [{"city": "a" if i % 3 else "b", "id": i} for i in range(40)]
     compute = "\n        n: count\n        ids: {sum: id}\n"
@@ -495,19 +496,23 @@ def test_split_workers_queue_partials_not_lines(tmp_path: Path) -> None:
     )
     run_module(tmp_path, text, rows)
 
-    async def queued(store: Any) -> list[Any]:
-        return await store.claim("t", "by_city", "test", lease_s=30, limit=100)
+    async def queued(store: Any) -> tuple[list[Any], list[Any], Any]:
+        leases = await store.claim("t", "by_city", "test", lease_s=30, limit=100)
+        done = [result async for result in store.results("t", "by_city")]
+        return leases, done, await store.counts("t", "by_city")
 
-    leases = asyncio.run(store_call(tmp_path, queued))
-    assert [lease.index for lease in leases] == list(range(8))
+    leases, done, counts = asyncio.run(store_call(tmp_path, queued))
+    assert leases == []
+    assert (counts.done, counts.pending, counts.items_done, counts.items_out) == (8, 0, 40, 40)
+    assert [chunk.index for chunk in done] == list(range(8))
     grouper = Grouper.from_options(
         {"group_by": "city", "compute": {"n": "count", "ids": {"sum": "id"}}}, "x"
     )
-    for lease in leases:
-        assert lease.payload.startswith(PARTIAL_PAYLOAD)
-        partial = json.loads(lease.payload[len(PARTIAL_PAYLOAD) :])["by_city"]
-        chunk = rows[lease.index * 5 : lease.index * 5 + 5]
-        assert partial == grouper.partial(chunk, range(lease.index * 5 + 1, lease.index * 5 + 6))
+    for chunk in done:
+        assert chunk.result == b"" and chunk.items_ok == 5 and chunk.items_failed == 0
+        partial = json.loads(chunk.partial)["by_city"]
+        part = rows[chunk.index * 5 : chunk.index * 5 + 5]
+        assert partial == grouper.partial(part, range(chunk.index * 5 + 1, chunk.index * 5 + 6))
 
 
 def test_split_fed_aggregate_commits_partials_and_runs_user_reducers_itself(
@@ -707,6 +712,8 @@ def _quick_cases() -> list[tuple[str, list[Any], bool]]:
     mixed = rows(halves)
     mixed[7]["v"] = 3
     cases.append(("ints among floats", mixed, False))
+    cases.append(("bools among ints", rows(lambda: rng.choice([0, 1, True, 5])), False))
+    cases.append(("a field of bools", rows(lambda: rng.choice([True, False])), False))
     for name, change in (
         ("a null value", lambda r: r.__setitem__("v", None)),
         ("a missing value", lambda r: r.pop("w")),

@@ -25,6 +25,7 @@ from helpers.runs import T0, make_info
 
 from parallel_agent.app.lock_wait import live_coordinator, take_stale_lock
 from parallel_agent.errors import RunCancelledError, StateLostError, StoreError, UsageError
+from parallel_agent.jsonl import dumps
 from parallel_agent.store import default_store_url, mask_url, open_store
 from parallel_agent.store.base import (
     ChunkSpec,
@@ -332,6 +333,34 @@ async def test_add_chunks_is_idempotent(store: RunStore, run: RunInfo) -> None:
     leases = await claim(store, limit=8)
     assert [lease.index for lease in leases] == list(range(8))
     assert (leases[3].first_record, leases[3].count, leases[3].payload) == (30, 10, b"payload-3")
+
+
+async def test_a_chunk_added_with_its_partial_is_committed_once(
+    store: RunStore, run: RunInfo
+) -> None:
+    """A split that reduced a chunk for an aggregate adds it done with the partial: counted
+    and read back as a claim and commit would leave it, never claimable, and added once
+    however often the split runs again (a resume); the others stay pending beside it."""
+    numbered = dumps([5, 9])
+    done = [
+        ChunkSpec(0, 0, 10, b"", partial=b'{"agg": 0}'),
+        ChunkSpec(2, 20, 2, b"", records=numbered, partial=b'{"agg": 2}'),
+    ]
+    await store.add_chunks("t1", NODE, [*done, *specs([1, 3])])
+    await store.add_chunks("t1", NODE, [ChunkSpec(0, 0, 10, b"", partial=b'{"agg": "again"}')])
+    counts = await store.counts("t1", NODE)
+    assert (counts.chunks_total, counts.pending, counts.done, counts.items_total) == (4, 2, 2, 32)
+    assert (counts.items_done, counts.items_failed, counts.items_out) == (12, 0, 12)
+    leases = await claim(store, limit=10)
+    assert [lease.index for lease in leases] == [1, 3]
+    results = [result async for result in store.results("t1", NODE)]
+    assert [(r.index, r.first_record, r.count) for r in results] == [(0, 0, 10), (2, 20, 2)]
+    assert [r.partial for r in results] == [b'{"agg": 0}', b'{"agg": 2}']
+    assert all(r.result == b"" and r.errors == b"[]" for r in results)
+    assert [(r.items_ok, r.items_failed) for r in results] == [(10, 0), (2, 0)]
+    assert results[1].numbers == [5, 9]
+    assert await commit(store, leases[0], ok=10)
+    assert [r.index async for r in store.results("t1", NODE)] == [0, 1, 2]
 
 
 async def test_nodes_in_creation_order_and_seal(store: RunStore, run: RunInfo) -> None:

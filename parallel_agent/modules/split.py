@@ -13,12 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from parallel_agent.errors import UsageError
-from parallel_agent.events import ChunksPlanned
 from parallel_agent.io import MAX_RECORD_SIZE, ChunkReader, read_chunks
 from parallel_agent.io.records import PayloadChunk
 from parallel_agent.modules.chunks import planned_event
 from parallel_agent.modules.context import RunContext
-from parallel_agent.modules.grouping import PARTIAL_PAYLOAD
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.store.base import ChunkSpec
 
@@ -63,10 +61,8 @@ async def split_input(
     await splitter.run()
     for target in targets:
         await ctx.store.seal(ctx.task_id, target)
-    for target in targets:
-        ctx.emit(
-            ChunksPlanned(at=ctx.now(), node=target, chunks=splitter.chunks, items=splitter.items)
-        )
+    for target in targets:  # from the store: chunks queued with their partial are done already
+        ctx.emit(planned_event(ctx, target, await ctx.store.counts(ctx.task_id, target)))
     identity = {"input_size": reader.size, "input_hash": reader.sha256}
     return {"chunks": splitter.chunks, "items": splitter.items, "resumed": False, **identity}
 
@@ -174,16 +170,14 @@ def _first_records(chunk: PayloadChunk, count: int) -> PayloadChunk:
 async def _queue(
     ctx: RunContext, targets: list[str], batch: list[tuple[PayloadChunk, dict[str, str]]]
 ) -> None:
+    """Queue a batch of chunks for each target; a chunk whose partial the target has is added
+    committed with it (nothing left to claim), the others as their lines."""
     for target in targets:
-        specs = [
-            ChunkSpec(
-                chunk.index, chunk.first_record, chunk.count, _payload(chunk, partials, target)
-            )
-            for chunk, partials in batch
-        ]
+        specs = [_spec(chunk, partials.get(target)) for chunk, partials in batch]
         await ctx.store.add_chunks(ctx.task_id, target, specs)
 
 
-def _payload(chunk: PayloadChunk, partials: dict[str, str], target: str) -> bytes:
-    partial = partials.get(target)
-    return chunk.payload if partial is None else PARTIAL_PAYLOAD + partial.encode()
+def _spec(chunk: PayloadChunk, partial: str | None) -> ChunkSpec:
+    if partial is None:
+        return ChunkSpec(chunk.index, chunk.first_record, chunk.count, chunk.payload)
+    return ChunkSpec(chunk.index, chunk.first_record, chunk.count, b"", partial=partial.encode())

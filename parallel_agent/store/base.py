@@ -92,6 +92,11 @@ class ChunkSpec:
     payload: bytes
     records: bytes = b""
     """The input record numbers of the payload's items (see `record_numbers`)."""
+    partial: bytes = b""
+    """When set, the chunk is added already DONE with this as its consuming aggregates' partial
+    (a split's worker reduced it for a `compute:` aggregate): committed as a claim and commit
+    would (no result, no errors, every item ok), with no round trips for either. Adding stays
+    idempotent per index, so the partial counts once."""
 
 
 @dataclass(frozen=True)
@@ -426,9 +431,10 @@ class RunStore(ABC):
 
     @abstractmethod
     async def add_chunks(self, task_id: str, node: str, chunks: Sequence[ChunkSpec]) -> None:
-        """Queue chunks as PENDING. Idempotent per (node, index): an index already present is left
-        as it is, so a resumed split may add the same chunks again. Counters change in the same
-        atomic step. The node joins `nodes()` on its first chunk."""
+        """Queue chunks as PENDING (DONE: those with a `partial`). Idempotent per (node, index):
+        an index already present is left as it is, so a resumed split may add the same chunks
+        again. Counters change in the same atomic step. The node joins `nodes()` on its first
+        chunk."""
 
     @abstractmethod
     async def seal(self, task_id: str, node: str) -> None:

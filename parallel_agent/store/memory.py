@@ -184,10 +184,25 @@ class MemoryStore(RunStore):
         async with self._mutex:
             state = self._node(task_id, node, create=True)
             for spec in chunks:
-                if spec.index not in state.chunks:
+                if spec.index in state.chunks:
+                    continue
+                if not spec.partial:
                     state.chunks[spec.index] = _Chunk(
                         spec.index, spec.first_record, spec.count, spec.payload, spec.records
                     )
+                    continue
+                state.chunks[spec.index] = _Chunk(
+                    spec.index,
+                    spec.first_record,
+                    spec.count,
+                    b"",
+                    state=ChunkState.DONE,
+                    errors=b"[]",
+                    result_records=spec.records,
+                    partial=spec.partial,
+                    outputs=spec.count,
+                    items_ok=spec.count,
+                )
 
     async def seal(self, task_id: str, node: str) -> None:
         async with self._mutex:

@@ -505,15 +505,23 @@ class RedisStore(RunStore):
         if not chunks:
             return
         k = self._keys(task_id)
+        suffixes = ("counters", "meta", "payload", "ready", "records", "result", "errors", "done")
         keys = [
             k.run,
             k.nodes,
-            *(k.node(node, s) for s in ("counters", "meta", "payload", "ready", "records")),
+            *(k.node(node, s) for s in (*suffixes, "result_records", "partial")),
         ]
         args: list[Any] = [node]
         for chunk in chunks:
             args.extend(
-                (chunk.index, chunk.first_record, chunk.count, chunk.payload, chunk.records)
+                (
+                    chunk.index,
+                    chunk.first_record,
+                    chunk.count,
+                    chunk.payload,
+                    chunk.records,
+                    chunk.partial,
+                )
             )
         await self._checked(task_id, "add_chunks", keys, args)
 

@@ -434,23 +434,45 @@ class SqliteStore(RunStore):
 
         def add(conn: sqlite3.Connection) -> None:
             self._ensure_node(conn, task_id, node)
-            added = items = 0
+            added = items = done = items_done = 0
             for chunk in chunks:
                 key = (task_id, node, chunk.index)
+                state, ok = ("done", chunk.count) if chunk.partial else ("pending", 0)
                 cursor = conn.execute(
-                    "INSERT OR IGNORE INTO chunks (task_id, node, idx, state, first_record, count) "
-                    "VALUES (?, ?, ?, 'pending', ?, ?)",
-                    (*key, chunk.first_record, chunk.count),
+                    "INSERT OR IGNORE INTO chunks "
+                    "(task_id, node, idx, state, first_record, count, items_ok) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (*key, state, chunk.first_record, chunk.count, ok),
                 )
-                if cursor.rowcount == 1:
+                if cursor.rowcount != 1:
+                    continue
+                added += 1
+                items += chunk.count
+                if chunk.partial:  # committed as it is added: no payload, an empty result
+                    conn.execute(
+                        "INSERT INTO chunk_data (task_id, node, idx, result, errors, "
+                        "result_records, partial) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (*key, b"", b"[]", chunk.records or None, chunk.partial),
+                    )
+                    done += 1
+                    items_done += chunk.count
+                else:
                     conn.execute(
                         "INSERT INTO chunk_data (task_id, node, idx, payload, records) "
                         "VALUES (?, ?, ?, ?, ?)",
                         (*key, chunk.payload, chunk.records or None),
                     )
-                    added += 1
-                    items += chunk.count
-            _bump(conn, task_id, node, chunks_total=added, pending=added, items_total=items)
+            _bump(
+                conn,
+                task_id,
+                node,
+                chunks_total=added,
+                pending=added - done,
+                items_total=items,
+                done=done,
+                items_done=items_done,
+                items_out=items_done,
+            )
 
         await self._write(add)
 
