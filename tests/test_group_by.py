@@ -763,3 +763,30 @@ def test_quick_partial_equals_the_general_path(name: str, items: list[Any], quic
                 merger.add(json.loads(json.dumps(partial)))
         merged.append(json.dumps(merger.rows()))
     assert merged[0] == merged[1], name
+
+
+def test_chunks_the_split_reduced_are_announced_done_not_resumed(cli: Any, tmp_path: Path) -> None:
+    """A fresh run whose split queued the aggregate's chunks done with their partials says so
+    as claims and commits would (one chunk_done each, after chunks_planned counted none done
+    before), never `resumed (8 of 8 chunks already done)`. Run again under its task id (finished,
+    so reused), it announces no chunk done again."""
+    rows = generate(40)
+    pipeline = tmp_path / "p.yaml"
+    compute = "\n        n: count\n        lo: {min: amount}\n"
+    pipeline.write_text(pipeline_text(5, 2, direct=True, compute=compute))
+    events = tmp_path / "events.jsonl"
+    args = ["run", str(pipeline), "--data", write_input(tmp_path, rows), "--task-id", "t"]
+    result = cli(*args, "--events", str(events))
+    assert result.exit_code == 0, result.stderr
+    assert "resumed" not in result.stderr
+    seen = [json.loads(line) for line in events.read_text().splitlines()]
+    aggregate = [event for event in seen if event.get("node") == "by_city"]
+    kinds = [event["kind"] for event in aggregate]
+    assert kinds[0] == "chunks_planned" and aggregate[0]["chunks_done"] == 0
+    done = [event for event in aggregate if event["kind"] == "chunk_done"]
+    assert sorted(event["chunk"] for event in done) == list(range(8))
+    assert sum(event["items"] for event in done) == 40
+    again = cli(*args, "--events", str(tmp_path / "again.jsonl"))
+    assert again.exit_code == 0, again.stderr
+    later = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
+    assert not [e for e in later if e["kind"] == "chunk_done" and e.get("node") == "by_city"]

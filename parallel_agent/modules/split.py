@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from parallel_agent.errors import UsageError
+from parallel_agent.events import ChunkDone, ChunksPlanned
 from parallel_agent.io import MAX_RECORD_SIZE, ChunkReader, read_chunks
 from parallel_agent.io.records import PayloadChunk
 from parallel_agent.modules.chunks import planned_event
 from parallel_agent.modules.context import RunContext
 from parallel_agent.modules.pool import PooledProcessor
-from parallel_agent.store.base import ChunkSpec
+from parallel_agent.store.base import ChunkSpec, NodeCounts
 
 #: Chunks sent to the store in one call (while the next ones are read and checked).
 QUEUE_BATCH = 8
@@ -36,10 +37,9 @@ async def split_input(
     JSON Lines input is stored as read; `checker` (worker processes) parses it on every core,
     otherwise it is parsed here. Nothing is queued past a malformed record's chunk."""
     targets = ctx.consumers.get(node) or [node]
-    sealed = [(await ctx.store.counts(ctx.task_id, target)).sealed for target in targets]
-    if all(sealed):
-        for target in targets:
-            counts = await ctx.store.counts(ctx.task_id, target)
+    before = {target: await ctx.store.counts(ctx.task_id, target) for target in targets}
+    if all(counts.sealed for counts in before.values()):
+        for target, counts in before.items():
             ctx.emit(planned_event(ctx, target, counts))
         return {"chunks": counts.chunks_total, "items": counts.items_total, "resumed": True}
     if ctx.source is None:
@@ -61,10 +61,32 @@ async def split_input(
     await splitter.run()
     for target in targets:
         await ctx.store.seal(ctx.task_id, target)
-    for target in targets:  # from the store: chunks queued with their partial are done already
-        ctx.emit(planned_event(ctx, target, await ctx.store.counts(ctx.task_id, target)))
+    for target in targets:
+        await _announce(ctx, target, before[target], splitter)
     identity = {"input_size": reader.size, "input_hash": reader.sha256}
     return {"chunks": splitter.chunks, "items": splitter.items, "resumed": False, **identity}
+
+
+async def _announce(ctx: RunContext, target: str, before: NodeCounts, splitter: _Splitter) -> None:
+    """Tell the displays what was queued for `target`: its chunks (done before this coordinator:
+    `before`), then each chunk queued done with its partial (the last ones, if a resumed split
+    found earlier ones there), as a claim and commit would have."""
+    ctx.emit(
+        ChunksPlanned(
+            at=ctx.now(),
+            node=target,
+            chunks=splitter.chunks,
+            items=splitter.items,
+            chunks_done=before.done,
+            chunks_failed=before.failed,
+            items_done=before.items_done,
+            items_failed=before.items_failed,
+        )
+    )
+    reduced = splitter.reduced.get(target, [])
+    added = (await ctx.store.counts(ctx.task_id, target)).done - before.done
+    for index, count in reduced[len(reduced) - added :] if added > 0 else []:
+        ctx.emit(ChunkDone(at=ctx.now(), node=target, chunk=index, items=count))
 
 
 class _Splitter:
@@ -90,6 +112,8 @@ class _Splitter:
             tuple[PayloadChunk, asyncio.Future[tuple[int | None, dict[str, str]]]]
         ] = collections.deque()
         self.chunks = self.items = 0
+        self.reduced: dict[str, list[tuple[int, int]]] = {}
+        """{target: (index, records) of each chunk queued done with its partial}"""
 
     async def run(self) -> None:
         try:
@@ -146,6 +170,8 @@ class _Splitter:
     async def _queue(self, chunk: PayloadChunk, partials: dict[str, str]) -> None:
         """`partials`: {aggregate: its partial of the chunk}, queued for it instead of the lines."""
         self.batch.append((chunk, partials))
+        for target in partials:
+            self.reduced.setdefault(target, []).append((chunk.index, chunk.count))
         self.chunks += 1
         self.items += chunk.count
         if len(self.batch) >= QUEUE_BATCH:
