@@ -83,13 +83,17 @@ def test_the_chosen_branch_runs_once_and_is_the_output(
         "--events", str(events), "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
-    finished = [
-        e["node"]
-        for e in map(json.loads, events.read_text().splitlines())
-        if e["kind"] == "node_finished"
-    ]
+    seen = list(map(json.loads, events.read_text().splitlines()))
+    finished = [e["node"] for e in seen if e["kind"] == "node_finished"]
     assert finished.count(chosen) == 1
-    assert other not in finished
+    # The other never ran: at the end it is announced skipped, not chosen (it has a state).
+    assert [
+        (e["kind"], e.get("outcome"), e.get("error")) for e in seen if e.get("node") == other
+    ] == [("node_finished", "skipped", "not run: no branch chose it")]
+    states = {
+        node: values.get("state") for node, values in json.loads(result.stdout)["nodes"].items()
+    }
+    assert (states[chosen], states[other]) == ("succeeded", "skipped")
     value = json.loads(out.read_text())
     assert value == (expected_by_state() if chosen == "by_state" else 75)
 

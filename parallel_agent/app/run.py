@@ -507,6 +507,8 @@ class PipelineRun:
         await self._check_still_ours(store, info.task_id)
         if ctx.stop_kind is not None or task.status != TaskStatus.COMPLETE:
             self.states.not_reached(node.name for node in pipeline.nodes)
+        else:
+            self.states.not_chosen(node.name for node in pipeline.nodes)
         summary = await self._finish(store, built, info, task.status, task.error, output_format)
         for node, state in self.states.states.items():
             summary.nodes.setdefault(node, {})["state"] = state

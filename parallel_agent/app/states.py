@@ -27,6 +27,7 @@ from parallel_agent.events import (
     NodeStarted,
 )
 
+NOT_CHOSEN = "not run: no branch chose it"
 #: The state of a node that a stop of this kind left unfinished.
 CUT_SHORT = {"interrupt": "interrupted", "cancel": "cancelled"}
 
@@ -115,6 +116,13 @@ class NodeStates(EventSink):
         for node in nodes:
             if node not in self.states:
                 self.emit(NodeFinished(node=node, outcome="not reached"))
+
+    def not_chosen(self, nodes: Iterable[str]) -> None:
+        """Announce the nodes a run that went to its end never visited: branch targets no
+        branch chose, and what lies downstream of them."""
+        for node in nodes:
+            if node not in self.states:
+                self.emit(NodeFinished(node=node, outcome="skipped", error=NOT_CHOSEN))
 
     def close(self) -> None:
         self.downstream.close()
