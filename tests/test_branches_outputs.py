@@ -300,3 +300,58 @@ nodes:
     assert json.loads(out.read_text()) == sum(range(10))
     summary = json.loads(result.stdout)
     assert summary["items"]["done"] == summary["items"]["total"] == 10
+
+
+@pytest.mark.parametrize("chosen", ["by_state", "everything"])
+def test_split_fed_aggregates_behind_a_branch_commit_only_when_chosen(
+    cli: Any, tmp_path: Path, chosen: str
+) -> None:
+    """Branch targets that are `compute:` aggregates fed by a split whose workers reduce the
+    chunks: the chosen one's output is exact; the other never ran, so nothing of it is
+    committed (0 chunks done) and it ends skipped. (The split commits the partials of an
+    ungated aggregate as it queues them; a gated one's wait until it is chosen.)"""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"""
+name: gated-aggregates
+output: {chosen}
+nodes:
+  - {{name: split, type: planner, modules: [{{use: split, chunk_size: 7}}], node_config: {{processes: 2}}}}
+  - name: gate
+    type: flow_control
+    dependencies: [split]
+    decisions: [{{next_node: by_state, condition: "{"true" if chosen == "by_state" else "false"}"}}]
+    default: everything
+  - name: by_state
+    dependencies: [split]
+    modules: [{{use: aggregate, group_by: state, compute: {{n: count, total: {{sum: n}}}}}}]
+  - name: everything
+    dependencies: [split]
+    modules: [{{use: aggregate, compute: {{n: count}}}}]
+""")
+    out = tmp_path / "out.json"
+    result = cli("run", str(pipeline), "--data", records(tmp_path), "--output", str(out), "--json")
+    assert result.exit_code == 0, result.stderr
+    nodes = json.loads(result.stdout)["nodes"]
+    other = "everything" if chosen == "by_state" else "by_state"
+    assert (nodes[chosen]["state"], nodes[chosen]["done"], nodes[chosen]["items_done"]) == (
+        "succeeded",
+        15,
+        100,
+    )
+    assert (nodes[other]["state"], nodes[other]["done"], nodes[other]["items_done"]) == (
+        "skipped",
+        0,
+        0,
+    )
+    totals: dict[str, list[int]] = {}
+    for i in range(100):
+        state = ["CA", "NY", "TX"][i % 3]
+        totals.setdefault(state, [0, 0])
+        totals[state][0] += 1
+        totals[state][1] += i
+    want = (
+        [{"state": s, "n": n, "total": t} for s, (n, t) in totals.items()]
+        if chosen == "by_state"
+        else [{"n": 100}]
+    )
+    assert json.loads(out.read_text()) == want

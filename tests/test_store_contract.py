@@ -1018,6 +1018,18 @@ async def test_claim_refuses_a_cancelled_run(store: RunStore, run: RunInfo) -> N
     assert (counts.pending, counts.leased) == (2, 1)
 
 
+async def test_a_cancelled_run_commits_no_chunk_added_with_its_partial(
+    store: RunStore, run: RunInfo
+) -> None:
+    """Promise 16 again: a split that goes on adding after `pagent cancel` commits nothing; a
+    chunk with a partial then waits PENDING with its payload, like any chunk."""
+    await store.update_run("t1", status="cancelled")
+    await store.add_chunks("t1", NODE, [ChunkSpec(0, 0, 10, b"lines", partial=b'{"agg": 0}')])
+    counts = await store.counts("t1", NODE)
+    assert (counts.pending, counts.done, counts.items_done, counts.items_out) == (1, 0, 0, 0)
+    assert [result async for result in store.results("t1", NODE)] == []
+
+
 async def test_update_run_unless_cancelled_keeps_a_cancel(store: RunStore, run: RunInfo) -> None:
     """Promise 16: a coordinator finishing just after `pagent cancel` cannot overwrite it with
     `complete`; its other fields still change, and the recorded status is returned."""

@@ -14,6 +14,7 @@ and the counts the store held when the node started (`ChunksPlanned`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -115,14 +116,16 @@ class NodeStates(EventSink):
         """Announce the nodes that never finished a visit (the run stopped before them)."""
         for node in nodes:
             if node not in self.states:
-                self.emit(NodeFinished(node=node, outcome="not reached"))
+                self.emit(NodeFinished(at=time.time(), node=node, outcome="not reached"))
 
     def not_chosen(self, nodes: Iterable[str]) -> None:
         """Announce the nodes a run that went to its end never visited: branch targets no
         branch chose, and what lies downstream of them."""
         for node in nodes:
             if node not in self.states:
-                self.emit(NodeFinished(node=node, outcome="skipped", error=NOT_CHOSEN))
+                self.emit(
+                    NodeFinished(at=time.time(), node=node, outcome="skipped", error=NOT_CHOSEN)
+                )
 
     def close(self) -> None:
         self.downstream.close()

@@ -163,7 +163,7 @@ class LiveDisplay(EventSink):
 
     def on_node_finished(self, event: NodeFinished) -> None:
         self.view.row(event.node).state = event.outcome
-        if event.error:
+        if event.error and event.outcome != "skipped":  # why a node was skipped is no error
             self.view.errors.append(f"node {event.node}: {event.error}")
 
     def on_chunks_planned(self, event: ChunksPlanned) -> None:

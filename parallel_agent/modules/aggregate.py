@@ -14,7 +14,7 @@ from parallel_agent.conditions import AGGREGATE_NAMES, compile_expression
 from parallel_agent.errors import PipelineError
 from parallel_agent.jsonl import decode_lines, not_finite
 from parallel_agent.modules.context import RunContext
-from parallel_agent.modules.grouping import Grouper, chunk_partials
+from parallel_agent.modules.grouping import PARTIAL_PAYLOAD, Grouper, chunk_partials
 from parallel_agent.modules.items import ChunkOutcome
 from parallel_agent.modules.threads import run_in_thread
 
@@ -133,8 +133,9 @@ class SplitPartials:
     """The chunk processor of a `compute:` aggregate fed by a split: each chunk becomes this
     node's partial, committed with the chunk (no results are stored: nothing reads them). The
     split's worker processes usually computed it already, and the split queued the chunk
-    committed with it (`ChunkSpec.partial`): only chunks queued as their lines come here, to be
-    reduced on a thread."""
+    committed with it (`ChunkSpec.partial`); a chunk that waits instead (a branch target's, a
+    cancelled run's) has the partial as its payload. Otherwise the chunk's lines are reduced
+    here, on a thread."""
 
     def __init__(self, node: str, grouper: Grouper) -> None:
         self.node = node
@@ -149,6 +150,8 @@ class SplitPartials:
     async def process_payload(
         self, payload: bytes, numbers: Sequence[int], params: dict[str, Any]
     ) -> ChunkOutcome:
+        if payload.startswith(PARTIAL_PAYLOAD):
+            return ChunkOutcome(encoded=b"", partials=payload[len(PARTIAL_PAYLOAD) :].decode())
         return await self.process_chunk(await run_in_thread(decode_lines, payload), numbers, params)
 
     async def close(self) -> None:

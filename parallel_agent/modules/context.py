@@ -70,6 +70,8 @@ class RunContext:
     """An error that ends the whole run with its own exit code (bad input, store lost, ...)."""
     producers: dict[str, str] = field(default_factory=dict)
     """For each data node but the split, the data node whose output it consumes."""
+    gated: frozenset[str] = frozenset()
+    """Branch targets and what lies downstream of them: nodes that run only when chosen."""
     claims_chunks: bool = True
     """False on a `--workers-only` coordinator: `pagent worker` processes claim every chunk."""
 

@@ -927,6 +927,14 @@ def chunk_partials(
     return partial_text(partials)
 
 
+#: How the payload of a chunk queued by a split for an aggregate starts when it holds that
+#: aggregate's partial (computed by the split's worker while it checked the chunk) instead of the
+#: input lines: the form such a chunk waits in when it is not added committed (its aggregate is a
+#: branch target, or the run was cancelled). No JSON Lines payload starts with a NUL byte, so
+#: the two kinds cannot be mistaken.
+PARTIAL_PAYLOAD = b"\x00partial\n"
+
+
 def split_partials(
     groupers: dict[str, Grouper], values: Sequence[Any], first: int
 ) -> dict[str, str]:

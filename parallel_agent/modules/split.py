@@ -18,6 +18,7 @@ from parallel_agent.io import MAX_RECORD_SIZE, ChunkReader, read_chunks
 from parallel_agent.io.records import PayloadChunk
 from parallel_agent.modules.chunks import planned_event
 from parallel_agent.modules.context import RunContext
+from parallel_agent.modules.grouping import PARTIAL_PAYLOAD
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.store.base import ChunkSpec, NodeCounts
 
@@ -199,11 +200,21 @@ async def _queue(
     """Queue a batch of chunks for each target; a chunk whose partial the target has is added
     committed with it (nothing left to claim), the others as their lines."""
     for target in targets:
-        specs = [_spec(chunk, partials.get(target)) for chunk, partials in batch]
+        gated = target in ctx.gated
+        specs = [_spec(chunk, partials.get(target), gated) for chunk, partials in batch]
         await ctx.store.add_chunks(ctx.task_id, target, specs)
 
 
-def _spec(chunk: PayloadChunk, partial: str | None) -> ChunkSpec:
+def _spec(chunk: PayloadChunk, partial: str | None, gated: bool) -> ChunkSpec:
+    """The chunk as its lines; or, with the target's partial, waiting as that partial (a branch
+    target, which may never run, commits nothing before it is chosen) or added committed."""
     if partial is None:
         return ChunkSpec(chunk.index, chunk.first_record, chunk.count, chunk.payload)
-    return ChunkSpec(chunk.index, chunk.first_record, chunk.count, b"", partial=partial.encode())
+    text = partial.encode()
+    return ChunkSpec(
+        chunk.index,
+        chunk.first_record,
+        chunk.count,
+        PARTIAL_PAYLOAD + text,
+        partial=b"" if gated else text,
+    )

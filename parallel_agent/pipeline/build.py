@@ -430,6 +430,7 @@ def build_pipeline(pipeline: Pipeline, ctx: RunContext, *, pipeline_dir: Path) -
     for node in pipeline.nodes:
         agent.add_node(_engine_node(node, ctx, pipeline_dir, uses, partials.get(node.name)))
     gated = set().union(*agent.validate().gates.values())
+    ctx.gated = frozenset(gated)
     if main in gated:  # a branch may never choose it: count the run by one that always runs
         main = next((c for s in splits for c in consumers.get(s, []) if c not in gated), main)
         built.main_node = views.node = main

@@ -96,7 +96,8 @@ class ChunkSpec:
     """When set, the chunk is added already DONE with this as its consuming aggregates' partial
     (a split's worker reduced it for a `compute:` aggregate): committed as a claim and commit
     would (no result, no errors, every item ok), with no round trips for either. Adding stays
-    idempotent per index, so the partial counts once."""
+    idempotent per index, so the partial counts once. In a cancelled run it is added PENDING
+    with its payload instead, like any chunk: nothing is committed after a cancel."""
 
 
 @dataclass(frozen=True)

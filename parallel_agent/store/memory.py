@@ -183,10 +183,11 @@ class MemoryStore(RunStore):
             return
         async with self._mutex:
             state = self._node(task_id, node, create=True)
+            cancelled = self._task(task_id).info.status == CANCELLED
             for spec in chunks:
                 if spec.index in state.chunks:
                     continue
-                if not spec.partial:
+                if not spec.partial or cancelled:
                     state.chunks[spec.index] = _Chunk(
                         spec.index, spec.first_record, spec.count, spec.payload, spec.records
                     )

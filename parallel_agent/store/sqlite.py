@@ -434,10 +434,15 @@ class SqliteStore(RunStore):
 
         def add(conn: sqlite3.Connection) -> None:
             self._ensure_node(conn, task_id, node)
+            status = conn.execute(
+                "SELECT status FROM runs WHERE task_id = ?", (task_id,)
+            ).fetchone()
+            committing = status is not None and status[0] != CANCELLED
             added = items = done = items_done = 0
             for chunk in chunks:
                 key = (task_id, node, chunk.index)
-                state, ok = ("done", chunk.count) if chunk.partial else ("pending", 0)
+                committed = bool(chunk.partial) and committing
+                state, ok = ("done", chunk.count) if committed else ("pending", 0)
                 cursor = conn.execute(
                     "INSERT OR IGNORE INTO chunks "
                     "(task_id, node, idx, state, first_record, count, items_ok) "
@@ -448,7 +453,7 @@ class SqliteStore(RunStore):
                     continue
                 added += 1
                 items += chunk.count
-                if chunk.partial:  # committed as it is added: no payload, an empty result
+                if committed:  # committed as it is added: no payload, an empty result
                     conn.execute(
                         "INSERT INTO chunk_data (task_id, node, idx, result, errors, "
                         "result_records, partial) VALUES (?, ?, ?, ?, ?, ?, ?)",

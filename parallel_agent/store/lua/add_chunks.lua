@@ -2,7 +2,7 @@
 --       result_records, partial.
 -- ARGV: node, then (index, first, count, payload, records, partial)...; empty records: numbered
 -- in a row. A chunk with a partial is added DONE, as a claim and commit would leave it (no
--- result, no errors, every item ok); the others PENDING.
+-- result, no errors, every item ok), unless the run was cancelled; the others PENDING.
 -- Idempotent per index: a chunk already present is left alone.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 'LOST'
@@ -10,13 +10,14 @@ end
 if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
   redis.call('ZADD', KEYS[2], redis.call('ZCARD', KEYS[2]), ARGV[1])
 end
+local committing = redis.call('HGET', KEYS[1], 'status') ~= '"cancelled"'
 local added, items, done, items_done = 0, 0, 0, 0
 for i = 2, #ARGV, 6 do
   local index = ARGV[i]
   if redis.call('HEXISTS', KEYS[4], index) == 0 then
     local count = tonumber(ARGV[i + 2])
     local records, partial = ARGV[i + 4], ARGV[i + 5]
-    if partial == '' then
+    if partial == '' or not committing then
       save(KEYS[4], index, {state = 'pending', tok = 0, att = 0, first = tonumber(ARGV[i + 1]),
                             count = count, nb = 0})
       redis.call('HSET', KEYS[5], index, ARGV[i + 3])
