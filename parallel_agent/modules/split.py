@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from parallel_agent.errors import UsageError
-from parallel_agent.events import ChunkDone, ChunksPlanned
+from parallel_agent.events import ChunkDone
 from parallel_agent.io import MAX_RECORD_SIZE, ChunkReader, read_chunks
 from parallel_agent.io.records import PayloadChunk
 from parallel_agent.modules.chunks import planned_event
@@ -72,18 +72,8 @@ async def _announce(ctx: RunContext, target: str, before: NodeCounts, splitter: 
     """Tell the displays what was queued for `target`: its chunks (done before this coordinator:
     `before`), then each chunk queued done with its partial (the last ones, if a resumed split
     found earlier ones there), as a claim and commit would have."""
-    ctx.emit(
-        ChunksPlanned(
-            at=ctx.now(),
-            node=target,
-            chunks=splitter.chunks,
-            items=splitter.items,
-            chunks_done=before.done,
-            chunks_failed=before.failed,
-            items_done=before.items_done,
-            items_failed=before.items_failed,
-        )
-    )
+    queued = dataclasses.replace(before, chunks_total=splitter.chunks, items_total=splitter.items)
+    ctx.emit(planned_event(ctx, target, queued))
     reduced = splitter.reduced.get(target, [])
     added = (await ctx.store.counts(ctx.task_id, target)).done - before.done
     for index, count in reduced[len(reduced) - added :] if added > 0 else []:
