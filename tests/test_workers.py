@@ -267,6 +267,28 @@ def test_workers_compute_the_partial_aggregates_of_their_chunks(fleet: Fleet) ->
     assert (fleet.tmp / "pa.jsonl").read_bytes() == fleet.single_host_output()
 
 
+def test_workers_only_coordinator_reduces_its_split_fed_aggregate_itself(fleet: Fleet) -> None:
+    """A `compute:` aggregate fed by the split is the coordinator's work even with
+    --workers-only (`pagent worker`s work maps and filters only): chunks the split queued as
+    their lines (no split `processes` here) are reduced by the coordinator, so the run ends
+    instead of waiting for a worker that never takes them."""
+    fleet.pipeline.write_text(
+        "output: collect\n"
+        + fleet.pipeline.read_text()
+        + "  - {name: by_rest, dependencies: [split], modules: [{use: aggregate, "
+        "group_by: {rest: 'item % 7'}, compute: {n: count}}]}\n"
+    )
+    by_rest = fleet.tmp / "by_rest.json"
+    workers = [fleet.worker("--task-id", "sa", "--idle-exit", "5")]
+    coordinator = fleet.run("sa", "--workers-only", "--output-node", f"by_rest={by_rest}")
+    code, stderr = finish(coordinator, timeout=60)
+    assert code == 0, stderr
+    for worker in workers:
+        assert finish(worker)[0] == 0
+    rows = {row["rest"]: row["n"] for row in json.loads(by_rest.read_text())}
+    assert rows == {rest: len(range(rest, fleet.records, 7)) for rest in range(7)}
+
+
 def test_worker_killed_mid_chunk_is_reclaimed(fleet: Fleet) -> None:
     victim = fleet.worker("--task-id", "k9")
     other = fleet.worker("--task-id", "k9")

@@ -150,7 +150,8 @@ class AggregateModule(BuiltinModule):
             grouper = Grouper.from_options(
                 self.options, f"node '{self.node}', aggregate", ctx.params
             )
-            await ChunkWorkers(ctx, self.settings, SplitPartials(self.node, grouper)).run()
+            partials = SplitPartials(self.node, grouper)
+            await ChunkWorkers(ctx, self.settings, partials, coordinator_only=True).run()
             producer = self.node  # its own chunks hold the partials
         counts = await ctx.store.counts(ctx.task_id, producer)
         summary = {"chunks": counts.done, "items": counts.items_done}

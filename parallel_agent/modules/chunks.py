@@ -171,10 +171,14 @@ class ChunkWorkers:
         settings: NodeSettings,
         processor: ChunkProcessor,
         aggregates: dict[str, dict[str, Any]] | None = None,
+        coordinator_only: bool = False,
     ) -> None:
         self.ctx = ctx
         self.settings = settings
         self.processor = processor
+        self.coordinator_only = coordinator_only
+        """Chunks `pagent worker`s never take (a split-fed aggregate's): worked here even on a
+        `--workers-only` coordinator."""
         self.groupers: dict[str, Grouper] = build_groupers(aggregates or {}, ctx.params)
         """The consuming aggregates whose partials are computed with each chunk (a pooled
         processor's workers compute them themselves)."""
@@ -182,7 +186,7 @@ class ChunkWorkers:
         """Set (and replaced) each time a worker of this node here is done with a chunk."""
 
     async def run(self) -> None:
-        if not self.ctx.claims_chunks:
+        if not self.ctx.claims_chunks and not self.coordinator_only:
             await self._wait_for_others()
             return
         counts = await self.ctx.store.counts(self.ctx.task_id, self.settings.node)
