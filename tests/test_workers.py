@@ -177,7 +177,11 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 
 def test_coordinator_and_three_workers_all_commit(fleet: Fleet) -> None:
-    """Two workers named the run (they exit once it ended), one leaves after --idle-exit."""
+    """Two workers named the run (they exit once it ended), one leaves after --idle-exit. Items
+    take 20 ms, so the work lasts several seconds and the unnamed worker, started last and
+    scanning for runs once a second, still finds chunks on a loaded machine (at 10 ms it once
+    found none on Python 3.13 in CI)."""
+    fleet.env["PAGENT_LEDGER_SLEEP"] = "0.02"
     workers = [fleet.worker("--task-id", "t3"), fleet.worker("--task-id", "t3")]
     coordinator = fleet.run("t3")
     workers.append(fleet.worker("--idle-exit", "3"))
