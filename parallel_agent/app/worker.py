@@ -40,6 +40,7 @@ from parallel_agent.modules.context import (
     FailureBudget,
     RunContext,
     stop_loop,
+    wait_for_any,
     wait_or_timeout,
 )
 from parallel_agent.modules.items import ChunkOutcome
@@ -221,15 +222,7 @@ class PipelineWorker:
             self.beat_now.clear()
             with contextlib.suppress(StoreError):
                 await store.beat_worker(self.owner, self.heartbeat(), ttl_s=HEARTBEAT_TTL_S)
-            waits = [
-                asyncio.ensure_future(stopped.wait()),
-                asyncio.ensure_future(self.beat_now.wait()),
-            ]
-            try:
-                await asyncio.wait(waits, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for wait in waits:
-                    wait.cancel()
+            await wait_for_any([stopped, self.beat_now], HEARTBEAT_S)
             if stopped.is_set():
                 return
 

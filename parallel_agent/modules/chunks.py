@@ -21,7 +21,13 @@ from parallel_agent.events import (
     Notice,
 )
 from parallel_agent.jsonl import decode_lines, dumps, encode_lines
-from parallel_agent.modules.context import STOP_GRACE_S, RunContext, stop_loop, wait_or_timeout
+from parallel_agent.modules.context import (
+    STOP_GRACE_S,
+    RunContext,
+    stop_loop,
+    wait_for_any,
+    wait_or_timeout,
+)
 from parallel_agent.modules.grouping import Grouper, build_groupers, chunk_partials
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError, describe
 from parallel_agent.modules.processors import ChunkProcessor
@@ -247,15 +253,7 @@ class ChunkWorkers:
     async def _idle(self, seconds: float) -> None:
         """Wait before claiming again: until the run stops, one of this node's workers here
         finishes a chunk (the queue may have drained), or `seconds` pass (workers elsewhere)."""
-        waits = [
-            asyncio.ensure_future(self.ctx.stop.wait()),
-            asyncio.ensure_future(self.progress.wait()),
-        ]
-        try:
-            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
+        await wait_for_any([self.ctx.stop, self.progress], seconds)
 
     async def _handle(self, lease: Lease) -> None:
         try:

@@ -338,19 +338,25 @@ class UserReducer(Reducer):
 _QUICK_KINDS = frozenset({"count", "sum", "mean", "min", "max"})
 
 
-def _grouped(keys: list[Any], values: dict[str, list[Any]]) -> tuple[dict[Any, list[Any]], bool]:
-    """({key: its group}, in first-seen order) and whether a group is its values (one value
-    field: the cheapest pass) rather than its positions."""
+def _group(keys: Iterable[Any], values: Iterable[Any]) -> dict[Any, list[Any]]:
+    """{key: the values that came with it}, keys in first-seen order (`values`: positions, or a
+    field's values); the one loop per record every grouping runs."""
     groups: dict[Any, list[Any]] = {}
-    by_values = len(values) == 1
-    column = next(iter(values.values())) if by_values else range(len(keys))
-    for key, value in zip(keys, column, strict=True):
+    for key, value in zip(keys, values, strict=True):
         found = groups.get(key)
         if found is None:
             groups[key] = [value]
         else:
             found.append(value)
-    return groups, by_values
+    return groups
+
+
+def _grouped(keys: list[Any], values: dict[str, list[Any]]) -> tuple[dict[Any, list[Any]], bool]:
+    """({key: its group}, in first-seen order) and whether a group is its values (one value
+    field: the cheapest pass) rather than its positions."""
+    by_values = len(values) == 1
+    column = next(iter(values.values())) if by_values else range(len(keys))
+    return _group(keys, column), by_values
 
 
 def _group_values(
@@ -388,7 +394,7 @@ _QUICK_STATE: dict[tuple[str, type], Callable[[Sequence[Any]], Any]] = {
 }
 
 
-def _key_text(value: str) -> str:
+def _key_text(value: Any) -> str:
     return _encode([value])
 
 
@@ -683,15 +689,8 @@ class Grouper:
         if len(self.keys) == 1 and self.keys[0][2] is None:
             name = self.keys[0][1] or self.keys[0][0]
             return self._groups_by_field(self._column(items, numbers, name, fields))
-        groups: dict[str, list[int]] = {}
-        for position, item in enumerate(items):
-            key = self._key(item, numbers[position])
-            found = groups.get(key)
-            if found is None:
-                groups[key] = [position]
-            else:
-                found.append(position)
-        return groups
+        keys = [self._key(item, numbers[position]) for position, item in enumerate(items)]
+        return _group(keys, range(len(items)))
 
     def _column(
         self, items: Sequence[Any], numbers: Sequence[int], name: str, fields: dict[str, list[Any]]
@@ -710,23 +709,11 @@ class Grouper:
     def _groups_by_field(self, values: list[Any]) -> dict[str, list[int]]:
         """The common case, one field: strings are grouped as they are and encoded once per
         group; other values by their JSON text (so 1, 1.0 and true stay apart)."""
-        groups: dict[Any, list[int]] = {}
+        positions = range(len(values))
         if set(map(type, values)) == {str}:
-            for position, value in enumerate(values):
-                found = groups.get(value)
-                if found is None:
-                    groups[value] = [position]
-                else:
-                    found.append(position)
-            return {_encode([value]): positions for value, positions in groups.items()}
-        for position, value in enumerate(values):
-            key = _encode([value])
-            found = groups.get(key)
-            if found is None:
-                groups[key] = [position]
-            else:
-                found.append(position)
-        return groups
+            groups = _group(values, positions)
+            return {_encode([value]): found for value, found in groups.items()}
+        return _group(map(_key_text, values), positions)
 
     def _values(
         self,
