@@ -239,6 +239,26 @@ nodes:
     assert f"pagent: {len(kept) - len(failing)} rows written to {out}" in result.stderr
 
 
+@pytest.mark.parametrize("suffix", ["json", "jsonl", "csv"])
+def test_rows_written_count_the_groups_in_every_format(
+    cli: Any, tmp_path: Path, suffix: str
+) -> None:
+    """A group-by's output holds one row per group, also as one JSON array: "rows written" and
+    `items.output` count the groups whatever the format (JSON said 1, the document)."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("""
+name: groups
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 7}]}
+  - {name: by_state, dependencies: [split], modules: [{use: aggregate, group_by: state, compute: {n: count}}]}
+""")
+    out = tmp_path / f"out.{suffix}"
+    result = cli("run", str(pipeline), "--data", records(tmp_path), "--output", str(out), "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["items"]["output"] == 3
+    assert f"pagent: 3 rows written to {out}" in result.stderr
+
+
 def test_orders_by_currency_example(cli: Any, tmp_path: Path) -> None:
     """pipelines/orders_by_currency.yaml: the gate chooses the group-by; rows by total, largest
     first, equal to a plain-Python computation over the example data."""

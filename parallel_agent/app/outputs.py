@@ -61,17 +61,18 @@ async def write_results(
 
 def _write_value(value: Any, target: str, fmt: str, stdout: BinaryIO | None) -> int:
     """An aggregate's value: the whole document in JSON; rows in JSON Lines and CSV (a list's
-    items, a group_by's groups as {key, items}, or the value itself as one row)."""
-    if fmt == "json":
-        with open_writer(target, fmt, stdout=stdout, document=True) as writer:
-            writer.write_document(value)
-        return 1
+    items, a group_by's groups as {key, items}, or the value itself as one row). Either way the
+    count returned is of those rows, so a format does not change what "rows written" says."""
     if isinstance(value, list):
         rows = value
     elif isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
         rows = [{"key": key, "items": items} for key, items in value.items()]
     else:
         rows = [value]
+    if fmt == "json":
+        with open_writer(target, fmt, stdout=stdout, document=True) as writer:
+            writer.write_document(value)
+        return len(rows)
     with open_writer(target, fmt, stdout=stdout) as writer:
         writer.write(rows)
     return len(rows)
