@@ -339,7 +339,9 @@ def checked_values(payload: bytes) -> list[Any] | int:
         if bad is not None:
             return bad
         return [loads(line) for line in lines]  # a number past the double range, read exactly
-    if round_trips(b"[" + b",".join(lines) + b"]", values):
+    # The payload scans as the array of its lines would (separators are neither digits nor
+    # dots): the array is joined only when a number may change.
+    if not may_change(payload) or round_trips(b"[" + b",".join(lines) + b"]", values):
         return values
     return [loads(line) for line in lines]  # a number a double would change, read exactly
 

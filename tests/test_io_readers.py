@@ -96,6 +96,41 @@ def test_blank_lines_anywhere_in_a_block_are_skipped_on_every_path(block_size: i
         assert payload_values(data, "jsonl", block_size) == [value for _, value in want], data
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 100, 1000])
+@pytest.mark.parametrize("block_size", [1, 7, 4096, BLOCK_SIZE])
+def test_payload_chunks_cut_uneven_lines_exactly(chunk_size: int, block_size: int) -> None:
+    """The split's chunks are sliced from the blocks where counts say a chunk ends: with lines
+    of very uneven length (one byte to 50,000), blank lines and blocks of every size, each chunk
+    holds exactly its records' lines, and locates each of them on its own line (the records
+    are not JSON, so that each can be located as the malformed one)."""
+    rng = random.Random(chunk_size * 31 + block_size)
+    lines: list[bytes] = []
+    want: list[tuple[int, bytes]] = []  # (line number, text) of each record
+    for number in range(2500):
+        roll = rng.random()
+        if roll < 0.05:
+            lines.append(rng.choice([b"", b" ", b"\t"]))
+            continue
+        if roll < 0.06:
+            text = b"x" * rng.randint(5_000, 50_000)
+        else:
+            text = b"x" + str(number * rng.choice([1, 1000, 10**12])).encode()
+        lines.append(text)
+        want.append((len(lines), text))
+    data = b"\n".join(lines) + rng.choice([b"", b"\n"])
+    reader = read_chunks(io.BytesIO(data), "jsonl", chunk_size, block_size=block_size)
+    got = 0
+    for chunk in reader.payload_chunks(check=False):
+        expected = want[got : got + chunk_size]
+        assert chunk.first_record == got and chunk.count == len(expected)
+        assert chunk.payload == b"".join(text + b"\n" for _, text in expected)
+        for position, (line, _) in enumerate(expected):
+            assert f"line {line}," in str(reader.jsonl_error(chunk, position))
+        got += chunk.count
+    assert got == len(want) and reader.records == len(want)
+    assert reader.sha256 == hashlib.sha256(data).hexdigest()
+
+
 def test_jsonl_final_newline_and_empty_input() -> None:
     assert values(b"1\n2\n", "jsonl") == [1, 2]
     expected = "in.x, line 1, column 1: empty input: expected JSON Lines records"

@@ -253,31 +253,44 @@ class ChunkReader:
         self.complete = True
 
     def _jsonl_payloads(self, source: _Source, check: bool) -> Iterator[PayloadChunk]:
+        """The input's non-blank lines, `chunk_size` at a time, as slices of the blocks read:
+        no line is copied on its own, only each chunk's payload once (C-level counts find
+        where a chunk ends)."""
         size = self.chunk_size
         index = record = 0
-        lines: list[bytes] = []
-        first_line = 1  # the line of lines[0]
+        parts: list[memoryview] = []  # the pending records' text, whole lines each
+        pending = 0  # records in parts
+        first_line = 1  # the line of the first pending record
         blanks: collections.deque[int] = collections.deque()  # blank lines after first_line
-        for texts, start, block_blanks in _jsonl_lines(source, self.name, self.max_record_size):
-            if not lines:
+        for body, count, start, block_blanks in _jsonl_bodies(
+            source, self.name, self.max_record_size
+        ):
+            if not pending:
                 first_line = start
                 blanks = collections.deque(blank for blank in block_blanks if blank > start)
             else:
                 blanks.extend(block_blanks)
-            lines.extend(texts)
-            while len(lines) >= size:
+            offset = 0
+            while pending + count >= size:
+                taken = size - pending
+                end = _end_of_lines(body, offset, taken, count)
+                parts.append(memoryview(body)[offset:end])
                 last = _line_of(first_line, blanks, size - 1)
                 inside = _before(blanks, last)
-                yield self._payload(index, record, lines[:size], first_line, inside, check)
+                yield self._payload(index, record, size, parts, first_line, inside, check)
                 first_line = _line_of(first_line, blanks, size)
                 while blanks and blanks[0] <= first_line:
                     blanks.popleft()
-                del lines[:size]
+                parts, pending = [], 0
+                offset, count = end + 1, count - taken
                 index += 1
                 record += size
-        if lines:
-            yield self._payload(index, record, lines, first_line, list(blanks), check)
-            record += len(lines)
+            if count:
+                parts.append(memoryview(body)[offset:])
+                pending += count
+        if pending:
+            yield self._payload(index, record, pending, parts, first_line, list(blanks), check)
+            record += pending
         if record == 0:
             raise _empty(self.name, "expected JSON Lines records")
         self.records = record
@@ -286,15 +299,15 @@ class ChunkReader:
         self,
         index: int,
         first: int,
-        lines: list[bytes],
+        count: int,
+        parts: list[memoryview],
         first_line: int,
         blanks: list[int],
         check: bool,
     ) -> PayloadChunk:
-        lines.append(b"")  # the payload ends with a newline, joined in one copy
-        payload = b"\n".join(lines)
-        del lines[-1]
-        chunk = PayloadChunk(index, first, len(lines), payload, first_line, tuple(blanks))
+        parts.append(memoryview(b""))  # the payload ends with a newline, joined in one copy
+        payload = b"\n".join(parts)
+        chunk = PayloadChunk(index, first, count, payload, first_line, tuple(blanks))
         if check:
             bad = check_jsonl(chunk.payload)
             if bad is not None:
@@ -385,8 +398,8 @@ def _read_jsonl(
 ) -> Iterator[_Batch]:
     """One orjson call per line and nothing else per line, unless a line is bad."""
     record = 0
-    for texts, first, blanks in _jsonl_lines(source, name, max_record):
-        joined = b"\n".join(texts)
+    for joined, count, first, blanks in _jsonl_bodies(source, name, max_record):
+        texts = joined.split(b"\n") if count else []
         try:
             try:
                 values = list(map(orjson.loads, texts))
@@ -423,14 +436,16 @@ def _has_blank_line(body: bytes) -> bool:
     return not body[body.rfind(b"\n") + 1 :].strip()
 
 
-def _jsonl_lines(
+def _jsonl_bodies(
     source: _Source, name: str, max_record: int
-) -> Iterator[tuple[list[bytes], int, list[int]]]:
-    """Each block's non-blank lines, the line number of the first, and the blank lines' numbers,
-    without parsing anything. A line longer than `max_record` bytes is an error.
+) -> Iterator[tuple[bytes, int, int, list[int]]]:
+    """Each block's non-blank lines as one text (no final newline), how many there are, the
+    line number of the first, and the blank lines' numbers, without parsing anything. A line
+    longer than `max_record` bytes is an error.
 
     A line that spans blocks is kept as its pieces and joined once it ends, and only the new
-    block is searched for its end, so reading stays linear in the line's length.
+    block is searched for its end, so reading stays linear in the line's length. Only a block
+    with a blank line is split into its lines.
     """
     pieces: list[bytes] = []  # the unfinished last line
     pending = 0  # its length
@@ -450,24 +465,56 @@ def _jsonl_lines(
             body = b"".join(pieces)
         rest = block[cut + 1 :]
         pieces, pending = ([rest], len(rest)) if rest else ([], 0)
-        texts = body.split(b"\n")
         if len(body) > max_record:
-            _check_lengths(texts, name, max_record, line, records)
+            _check_lengths(body.split(b"\n"), name, max_record, line, records)
         if not _has_blank_line(body):
-            records += len(texts)
-            yield texts, line, []
-        else:
-            blank = [line + n for n, text in enumerate(texts) if not text.strip()]
-            kept = [text for text in texts if text.strip()]
-            first = next(line + n for n, text in enumerate(texts) if text.strip()) if kept else line
+            count = body.count(b"\n") + 1
+            records += count
+            yield body, count, line, []
+            line += count
+            continue
+        texts = body.split(b"\n")
+        blank = [line + n for n, text in enumerate(texts) if not text.strip()]
+        kept = [text for text in texts if text.strip()]
+        if kept:
+            first = next(line + n for n, text in enumerate(texts) if text.strip())
             records += len(kept)
-            yield kept, first, blank
+            yield b"\n".join(kept), len(kept), first, blank
+        else:
+            yield b"", 0, line, blank
         line += len(texts)
     if pending > max_record:
         raise _too_long(name, max_record, line, None, records + 1)
     carry = b"".join(pieces)
     if carry.strip():
-        yield [carry], line, []
+        yield carry, 1, line, []
+
+
+def _end_of_lines(body: bytes, start: int, lines: int, total: int) -> int:
+    """The offset in `body` where the first `lines` of its `total` lines from `start` end (the
+    newline after them, or the end of `body`).
+
+    The offset is guessed from the mean line length and corrected with C-level counts, halving
+    the range each time, so finding it costs a few scans of the range, not a step per line."""
+    if lines >= total:
+        return len(body)
+    low, high = start, len(body)  # the end lies in [low, high): after `below` newlines
+    below, above = 0, total - 1  # newlines before low, and in [low, high)
+    wanted = lines  # the wanted newline is the `wanted`-th counted from `start`
+    while high - low > 256:
+        span = high - low
+        guess = low + span * (wanted - below) // (above + 1)
+        # At least an eighth of the range goes each time, however uneven the lines.
+        guess = min(max(guess, low + span // 8), high - span // 8)
+        counted = body.count(b"\n", low, guess)
+        if below + counted >= wanted:
+            high, above = guess, counted
+        else:
+            low, below, above = guess, below + counted, above - counted
+    position = low - 1
+    for _ in range(wanted - below):
+        position = body.find(b"\n", position + 1, high)
+    return position
 
 
 def _check_lengths(texts: list[bytes], name: str, limit: int, line: int, records: int) -> None:

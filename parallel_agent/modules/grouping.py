@@ -68,6 +68,12 @@ def _encode(value: Any) -> str:
 # -- reducers -------------------------------------------------------------------------------
 
 
+#: What a partial holds in place of a state it shares with an earlier column (a mean with the
+#: sum of the same field): the merger fills it in. Partials stored by earlier versions hold null
+#: there, which the merger ignores alike.
+SHARED = 0
+
+
 class Reducer:
     """`of(values)` reduces one chunk's values of a group to a state, `merge` combines two states
     (the first from earlier records), `result` gives the output value. Values never include a
@@ -578,7 +584,7 @@ class Grouper:
                 values = self._values(column, items, numbers, positions, picked, fields)
                 skipped[index] += len(positions) - len(values)
                 if same_state[index] is not None:  # stored once: the merger fills it in
-                    states.append(None)
+                    states.append(SHARED)
                     continue
                 try:
                     states.append(column.reducer.of(values))
@@ -636,7 +642,7 @@ class Grouper:
                 if kind == "count":
                     per_column.append([len(positions) for positions in found])
                 elif same_state[index] is not None:  # a mean sharing a sum's state: stored once
-                    per_column.append([None] * len(found))
+                    per_column.append([SHARED] * len(found))
                 else:
                     column = values[name or ""]
                     state = _QUICK_STATE[kind, type(column[0])]
@@ -892,8 +898,18 @@ def load_partials(text: bytes | str) -> dict[str, Any]:
 
 
 def partial_text(value: Any) -> str:
-    """A partial as JSON text: the standard library's (it writes a state's `Infinity`, and
-    integers past 64 bits exactly), or, for a state holding Decimals, `jsonl.dumps`'s."""
+    """A partial as JSON text: orjson's when it holds every state exactly, else the standard
+    library's (it writes a state's `Infinity`, and integers past 64 bits exactly), or, for a
+    state holding Decimals, `jsonl.dumps`'s."""
+    try:
+        text = orjson.dumps(value)
+    except TypeError:  # an integer past 64 bits, a Decimal, a lone surrogate
+        pass
+    else:
+        # orjson writes a NaN or an infinity as null; no state of a finite partial holds null
+        # (a shared state is SHARED), so text without "null" is exact, and the rest is rare.
+        if b"null" not in text:
+            return text.decode()
     try:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     except TypeError:
