@@ -900,6 +900,35 @@ def test_resume_adds_its_time_to_the_report_and_writes_failed_output(
     assert [json.loads(line)["id"] for line in failed.read_text().splitlines()] == [0, 4, 8]
 
 
+@pytest.mark.parametrize("finished", ["partial", "complete"])
+def test_run_under_an_earlier_task_id_refuses_a_changed_input(
+    cli: Any, tmp_path: Path, finished: str
+) -> None:
+    """`pagent run --task-id T` continues (or reuses) run T, whose finished chunks came from
+    the input as it was: a changed input, even of the same size, is exit 3 and no output, as
+    for `pagent resume`, never old and new records mixed under exit 0."""
+    data = people_file(tmp_path, "jsonl")
+    text = FAILING_MAP if finished == "partial" else "{use: map, expr: item}"
+    pipeline = write_pipeline(tmp_path, map_pipeline(text, "{max_retries: 0}"))
+    first = cli("run", pipeline, "--data", str(data), "--task-id", "same", "--quiet")
+    assert first.exit_code == (1 if finished == "partial" else 0), first.stderr
+    original = data.read_bytes()
+    changed = original.replace(b'"id": 5', b'"id": 7', 1)
+    assert changed != original and len(changed) == len(original)
+    data.write_bytes(changed)
+    output = tmp_path / "out.json"
+    again = cli("run", pipeline, "--data", str(data), "--task-id", "same", "--output", str(output))
+    assert again.exit_code == 3, again.stderr
+    assert "changed since it started" in again.stderr and "new --task-id" in again.stderr
+    assert not output.exists()
+    resumed = cli("resume", "same", "--output", str(output))
+    assert resumed.exit_code == 3 and not output.exists()
+    data.write_bytes(original)  # the input as the run read it: the run goes on
+    assert (
+        cli("run", pipeline, "--data", str(data), "--task-id", "same").exit_code == first.exit_code
+    )
+
+
 @pytest.mark.parametrize("processes", [0, 2])
 def test_failures_after_filters_and_failed_items_keep_their_input_record_numbers(
     cli: Any, tmp_path: Path, processes: int

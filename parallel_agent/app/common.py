@@ -86,10 +86,14 @@ def check_input_unchanged(info: RunInfo) -> None:
     assert path is not None
     if not Path(path).is_file():
         raise InputDataError(f"the input of task '{info.task_id}' is gone: {path}")
+    changed = InputDataError(
+        f"the input of task '{info.task_id}' changed since it started: {path} (its finished "
+        "work came from the earlier input; start a new run, with a new --task-id)"
+    )
     if info.input_size is not None and Path(path).stat().st_size != info.input_size:
-        raise InputDataError(f"the input of task '{info.task_id}' changed since it started: {path}")
+        raise changed
     if info.input_hash is not None and hash_file(path) != info.input_hash:
-        raise InputDataError(f"the input of task '{info.task_id}' changed since it started: {path}")
+        raise changed
 
 
 def hash_file(path: str) -> str:
