@@ -198,6 +198,79 @@ def test_group_by_equals_plain_python_for_every_chunk_size(
     assert any("compute 'some' (collect) kept the first 3 values" in n for n in summary["notices"])
 
 
+#: COMPUTE without user functions: the split's workers reduce every chunk for it.
+NO_FUNCTIONS = "".join(line + "\n" for line in COMPUTE.splitlines() if "function" not in line)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_partials_merged_as_queued_equal_the_stored_partials_merged(
+    cli: Any, tmp_path: Path, chunk_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh split -> aggregate run whose split committed every chunk with its partial
+    merges them as it queues them; the aggregate then reads none back. The rows, notices and
+    counts are exactly those of merging the stored partials (the split's merge turned off),
+    and equal the plain-Python figures."""
+    from parallel_agent.modules import builtin, split
+
+    stored_merges: list[str] = []
+    original = builtin.AggregateModule._merge_stored
+
+    async def spy(self: Any, producer: str) -> Any:
+        stored_merges.append(producer)
+        return await original(self, producer)
+
+    monkeypatch.setattr(builtin.AggregateModule, "_merge_stored", spy)
+    rows = generate(400, seed=11)
+    data = write_input(tmp_path, rows)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(pipeline_text(chunk_size, 2, direct=True, compute=NO_FUNCTIONS))
+    found = []
+    for merge_as_queued in (True, False):
+        if not merge_as_queued:
+            monkeypatch.setattr(split, "_mergers", lambda *args: {})
+        out = tmp_path / f"out-{merge_as_queued}.json"
+        result = cli("run", str(pipeline), "--data", data, "--output", str(out), "--json")
+        assert result.exit_code == 0, result.stderr
+        assert len(stored_merges) == (0 if merge_as_queued else 1)
+        summary = json.loads(result.stdout)
+        node = {k: v for k, v in summary["nodes"]["by_city"].items() if k != "duration_s"}
+        found.append((out.read_bytes(), summary["notices"], node, summary["items"]))
+    assert found[0] == found[1]
+    dropped = ("squares", "middle")
+    want = [{k: v for k, v in row.items() if k not in dropped} for row in expected(rows)]
+    assert json.loads(found[0][0]) == want
+
+
+def test_a_merge_the_store_does_not_confirm_is_not_used(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The split's merge is a cache: when the store's count of done chunks is not the number
+    of chunks it merged, the aggregate merges the stored partials (here the split's merge
+    started from a wrong state, which must not reach the output)."""
+    from parallel_agent.modules import grouping, split
+
+    real = split._mergers
+
+    def wrong(*args: Any) -> dict[str, Any]:
+        found = real(*args)
+        for merged in found.values():
+            merged.merger.add(merged.merger.grouper.partial([{"city": "nowhere"}], [1]))
+            merged.chunks = 1  # as if a chunk the store never had was merged
+        return found
+
+    monkeypatch.setattr(split, "_mergers", wrong)
+    assert grouping.MergedPartials is split.MergedPartials
+    rows = generate(100, seed=5)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(pipeline_text(10, 2, direct=True, compute=NO_FUNCTIONS))
+    out = tmp_path / "out.json"
+    result = cli("run", str(pipeline), "--data", write_input(tmp_path, rows), "--output", str(out))
+    assert result.exit_code == 0, result.stderr
+    dropped = ("squares", "middle")
+    want = [{k: v for k, v in row.items() if k not in dropped} for row in expected(rows)]
+    assert json.loads(out.read_text()) == want
+
+
 def test_group_by_in_worker_processes_with_a_filter(cli: Any, tmp_path: Path) -> None:
     """`processes: 2`: the partials are computed in the worker processes."""
     rows = generate(300, seed=3)

@@ -25,10 +25,11 @@ from parallel_agent.jsonl import decode_lines, dumps
 from parallel_agent.modules.aggregate import SplitPartials, aggregate_value, stored_key
 from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings, feed_from_producer
 from parallel_agent.modules.context import RunContext
-from parallel_agent.modules.grouping import Grouper, GroupingError, load_partials
+from parallel_agent.modules.grouping import Grouper, GroupingError, Merger, load_partials
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.modules.processors import ChunkProcessor
 from parallel_agent.modules.split import split_input
+from parallel_agent.store.base import NodeCounts
 
 
 class BuiltinModule(AgentModule):
@@ -138,6 +139,17 @@ class AggregateModule(BuiltinModule):
         """Set for a `compute:` aggregate fed by a split: it works its own chunk queue, each
         chunk committing only its partial."""
 
+    async def _merge_stored(self, producer: str) -> Merger:
+        ctx = self.ctx
+        grouper = Grouper.from_options(self.options, f"node '{self.node}', aggregate", ctx.params)
+        merger = grouper.merger()
+        async for chunk in ctx.store.results(ctx.task_id, producer):
+            partial = load_partials(chunk.partial).get(self.node) if chunk.partial else None
+            if partial is None:
+                partial = grouper.partial(decode_lines(chunk.result), chunk.numbers)
+            merger.add(partial)
+        return merger
+
     @property
     def computes_value(self) -> bool:
         keys = ("reduce", "group_by", "expr", "compute")
@@ -158,7 +170,7 @@ class AggregateModule(BuiltinModule):
         if not self.computes_value:
             return {"status": "success", "result": summary}
         if self.options.get("compute") is not None:
-            return await self._grouped(cache, producer, summary)
+            return await self._grouped(cache, producer, summary, counts)
         value = await aggregate_value(
             ctx,
             producer,
@@ -173,20 +185,18 @@ class AggregateModule(BuiltinModule):
         return {"status": "success", "result": {**summary, "value": value}}
 
     async def _grouped(
-        self, cache: Cache, producer: str, summary: dict[str, Any]
+        self, cache: Cache, producer: str, summary: dict[str, Any], counts: NodeCounts
     ) -> dict[str, Any]:
         """Merge the partials committed with the producer's chunks (one pass, memory in the
-        number of groups); a chunk committed without this node's partial is reduced here."""
+        number of groups); a chunk committed without this node's partial is reduced here.
+        When the split committed every chunk with its partial, it merged them already."""
         ctx = self.ctx
-        what = f"node '{self.node}', aggregate"
-        grouper = Grouper.from_options(self.options, what, ctx.params)
-        merger = grouper.merger()
+        merged = ctx.merged.pop(self.node, None)  # once: a retried attempt reads the store
         try:
-            async for chunk in ctx.store.results(ctx.task_id, producer):
-                partial = load_partials(chunk.partial).get(self.node) if chunk.partial else None
-                if partial is None:
-                    partial = grouper.partial(decode_lines(chunk.result), chunk.numbers)
-                merger.add(partial)
+            if merged is not None and merged.chunks == counts.done == counts.chunks_total:
+                merger = merged.merger
+            else:
+                merger = await self._merge_stored(producer)
             rows = merger.rows()
         except GroupingError as exc:  # values the reducers cannot combine: this node fails
             return {"status": "error", "result": str(exc)}

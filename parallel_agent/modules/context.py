@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 
 from parallel_agent.errors import PagentError
 from parallel_agent.events import Event, EventSink
+from parallel_agent.modules.grouping import MergedPartials
 from parallel_agent.store.base import RunStore
 
 
@@ -75,6 +76,8 @@ class RunContext:
     """Branch targets and what lies downstream of them: nodes that run only when chosen."""
     claims_chunks: bool = True
     """False on a `--workers-only` coordinator: `pagent worker` processes claim every chunk."""
+    merged: dict[str, MergedPartials] = field(default_factory=dict)
+    """{aggregate: the partials the split committed for it, merged as it queued them}."""
 
     def emit(self, event: Event) -> None:
         self.events.emit(event)

@@ -766,6 +766,20 @@ class Grouper:
         return Merger(self)
 
 
+@dataclass
+class MergedPartials:
+    """The partials a split committed with the chunks it queued for one aggregate, merged in
+    input order as it queued them, while its workers were still reading.
+
+    A cache of what the store holds, never a second truth: the aggregate takes it only when
+    the store says every one of its chunks is done and there are exactly `chunks` of them
+    (each then committed by that split, with the partial merged here); else it merges the
+    stored partials."""
+
+    merger: Merger
+    chunks: int = 0
+
+
 def _as_list(value: Any) -> list[str]:
     if value is None:
         return []

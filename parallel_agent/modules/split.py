@@ -16,9 +16,16 @@ from parallel_agent.errors import UsageError
 from parallel_agent.events import ChunkDone
 from parallel_agent.io import MAX_RECORD_SIZE, ChunkReader, read_chunks
 from parallel_agent.io.records import PayloadChunk
+from parallel_agent.jsonl import loads
 from parallel_agent.modules.chunks import planned_event
 from parallel_agent.modules.context import RunContext
-from parallel_agent.modules.grouping import PARTIAL_PAYLOAD
+from parallel_agent.modules.grouping import (
+    PARTIAL_PAYLOAD,
+    GroupingError,
+    MergedPartials,
+    build_groupers,
+    load_partials,
+)
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.store.base import ChunkSpec, NodeCounts
 
@@ -59,13 +66,33 @@ async def split_input(
     if checker is not None:
         checker.warm_up(ctx.params)  # while the first chunk is read
     splitter = _Splitter(ctx, targets, reader, checker, limit=source.head)
+    splitter.merging = _mergers(ctx, targets, before, checker)
     await splitter.run()
     for target in targets:
         await ctx.store.seal(ctx.task_id, target)
     for target in targets:
         await _announce(ctx, target, before[target], splitter)
+    ctx.merged.update(splitter.merging)
     identity = {"input_size": reader.size, "input_hash": reader.sha256}
     return {"chunks": splitter.chunks, "items": splitter.items, "resumed": False, **identity}
+
+
+def _mergers(
+    ctx: RunContext,
+    targets: list[str],
+    before: dict[str, NodeCounts],
+    checker: PooledProcessor | None,
+) -> dict[str, MergedPartials]:
+    """A merger for each aggregate whose chunks the workers reduce and this split commits as
+    it queues them (not a branch target), in a fresh run (nothing queued for it before)."""
+    if checker is None or not checker.job.aggregates:
+        return {}
+    groupers = build_groupers(loads(checker.job.aggregates), ctx.params)
+    return {
+        target: MergedPartials(grouper.merger())
+        for target, grouper in groupers.items()
+        if target in targets and target not in ctx.gated and before[target].chunks_total == 0
+    }
 
 
 async def _announce(ctx: RunContext, target: str, before: NodeCounts, splitter: _Splitter) -> None:
@@ -105,6 +132,10 @@ class _Splitter:
         self.chunks = self.items = 0
         self.reduced: dict[str, list[tuple[int, int]]] = {}
         """{target: (index, records) of each chunk queued done with its partial}"""
+        self.merging: dict[str, MergedPartials] = {}
+        """{target: the partials queued for it so far, merged}; a target leaves it when one
+        of its chunks comes without a partial, or the partials do not merge (the aggregate
+        then merges the stored ones itself, and reports what is wrong)."""
 
     async def run(self) -> None:
         try:
@@ -163,6 +194,16 @@ class _Splitter:
         self.batch.append((chunk, partials))
         for target in partials:
             self.reduced.setdefault(target, []).append((chunk.index, chunk.count))
+        for target, merged in list(self.merging.items()):
+            text = partials.get(target)
+            try:
+                if text is None:
+                    raise GroupingError("a chunk queued without its partial")
+                merged.merger.add(load_partials(text)[target])
+            except GroupingError:
+                del self.merging[target]
+            else:
+                merged.chunks += 1
         self.chunks += 1
         self.items += chunk.count
         if len(self.batch) >= QUEUE_BATCH:
