@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import secrets
@@ -12,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from parallel_agent.digest import file_sha256
 from parallel_agent.errors import InputDataError, StoreError, UsageError
 from parallel_agent.modules.context import (
     RUN_STOP_KEY,
@@ -92,17 +92,8 @@ def check_input_unchanged(info: RunInfo) -> None:
     )
     if info.input_size is not None and Path(path).stat().st_size != info.input_size:
         raise changed
-    if info.input_hash is not None and hash_file(path) != info.input_hash:
+    if info.input_hash is not None and file_sha256(path) != info.input_hash:
         raise changed
-
-
-def hash_file(path: str) -> str:
-    """The SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def watch_interval(leases: list[float]) -> float:

@@ -22,7 +22,6 @@ from parallel_agent.app.common import (
     FINISHED,
     check_input_unchanged,
     check_task_id,
-    hash_file,
     new_task_id,
     require_run,
     resolve_store_url,
@@ -41,6 +40,7 @@ from parallel_agent.app.outputs import failed_output_format, write_failed_record
 from parallel_agent.app.states import NodeStates
 from parallel_agent.app.stored import code_manifest
 from parallel_agent.app.summary import RunSummary, node_durations, summarize
+from parallel_agent.digest import file_sha256
 from parallel_agent.errors import (
     CoordinatorLockLostError,
     InterruptedRunError,
@@ -430,7 +430,7 @@ class PipelineRun:
             pipeline_text=pipeline.model_dump_json(by_alias=True),
             input_path=path,
             input_size=Path(path).stat().st_size if path else None,
-            input_hash=await asyncio.to_thread(hash_file, path) if path else None,
+            input_hash=await asyncio.to_thread(file_sha256, path) if path else None,
             input_format=source.fmt if source else None,
             params=dict(pipeline.task.params),
             status=TaskStatus.WAITING.value,

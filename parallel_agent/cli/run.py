@@ -142,6 +142,10 @@ def run(
     Example: pagent run pipelines/parallel_processing.yaml --data pipelines/data/numbers.json
     --output out.json
     """
+    if data is not None and data != "-":
+        from parallel_agent.digest import start_sha256
+
+        start_sha256(data)  # on the other core, while the rest of pagent loads
     from parallel_agent.app import RunOptions, check_run_paths, run_pipeline
     from parallel_agent.display import make_sink
 

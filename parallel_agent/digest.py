@@ -1,0 +1,71 @@
+"""The SHA-256 of an input file, which a run records to know its input again on resume.
+
+Hashing reads the whole file (about 0.7 s per GB), so the command line starts it in a background
+thread as soon as it has the path, while the rest of pagent loads on the other core;
+`file_sha256` then takes that result if the file still has the size, modification time, inode
+and device it had when hashing started, and hashes it again otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+from concurrent.futures import Future
+
+_Signature = tuple[int, int, int, int]
+_started: dict[str, tuple[_Signature, Future[str]]] = {}
+_lock = threading.Lock()
+
+
+def _signature(path: str) -> _Signature:
+    info = os.stat(path)
+    return (info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev)
+
+
+def _sha256(path: str) -> str:
+    """Read in 1 MiB blocks; hashlib releases the GIL while it hashes them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def start_sha256(path: str) -> None:
+    """Start hashing the regular file `path` in a background thread (anything else, or a path
+    that cannot be read, is left to `file_sha256`, which reports it in its place)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return
+        signature = _signature(path)
+    except OSError:
+        return
+    future: Future[str] = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(_sha256(path))
+        except BaseException as exc:  # handed to whoever asks for the result
+            future.set_exception(exc)
+
+    with _lock:
+        _started[os.path.realpath(path)] = (signature, future)
+    threading.Thread(target=work, name="pagent-input-sha256", daemon=True).start()
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of the file `path`: from `start_sha256` when the file has not changed since
+    that started, else read now."""
+    with _lock:
+        started = _started.pop(os.path.realpath(path), None)
+    if started is not None:
+        signature, future = started
+        try:
+            digest = future.result()
+        except OSError:
+            digest = None
+        if digest is not None and _signature(path) == signature:
+            return digest
+    return _sha256(path)
