@@ -390,6 +390,19 @@ def test_input_identity_of_a_file(tmp_path: Path) -> None:
     assert identity.records == 2
 
 
+def test_a_reader_told_not_to_hash_gives_the_same_chunks(tmp_path: Path) -> None:
+    """The split's reader (the run hashed its input when it started) skips the digest only."""
+    path = tmp_path / "n.jsonl"
+    path.write_bytes(b"1\n\n2\n3\n")
+    found = []
+    for hashing in (True, False):
+        reader = read_chunks(str(path), "jsonl", 2, hashing=hashing)
+        found.append([(c.index, c.count, c.payload) for c in reader.payload_chunks()])
+        assert reader.size == path.stat().st_size and reader.records == 3
+        assert bool(reader.sha256) == hashing
+    assert found[0] == found[1]
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
 def test_memory_does_not_grow_with_the_input(tmp_path: Path, fmt: str) -> None:
     path = tmp_path / f"big.{fmt}"

@@ -449,7 +449,7 @@ async def test_a_worker_that_died_fails_its_chunk_with_its_exit_status(
         await worker.process.wait()
     if noticed is not None:
 
-        async def dead_call(self: Any, request: bytes) -> Any:
+        async def dead_call(self: Any, request: dict[str, Any], body: bytes) -> Any:
             raise noticed
 
         monkeypatch.setattr(pool_module._Worker, "call", dead_call)

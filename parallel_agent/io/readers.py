@@ -117,11 +117,12 @@ def _explain_json(text: bytes, exc: orjson.JSONDecodeError) -> tuple[str, int]:
 
 
 class _Source:
-    """Hands out the input in blocks, counting and hashing the raw bytes on the way."""
+    """Hands out the input in blocks, counting (and, unless told not to, hashing) the raw bytes
+    on the way."""
 
-    def __init__(self, source: str | BinaryIO, block_size: int) -> None:
+    def __init__(self, source: str | BinaryIO, block_size: int, hashing: bool = True) -> None:
         self.block_size = block_size
-        self.hasher = hashlib.sha256()
+        self.hasher = hashlib.sha256() if hashing else None
         self.size = 0
         if isinstance(source, str):
             try:
@@ -146,7 +147,8 @@ class _Source:
                     block += more
             if not block:
                 return
-            self.hasher.update(block)
+            if self.hasher is not None:
+                self.hasher.update(block)
             self.size += len(block)
             if first:
                 first = False
@@ -178,6 +180,7 @@ class ChunkReader:
         display_name: str | None = None,
         block_size: int = BLOCK_SIZE,
         max_record_size: int = MAX_RECORD_SIZE,
+        hashing: bool = True,
     ) -> None:
         if chunk_size < 1:
             raise UsageError("chunk_size must be at least 1")
@@ -188,6 +191,8 @@ class ChunkReader:
         self.data_key = data_key
         self.name = display_name or (source if isinstance(source, str) else "<stdin>")
         self.block_size = block_size
+        self.hashing = hashing
+        """False: `sha256` stays empty (a caller that knows the input's digest already)."""
         self.size = 0
         self.sha256 = ""
         self.records = 0
@@ -243,13 +248,13 @@ class ChunkReader:
                 yield PayloadChunk(chunk.index, chunk.first_record, len(chunk.records), payload)
             return
         self.complete = False
-        source = _Source(self.source, self.block_size)
+        source = _Source(self.source, self.block_size, self.hashing)
         try:
             yield from self._jsonl_payloads(source, check)
         finally:
             source.close()
         self.size = source.size
-        self.sha256 = source.hasher.hexdigest()
+        self.sha256 = source.hasher.hexdigest() if source.hasher is not None else ""
         self.complete = True
 
     def _jsonl_payloads(self, source: _Source, check: bool) -> Iterator[PayloadChunk]:
@@ -331,7 +336,7 @@ class ChunkReader:
 
     def _batches(self, *, locate: bool) -> Iterator[_Batch]:
         self.complete = False
-        source = _Source(self.source, self.block_size)
+        source = _Source(self.source, self.block_size, self.hashing)
         count = 0
         try:
             read = _READERS[self.fmt]
@@ -341,7 +346,7 @@ class ChunkReader:
         finally:
             source.close()
         self.size = source.size
-        self.sha256 = source.hasher.hexdigest()
+        self.sha256 = source.hasher.hexdigest() if source.hasher is not None else ""
         self.records = count
         self.complete = True
 
@@ -355,6 +360,7 @@ def read_chunks(
     display_name: str | None = None,
     block_size: int = BLOCK_SIZE,
     max_record_size: int = MAX_RECORD_SIZE,
+    hashing: bool = True,
 ) -> ChunkReader:
     """A streaming reader of `source` (a path or a binary stream) in chunks of `chunk_size` records."""
     return ChunkReader(
@@ -365,6 +371,7 @@ def read_chunks(
         display_name=display_name,
         block_size=block_size,
         max_record_size=max_record_size,
+        hashing=hashing,
     )
 
 

@@ -400,6 +400,15 @@ _QUICK_STATE: dict[tuple[str, type], Callable[[Sequence[Any]], Any]] = {
 }
 
 
+def _str_key_texts(keys: Iterable[str]) -> list[str]:
+    """`_key_text` of each string key, with one C-level encode each (a lone surrogate, which
+    orjson refuses, goes the general way and fails there as it would)."""
+    try:
+        return ["[" + text.decode() + "]" for text in map(orjson.dumps, keys)]
+    except TypeError:
+        return list(map(_key_text, keys))
+
+
 def _key_text(value: Any) -> str:
     return _encode([value])
 
@@ -650,7 +659,7 @@ class Grouper:
         except (ArithmeticError, ValueError):  # inf - inf, an overflowing sum: named there
             return None
         states = zip(*per_column, strict=True)
-        rows = [[key, list(row)] for key, row in zip(map(_key_text, groups), states, strict=True)]
+        rows = [[key, list(row)] for key, row in zip(_str_key_texts(groups), states, strict=True)]
         return {"groups": rows, "skipped": [0] * len(columns)}
 
     def _quick_read(

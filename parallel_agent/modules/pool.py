@@ -26,7 +26,7 @@ from typing import Any
 from parallel_agent.jsonl import dumps, loads
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError
 from parallel_agent.modules.processors import RateLimiter
-from parallel_agent.modules.worker import FRAME_PREFIX, frame, split_lengths
+from parallel_agent.modules.worker import FRAME_PREFIX, frame, frame_head, split_lengths
 
 #: Bytes a worker's pipes hold (Linux lets any process ask for up to 1 MiB).
 PIPE_SIZE = 1 << 20
@@ -60,12 +60,13 @@ class _Worker:
         self.limiter = limiter
         """The node's `rate_limit`, whose tokens the worker asks for before each item call."""
 
-    async def call(self, request: bytes) -> tuple[dict[str, Any], bytes]:
+    async def call(self, request: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
         """Send a request, answer the worker's token requests (`rate_limit`), return its reply."""
         stdin, stdout = self.process.stdin, self.process.stdout
         assert stdin is not None
         assert stdout is not None
-        stdin.write(request)
+        stdin.write(frame_head(request, len(body)))
+        stdin.write(body)
         await stdin.drain()
         while True:
             head_size, body_size = split_lengths(await stdout.readexactly(FRAME_PREFIX))
@@ -167,7 +168,7 @@ class PooledProcessor:
             worker = await self._take(params)
             self.busy.add(worker)
             try:
-                header, reply = await worker.call(frame(request, body))
+                header, reply = await worker.call(request, body)
             except (asyncio.IncompleteReadError, ConnectionError):  # its pipes closed: it died
                 self.busy.discard(worker)
                 raise ChunkFailure(await self._died(worker, request)) from None

@@ -60,6 +60,7 @@ async def split_input(
         data_key=source.data_key,
         display_name=source.path,
         max_record_size=max_record_size,
+        hashing=False,  # the run recorded the input's digest when it started
     )
     if source.fmt != "jsonl":
         checker = None  # JSON and CSV are parsed as they are read
@@ -73,8 +74,12 @@ async def split_input(
     for target in targets:
         await _announce(ctx, target, before[target], splitter)
     ctx.merged.update(splitter.merging)
-    identity = {"input_size": reader.size, "input_hash": reader.sha256}
-    return {"chunks": splitter.chunks, "items": splitter.items, "resumed": False, **identity}
+    return {
+        "chunks": splitter.chunks,
+        "items": splitter.items,
+        "resumed": False,
+        "input_size": reader.size,
+    }
 
 
 def _mergers(

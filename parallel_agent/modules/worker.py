@@ -43,8 +43,13 @@ ADDRESS_SPACE_LIMIT = 4 << 30
 
 def frame(header: dict[str, Any], body: bytes = b"") -> bytes:
     """One protocol message: lengths, JSON header, body."""
+    return frame_head(header, len(body)) + body
+
+
+def frame_head(header: dict[str, Any], body_size: int) -> bytes:
+    """A message up to its body (sent on its own, a large body is not copied)."""
     head = dumps(header)
-    return _LENGTHS.pack(len(head), len(body)) + head + body
+    return _LENGTHS.pack(len(head), body_size) + head
 
 
 def split_lengths(prefix: bytes) -> tuple[int, int]:
