@@ -2,8 +2,9 @@
 
 Hashing reads the whole file (about 0.7 s per GB), so the command line starts it in a background
 thread as soon as it has the path, while the rest of pagent loads on the other core;
-`file_sha256` then takes that result if the file still has the size, modification time, inode
-and device it had when hashing started, and hashes it again otherwise.
+`file_sha256` then takes that result if the file still has the size, modification and change
+times, inode and device it had when hashing started (a write moves the change time, which no
+user can set back), and hashes it again otherwise.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import stat
 import threading
 from concurrent.futures import Future
 
-_Signature = tuple[int, int, int, int]
+_Signature = tuple[int, int, int, int, int]
 _started: dict[str, tuple[_Signature, Future[str]]] = {}
 _lock = threading.Lock()
 
 
 def _signature(path: str) -> _Signature:
     info = os.stat(path)
-    return (info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev)
+    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
 
 
 def _sha256(path: str) -> str:

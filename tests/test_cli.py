@@ -929,6 +929,28 @@ def test_run_under_an_earlier_task_id_refuses_a_changed_input(
     )
 
 
+def test_stdin_under_an_earlier_task_id_is_refused(cli: Any, tmp_path: Path) -> None:
+    """Standard input cannot be compared with what a run read: reading it under an existing
+    task id, or continuing a run that read it with a file, is exit 2, never that run's output."""
+    data = people_file(tmp_path, "jsonl")
+    pipeline = write_pipeline(tmp_path, map_pipeline("{use: map, expr: item}"))
+    output = tmp_path / "out.json"
+    assert cli("run", pipeline, "--data", str(data), "--task-id", "file").exit_code == 0
+    piped = cli(
+        "run", pipeline, "--data", "-", "--format", "jsonl", "--task-id", "file",
+        "--output", str(output), stdin=b'{"id": 99}\n',
+    )  # fmt: skip
+    assert piped.exit_code == 2 and "standard input cannot be compared" in piped.stderr
+    first = cli(
+        "run", pipeline, "--data", "-", "--format", "jsonl", "--task-id", "piped",
+        stdin=data.read_bytes(),
+    )  # fmt: skip
+    assert first.exit_code == 0, first.stderr
+    again = cli("run", pipeline, "--data", str(data), "--task-id", "piped", "--output", str(output))
+    assert again.exit_code == 2 and "standard input cannot be compared" in again.stderr
+    assert not output.exists()
+
+
 @pytest.mark.parametrize("processes", [0, 2])
 def test_failures_after_filters_and_failed_items_keep_their_input_record_numbers(
     cli: Any, tmp_path: Path, processes: int

@@ -43,6 +43,20 @@ def test_a_file_changed_after_the_hash_started_is_hashed_again(tmp_path: Path) -
     assert file_sha256(str(path)) == sha(b"5\n4\n")
 
 
+def test_a_rewrite_that_keeps_size_and_modification_time_is_seen(tmp_path: Path) -> None:
+    """`cp -p` or tar rewrite a file in place and set its modification time back: the change
+    time, which cannot be set back, still moves."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"1\n2\n")
+    before = path.stat()
+    start_sha256(str(path))
+    assert _started[str(path.resolve())][1].result() == sha(b"1\n2\n")  # hashed before the write
+    with path.open("r+b") as handle:
+        handle.write(b"3")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert file_sha256(str(path)) == sha(b"3\n2\n")
+
+
 def test_only_regular_files_are_hashed_ahead(tmp_path: Path) -> None:
     """A FIFO would block the thread, a folder or a missing path cannot be read: none is
     started, and asking for the digest reports the problem as before."""

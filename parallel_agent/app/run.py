@@ -333,7 +333,13 @@ class PipelineRun:
                 + "; use a new --task-id"
             )
         path = source.path if source is not None else None
-        if path not in (None, "-") and existing.input_path not in (None, str(Path(path).resolve())):
+        read_stdin = existing.input_path is None and existing.input_format is not None
+        if path == "-" or (path is not None and read_stdin):
+            raise UsageError(
+                f"task '{existing.task_id}' exists, and standard input cannot be compared with "
+                "the input it read (only a file can): use a new --task-id"
+            )
+        if path is not None and existing.input_path not in (None, str(Path(path).resolve())):
             raise UsageError(
                 f"task '{existing.task_id}' was started on {existing.input_path}, not {path}; "
                 "use a new --task-id"

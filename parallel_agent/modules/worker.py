@@ -255,8 +255,9 @@ def main() -> None:
         return
     job = _job(description[0], _TokenAsker(requests, replies))
     if isinstance(job, _CheckJob):
-        # Only pagent's own parsing runs here, and parsed JSON holds no reference cycles: the
-        # cyclic GC need not scan each chunk's records as they pile up (it still runs, rarely).
+        # pagent's parsing and sandboxed expressions run here, never a user's function, and
+        # parsed JSON holds no reference cycles: the cyclic GC need not scan each chunk's
+        # records as they pile up (it still runs, rarely).
         gc.freeze()
         gc.set_threshold(_CHECK_GC_THRESHOLD)
     while (request := _read_frame(requests)) is not None:
@@ -266,7 +267,7 @@ def main() -> None:
         except BrokenPipeError:
             return
     if isinstance(job, _CheckJob):
-        os._exit(0)  # no user code to finish: skip tearing the interpreter down
+        os._exit(0)  # no user function to finish: skip tearing the interpreter down
 
 
 if __name__ == "__main__":
