@@ -13,7 +13,7 @@ Side by side in one run, each command the fastest of `--repeat`:
   aggregate them, the parent merges);
 - peak memory (GNU time, whole command with its workers) of pagent at 100,000 and at `--records`;
 - where pagent's time goes: its nodes' own times, the rest (start-up, output, exit), and the same
-  command on 10 records (its fixed cost);
+  command on 10 records (its fixed cost); the records' time net of each command's fixed cost;
 - the weather-style monthly summary (days, rain total, rainy days, mean max temperature per month)
   over 1,461 and 10,227 daily rows: the aggregate node's time against the map node's.
 
@@ -284,6 +284,10 @@ def main() -> None:
         tiny = folder / "tiny.jsonl"
         make_input(tiny, 10, args.keys)
         fixed, _, _ = pagent(pipeline, tiny, folder / "tiny.json", folder, max(args.repeat, 3))
+        script_fixed, _, _ = timed(
+            [PYTHON, str(scripts["orjson"]), str(tiny), str(folder / "tiny_orjson.json")],
+            max(args.repeat, 3),
+        )
         reference = rows_of(outputs["json"])
         json_s, orjson_s = figures["json"][0], figures["orjson"][0]
         print(
@@ -319,6 +323,13 @@ def main() -> None:
             f"aggregate {nodes.get('by_key', 0):.2f} s, the rest {outside:.2f} s (start-up, "
             f"output, exit); the same command on 10 records takes {fixed:.2f} s, "
             f"{fixed / orjson_s:.2f}x the orjson script's whole time"
+        )
+        net, script_net = wall - fixed, orjson_s - script_fixed
+        print(
+            f"net of each command's time on 10 records (pagent {fixed:.2f} s, the orjson script "
+            f"{script_fixed:.2f} s), the records take pagent {net:.2f} s and the orjson script "
+            f"{script_net:.2f} s: {script_net / net:.2f}x (information; the target is on whole "
+            "times)"
         )
         print(
             f"pagent peak memory: {small_peak / 1024:.0f} MiB at {min(100_000, args.records):,} "
