@@ -4,7 +4,8 @@ Hashing reads the whole file (about 0.7 s per GB), so the command line starts it
 thread as soon as it has the path, while the rest of pagent loads on the other core;
 `file_sha256` then takes that result if the file still has the size, modification and change
 times, inode and device it had when hashing started (a write moves the change time, which no
-user can set back), and hashes it again otherwise.
+user can set back), and hashes it again otherwise. A digest is kept on the same terms, so the
+checks of one command (a resume, then writing failed records) read the file once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from concurrent.futures import Future
 
 _Signature = tuple[int, int, int, int, int]
 _started: dict[str, tuple[_Signature, Future[str]]] = {}
+_known: dict[str, tuple[_Signature, str]] = {}
 _lock = threading.Lock()
 
 
@@ -57,16 +59,26 @@ def start_sha256(path: str) -> None:
 
 
 def file_sha256(path: str) -> str:
-    """The SHA-256 of the file `path`: from `start_sha256` when the file has not changed since
-    that started, else read now."""
+    """The SHA-256 of the file `path`: known already, or from `start_sha256`, when the file has
+    not changed since; else read now."""
+    key = os.path.realpath(path)
     with _lock:
-        started = _started.pop(os.path.realpath(path), None)
+        started = _started.pop(key, None)
     if started is not None:
         signature, future = started
         try:
             digest = future.result()
         except OSError:
-            digest = None
-        if digest is not None and _signature(path) == signature:
-            return digest
-    return _sha256(path)
+            pass
+        else:
+            with _lock:
+                _known[key] = (signature, digest)
+    with _lock:
+        known = _known.get(key)
+    signature = _signature(path)
+    if known is not None and known[0] == signature:
+        return known[1]
+    digest = _sha256(path)
+    with _lock:
+        _known[key] = (signature, digest)
+    return digest

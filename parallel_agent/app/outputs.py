@@ -125,7 +125,9 @@ def _write_input_records(
     assert info.input_path is not None
     check_input_unchanged(info)
     # The run read this input already: no record size limit applies a second time.
-    reader = read_chunks(info.input_path, fmt, 4096, data_key=data_key, max_record_size=sys.maxsize)
+    reader = read_chunks(
+        info.input_path, fmt, 4096, data_key=data_key, max_record_size=sys.maxsize, hashing=False
+    )
     chunks = iter(reader)
     first = next(chunks, None)
     fields = None

@@ -153,12 +153,8 @@ def parse_output_nodes(values: Sequence[str]) -> list[tuple[str, str]]:
 class PipelineRun:
     """One run of a pipeline: prepare (validate everything before any side effect), execute, report."""
 
-    def __init__(
-        self, options: RunOptions, events: EventSink | None = None, *, input_checked: bool = False
-    ) -> None:
+    def __init__(self, options: RunOptions, events: EventSink | None = None) -> None:
         self.options = options
-        self.input_checked = input_checked
-        """The caller compared the input with the run's already (a resume)."""
         self.timer = _NodeTimes()
         # The displays get the states NodeStates makes true; the timer keeps the engine's own
         # outcomes (whether a node's modules returned), which decide about the outputs.
@@ -254,7 +250,7 @@ class PipelineRun:
         existing = await store.get_run(task_id)
         if existing is not None:
             self._check_same_run(existing, digest, source)
-            if existing.input_path is not None and not self.input_checked:
+            if existing.input_path is not None:
                 # Its finished chunks and results came from the input as it was then.
                 await asyncio.to_thread(check_input_unchanged, existing)
             if existing.status == "complete":
@@ -719,15 +715,13 @@ STOP_SIGNALS = tuple(
 )
 
 
-def run_pipeline(
-    options: RunOptions, events: EventSink | None = None, *, input_checked: bool = False
-) -> RunSummary:
+def run_pipeline(options: RunOptions, events: EventSink | None = None) -> RunSummary:
     """Run a pipeline to the end (blocking); SIGINT, SIGTERM and SIGHUP (the terminal closed) stop
     it resumably (InterruptedRunError), unless they were ignored when it started (`nohup`).
 
     Under the task id of an earlier run, the input must be the one that run read (else
-    InputDataError); `input_checked` says the caller has compared it already."""
-    run = PipelineRun(options, events, input_checked=input_checked)
+    InputDataError)."""
+    run = PipelineRun(options, events)
 
     async def main() -> RunSummary:
         loop = asyncio.get_running_loop()
@@ -789,4 +783,4 @@ def resume_run(
         return options
 
     options = asyncio.run(with_store(store, prepare))
-    return run_pipeline(options, events, input_checked=True)
+    return run_pipeline(options, events)

@@ -634,6 +634,8 @@ class Grouper:
         if read is None:
             return None
         keys, values = read
+        if type(keys[0]) is not str:  # an int or null key field: no grouping pass to waste
+            return None
         try:
             groups, by_values = _grouped(keys, values)
         except TypeError:  # an unhashable key
@@ -727,7 +729,7 @@ class Grouper:
         positions = range(len(values))
         if set(map(type, values)) == {str}:
             groups = _group(values, positions)
-            return {_encode([value]): found for value, found in groups.items()}
+            return dict(zip(_str_key_texts(groups), groups.values(), strict=True))
         return _group(map(_key_text, values), positions)
 
     def _values(
