@@ -282,6 +282,21 @@ def read_fifo(path: Path, into: list[bytes]) -> threading.Thread:
     return reader
 
 
+def test_special_files_as_data_are_refused_with_what_to_do(process: Pagent, tmp_path: Path) -> None:
+    """A FIFO, a device or a folder as `--data` is exit 2 naming it, never "no such file" for a
+    path that exists, and nothing is read from it."""
+    pipeline = process.pipeline()
+    os.mkfifo(tmp_path / "in.fifo")
+    for data in ("in.fifo", "/dev/zero", str(tmp_path)):
+        run = process("run", pipeline, "--data", data, "--format", "jsonl", "-q")
+        said = run.stderr.decode()
+        assert run.returncode == 2, said
+        assert f"--data: not a regular file: {data}" in said and "--data -" in said
+        assert len(said.strip().splitlines()) == 1, said
+    missing = process("run", pipeline, "--data", "gone.jsonl", "-q")
+    assert missing.returncode == 2 and b"--data: no such file: gone.jsonl" in missing.stderr
+
+
 def test_a_fifo_is_written_in_place(process: Pagent, tmp_path: Path) -> None:
     """Promise 13: a FIFO given as `--output` or `--events` gets the data and stays a FIFO."""
     write_numbers(tmp_path)

@@ -232,8 +232,13 @@ class PipelineRun:
             raise UsageError(f"--head must be 1 or more, not {options.head}")
         if options.data == "-":
             return InputSource("-", fmt, options.data_key, stream=options.stdin, head=options.head)
-        if not Path(options.data).is_file():
+        if not Path(options.data).exists():
             raise UsageError(f"--data: no such file: {options.data}")
+        if not Path(options.data).is_file():
+            raise UsageError(
+                f"--data: not a regular file: {options.data} (a run reads a file it can read "
+                "again to resume; for a pipe or a device, use --data - and redirect it)"
+            )
         return InputSource(options.data, fmt, options.data_key, head=options.head)
 
     async def _run_with_store(
