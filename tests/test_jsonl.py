@@ -132,3 +132,24 @@ def test_what_encode_writes_decode_reads() -> None:
     assert bad == []
     assert check_jsonl(data) is None
     assert decode_lines(data) == values
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"x": 1e-400}',  # the exponent's sign is the only minus sign
+        b'{"x": 2.5E-400, "y": "a-b"}',
+        b'{"x": -1e-400}',
+        b'{"x": 1e-40, "y": -3}',  # a two-digit exponent: a double holds it
+        b'{"x": 12345678901234567.5}',
+        b'{"x": -0.5, "y": [1e-300, 7]}',
+    ],
+)
+def test_a_number_a_double_changes_is_read_exactly_whatever_the_minus_signs(line: bytes) -> None:
+    """`may_change` looks for the exponent only where the text has a minus sign at all: every
+    value still equals the line read on its own, exactly."""
+    payload = b'{"pad": 1}\n' * 3 + line + b"\n"
+    values, bad = each_line(payload)
+    assert bad is None
+    assert checked_values(payload) == values
+    assert decode_lines(payload) == values
