@@ -906,3 +906,43 @@ def test_chunks_the_split_reduced_are_announced_done_not_resumed(cli: Any, tmp_p
     assert again.exit_code == 0, again.stderr
     later = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
     assert not [e for e in later if e["kind"] == "chunk_done" and e.get("node") == "by_city"]
+
+
+@pytest.mark.parametrize(
+    ("group_by", "items", "record", "shown"),
+    [
+        ({"k": "item['key'] + '\\ud800'"}, [{"key": "a"}, {"key": "b"}], 11, "'a\\ud800'"),
+        ({"k": "{1, 2} if item['key'] == 'b' else item['key']"}, [{"key": "a"}, {"key": "b"}], 12,
+         "{1, 2}"),
+        ("key", [{"key": "a"}, {"key": "b\ud800"}], 12, "'b\\ud800'"),
+    ],
+    ids=["expression, lone surrogate", "expression, a set", "field, lone surrogate"],
+)  # fmt: skip
+def test_a_key_json_cannot_hold_names_its_record(
+    group_by: Any, items: list[Any], record: int, shown: str
+) -> None:
+    """A group key JSON text cannot hold (a lone surrogate, a set) fails with the record and
+    the key named, as every other key error, not with the JSON encoder's words alone."""
+    from parallel_agent.modules.grouping import Grouper, GroupingError
+
+    grouper = Grouper.from_options({"group_by": group_by, "compute": {"n": "count"}}, "node 'g'")
+    with pytest.raises(GroupingError) as caught:
+        grouper.partial(items, range(11, 11 + len(items)))
+    message = str(caught.value)
+    assert message.startswith(f"node 'g': record {record}: group_by '")
+    assert f" is {shown}, which JSON cannot hold (" in message
+
+
+def test_a_key_json_cannot_hold_fails_the_run_naming_the_record(cli: Any, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        pipeline_text(10, direct=True, compute="\n        n: count").replace(
+            "group_by: city", "group_by: {k: \"str(item.get('city')) + '\\\\ud800'\"}"
+        )
+    )
+    out = tmp_path / "out.json"
+    result = cli("run", str(pipeline), "--data", write_input(tmp_path, generate(5)), "-o", str(out))
+    assert result.exit_code == 1
+    assert "record 1: group_by 'k' is '" in result.stderr
+    assert "which JSON cannot hold" in result.stderr
+    assert not out.exists()

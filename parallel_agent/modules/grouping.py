@@ -565,7 +565,21 @@ class Grouper:
                     ) from None
             else:
                 values.append(self._field(item, field_name or name, number))
-        return _encode(values)
+        try:
+            return _encode(values)
+        except TypeError as exc:
+            raise self._unwritable_key(values, number, exc) from None
+
+    def _unwritable_key(self, key: list[Any], number: int, exc: TypeError) -> GroupingError:
+        """A key JSON text cannot hold (a string with a lone surrogate, a set): named with its
+        record, as every other key error is, instead of failing the chunk with orjson's words."""
+        names = ", ".join(name for name, _, _ in self.keys)
+        shown = ascii(key[0] if len(key) == 1 else key)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return GroupingError(
+            f"{self.what}: record {number}: group_by '{names}' is {shown}, which JSON cannot "
+            f"hold ({exc})"
+        )
 
     def _field(self, item: Any, name: str, number: int) -> Any:
         if type(item) is not dict:
@@ -660,8 +674,12 @@ class Grouper:
                     per_column.append(list(map(state, _group_values(found, column, by_values))))
         except (ArithmeticError, ValueError):  # inf - inf, an overflowing sum: named there
             return None
+        try:
+            texts = _str_key_texts(groups)
+        except TypeError:  # a lone surrogate: the general path names its record
+            return None
         states = zip(*per_column, strict=True)
-        rows = [[key, list(row)] for key, row in zip(_str_key_texts(groups), states, strict=True)]
+        rows = [[key, list(row)] for key, row in zip(texts, states, strict=True)]
         return {"groups": rows, "skipped": [0] * len(columns)}
 
     def _quick_read(
@@ -705,7 +723,16 @@ class Grouper:
             return {"[]": list(range(len(items)))} if items else {}
         if len(self.keys) == 1 and self.keys[0][2] is None:
             name = self.keys[0][1] or self.keys[0][0]
-            return self._groups_by_field(self._column(items, numbers, name, fields))
+            column = self._column(items, numbers, name, fields)
+            try:
+                return self._groups_by_field(column)
+            except TypeError:  # find the record whose key JSON text cannot hold, and name it
+                for position, value in enumerate(column):
+                    try:
+                        _key_text(value)
+                    except TypeError as exc:
+                        raise self._unwritable_key([value], numbers[position], exc) from None
+                raise
         keys = [self._key(item, numbers[position]) for position, item in enumerate(items)]
         return _group(keys, range(len(items)))
 
