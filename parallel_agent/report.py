@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from parallel_agent.jsonl import decode_lines, loads
+from parallel_agent.modules.aggregate import stored as stored_result
 from parallel_agent.store.base import RunStore
 
 #: How many record numbers each failure group keeps (the smallest ones).
@@ -76,20 +77,18 @@ class NodeReport:
     #: failed items plus the items of failed chunks
     items_failed: int = 0
     retries: int = 0
+    #: chunk times of the chunks the node worked itself (not those a split committed with their
+    #: partials as it queued them: the split's workers did that work)
     chunk_p50_s: float | None = None
     chunk_p95_s: float | None = None
-    #: records the node received (its chunks' items), emitted (outputs committed) and dropped
-    #: (processed without failing and without output: a filter's no)
+    #: records the node received (its chunks' items), emitted (outputs committed; an
+    #: aggregate's rows) and dropped (processed without failing and without output: a filter's
+    #: no; an aggregate reduces, it drops nothing)
     items_in: int = 0
     items_out: int = 0
     items_dropped: int = 0
-
-    @property
-    def items_per_s(self) -> float | None:
-        """Items processed per second of the node's own duration."""
-        if not self.chunks or not self.duration_s or self.duration_s <= 0:
-            return None
-        return self.items_processed / self.duration_s
+    #: items processed per second of the node's own duration; None when it worked no chunk itself
+    items_per_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         rate = self.items_per_s
@@ -126,6 +125,7 @@ class NodeReport:
             items_in=data.get("items_in", 0),
             items_out=data.get("items_out", 0),
             items_dropped=data.get("items_dropped", 0),
+            items_per_s=data.get("items_per_s"),
         )
 
 
@@ -264,6 +264,8 @@ async def build_report(
     """
     durations = durations or {}
     stored = await store.nodes(task_id)
+    info = await store.get_run(task_id)
+    extra = info.extra if info is not None else {}
     names = list(dict.fromkeys([*nodes, *stored]))
     lines: list[NodeReport] = []
     for name in names:
@@ -271,27 +273,34 @@ async def build_report(
             lines.append(NodeReport(name, duration_s=durations.get(name)))
             continue
         counts = await store.counts(task_id, name)
-        chunk_times = await store.chunk_durations(task_id, name)
+        # A chunk committed as it was queued (a split's partial) has no time of its own.
+        chunk_times = [t for t in await store.chunk_durations(task_id, name) if t > 0]
         failed_chunk_items = (
             sum(chunk.count for chunk in await store.failed_chunks(task_id, name))
             if counts.failed
             else 0
         )
+        processed = counts.items_done + counts.items_failed
+        duration = durations.get(name)
+        rows = stored_result(extra, "aggregate_rows", name)
         lines.append(
             NodeReport(
                 name,
-                duration_s=durations.get(name),
+                duration_s=duration,
                 chunks=counts.chunks_total,
                 chunks_done=counts.done,
                 chunks_failed=counts.failed,
-                items_processed=counts.items_done + counts.items_failed,
+                items_processed=processed,
                 items_failed=counts.items_failed + failed_chunk_items,
                 retries=counts.retries,
                 chunk_p50_s=percentile(chunk_times, 0.5),
                 chunk_p95_s=percentile(chunk_times, 0.95),
                 items_in=counts.items_total,
-                items_out=counts.items_out,
-                items_dropped=max(0, counts.items_done - counts.items_out),
+                items_out=counts.items_out if rows is None else int(rows),
+                items_dropped=0
+                if rows is not None
+                else max(0, counts.items_done - counts.items_out),
+                items_per_s=processed / duration if chunk_times and duration else None,
             )
         )
     return RunReport(tuple(lines), await failure_groups(store, task_id))

@@ -173,6 +173,7 @@ REPORT = RunReport(
             items_in=40,
             items_out=24,
             items_dropped=5,
+            items_per_s=30 / 6.0,
         ),
         NodeReport("collect", duration_s=0.0004),
     ),
@@ -228,6 +229,7 @@ def test_report_lines_never_exceed_the_width() -> None:
                 retries=98765,
                 chunk_p50_s=59.994,
                 chunk_p95_s=3600.0,
+                items_per_s=12_345_678 / 7384.0,
             ),
         ),
         failures=(
@@ -282,6 +284,7 @@ def test_rich_report_fits_80_columns_with_long_names() -> None:
                 items_processed=60,
                 chunk_p50_s=0.792,
                 chunk_p95_s=1.15,
+                items_per_s=60 / 1.19,
             ),
         )
     )
@@ -405,6 +408,7 @@ NARROW = RunReport(
             retries=3,
             chunk_p50_s=0.02,
             chunk_p95_s=0.5,
+            items_per_s=2000 / 12.64,
         ),
     ),
     failures=(FailureGroup("KeyError", 41, (1, 2, 3), ("geocode-addresses",), "KeyError: 'x'"),),

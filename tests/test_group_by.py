@@ -946,3 +946,25 @@ def test_a_key_json_cannot_hold_fails_the_run_naming_the_record(cli: Any, tmp_pa
     assert "record 1: group_by 'k' is '" in result.stderr
     assert "which JSON cannot hold" in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_the_report_counts_an_aggregates_rows_as_what_it_emitted(
+    cli: Any, tmp_path: Path, processes: int
+) -> None:
+    """Records in -> out of a `compute:` aggregate: the records it received, the rows (groups)
+    it emitted, nothing dropped; as many rows as `--output` got."""
+    rows = generate(300)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(pipeline_text(50, processes, direct=True, compute="\n        n: count"))
+    out = tmp_path / "out.json"
+    result = cli(
+        "run", str(pipeline), "--data", write_input(tmp_path, rows), "-o", str(out), "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    groups = len(json.loads(out.read_text()))
+    summary = json.loads(result.stdout)
+    (line,) = [node for node in summary["report"]["nodes"] if node["node"] == "by_city"]
+    assert (line["items_in"], line["items_out"], line["items_dropped"]) == (300, groups, 0)
+    assert summary["items"]["output"] == groups
+    assert f"by_city  300 -> {groups}" in result.stderr

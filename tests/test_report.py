@@ -168,3 +168,24 @@ async def test_report_survives_its_json_form_and_nodes_come_in_pipeline_order() 
 def test_failure_group_keeps_a_short_list() -> None:
     group = FailureGroup("ValueError", 2, (4, 9), ("work",), "ValueError: x")
     assert FailureGroup.from_dict(group.to_dict()) == group
+
+
+async def test_an_aggregate_emits_its_rows_and_chunks_a_split_committed_are_not_timed() -> None:
+    """A `compute:` aggregate fed by a split: its chunks were committed with their partials as
+    the split queued them (the split's workers did that work, so they have no time of their
+    own), and it emitted one row per group. The report says so rather than dividing a million
+    records by the few milliseconds of the merge, or counting reduced records as emitted."""
+    store = MemoryStore()
+    await store.create_run(make_info())
+    partial = b'{"work": {"groups": [], "skipped": []}}'
+    specs = [ChunkSpec(i, i * 10, 10, b"", partial=partial) for i in range(4)]
+    await store.add_chunks(TASK, "work", specs)
+    await store.seal(TASK, "work")
+    await store.update_run(TASK, extra={"aggregate_rows:work": 3})
+    report = await build_report(store, TASK, nodes=["work"], durations={"work": 0.004})
+    (work,) = report.nodes
+    assert (work.chunks_done, work.items_in, work.items_out, work.items_dropped) == (4, 40, 3, 0)
+    assert work.items_per_s is None
+    assert work.chunk_p50_s is None and work.chunk_p95_s is None
+    again = RunReport.from_dict(orjson.loads(orjson.dumps(report.to_dict())))
+    assert again.nodes == report.nodes

@@ -18,6 +18,7 @@ from parallel_agent.io import (
     write_records_like_input,
 )
 from parallel_agent.jsonl import decode_lines, loads
+from parallel_agent.modules.aggregate import value_rows
 from parallel_agent.pipeline.build import BuiltPipeline
 from parallel_agent.report import read_failures
 from parallel_agent.store.base import RunInfo, RunStore
@@ -63,12 +64,7 @@ def _write_value(value: Any, target: str, fmt: str, stdout: BinaryIO | None) -> 
     """An aggregate's value: the whole document in JSON; rows in JSON Lines and CSV (a list's
     items, a group_by's groups as {key, items}, or the value itself as one row). Either way the
     count returned is of those rows, so a format does not change what "rows written" says."""
-    if isinstance(value, list):
-        rows = value
-    elif isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
-        rows = [{"key": key, "items": items} for key, items in value.items()]
-    else:
-        rows = [value]
+    rows = value_rows(value)
     if fmt == "json":
         with open_writer(target, fmt, stdout=stdout, document=True) as writer:
             writer.write_document(value)

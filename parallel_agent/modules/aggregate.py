@@ -24,7 +24,8 @@ _MISSING = object()
 
 def stored_key(kind: str, node: str) -> str:
     """The run's `extra` key under which aggregate `node` keeps its `kind` of result
-    ("aggregate": a value, "aggregate_json": group-by rows as JSON text, "aggregate_notices").
+    ("aggregate": a value, "aggregate_json": group-by rows as JSON text, "aggregate_notices",
+    "aggregate_rows": how many rows it emitted).
     One top-level key per node: `extra` merges top-level keys only, so aggregates of one run
     finishing together never overwrite each other's."""
     return f"{kind}:{node}"
@@ -36,6 +37,16 @@ def stored(extra: dict[str, Any], kind: str, node: str, default: Any = None) -> 
     if found is not _MISSING:
         return found
     return (extra.get(kind) or {}).get(node, default)
+
+
+def value_rows(value: Any) -> list[Any]:
+    """The rows an aggregate's value makes in JSON Lines and CSV, and the rows it emitted: a
+    list's items, a group_by's groups as {key, items}, or the value itself as one row."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        return [{"key": key, "items": items} for key, items in value.items()]
+    return [value]
 
 
 def all_stored(extra: dict[str, Any], kind: str) -> list[Any]:

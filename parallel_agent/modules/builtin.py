@@ -22,7 +22,7 @@ from parallel_agent.errors import (
 from parallel_agent.graph import AgentModule, ModuleType
 from parallel_agent.io import MAX_RECORD_SIZE
 from parallel_agent.jsonl import decode_lines, dumps
-from parallel_agent.modules.aggregate import SplitPartials, aggregate_value, stored_key
+from parallel_agent.modules.aggregate import SplitPartials, aggregate_value, stored_key, value_rows
 from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings, feed_from_producer
 from parallel_agent.modules.context import RunContext
 from parallel_agent.modules.grouping import Grouper, GroupingError, Merger, load_partials
@@ -180,7 +180,13 @@ class AggregateModule(BuiltinModule):
             field=self.options.get("field"),
             what=f"node '{self.node}', aggregate",
         )
-        await ctx.store.update_run(ctx.task_id, extra={stored_key("aggregate", self.node): value})
+        await ctx.store.update_run(
+            ctx.task_id,
+            extra={
+                stored_key("aggregate", self.node): value,
+                stored_key("aggregate_rows", self.node): len(value_rows(value)),
+            },
+        )
         await cache.set("final_results", value)
         return {"status": "success", "result": {**summary, "value": value}}
 
@@ -207,6 +213,7 @@ class AggregateModule(BuiltinModule):
             extra={
                 stored_key("aggregate_json", self.node): text,
                 stored_key("aggregate_notices", self.node): notices,
+                stored_key("aggregate_rows", self.node): len(rows),
             },
         )
         with contextlib.suppress(TypeError):  # a sum past 64 bits: the store and files have it
