@@ -9,8 +9,6 @@ import gc
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -21,7 +19,6 @@ import pytest
 from test_cli import cli, map_pipeline, numbers, write_pipeline  # noqa: F401 - fixture
 
 from parallel_agent.modules import pool as pool_module
-from parallel_agent.modules import spares
 from parallel_agent.modules.items import ChunkFailure
 from parallel_agent.modules.pool import PooledProcessor, WorkerJob
 
@@ -519,104 +516,3 @@ def test_a_split_starts_no_checking_workers_it_will_not_use(
     result = cli("resume", "sealed", "--json")
     assert result.exit_code == 1, result.stderr
     assert "check-jsonl" not in started
-
-
-@pytest.fixture
-def no_spares_left() -> Iterator[None]:
-    yield
-    spares.close_spares()
-
-
-@pytest.mark.usefixtures("no_spares_left")
-async def test_a_pool_takes_a_spare_worker_before_starting_one() -> None:
-    """A spare (started before the run knew its job) does the pool's work, with the same
-    results, and exits with the pool; a spare that died meanwhile is never taken."""
-    spares.start_spares(2)
-    first, second = list(spares._spares)
-    os.kill(first.pid, signal.SIGKILL)  # as the kernel's OOM killer would
-    first.wait()
-    pool = expr_pool()
-    assert (await pool.process_chunk([1, 2], range(1, 3), {})).encoded == b"2\n4\n"
-    (worker,) = pool.idle
-    assert worker.process.pid == second.pid
-    assert spares.take_spare() is None
-    async with asyncio.timeout(LIVENESS_S):
-        await pool.close()
-    assert second.returncode == 0
-    assert worker_processes() == []
-
-
-@pytest.mark.usefixtures("no_spares_left")
-def test_spares_nobody_took_exit_when_closed() -> None:
-    spares.start_spares(2)
-    started = list(spares._spares)
-    spares.close_spares()
-    assert [process.returncode for process in started] == [0, 0]
-    assert spares.take_spare() is None
-    assert worker_processes() == []
-
-
-@pytest.mark.parametrize(
-    ("data", "form", "wanted"),
-    [
-        ("in.jsonl", split_pipeline, 2),  # the split checks JSON Lines on its workers
-        ("in.json", split_pipeline, 0),  # JSON is parsed as it is read: no workers
-        ("in.json", lambda n: map_pipeline('{use: map, expr: "item"}', f"{{processes: {n}}}"), 2),
-    ],
-    ids=["split of JSON Lines", "split of JSON", "map"],
-)
-def test_the_run_command_starts_the_workers_its_pipeline_will_run(
-    cli: Any,  # noqa: F811
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    data: str,
-    form: Any,
-    wanted: int,
-) -> None:
-    """`pagent run` starts the workers a node will need (at most one per core) while the rest
-    of pagent loads; the pools take them; none is left behind."""
-    requested: list[int] = []
-    taken: list[int] = []
-    start, take = spares.start_spares, spares.take_spare
-
-    def counted_start(count: int) -> None:
-        requested.append(count)
-        start(count)
-
-    def counted_take() -> Any:
-        found = take()
-        if found is not None:
-            taken.append(found.pid)
-        return found
-
-    monkeypatch.setattr(spares, "start_spares", counted_start)
-    monkeypatch.setattr("parallel_agent.cli.process.start_spares", counted_start)
-    monkeypatch.setattr(pool_module, "take_spare", counted_take)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    rows = [{"x": i} for i in range(10)]
-    source = tmp_path / data
-    if data.endswith(".jsonl"):
-        source.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    else:
-        source.write_text(json.dumps(rows))
-    pipeline = write_pipeline(tmp_path, form(4))  # more processes than cores: one per core
-    output = tmp_path / "out.json"
-    result = cli("run", pipeline, "--data", str(source), "--output", str(output))
-    assert result.exit_code == 0, result.stderr
-    assert requested == [wanted]
-    assert len(taken) == wanted
-    assert worker_processes() == []
-
-
-def test_a_pipeline_read_from_a_pipe_is_read_once(tmp_path: Path) -> None:
-    """The spares look at the pipeline file before the run reads it: a pipe (`<(...)`) could
-    be read only once, so it is left to the run."""
-    (tmp_path / "p.yaml").write_text(split_pipeline(2))
-    (tmp_path / "in.jsonl").write_text("".join(f'{{"x": {i}}}\n' for i in range(10)))
-    script = (
-        f"{sys.executable} -m parallel_agent run <(cat p.yaml) --data in.jsonl "
-        "--output out.json --store memory:// -q"
-    )
-    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, check=False)
-    assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "out.json").read_text()) == [i * 2 for i in range(10)]

@@ -18,24 +18,12 @@ from parallel_agent.cli.options import (
     check_stdout_clash,
     write_summary,
 )
-from parallel_agent.cli.process import freeze_startup_objects, spare_workers
+from parallel_agent.cli.process import freeze_startup_objects
 from parallel_agent.errors import InterruptedRunError, UsageError
 
 
 def _debug(ctx: typer.Context) -> bool:
     return bool((ctx.obj or {}).get("debug"))
-
-
-def _input_format(data: str | None, data_format: str | None) -> str | None:
-    """The input's format, or None where the run will say what is wrong with it."""
-    if data is None:
-        return None
-    from parallel_agent.io.readers import detect_format
-
-    try:
-        return detect_format(data, data_format)
-    except UsageError:
-        return None
 
 
 def run(
@@ -159,50 +147,46 @@ def run(
         from parallel_agent.digest import start_sha256
 
         start_sha256(data)  # on the other core, while the rest of pagent loads
-    # Its worker processes start now, on the other core, while the rest of pagent loads.
-    with spare_workers(
-        pipeline, overrides or [], _input_format(data, data_format), start=not workers_only
-    ):
-        from parallel_agent.app import RunOptions, check_run_paths, run_pipeline
-        from parallel_agent.display import make_sink
+    from parallel_agent.app import RunOptions, check_run_paths, run_pipeline
+    from parallel_agent.display import make_sink
 
-        with handled_errors(_debug(ctx)):
-            options = RunOptions(
-                pipeline=pipeline,
-                data=data,
-                data_format=data_format,
-                data_key=data_key,
-                output=output,
-                output_format=output_format,
-                task_id=task_id,
-                store=store,
-                overrides=overrides or [],
-                max_failures=max_failures,
-                failed_output=failed_output,
-                head=head,
-                workers_only=workers_only,
-                output_nodes=output_nodes or [],
-                stdin=sys.stdin.buffer if data == "-" else None,
-                stdout=sys.stdout.buffer if output == "-" else None,
-            )
-            check_stdout_clash(output=output, as_json=as_json, events=events)
-            check_run_paths(options, [("--events", events), ("--json", "-" if as_json else None)])
-            sink = make_sink(quiet=quiet, progress_interval=progress_interval, events_path=events)
-            freeze_startup_objects()
-            try:
-                summary = run_pipeline(options, sink)
-            except InterruptedRunError as exc:
-                sink.close()  # first: the live display must be off before stdout is written
-                if exc.summary is not None:
-                    write_summary(exc.summary, as_json=as_json, path=summary_path)
-                raise
-            except BaseException:
-                sink.close()
-                raise
+    with handled_errors(_debug(ctx)):
+        options = RunOptions(
+            pipeline=pipeline,
+            data=data,
+            data_format=data_format,
+            data_key=data_key,
+            output=output,
+            output_format=output_format,
+            task_id=task_id,
+            store=store,
+            overrides=overrides or [],
+            max_failures=max_failures,
+            failed_output=failed_output,
+            head=head,
+            workers_only=workers_only,
+            output_nodes=output_nodes or [],
+            stdin=sys.stdin.buffer if data == "-" else None,
+            stdout=sys.stdout.buffer if output == "-" else None,
+        )
+        check_stdout_clash(output=output, as_json=as_json, events=events)
+        check_run_paths(options, [("--events", events), ("--json", "-" if as_json else None)])
+        sink = make_sink(quiet=quiet, progress_interval=progress_interval, events_path=events)
+        freeze_startup_objects()
+        try:
+            summary = run_pipeline(options, sink)
+        except InterruptedRunError as exc:
+            sink.close()  # first: the live display must be off before stdout is written
+            if exc.summary is not None:
+                write_summary(exc.summary, as_json=as_json, path=summary_path)
+            raise
+        except BaseException:
             sink.close()
-            write_summary(summary.to_dict(), as_json=as_json, path=summary_path)
-            say_stop_reason(summary.exit_code, summary.error)
-            raise typer.Exit(summary.exit_code)
+            raise
+        sink.close()
+        write_summary(summary.to_dict(), as_json=as_json, path=summary_path)
+        say_stop_reason(summary.exit_code, summary.error)
+        raise typer.Exit(summary.exit_code)
 
 
 def validate(

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,17 +26,10 @@ from typing import Any
 from parallel_agent.jsonl import dumps, loads
 from parallel_agent.modules.items import ChunkFailure, ChunkOutcome, ItemError
 from parallel_agent.modules.processors import RateLimiter
-from parallel_agent.modules.spares import (
-    PIPE_SIZE,
-    take_spare,
-    widen_pipes,
-    worker_command,
-    worker_environment,
-)
 from parallel_agent.modules.worker import FRAME_PREFIX, frame, frame_head, split_lengths
 
-#: Bytes read from a worker at a time: a reply buffered in big reads, without pausing the pipe.
-READ_LIMIT = 4 * PIPE_SIZE
+#: Bytes a worker's pipes hold (Linux lets any process ask for up to 1 MiB).
+PIPE_SIZE = 1 << 20
 #: Seconds a worker gets to exit after its input is closed, before it is killed.
 EXIT_GRACE_S = 5.0
 
@@ -60,7 +53,9 @@ class WorkerJob:
 
 
 class _Worker:
-    def __init__(self, process: _Process, limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, limiter: RateLimiter | None = None
+    ) -> None:
         self.process = process
         self.limiter = limiter
         """The node's `rate_limit`, whose tokens the worker asks for before each item call."""
@@ -203,19 +198,18 @@ class PooledProcessor:
         return await self._start(params)
 
     async def _start(self, params: dict[str, Any]) -> _Worker:
-        spare = take_spare()
-        if spare is not None:
-            process: _Process = await _SpareProcess.adopt(spare)
-        else:
-            process = await asyncio.create_subprocess_exec(
-                *worker_command(),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                limit=READ_LIMIT,
-                start_new_session=True,  # its own process group, for `_Worker.kill`
-                env=worker_environment(),
-            )
-            widen_pipes(*(_pipe(stream) for stream in (process.stdin, process.stdout)))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "parallel_agent.modules.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=4 * PIPE_SIZE,  # buffer a reply in big reads, without pausing the pipe
+            start_new_session=True,  # its own process group, for `_Worker.kill`
+            # The coordinator's import path, so the worker imports what the pipeline imported.
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        _widen_pipes(process)
         job = self.job
         description = {
             "kind": job.kind,
@@ -270,48 +264,22 @@ class PooledProcessor:
         await asyncio.gather(*(worker.close() for worker in workers), return_exceptions=True)
 
 
-def _pipe(stream: asyncio.StreamReader | asyncio.StreamWriter | None) -> Any:
-    """The pipe (file object) under a process's stream."""
-    transport = _transport(stream)
-    return transport.get_extra_info("pipe") if transport is not None else None
-
-
-class _SpareProcess:
-    """A spare worker (`spares.py`, started before the event loop) behind the interface of
-    `asyncio.subprocess.Process` that `_Worker` uses: its pipes as streams, its pid, its exit."""
-
-    def __init__(
-        self,
-        popen: subprocess.Popen[bytes],
-        stdin: asyncio.StreamWriter,
-        stdout: asyncio.StreamReader,
-    ) -> None:
-        self.popen = popen
-        self.pid = popen.pid
-        self.stdin: asyncio.StreamWriter | None = stdin
-        self.stdout: asyncio.StreamReader | None = stdout
-
-    @classmethod
-    async def adopt(cls, popen: subprocess.Popen[bytes]) -> _SpareProcess:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=READ_LIMIT)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), popen.stdout)
-        transport, protocol = await loop.connect_write_pipe(
-            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin
-        )
-        return cls(popen, asyncio.StreamWriter(transport, protocol, None, loop), reader)
-
-    @property
-    def returncode(self) -> int | None:
-        return self.popen.poll()
-
-    async def wait(self) -> int:
-        """Its exit status, waited for on a thread (asyncio watches only the processes it
-        started itself)."""
-        return await asyncio.to_thread(self.popen.wait)
-
-
-_Process = asyncio.subprocess.Process | _SpareProcess
+def _widen_pipes(process: asyncio.subprocess.Process) -> None:
+    """Let a whole chunk fit in the pipes (Linux: 64 KiB by default, 1 MiB allowed), so a chunk
+    moves in a few system calls instead of dozens of wake-ups on both sides."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: pipes keep their size
+        return
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
+    if setsize is None:
+        return
+    for stream in (process.stdin, process.stdout):
+        transport = _transport(stream)
+        pipe = transport.get_extra_info("pipe") if transport is not None else None
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(pipe.fileno(), setsize, PIPE_SIZE)
 
 
 def _transport(stream: asyncio.StreamReader | asyncio.StreamWriter | None) -> Any:

@@ -402,16 +402,6 @@ class Pipeline(Strict):
         "by default the one data node nothing consumes.",
     )
 
-    def worker_processes(self, input_format: str | None) -> int:
-        """The most worker processes one node of the pipeline runs (`processes`); a split's
-        check JSON Lines input only (JSON and CSV are parsed as they are read)."""
-        most = 0
-        for node in self.nodes:
-            splits = any(isinstance(spec, SplitSpec) for spec in node.modules)
-            if not splits or input_format == "jsonl":
-                most = max(most, node.node_config.processes)
-        return most
-
     @model_validator(mode="after")
     def _references(self) -> Pipeline:
         problems = _reference_problems(self.nodes)
