@@ -9,6 +9,8 @@ import gc
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -516,3 +518,27 @@ def test_a_split_starts_no_checking_workers_it_will_not_use(
     result = cli("resume", "sealed", "--json")
     assert result.exit_code == 1, result.stderr
     assert "check-jsonl" not in started
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_a_module_next_to_the_pipeline_comes_before_one_in_the_working_directory(
+    tmp_path: Path, processes: int
+) -> None:
+    """The same name, two modules: the one next to the pipeline wins, in this process and in
+    worker processes alike (a worker's path starts with its working directory; it used to
+    import the working directory's module, so `processes` changed the results)."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    for folder in (here, there):
+        folder.mkdir()
+        (folder / "which_one.py").write_text(f"def f(item):\n    return '{folder.name}'\n")
+    (there / "p.yaml").write_text(
+        map_pipeline('{use: map, function: "which_one:f"}', f"{{processes: {processes}}}")
+    )
+    (here / "in.jsonl").write_text("".join(f"{i}\n" for i in range(6)))
+    done = subprocess.run(
+        [sys.executable, "-m", "parallel_agent", "run", str(there / "p.yaml"), "--data",
+         "in.jsonl", "--output", "out.json", "--store", "memory://", "-q"],
+        cwd=here, capture_output=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads((here / "out.json").read_text()) == ["there"] * 6

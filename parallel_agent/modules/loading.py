@@ -11,11 +11,15 @@ from parallel_agent.errors import PipelineError
 
 
 def add_import_roots(*folders: str | Path) -> None:
-    """Let pipelines import modules that sit next to them or in the working directory."""
+    """Let pipelines import modules that sit next to them or in the working directory: each
+    folder goes first on the import path (moved there if it was already on it), the last one
+    given first. A worker process, whose path starts with its working directory, so gets the
+    same order as the coordinator: the same module for the same name."""
     for folder in folders:
         text = str(Path(folder).resolve())
-        if text not in sys.path:
-            sys.path.insert(0, text)
+        while text in sys.path:
+            sys.path.remove(text)
+        sys.path.insert(0, text)
 
 
 def import_object(reference: str, *, what: str) -> Any:
