@@ -82,8 +82,18 @@ def round_trips(data: bytes | str, value: Any) -> bool:
     orjson writes, a shortest form, which it reads back to itself. Compact JSON has one way to
     split it into tokens, so equal texts have equal tokens; a changed number, an escape written
     differently or a duplicate key makes them differ, and the caller reads `data` exactly."""
-    if not may_change(data):
-        return True
+    return not may_change(data) or _writes_back(data, value)
+
+
+def lines_round_trip(joined: bytes, lines: list[bytes], values: list[Any]) -> bool:
+    """`round_trips` for `values`, read one per line from `lines` (the lines of `joined`): the
+    text is scanned once as it is (separators are neither digits nor dots, so it scans as the
+    array of its lines would), and the array is joined only when a number may change."""
+    return not may_change(joined) or _writes_back(b"[" + b",".join(lines) + b"]", values)
+
+
+def _writes_back(data: bytes | str, value: Any) -> bool:
+    """The comparison of `round_trips`, for text the scan could not clear."""
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
     try:
@@ -343,9 +353,7 @@ def checked_values(payload: bytes) -> list[Any] | int:
         if bad is not None:
             return bad
         return [loads(line) for line in lines]  # a number past the double range, read exactly
-    # The payload scans as the array of its lines would (separators are neither digits nor
-    # dots): the array is joined only when a number may change.
-    if not may_change(payload) or round_trips(b"[" + b",".join(lines) + b"]", values):
+    if lines_round_trip(payload, lines, values):
         return values
     return [loads(line) for line in lines]  # a number a double would change, read exactly
 

@@ -34,8 +34,8 @@ from parallel_agent.jsonl import (
     check_jsonl,
     encode_lines,
     first_too_deep,
+    lines_round_trip,
     loads,
-    round_trips,
     too_deep,
 )
 
@@ -413,7 +413,7 @@ def _read_jsonl(
             except orjson.JSONDecodeError:  # maybe a number past the double range: read exactly
                 values = list(map(loads, texts))
             else:
-                if not round_trips(b"[" + b",".join(texts) + b"]", values):  # read them exactly
+                if not lines_round_trip(joined, texts, values):  # read them exactly
                     values = list(map(loads, texts))
             position = first_too_deep(joined, texts)
         except orjson.JSONDecodeError:
@@ -508,7 +508,8 @@ def _end_of_lines(body: bytes, start: int, lines: int, total: int) -> int:
     low, high = start, len(body)  # the end lies in [low, high): after `below` newlines
     below, above = 0, total - 1  # newlines before low, and in [low, high)
     wanted = lines  # the wanted newline is the `wanted`-th counted from `start`
-    while high - low > 256:
+    # Within a few lines of the end, walking to it is cheaper than counting an eighth of the rest.
+    while high - low > 256 and wanted - below > 32:
         span = high - low
         guess = low + span * (wanted - below) // (above + 1)
         # At least an eighth of the range goes each time, however uneven the lines.

@@ -398,12 +398,9 @@ _QUICK_STATE: dict[tuple[str, type], Callable[[Sequence[Any]], Any]] = {
 
 
 def _str_key_texts(keys: Iterable[str]) -> list[str]:
-    """`_key_text` of each string key, with one C-level encode each (a lone surrogate, which
-    orjson refuses, goes the general way and fails there as it would)."""
-    try:
-        return ["[" + text.decode() + "]" for text in map(orjson.dumps, keys)]
-    except TypeError:
-        return list(map(_key_text, keys))
+    """`_key_text` of each string key, with one C-level encode each; TypeError for a lone
+    surrogate (the callers name its record)."""
+    return ["[" + text.decode() + "]" for text in map(orjson.dumps, keys)]
 
 
 def _key_text(value: Any) -> str:
