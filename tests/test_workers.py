@@ -552,9 +552,15 @@ def test_worker_caps_processes_on_its_host(fleet: Fleet) -> None:
 
 
 def test_redis_restart_without_persistence_exits_4(fleet: Fleet) -> None:
+    """Everyone working the run sees the store lost. Each worker must have joined before the
+    restart: one that had not would wait, rightly, for a run that is not there yet."""
+    fleet.env["PAGENT_LEDGER_SLEEP"] = "0.05"  # the run outlasts the workers' start-up
     workers = [fleet.worker("--task-id", "rr") for _ in range(2)]
     coordinator = fleet.run("rr")
-    fleet.wait_for(lambda: len(fleet.ledger_rows()) > 60, "the run gets going")
+    working = {worker.pid for worker in workers}
+    fleet.wait_for(
+        lambda: working <= {pid for pid, _, _ in fleet.ledger_rows()}, "both workers join the run"
+    )
     fleet.server.restart()  # type: ignore[attr-defined]
     for proc in [coordinator, *workers]:
         code, stderr = finish(proc, timeout=60)
