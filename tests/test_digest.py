@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel_agent.digest import _started, file_sha256, start_sha256
+from parallel_agent.digest import HASH_BLOCK, _started, file_sha256, start_sha256
 
 
 def sha(data: bytes) -> str:
@@ -17,13 +17,21 @@ def sha(data: bytes) -> str:
 
 def test_a_started_hash_is_the_file_hash(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
-    data = os.urandom(3 << 20)  # several blocks
+    data = os.urandom(2 * HASH_BLOCK + 12_345)  # two whole blocks and part of a third
     path.write_bytes(data)
     start_sha256(str(path))
     assert str(path.resolve()) in _started
     assert file_sha256(str(path)) == sha(data)
     assert str(path.resolve()) not in _started  # taken once
     assert file_sha256(str(path)) == sha(data)  # and read again after that
+
+
+@pytest.mark.parametrize("size", [0, 1, HASH_BLOCK - 1, HASH_BLOCK, HASH_BLOCK + 1])
+def test_a_hash_read_in_blocks_is_the_hash_of_the_whole_file(tmp_path: Path, size: int) -> None:
+    path = tmp_path / "in.jsonl"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    assert file_sha256(str(path)) == sha(data)
 
 
 def test_a_file_changed_after_the_hash_started_is_hashed_again(tmp_path: Path) -> None:
