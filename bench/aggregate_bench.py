@@ -2,7 +2,8 @@
 
     python bench/aggregate_bench.py [--records 1000000] [--keys 1000] [--repeat 1]
 
-Side by side in one run, each command the fastest of `--repeat`:
+Side by side in one run, the commands taking turns for `--repeat` rounds (so that each round's
+commands see the same machine speed), each command's fastest run:
 
 - pagent `processes: 2`, split → aggregate `group_by` with count, sum and mean (the split's
   worker processes parse each chunk once, check it and reduce it to its partial), SQLite store in
@@ -29,6 +30,7 @@ import json
 import math
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -182,24 +184,44 @@ def make_weather(path: Path, days: int) -> None:
         handle.write("]\n")
 
 
+def run_once(command: list[str]) -> tuple[float, str, int]:
+    """Wall time of one run, its stdout, and its peak RSS (KiB)."""
+    started = time.perf_counter()
+    done = subprocess.run([*TIME, *command], capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-3000:]}")
+    found = re.findall(r"peak_rss_kib=(\d+)", done.stderr)
+    return elapsed, done.stdout, int(found[-1]) if found else 0
+
+
 def timed(command: list[str], repeat: int) -> tuple[float, str, int]:
     """Fastest wall time of `repeat` runs, the last stdout, and the largest peak RSS (KiB)."""
-    best = math.inf
-    stdout = ""
-    peak = 0
+    results = interleaved({"command": command}, repeat)["command"]
+    return min(results.seconds), results.stdout, results.peak
+
+
+class Runs:
+    """Every run of one command: wall times, the last stdout, the largest peak RSS (KiB)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.stdout = ""
+        self.peak = 0
+
+
+def interleaved(commands: dict[str, list[str]], repeat: int) -> dict[str, Runs]:
+    """Run the commands in turn, `repeat` rounds: this machine's speed drifts from one minute to
+    the next, and commands compared within each round see the same drift (best against best,
+    median against median)."""
+    runs = {name: Runs() for name in commands}
     for _ in range(repeat):
-        started = time.perf_counter()
-        done = subprocess.run([*TIME, *command], capture_output=True, text=True, check=False)
-        elapsed = time.perf_counter() - started
-        if done.returncode != 0:
-            raise SystemExit(
-                f"failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-3000:]}"
-            )
-        best = min(best, elapsed)
-        stdout = done.stdout
-        found = re.findall(r"peak_rss_kib=(\d+)", done.stderr)
-        peak = max(peak, int(found[-1]) if found else 0)
-    return best, stdout, peak
+        for name, command in commands.items():
+            seconds, stdout, peak = run_once(command)
+            runs[name].seconds.append(seconds)
+            runs[name].stdout = stdout
+            runs[name].peak = max(runs[name].peak, peak)
+    return runs
 
 
 def rows_of(path: Path) -> dict[str, tuple[int, float, float]]:
@@ -215,14 +237,17 @@ def close(a: dict[str, tuple[int, float, float]], b: dict[str, tuple[int, float,
     )
 
 
-def pagent(
-    pipeline: Path, data: Path, out: Path, folder: Path, repeat: int
-) -> tuple[float, dict, int]:
-    command = [
+def pagent_command(pipeline: Path, data: Path, out: Path, folder: Path) -> list[str]:
+    return [
         PAGENT, "run", str(pipeline), "--data", str(data), "--output", str(out), "--json",
         "--quiet", "--store", f"sqlite:///{folder / 'state.db'}",
     ]  # fmt: skip
-    seconds, stdout, peak = timed(command, repeat)
+
+
+def pagent(
+    pipeline: Path, data: Path, out: Path, folder: Path, repeat: int
+) -> tuple[float, dict, int]:
+    seconds, stdout, peak = timed(pagent_command(pipeline, data, out, folder), repeat)
     return seconds, json.loads(stdout), peak
 
 
@@ -259,27 +284,35 @@ def main() -> None:
         ):
             scripts[name] = folder / f"baseline_{name}.py"
             scripts[name].write_text(text)
-        figures: dict[str, tuple[float, int]] = {}
-        outputs: dict[str, Path] = {}
-        for name, script in scripts.items():
-            outputs[name] = folder / f"{name}.json"
-            seconds, _, peak = timed(
-                [PYTHON, str(script), str(data), str(outputs[name])], args.repeat
-            )
-            figures[name] = (seconds, peak)
-        outputs["pagent"] = folder / "pagent.json"
-        seconds, summary, peak = pagent(pipeline, data, outputs["pagent"], folder, args.repeat)
-        figures["pagent processes: 2"] = (seconds, peak)
-        outputs["pagent_map"] = folder / "pagent_map.json"
-        seconds, map_summary, _ = pagent(mapped, data, outputs["pagent_map"], folder, args.repeat)
-        figures["pagent map expr item"] = (seconds, 0)
+        outputs = {name: folder / f"{name}.json" for name in scripts}
+        commands = {
+            name: [PYTHON, str(script), str(data), str(outputs[name])]
+            for name, script in scripts.items()
+        }
         copying = folder / "group_function.yaml"
         copying.write_text(PIPELINE.replace('expr: "item"', 'function: "copy:copy"'))
-        outputs["pagent_function"] = folder / "pagent_function.json"
-        seconds, function_summary, _ = pagent(
-            copying, data, outputs["pagent_function"], folder, args.repeat
-        )
-        figures["pagent map function"] = (seconds, 0)
+        for name, pipeline_file in (
+            ("pagent", pipeline),
+            ("pagent_map", mapped),
+            ("pagent_function", copying),
+        ):
+            outputs[name] = folder / f"{name}.json"
+            commands[name] = pagent_command(pipeline_file, data, outputs[name], folder)
+        runs = interleaved(commands, args.repeat)
+        labels = {
+            "pagent": "pagent processes: 2",
+            "pagent_map": "pagent map expr item",
+            "pagent_function": "pagent map function",
+        }
+        measured = {*scripts, "pagent"}  # peak memory is shown for these
+        figures = {
+            labels.get(name, name): (min(run.seconds), run.peak if name in measured else 0)
+            for name, run in runs.items()
+        }
+        summary = json.loads(runs["pagent"].stdout)
+        map_summary = json.loads(runs["pagent_map"].stdout)
+        function_summary = json.loads(runs["pagent_function"].stdout)
+        peak = runs["pagent"].peak
         _, _, small_peak = pagent(pipeline, small, folder / "small.json", folder, 1)
         tiny = folder / "tiny.jsonl"
         make_input(tiny, 10, args.keys)
@@ -296,16 +329,20 @@ def main() -> None:
         print(
             f"{'command':<22} {'seconds':>8} {'records/s':>12} {'vs json':>8} {'vs orjson':>9} {'peak MiB':>9}  output"
         )
+        keys = {label: name for name, label in labels.items()}
         for name, (secs, rss) in figures.items():
-            key = {
-                "pagent processes: 2": "pagent",
-                "pagent map expr item": "pagent_map",
-                "pagent map function": "pagent_function",
-            }.get(name, name)
+            key = keys.get(name, name)
             ok = "ok" if close(rows_of(outputs[key]), reference) else "WRONG OUTPUT"
             print(
                 f"{name:<22} {secs:8.2f} {args.records / secs:12,.0f} {json_s / secs:7.2f}x "
                 f"{orjson_s / secs:8.2f}x {rss / 1024 if rss else math.nan:9.0f}  {ok}"
+            )
+        if args.repeat > 1:
+            medians = {name: statistics.median(runs[name].seconds) for name in ("orjson", "pagent")}
+            print(
+                f"medians of the {args.repeat} rounds: orjson script {medians['orjson']:.2f} s, "
+                f"pagent processes: 2 {medians['pagent']:.2f} s "
+                f"({medians['orjson'] / medians['pagent']:.2f}x; information)"
             )
         for label, run in (
             ("split → aggregate", summary),
