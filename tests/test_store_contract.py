@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -866,21 +866,63 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServerFactory]:
     factory.stop_all()
 
 
+def redis_store(kind: str, request: pytest.FixtureRequest, query: str = "") -> RedisStore:
+    """A Redis store on the real server (its own key prefix) or on fakeredis."""
+    if kind == "redis":
+        store = open_store(
+            request.getfixturevalue("redis_url") + query,
+            prefix=request.getfixturevalue("redis_prefix"),
+        )
+        assert isinstance(store, RedisStore)
+        return store
+    import fakeredis
+
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    return RedisStore(f"redis://fake{query}", prefix="fake", client=client)
+
+
+@pytest.mark.parametrize("cancelled", [False, True])
+@pytest.mark.parametrize("kind", [pytest.param("redis", marks=pytest.mark.redis), "fakeredis"])
+async def test_redis_sends_a_split_chunks_partial_once(
+    kind: str, cancelled: bool, request: pytest.FixtureRequest
+) -> None:
+    """A split queues a reduced chunk as its partial, with a payload that ends with the same
+    partial (stored only in a cancelled run): the script gets the partial once, and still
+    stores what was given."""
+    store = redis_store(kind, request)
+    await store.open()
+    try:
+        await store.create_run(make_info())
+        if cancelled:
+            await store.update_run("t1", status="cancelled")
+        partial = b'{"agg": "' + b"x" * 10_000 + b'"}'
+        payload = b"\x00p\n" + partial
+        sent: list[int] = []
+        real = store._checked
+
+        async def spy(task_id: str, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+            sent.append(sum(len(arg) for arg in args if isinstance(arg, bytes)))
+            return await real(task_id, name, keys, args)
+
+        store._checked = spy  # type: ignore[method-assign]
+        await store.add_chunks("t1", NODE, [ChunkSpec(0, 0, 10, payload, partial=partial)])
+        assert sent == [len(partial) + len(b"\x00p\n")]
+        if cancelled:
+            await store.update_run("t1", status="executing")
+            (lease,) = await claim(store)
+            assert lease.payload == payload
+        else:
+            assert (await store.counts("t1", NODE)).done == 1
+    finally:
+        await store.delete_run("t1")
+        await store.close()
+
+
 @pytest.mark.parametrize("kind", [pytest.param("redis", marks=pytest.mark.redis), "fakeredis"])
 async def test_redis_keys_expire_when_finished_and_vanish_on_delete(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
-    if kind == "redis":
-        store: RunStore = open_store(
-            request.getfixturevalue("redis_url") + "?finished_ttl=60",
-            prefix=request.getfixturevalue("redis_prefix"),
-        )
-    else:
-        import fakeredis
-
-        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-        store = RedisStore("redis://fake?finished_ttl=60", prefix="fake", client=client)
-    assert isinstance(store, RedisStore)
+    store = redis_store(kind, request, "?finished_ttl=60")
     await store.open()
     try:
         await store.create_run(make_info())
@@ -1024,10 +1066,22 @@ async def test_a_cancelled_run_commits_no_chunk_added_with_its_partial(
     """Promise 16 again: a split that goes on adding after `pagent cancel` commits nothing; a
     chunk with a partial then waits PENDING with its payload, like any chunk."""
     await store.update_run("t1", status="cancelled")
-    await store.add_chunks("t1", NODE, [ChunkSpec(0, 0, 10, b"lines", partial=b'{"agg": 0}')])
+    partial = b'{"agg": 0}'
+    chunks = [
+        ChunkSpec(0, 0, 10, b"lines", partial=partial),
+        # As a split queues one: its payload ends with its partial (Redis sends that once).
+        ChunkSpec(1, 10, 5, b"\x00partial\n" + partial, partial=partial),
+        ChunkSpec(2, 15, 1, partial, partial=partial),
+    ]
+    await store.add_chunks("t1", NODE, chunks)
     counts = await store.counts("t1", NODE)
-    assert (counts.pending, counts.done, counts.items_done, counts.items_out) == (1, 0, 0, 0)
+    assert (counts.pending, counts.done, counts.items_done, counts.items_out) == (3, 0, 0, 0)
     assert [result async for result in store.results("t1", NODE)] == []
+    await store.update_run("t1", status="executing")  # to read the payloads back
+    leases = await claim(store, limit=3)
+    assert {lease.index: lease.payload for lease in leases} == {
+        chunk.index: chunk.payload for chunk in chunks
+    }
 
 
 async def test_update_run_unless_cancelled_keeps_a_cancel(store: RunStore, run: RunInfo) -> None:

@@ -513,14 +513,18 @@ class RedisStore(RunStore):
         ]
         args: list[Any] = [node]
         for chunk in chunks:
+            # A split's chunk with a partial carries that partial at the end of its payload too,
+            # which only a cancelled run stores: the partial is sent once, the script joins them.
+            joined = bool(chunk.partial) and chunk.payload.endswith(chunk.partial)
             args.extend(
                 (
                     chunk.index,
                     chunk.first_record,
                     chunk.count,
-                    chunk.payload,
+                    chunk.payload[: -len(chunk.partial)] if joined else chunk.payload,
                     chunk.records,
                     chunk.partial,
+                    1 if joined else 0,
                 )
             )
         await self._checked(task_id, "add_chunks", keys, args)

@@ -1,7 +1,7 @@
 -- KEYS: run, nodes, counters, meta, payload, ready, records, result, errors, done,
 --       result_records, partial.
--- ARGV: node, then (index, first, count, payload, records, partial)...; empty records: numbered
--- in a row. A chunk with a partial is added DONE, as a claim and commit would leave it (no
+-- ARGV: node, then (index, first, count, payload, records, partial, joined)...; empty records:
+-- numbered in a row; joined = 1: the payload is the one given followed by the partial. A chunk with a partial is added DONE, as a claim and commit would leave it (no
 -- result, no errors, every item ok), unless the run was cancelled; the others PENDING.
 -- Idempotent per index: a chunk already present is left alone.
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -12,7 +12,7 @@ if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
 end
 local committing = redis.call('HGET', KEYS[1], 'status') ~= '"cancelled"'
 local added, items, done, items_done = 0, 0, 0, 0
-for i = 2, #ARGV, 6 do
+for i = 2, #ARGV, 7 do
   local index = ARGV[i]
   if redis.call('HEXISTS', KEYS[4], index) == 0 then
     local count = tonumber(ARGV[i + 2])
@@ -20,7 +20,11 @@ for i = 2, #ARGV, 6 do
     if partial == '' or not committing then
       save(KEYS[4], index, {state = 'pending', tok = 0, att = 0, first = tonumber(ARGV[i + 1]),
                             count = count, nb = 0})
-      redis.call('HSET', KEYS[5], index, ARGV[i + 3])
+      local payload = ARGV[i + 3]
+      if ARGV[i + 6] == '1' then
+        payload = payload .. partial
+      end
+      redis.call('HSET', KEYS[5], index, payload)
       if records ~= '' then
         redis.call('HSET', KEYS[7], index, records)
       end
