@@ -968,3 +968,43 @@ def test_the_report_counts_an_aggregates_rows_as_what_it_emitted(
     assert (line["items_in"], line["items_out"], line["items_dropped"]) == (300, groups, 0)
     assert summary["items"]["output"] == groups
     assert f"by_city  300 -> {groups}" in result.stderr
+
+
+def test_a_stored_partial_is_merged_with_the_collector_paused_and_back_on_after() -> None:
+    """`Merger.add_stored` reads and merges a chunk's partial with the cyclic collector off (the
+    parse makes thousands of lists), and leaves it as it found it: on again after a merge, after
+    a merge that failed, and off if the caller had turned it off. A partial without the node's
+    part is not merged."""
+    import gc
+
+    from parallel_agent.modules.grouping import Grouper, GroupingError, partial_text
+
+    grouper = Grouper.from_options(
+        {"group_by": "key", "compute": {"n": "count", "top": {"max": "v"}}}, "node 'g'"
+    )
+    items = [{"key": "a", "v": 1}, {"key": "b", "v": 2}]
+    text = partial_text({"g": grouper.partial(items, [1, 2])})
+    merger = grouper.merger()
+    seen: list[bool] = []
+    real_add = merger.add
+
+    def add(partial: Any) -> None:
+        seen.append(gc.isenabled())
+        real_add(partial)
+
+    merger.add = add  # type: ignore[method-assign]
+    assert gc.isenabled()
+    assert merger.add_stored(text, "g") and merger.add_stored(text.encode(), "g")
+    assert seen == [False, False] and gc.isenabled()
+    assert merger.rows() == [{"key": "a", "n": 2, "top": 1}, {"key": "b", "n": 2, "top": 2}]
+    assert not merger.add_stored(text, "other") and gc.isenabled()
+    bad = partial_text({"g": {"groups": [['["a"]', [1, "x"]]], "skipped": [0, 0]}})
+    with pytest.raises(GroupingError, match="top"):
+        merger.add_stored(bad, "g")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert merger.add_stored(text, "g")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

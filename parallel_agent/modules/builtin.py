@@ -25,7 +25,7 @@ from parallel_agent.jsonl import decode_lines, dumps
 from parallel_agent.modules.aggregate import SplitPartials, aggregate_value, stored_key, value_rows
 from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings, feed_from_producer
 from parallel_agent.modules.context import RunContext
-from parallel_agent.modules.grouping import Grouper, GroupingError, Merger, load_partials
+from parallel_agent.modules.grouping import Grouper, GroupingError, Merger
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.modules.processors import ChunkProcessor
 from parallel_agent.modules.split import split_input
@@ -144,10 +144,8 @@ class AggregateModule(BuiltinModule):
         grouper = Grouper.from_options(self.options, f"node '{self.node}', aggregate", ctx.params)
         merger = grouper.merger()
         async for chunk in ctx.store.results(ctx.task_id, producer):
-            partial = load_partials(chunk.partial).get(self.node) if chunk.partial else None
-            if partial is None:
-                partial = grouper.partial(decode_lines(chunk.result), chunk.numbers)
-            merger.add(partial)
+            if not (chunk.partial and merger.add_stored(chunk.partial, self.node)):
+                merger.add(grouper.partial(decode_lines(chunk.result), chunk.numbers))
         return merger
 
     @property

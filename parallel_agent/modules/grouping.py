@@ -17,12 +17,14 @@ No asyncio here: worker processes import this module.
 
 from __future__ import annotations
 
+import contextlib
 import decimal
+import gc
 import json
 import math
 import operator
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
@@ -859,6 +861,19 @@ class Merger:
         for index, count in enumerate(partial["skipped"]):
             self.skipped[index] += count
 
+    def add_stored(self, text: bytes | str, node: str) -> bool:
+        """Merge `node`'s partial out of a chunk's stored partials; False when they hold none.
+
+        A parsed partial is a tree of some 4,000 lists for 1,000 groups, without a cycle: the
+        cyclic collector, left on, would scan it several times over while it is read and merged
+        (measured: 39 ms -> 31 ms for 50 such partials), and refcounting frees it anyway."""
+        with _collector_paused():
+            partial = load_partials(text).get(node)
+            if partial is None:
+                return False
+            self.add(partial)
+        return True
+
     def rows(self) -> list[dict[str, Any]]:
         """One row per group: the key fields, then the reducers, in `compute` order; groups in
         the order of their first record, then `sort_by` and `top`."""
@@ -941,6 +956,19 @@ def load_partials(text: bytes | str) -> dict[str, Any]:
         return dict(loads(text))
     except orjson.JSONDecodeError:
         return dict(json.loads(text, parse_float=exact_number))
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a moment (unless someone else turned it off)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def partial_text(value: Any) -> str:

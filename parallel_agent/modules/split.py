@@ -24,7 +24,6 @@ from parallel_agent.modules.grouping import (
     GroupingError,
     MergedPartials,
     build_groupers,
-    load_partials,
 )
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.store.base import ChunkSpec, NodeCounts
@@ -202,9 +201,8 @@ class _Splitter:
         for target, merged in list(self.merging.items()):
             text = partials.get(target)
             try:
-                if text is None:
+                if text is None or not merged.merger.add_stored(text, target):
                     raise GroupingError("a chunk queued without its partial")
-                merged.merger.add(load_partials(text)[target])
             except GroupingError:
                 del self.merging[target]
             else:
