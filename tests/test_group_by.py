@@ -1008,3 +1008,36 @@ def test_a_stored_partial_is_merged_with_the_collector_paused_and_back_on_after(
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_split_chunk_stored_without_the_aggregates_partial_fails_the_aggregate() -> None:
+    """A chunk the split committed as partials alone has no lines to reduce again: if its stored
+    partials lack this aggregate's part (no pagent writes that; a damaged store could hold it),
+    the aggregate fails naming the chunk instead of counting it as empty."""
+    import asyncio
+
+    from helpers.runs import make_info
+
+    from parallel_agent.modules.builtin import AggregateModule
+    from parallel_agent.modules.context import RunContext
+    from parallel_agent.modules.grouping import Grouper, GroupingError, partial_text
+    from parallel_agent.store.base import ChunkSpec
+    from parallel_agent.store.memory import MemoryStore
+
+    options = {"group_by": "k", "compute": {"n": "count"}}
+
+    async def merged(specs: list[ChunkSpec]) -> list[dict[str, Any]]:
+        store = MemoryStore()
+        await store.open()
+        await store.create_run(make_info("t"))
+        await store.add_chunks("t", "split", specs)
+        ctx = RunContext(task_id="t", store=store, owner="me")
+        merger = await AggregateModule(ctx, "agg", options)._merge_stored("split")
+        return merger.rows()
+
+    other = partial_text({"other": {"groups": [], "skipped": [0]}}).encode()
+    with pytest.raises(GroupingError, match="chunk 0 of 'split' was stored without"):
+        asyncio.run(merged([ChunkSpec(0, 0, 2, b"", partial=other)]))
+    grouper = Grouper.from_options(options, "node 'agg'")
+    mine = partial_text({"agg": grouper.partial([{"k": "a"}, {"k": "a"}], [1, 2])}).encode()
+    assert asyncio.run(merged([ChunkSpec(0, 0, 2, b"", partial=mine)])) == [{"k": "a", "n": 2}]

@@ -144,8 +144,15 @@ class AggregateModule(BuiltinModule):
         grouper = Grouper.from_options(self.options, f"node '{self.node}', aggregate", ctx.params)
         merger = grouper.merger()
         async for chunk in ctx.store.results(ctx.task_id, producer):
-            if not (chunk.partial and merger.add_stored(chunk.partial, self.node)):
-                merger.add(grouper.partial(decode_lines(chunk.result), chunk.numbers))
+            if chunk.partial and merger.add_stored(chunk.partial, self.node):
+                continue
+            if chunk.partial and not chunk.result and chunk.count:
+                # Committed as partials alone (a split's chunk): no lines to reduce here instead.
+                raise GroupingError(
+                    f"node '{self.node}', aggregate: chunk {chunk.index} of '{producer}' was "
+                    "stored without this node's partial"
+                )
+            merger.add(grouper.partial(decode_lines(chunk.result), chunk.numbers))
         return merger
 
     @property
