@@ -538,30 +538,15 @@ def test_validate_schema_version_help(cli: Any) -> None:
 
 @pytest.mark.redis
 def test_run_on_real_redis(cli: Any, tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    """On the shared server, under this test's own key prefix (the fixture deletes it): the
+    default prefix would leave the run in the shared `pagent:runs` index."""
     output = tmp_path / "out.json"
-    task_id = redis_prefix.replace(":", "-").strip("-")
-    result = cli(
-        "run",
-        DEMO,
-        "--data",
-        NUMBERS,
-        "--output",
-        str(output),
-        "--store",
-        redis_url,
-        "--task-id",
-        task_id,
-    )
-    try:
-        assert result.exit_code == 0, result.stderr
-        assert json.loads(output.read_text()) == list(range(0, 40, 2))
-    finally:
-        import redis
-
-        client = redis.Redis.from_url(redis_url)
-        for key in client.scan_iter(match=f"pagent:{task_id}*"):
-            client.unlink(key)
-        client.close()
+    store = f"{redis_url}?prefix={redis_prefix.rstrip(':')}"
+    result = cli("run", DEMO, "--data", NUMBERS, "--output", str(output), "--store", store)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(output.read_text()) == list(range(0, 40, 2))
+    listed = cli("list", "--store", store, "--json")
+    assert [run["status"] for run in json.loads(listed.stdout)] == ["complete"]
 
 
 def test_no_escape_codes_when_not_a_terminal(cli: Any, tmp_path: Path) -> None:
