@@ -915,14 +915,21 @@ def test_chunks_the_split_reduced_are_announced_done_not_resumed(cli: Any, tmp_p
         ({"k": "{1, 2} if item['key'] == 'b' else item['key']"}, [{"key": "a"}, {"key": "b"}], 12,
          "{1, 2}"),
         ("key", [{"key": "a"}, {"key": "b\ud800"}], 12, "'b\\ud800'"),
+        ({"k": "item['v'] * 1e308"}, [{"v": 1}, {"v": 10}], 12, "inf"),
+        ({"k": "item['v'] * 1e308", "j": "1"}, [{"v": 1}, {"v": -10}], 12, "[-inf, 1]"),
+        ({"k": "item['v'] * 1e308 - item['v'] * 1e308"}, [{"v": 10}], 11, "nan"),
     ],
-    ids=["expression, lone surrogate", "expression, a set", "field, lone surrogate"],
+    ids=[
+        "expression, lone surrogate", "expression, a set", "field, lone surrogate",
+        "expression, infinity", "two keys, minus infinity", "expression, NaN",
+    ],
 )  # fmt: skip
 def test_a_key_json_cannot_hold_names_its_record(
     group_by: Any, items: list[Any], record: int, shown: str
 ) -> None:
-    """A group key JSON text cannot hold (a lone surrogate, a set) fails with the record and
-    the key named, as every other key error, not with the JSON encoder's words alone."""
+    """A group key JSON text cannot hold (a lone surrogate, a set, a NaN or an infinity) fails
+    with the record and the key named, as every other key error, not with the JSON encoder's
+    words alone, nor by joining the null group (orjson writes a NaN or an infinity as null)."""
     from parallel_agent.modules.grouping import Grouper, GroupingError
 
     grouper = Grouper.from_options({"group_by": group_by, "compute": {"n": "count"}}, "node 'g'")
@@ -1041,3 +1048,38 @@ def test_a_split_chunk_stored_without_the_aggregates_partial_fails_the_aggregate
     grouper = Grouper.from_options(options, "node 'agg'")
     mine = partial_text({"agg": grouper.partial([{"k": "a"}, {"k": "a"}], [1, 2])}).encode()
     assert asyncio.run(merged([ChunkSpec(0, 0, 2, b"", partial=mine)])) == [{"k": "a", "n": 2}]
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "processes"),
+    [(1, 0), (3, 0), (2, 2)],
+    ids=["chunks of 1", "one chunk", "workers"],
+)
+def test_a_reducer_result_that_is_nan_or_infinite_fails_the_run(
+    cli: Any, tmp_path: Path, chunk_size: int, processes: int
+) -> None:
+    """A NaN or an infinity made by a `compute` expression, through sum, mean, max, first or
+    collect, fails the run (exit 2) naming the node and the column, as in any other aggregate's
+    value: it was written as null, with exit 0."""
+    pipeline = tmp_path / "p.yaml"
+    config = f", node_config: {{processes: {processes}}}" if processes else ""
+    data = write_input(tmp_path, [{"k": "a", "v": 1}, {"k": "a", "v": 10}, {"k": "b", "v": 1}])
+    out = tmp_path / "out.json"
+    for compute in (
+        "{max: {expr: \"item['v'] * 1e308\"}}",
+        "{sum: {expr: \"item['v'] * 1e308\"}}",
+        "{mean: {expr: \"item['v'] * 1e308 - item['v'] * 1e308\"}}",
+        "{first: {expr: \"item['v'] * 1e308 * 10\"}}",
+        "{collect: {expr: \"[item['v'] * 1e308]\"}}",
+    ):
+        pipeline.write_text(
+            "name: p\nnodes:\n"
+            f"  - {{name: split, type: planner, modules: [{{use: split, chunk_size: {chunk_size}}}]"
+            f"{config}}}\n"
+            "  - name: by_key\n    dependencies: [split]\n    modules:\n"
+            f"    - use: aggregate\n      group_by: k\n      compute: {{n: count, big: {compute}}}\n"
+        )
+        result = cli("run", str(pipeline), "--data", data, "-o", str(out))
+        assert result.exit_code == 2, (compute, result.stderr)
+        assert "node 'by_key', aggregate: 'big' holds a NaN or infinity" in result.stderr
+        assert not out.exists()

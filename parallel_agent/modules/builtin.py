@@ -21,7 +21,7 @@ from parallel_agent.errors import (
 )
 from parallel_agent.graph import AgentModule, ModuleType
 from parallel_agent.io import MAX_RECORD_SIZE
-from parallel_agent.jsonl import decode_lines, dumps
+from parallel_agent.jsonl import decode_lines, dumps, not_finite
 from parallel_agent.modules.aggregate import SplitPartials, aggregate_value, stored_key, value_rows
 from parallel_agent.modules.chunks import ChunkWorkers, NodeSettings, feed_from_producer
 from parallel_agent.modules.context import RunContext
@@ -120,6 +120,21 @@ class ChunkModule(BuiltinModule):
         }
 
 
+def _refuse_not_finite(rows: list[dict[str, Any]], what: str) -> None:
+    """A NaN or an infinity in a row (an expression's, through `sum`, `max`, `first`,
+    `collect`...) fails the run, as in any other aggregate's value: JSON has neither, and it
+    would be written as null."""
+    for row in rows:
+        for name, value in row.items():
+            if not_finite(value):
+                shown = repr(row)
+                shown = shown if len(shown) <= 120 else shown[:117] + "..."
+                raise PipelineError(
+                    f"{what}: '{name}' holds a NaN or infinity, which JSON cannot hold, in the "
+                    f"row {shown}"
+                )
+
+
 class AggregateModule(BuiltinModule):
     """`use: aggregate` — every chunk of the producer counted once, in input order."""
 
@@ -211,6 +226,7 @@ class AggregateModule(BuiltinModule):
             rows = merger.rows()
         except GroupingError as exc:  # values the reducers cannot combine: this node fails
             return {"status": "error", "result": str(exc)}
+        _refuse_not_finite(rows, f"node '{self.node}', aggregate")
         text = dumps(rows).decode()
         notices = merger.notices()
         await ctx.store.update_run(

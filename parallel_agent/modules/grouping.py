@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from parallel_agent.jsonl import EXACT_CONTEXT, dumps, exact_number, loads
+from parallel_agent.jsonl import EXACT_CONTEXT, dumps, exact_number, loads, not_finite
 
 #: Values `collect` keeps per group unless told otherwise.
 COLLECT_LIMIT = 1000
@@ -562,19 +562,25 @@ class Grouper:
             else:
                 values.append(self._field(item, field_name or name, number))
         try:
-            return _encode(values)
+            text = _encode(values)
         except TypeError as exc:
-            raise self._unwritable_key(values, number, exc) from None
+            raise self._unwritable_key(values, number, str(exc)) from None
+        # orjson writes a NaN or an infinity (an expression's) as null: that key would join the
+        # null group. Only then is the key looked at closer.
+        if "null" in text and not_finite(values):
+            raise self._unwritable_key(values, number, "a NaN or infinity")
+        return text
 
-    def _unwritable_key(self, key: list[Any], number: int, exc: TypeError) -> GroupingError:
-        """A key JSON text cannot hold (a string with a lone surrogate, a set): named with its
-        record, as every other key error is, instead of failing the chunk with orjson's words."""
+    def _unwritable_key(self, key: list[Any], number: int, why: str) -> GroupingError:
+        """A key JSON text cannot hold (a string with a lone surrogate, a set, a NaN or an
+        infinity): named with its record, as every other key error is, instead of failing the
+        chunk with orjson's words or joining the null group."""
         names = ", ".join(name for name, _, _ in self.keys)
         shown = ascii(key[0] if len(key) == 1 else key)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         return GroupingError(
             f"{self.what}: record {number}: group_by '{names}' is {shown}, which JSON cannot "
-            f"hold ({exc})"
+            f"hold ({why})"
         )
 
     def _field(self, item: Any, name: str, number: int) -> Any:
@@ -727,7 +733,7 @@ class Grouper:
                     try:
                         _key_text(value)
                     except TypeError as exc:
-                        raise self._unwritable_key([value], numbers[position], exc) from None
+                        raise self._unwritable_key([value], numbers[position], str(exc)) from None
                 raise
         keys = [self._key(item, numbers[position]) for position, item in enumerate(items)]
         return _group(keys, range(len(items)))
