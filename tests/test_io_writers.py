@@ -103,6 +103,29 @@ def test_csv_records_round_trip_like_input(tmp_path: Path, block_size: int) -> N
     assert [r.value for r in iter_records(str(copy), "csv")] == originals
 
 
+def test_a_carriage_return_in_a_csv_field_reads_back_as_written(tmp_path: Path) -> None:
+    """A value or a header field holding a lone carriage return comes back as written, on every
+    Python (3.11's writer left it unquoted with "\n" lines, and a reader split the row there):
+    pagent's own reader, the csv module, and a file fed back as input."""
+    import csv
+
+    records = [{"id": "1", "text": "a\rb", "k\r": "x"}, {"id": "2", "text": "plain", "k\r": ""}]
+    target = tmp_path / "out.csv"
+    with open_writer(str(target), "csv") as writer:
+        writer.write(records)
+    with target.open(newline="", encoding="utf-8") as handle:
+        assert list(csv.reader(handle)) == [
+            ["id", "text", "k\r"],
+            ["1", "a\rb", "x"],
+            ["2", "plain", ""],
+        ]
+    assert [r.value for r in iter_records(str(target), "csv")] == records
+    assert target.read_bytes().endswith(b"\n2,plain,\n")  # a row without one: as before
+    copy = tmp_path / "failed.csv"
+    assert write_records_like_input(str(copy), "csv", records) == 2
+    assert [r.value for r in iter_records(str(copy), "csv")] == records
+
+
 def test_write_records_like_input_keeps_csv_header_without_records(tmp_path: Path) -> None:
     target = tmp_path / "failed.csv"
     assert write_records_like_input(str(target), "csv", [], fields=["b", "a"]) == 0

@@ -230,14 +230,13 @@ class Writer:
         self.count += count
 
     def _write_csv(self, values: Iterable[Any]) -> None:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
+        table: list[list[str]] = []
         for value in values:
             row = value if isinstance(value, dict) else {"value": value}
             if self.csv_fields is None:
                 self.csv_fields = [str(key) for key in row]
             if not self.csv_header_written:
-                writer.writerow(self.csv_fields)
+                table.append(self.csv_fields)
                 self.csv_header_written = True
             extra = [str(key) for key in row if key not in self.csv_fields]
             if extra:
@@ -246,9 +245,9 @@ class Writer:
                     f"cannot write {self.target}: record {self.count + 1} has fields "
                     f"{', '.join(extra)} that the CSV header (from the first record) lacks"
                 )
-            writer.writerow([_cell(row.get(field)) for field in self.csv_fields])
+            table.append([_cell(row.get(field)) for field in self.csv_fields])
             self.count += 1
-        self._put(buffer.getvalue().encode("utf-8"))
+        self._put(csv_text(table).encode("utf-8"))
 
     def _put(self, data: bytes) -> None:
         try:
@@ -264,9 +263,7 @@ class Writer:
         elif self.fmt == "json":
             self._put(b"\n]\n" if self.count else b"]\n")
         elif self.fmt == "csv" and not self.csv_header_written and self.csv_fields:
-            buffer = io.StringIO()
-            csv.writer(buffer, lineterminator="\n").writerow(self.csv_fields)
-            self._put(buffer.getvalue().encode("utf-8"))
+            self._put(csv_text([self.csv_fields]).encode("utf-8"))
         if self.temp is None:
             try:
                 self.stream.flush()
@@ -300,6 +297,25 @@ class Writer:
         with contextlib.suppress(OSError):
             self.temp.unlink()
         self.temp = None
+
+
+def csv_text(rows: list[list[str]]) -> str:
+    """`rows` as CSV, each line ended by "\n", every field read back as written.
+
+    Python 3.11's writer leaves a carriage return unquoted when the line terminator is "\n",
+    and a reader then ends the row there: a row holding one is written with every field quoted
+    (the same text on every Python; a quoted field reads as the same string)."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    text = buffer.getvalue()
+    if "\r" not in text:
+        return text
+    buffer = io.StringIO()
+    plain = csv.writer(buffer, lineterminator="\n")
+    quoted = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in rows:
+        (quoted if any("\r" in field for field in row) else plain).writerow(row)
+    return buffer.getvalue()
 
 
 def _cell(value: Any) -> str:
