@@ -995,3 +995,37 @@ nodes:
         if line["kind"] == "chunks_planned"
     }
     assert planned == {"keep": (4, 10), "scale": (4, 4), "invert": (4, 3)}
+
+
+def test_resume_keeps_the_runs_overrides_and_a_refused_resume_changes_nothing(
+    cli: Any, tmp_path: Path
+) -> None:
+    """A run started with `--set` resumes with the same overrides (resume has no `--set`; it
+    took the file alone and refused it as a different pipeline). A resume refused because the
+    pipeline changed (exit 2) leaves the run as it was: its state, and with `--retry-failed`
+    its failed records."""
+    pipeline = write_pipeline(
+        tmp_path,
+        map_pipeline("{use: map, expr: \"params['k'] // item\"}", node_config="{max_retries: 0}"),
+    )
+    data = numbers(tmp_path, 5)
+    output = tmp_path / "out.json"
+    args = ("--data", data, "--task-id", "sets", "--output", str(output))
+    first = cli("run", pipeline, *args, "--set", "k=12")
+    assert first.exit_code == 1, first.stderr  # item 0: ZeroDivisionError
+    assert json.loads(output.read_text()) == [12, 6, 4, 3]
+    again = cli("resume", "sets", "--retry-failed")
+    assert again.exit_code == 1, again.stderr  # the same failure, with k=12 as before
+    assert json.loads(output.read_text()) == [12, 6, 4, 3]
+
+    def state() -> tuple[str, str]:
+        status = json.loads(cli("status", "sets", "--json").stdout)
+        return status["status"], cli("failures", "sets").stdout
+
+    before = state()
+    assert before[0] == "partial_failure" and "ZeroDivisionError" in before[1]
+    Path(pipeline).write_text(Path(pipeline).read_text().replace("name: test", "name: edited"))
+    for flags in ((), ("--retry-failed",)):
+        refused = cli("resume", "sets", *flags)
+        assert_one_line_error(refused, 2, "different pipeline")
+        assert state() == before

@@ -320,10 +320,7 @@ class PipelineRun:
 
     def _check_same_run(self, existing: RunInfo, digest: str, source: InputSource | None) -> None:
         if existing.pipeline_hash != digest:
-            raise UsageError(
-                f"task '{existing.task_id}' was started with a different pipeline; "
-                "use a new --task-id"
-            )
+            raise _different_pipeline(existing.task_id)
         if existing.extra.get("head") != self.options.head:
             before = existing.extra.get("head")
             raise UsageError(
@@ -450,6 +447,7 @@ class PipelineRun:
                 "pipeline_file": str(Path(self.options.pipeline).resolve()),
                 "data_key": self.options.data_key,
                 "head": self.options.head,
+                "overrides": list(self.options.overrides),
                 **self._shared_extra(pipeline),
             },
         )
@@ -702,6 +700,12 @@ def _limit_reached(engine_error: str | None) -> bool:
     )
 
 
+def _different_pipeline(task_id: str) -> UsageError:
+    return UsageError(
+        f"task '{task_id}' was started with a different pipeline; use a new --task-id"
+    )
+
+
 def every_item_failed(summary: RunSummary) -> bool:
     """True when items failed and no data node processed a single item successfully."""
     if not summary.items_failed:
@@ -777,8 +781,12 @@ def resume_run(
             stdout=stdout,
             failed_output=failed_output,
             head=info.extra.get("head"),
+            overrides=list(info.extra.get("overrides") or []),
         )
-        check_run_paths(options)  # before the store changes
+        # Everything that can refuse the resume (exit 2) comes before the store changes.
+        check_run_paths(options)
+        if pipeline_hash(load_pipeline(pipeline_file, options.overrides)) != info.pipeline_hash:
+            raise _different_pipeline(task_id)
         if retry_failed:
             for node in await s.nodes(task_id):
                 await s.retry_failed(task_id, node)
