@@ -23,6 +23,7 @@ import gc
 import json
 import math
 import operator
+import sys
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -113,8 +114,14 @@ class CountIf(Count):
 def _exact_floats(values: Sequence[float]) -> list[float]:
     """Floats whose exact sum is the exact sum of `values`: the correctly rounded sum, then the
     rounding error of that, and so on until nothing is left (each step is `math.fsum`, exact
-    over its inputs; a few steps at most). Non-finite sums are kept as they are."""
-    total = math.fsum(values)
+    over its inputs; a few steps at most). Non-finite sums are kept as they are, an infinity
+    minus an infinity as a NaN (the result then fails the run, whatever the chunking)."""
+    try:
+        total = math.fsum(values)
+    except ValueError:  # inf - inf
+        return [math.nan]
+    except OverflowError:  # a step past the float range, though the total may be in it
+        return _fraction_parts(values)
     parts = [total]
     if not math.isfinite(total):
         return parts
@@ -126,8 +133,37 @@ def _exact_floats(values: Sequence[float]) -> list[float]:
                 return parts
             parts.append(error)
             rest.append(-error)
-    except OverflowError:  # an intermediate sum past the float range: rounded once, as fsum does
-        return [total]
+    except OverflowError:
+        return _fraction_parts(values)
+
+
+#: The largest power of two a float holds: a sum past the float range is kept as this many times
+#: this, plus the rest, up to `_MOST_BIG` times (past that, as an infinity: a state stays small).
+_BIG = Fraction(2**1023)
+_MOST_BIG = 64
+_FLOAT_MAX = Fraction(sys.float_info.max)
+
+
+def _fraction_parts(values: Sequence[float]) -> list[float]:
+    """`_exact_floats` by exact rational arithmetic, for sums whose steps leave the float range
+    (`math.fsum([1e308, 1e308, -1e308])` refuses, though the sum is 1e308). A sum past the
+    range itself is kept exactly as whole 2**1023s and the rest, so a chunk's partial of
+    [1e308, 1e308] still merges with one of -1e308 to 1e308; one past 64 of them is an infinity.
+    Every float is a multiple of the smallest one, so each remainder is too, and the loop ends."""
+    exact = sum(map(Fraction, values), Fraction(0))
+    parts: list[float] = []
+    if abs(exact) > _FLOAT_MAX:
+        count = int(abs(exact) // _BIG)
+        if count > _MOST_BIG:
+            return [math.inf if exact > 0 else -math.inf]
+        step = _BIG if exact > 0 else -_BIG
+        parts.extend([float(step)] * count)
+        exact -= step * count
+    while exact:
+        part = float(exact)
+        parts.append(part)
+        exact -= Fraction(part)
+    return parts or [0.0]
 
 
 def _fsum(values: Sequence[float]) -> float:
@@ -191,7 +227,13 @@ class Sum(Reducer):
             with decimal.localcontext(EXACT_CONTEXT):
                 return _exact_quotient(decimals + ints, divisor)
         if not seen:
-            return ints if divisor == 1 else ints / divisor
+            if divisor == 1:
+                return ints
+            try:
+                return ints / divisor
+            except OverflowError:  # a mean of integers past the float range: exact, as a Decimal
+                with decimal.localcontext(EXACT_CONTEXT):
+                    return _exact_quotient(Decimal(ints), divisor)
         if not all(map(math.isfinite, floats)):
             return _fsum(floats) / divisor
         if not ints and divisor < 2**53:
@@ -202,9 +244,13 @@ class Sum(Reducer):
             if len(parts) == 1:
                 return parts[0] / divisor + 0.0
             if divisor == 1:
-                return math.fsum(parts) + 0.0  # correctly rounded, as exact as the Fraction
+                with contextlib.suppress(OverflowError):  # past the range: the Fraction says so
+                    return math.fsum(parts) + 0.0  # correctly rounded, as exact as the Fraction
         exact = Fraction(ints) + sum(map(Fraction, floats))
-        return float(exact / divisor)
+        try:
+            return float(exact / divisor)
+        except OverflowError:  # past the float range: an infinity, which fails the run, named
+            return math.inf if exact > 0 else -math.inf
 
     def result(self, state: Any) -> Any:
         return self.total(state) if state[3] else None
