@@ -10,17 +10,16 @@ from typing import Annotated, Any
 
 import typer
 
-from parallel_agent.cli.errors import handled_errors, say_stop_reason
+from parallel_agent.cli.errors import handled_errors
 from parallel_agent.cli.options import (
     FailedOutputOption,
     JsonOption,
     StoreOption,
     SummaryOption,
     check_stdout_clash,
-    write_summary,
+    report_run,
 )
 from parallel_agent.cli.process import freeze_startup_objects
-from parallel_agent.errors import InterruptedRunError
 from parallel_agent.jsonl import ascii_text
 
 
@@ -238,8 +237,9 @@ def resume(
         check_stdout_clash(output=output, as_json=as_json)
         sink = make_sink(quiet=quiet)
         freeze_startup_objects()
-        try:
-            summary = resume_run(
+        report_run(
+            sink,
+            lambda: resume_run(
                 task_id,
                 output=output,
                 retry_failed=retry_failed,
@@ -247,19 +247,10 @@ def resume(
                 events=sink,
                 stdout=sys.stdout.buffer if output == "-" else None,
                 failed_output=failed_output,
-            )
-        except InterruptedRunError as exc:
-            sink.close()  # first: the live display must be off before stdout is written
-            if exc.summary is not None:
-                write_summary(exc.summary, as_json=as_json, path=summary_path)
-            raise
-        except BaseException:
-            sink.close()
-            raise
-        sink.close()
-        write_summary(summary.to_dict(), as_json=as_json, path=summary_path)
-        say_stop_reason(summary.exit_code, summary.error)
-        raise typer.Exit(summary.exit_code)
+            ),
+            as_json=as_json,
+            summary_path=summary_path,
+        )
 
 
 def cancel(

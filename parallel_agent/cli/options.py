@@ -4,12 +4,14 @@
 # command's signature on each command line, and a string annotation costs it an eval (10 ms).
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn, Protocol
 
 import typer
 
-from parallel_agent.errors import OutputError, UsageError
+from parallel_agent.cli.errors import say_stop_reason
+from parallel_agent.errors import InterruptedRunError, OutputError, UsageError
 from parallel_agent.jsonl import ascii_text
 
 StoreOption = Annotated[
@@ -79,3 +81,28 @@ def write_summary(summary: dict[str, Any], *, as_json: bool, path: str | None) -
     if as_json:
         sys.stdout.write(text)
         sys.stdout.flush()
+
+
+class _Sink(Protocol):
+    def close(self) -> None: ...
+
+
+def report_run(
+    sink: _Sink, start: Callable[[], Any], *, as_json: bool, summary_path: str | None
+) -> NoReturn:
+    """Run or resume with `sink` showing progress, then close it before anything is written to
+    stdout: the summary (an interrupted run's too), the stop reason, the exit code."""
+    try:
+        summary = start()
+    except InterruptedRunError as exc:
+        sink.close()  # first: the live display must be off before stdout is written
+        if exc.summary is not None:
+            write_summary(exc.summary, as_json=as_json, path=summary_path)
+        raise
+    except BaseException:
+        sink.close()
+        raise
+    sink.close()
+    write_summary(summary.to_dict(), as_json=as_json, path=summary_path)
+    say_stop_reason(summary.exit_code, summary.error)
+    raise typer.Exit(summary.exit_code)

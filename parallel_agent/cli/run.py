@@ -9,17 +9,17 @@ from typing import Annotated
 
 import typer
 
-from parallel_agent.cli.errors import handled_errors, say_stop_reason
+from parallel_agent.cli.errors import handled_errors
 from parallel_agent.cli.options import (
     FailedOutputOption,
     JsonOption,
     StoreOption,
     SummaryOption,
     check_stdout_clash,
-    write_summary,
+    report_run,
 )
 from parallel_agent.cli.process import freeze_startup_objects
-from parallel_agent.errors import InterruptedRunError, UsageError
+from parallel_agent.errors import UsageError
 
 
 def _debug(ctx: typer.Context) -> bool:
@@ -173,20 +173,9 @@ def run(
         check_run_paths(options, [("--events", events), ("--json", "-" if as_json else None)])
         sink = make_sink(quiet=quiet, progress_interval=progress_interval, events_path=events)
         freeze_startup_objects()
-        try:
-            summary = run_pipeline(options, sink)
-        except InterruptedRunError as exc:
-            sink.close()  # first: the live display must be off before stdout is written
-            if exc.summary is not None:
-                write_summary(exc.summary, as_json=as_json, path=summary_path)
-            raise
-        except BaseException:
-            sink.close()
-            raise
-        sink.close()
-        write_summary(summary.to_dict(), as_json=as_json, path=summary_path)
-        say_stop_reason(summary.exit_code, summary.error)
-        raise typer.Exit(summary.exit_code)
+        report_run(
+            sink, lambda: run_pipeline(options, sink), as_json=as_json, summary_path=summary_path
+        )
 
 
 def validate(
