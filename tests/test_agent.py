@@ -548,6 +548,73 @@ async def test_loop_controller_does_not_run_gated_branch_targets() -> None:
     assert await agent.cache.get("d") == 3  # chosen once per pass, never beside the gate
 
 
+async def test_a_chosen_target_waits_for_its_own_upstream_in_later_layers() -> None:
+    """A jump used to replace the rest of the pass: the target's own dependencies in later layers
+    than the branch point never ran, and the target ran on nothing (found by a hostile-user
+    helper: exit 0 with an empty output)."""
+    events = Outcomes()
+    agent = Agent(events=events)
+    agent.add_node(Node(name="s", modules=[Incr("s")]))
+    agent.add_node(_flow([("t", "true")], dependencies=["s"]))
+    agent.add_node(Node(name="x", modules=[Incr("x")], dependencies=["s"]))
+    agent.add_node(Node(name="m2", modules=[Incr("m2")], dependencies=["x"]))
+    agent.add_node(Node(name="t", modules=[Incr("t")], dependencies=["m2"]))
+    agent.add_node(Node(name="side", modules=[Incr("side")], dependencies=["m2"]))
+    task = await agent.run_task(Task())
+    assert task.status == TaskStatus.COMPLETE
+    for key in ("s", "x", "m2", "t", "side"):
+        assert await agent.cache.get(key) == 1, key
+    order = [name for name, _ in events.finished]
+    assert order.index("m2") < order.index("t")
+
+
+async def test_every_branch_point_of_a_layer_decides() -> None:
+    agent = Agent()
+    agent.add_node(Node(name="s", modules=[Incr("s")]))
+    for point, target in (("g1", "a"), ("g2", "b")):
+        config = FlowControlConfig(decisions=[FlowDecision(next_node=target, condition="true")])
+        agent.add_node(
+            Node(
+                name=point,
+                type=ModuleType.FLOW_CONTROL,
+                modules=[FlowControlModule(config)],
+                dependencies=["s"],
+            )
+        )
+        agent.add_node(Node(name=target, modules=[Incr(target)], dependencies=["s"]))
+    task = await agent.run_task(Task())
+    assert task.status == TaskStatus.COMPLETE
+    assert await agent.cache.get("a") == 1 and await agent.cache.get("b") == 1
+
+
+async def test_a_loop_back_still_runs_the_rest_of_the_pass() -> None:
+    agent = Agent()
+    agent.add_node(Node(name="work", modules=[Incr("w")]))
+    agent.add_node(_flow([("work", "w < 3")], dependencies=["work"]))
+    agent.add_node(Node(name="a", modules=[Incr("a")], dependencies=["work"]))
+    agent.add_node(Node(name="later", modules=[Incr("l")], dependencies=["a"]))
+    agent.add_node(Node(name="r", modules=[Incr("r")]))
+    agent.add_node(Node(name="r2", modules=[Incr("r2")], dependencies=["r"]))
+    agent.add_node(Node(name="r3", modules=[Incr("r3")], dependencies=["r2"]))
+    task = await agent.run_task(Task())
+    assert task.status == TaskStatus.COMPLETE
+    assert await agent.cache.get("w") == 3 and await agent.cache.get("a") == 3
+    # "later" is downstream of the loop's target: it runs once, in the pass that does not loop.
+    assert await agent.cache.get("l") == 1
+    # "r3", in a later layer but outside the loop, runs once: the loop back does not drop it.
+    assert await agent.cache.get("r") == 1 and await agent.cache.get("r3") == 1
+
+
+def test_a_target_downstream_of_another_alternative_is_refused() -> None:
+    agent = Agent()
+    agent.add_node(Node(name="m", modules=[Incr("m")]))
+    agent.add_node(_flow([("total", "true")], default="plus", dependencies=["m"]))
+    agent.add_node(Node(name="plus", modules=[Incr("p")], dependencies=["m"]))
+    agent.add_node(Node(name="total", modules=[Incr("t")], dependencies=["plus"]))
+    with pytest.raises(PipelineError, match="'total' depends on 'plus', which does not run"):
+        agent.validate()
+
+
 def test_warnings_name_unconditional_and_unreachable_targets() -> None:
     agent = Agent()
     agent.add_node(Node(name="work", modules=[Incr("w")]))

@@ -375,3 +375,79 @@ nodes:
         else [{"n": 100}]
     )
     assert json.loads(out.read_text()) == want
+
+
+def test_a_target_in_a_later_layer_gets_its_upstream_run_first(cli: Any, tmp_path: Path) -> None:
+    """Found by a hostile-user helper: the jump dropped the target's own dependencies that lay
+    in later layers (`clean`, `enrich`), and the target wrote [] with exit 0. Unrelated nodes in
+    later layers (`tripled` -> `total`) were dropped too."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        """
+name: natural
+output: full
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 5}]}
+  - {name: clean, dependencies: [split], modules: [{use: filter, expr: "item['v'] > 0"}]}
+  - name: enrich
+    dependencies: [clean]
+    modules: [{use: map, expr: "{'id': item['id'], 'v2': item['v'] * 2}"}]
+  - name: mode
+    type: flow_control
+    dependencies: [split]
+    decisions: [{next_node: full, condition: "params.get('mode', 'full') == 'full'"}]
+    default: summary
+  - {name: full, dependencies: [enrich], modules: [{use: aggregate}]}
+  - {name: summary, dependencies: [enrich], modules: [{use: aggregate, reduce: count}]}
+  - {name: tripled, dependencies: [clean], modules: [{use: map, expr: "item['v'] * 3"}]}
+  - {name: total, dependencies: [tripled], modules: [{use: aggregate, reduce: sum}]}
+"""
+    )
+    data = tmp_path / "n.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "v": i * 10}) + "\n" for i in range(1, 21)))
+    out, total = tmp_path / "out.json", tmp_path / "total.json"
+    result = cli(
+        "run", str(pipeline), "--data", str(data), "--output", str(out),
+        "--output-node", f"total={total}",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(out.read_text()) == [{"id": i, "v2": i * 20} for i in range(1, 21)]
+    assert json.loads(total.read_text()) == sum(i * 30 for i in range(1, 21))
+
+    pipeline.write_text(pipeline.read_text().replace("output: full", "output: summary"))
+    summary = tmp_path / "summary.json"
+    result = cli(
+        "run", str(pipeline), "--data", str(data), "--output", str(summary), "--set", "mode=short"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(summary.read_text()) == 20
+
+
+def test_a_target_downstream_of_another_alternative_is_refused(cli: Any, tmp_path: Path) -> None:
+    """Choosing `total` ran it without `plus`, its input (0, exit 0); choosing `plus` never ran
+    `total`. Such a pipeline cannot mean anything: validate and run refuse it (exit 2)."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        """
+name: chained
+output: total
+nodes:
+  - {name: split, type: planner, modules: [{use: split}]}
+  - {name: m, dependencies: [split], modules: [{use: map, expr: "item['v']"}]}
+  - name: gate
+    type: flow_control
+    dependencies: [m]
+    decisions: [{next_node: total, condition: "params.get('short')"}]
+    default: plus
+  - {name: plus, dependencies: [m], modules: [{use: map, expr: "item + 1"}]}
+  - {name: total, dependencies: [plus], modules: [{use: aggregate, reduce: sum}]}
+"""
+    )
+    data = tmp_path / "n.jsonl"
+    data.write_text('{"v": 1}\n')
+    for args in (("validate", str(pipeline)), ("run", str(pipeline), "--data", str(data))):
+        result = cli(*args)
+        assert result.exit_code == 2
+        assert "'total' depends on 'plus', which does not run when 'total' is chosen" in (
+            result.stderr
+        )

@@ -684,7 +684,7 @@ class PipelineRun:
             if outcome == "succeeded":
                 continue
             if outcome == "not reached":
-                why = "no flow decision chose it (or a jump went past it)"
+                why = "no flow decision chose it"
             elif error:
                 why = error
             else:

@@ -77,6 +77,26 @@ def _default(node: Node) -> str | None:
     return None
 
 
+def _rest_after(
+    plan: Plan, work: set[str], rest: set[str], chosen: list[tuple[str, str]]
+) -> set[str]:
+    """The rest of a pass once branch points chose: `rest` (the nodes not reached yet), with each
+    loop back re-planned (its target and what is downstream of it run again, and the branch
+    points there decide again), then each other target opened (it and what is downstream of
+    it, but for the nodes gated by further branch points)."""
+    back = [t for point, t in chosen if t in plan.upstream_of(point) | {point}]
+    again: set[str] = set()
+    for target in back:
+        again |= plan.downstream_of(target)
+    following = rest - again
+    for target in back:
+        following |= plan.runnable(work, target)
+    for point, target in chosen:
+        if target not in back and point not in again:
+            following |= plan.runnable(work, target)
+    return following
+
+
 class _Run:
     """Mutable state of one `run_task` call."""
 
@@ -280,10 +300,11 @@ class Agent:
     async def _pass(
         self, plan: Plan, run: _Run, selected: set[str], work: set[str], slots: asyncio.Semaphore
     ) -> None:
-        """Run `selected` layer by layer; a branch point's jump re-plans from its target."""
+        """Run `selected` layer by layer. What a branch point chooses joins the rest of the pass
+        (a target upstream of it, a loop back, runs again with what is downstream of it); every
+        node of the pass not yet reached still runs."""
         while True:
-            jump: str | None = None
-            restart: set[str] | None = None
+            following: set[str] | None = None
             layers = plan.layers(selected)
             for index, layer in enumerate(layers):
                 if self.auto_snapshot:
@@ -291,25 +312,26 @@ class Agent:
                 admitted = [name for name in layer if self._admit(run, name)]
                 plain = [n for n in admitted if not is_flow_control(self.nodes[n])]
                 await asyncio.gather(*(self._run_node(run, n, slots) for n in plain))
+                chosen: list[tuple[str, str]] = []
                 for name in admitted:
-                    if name not in plain and run.stop is None and jump is None:
-                        jump = await self._branch(run, name)
+                    if name not in plain and run.stop is None:
+                        target = await self._branch(run, name)
+                        if target is not None:
+                            chosen.append((name, target))
                 if run.stop is not None:
                     raise _Stop(run.stop)
                 if run.inserted:  # a module added nodes: re-plan the rest of this pass
                     plan.__dict__.update(vars(self.validate()))
                     work.update(run.inserted)
-                    restart = {n for later in layers[index + 1 :] for n in later}
-                    restart.update(run.inserted)
+                if chosen or run.inserted:
+                    rest = {n for later in layers[index + 1 :] for n in later}
+                    rest.update(run.inserted)
                     run.inserted.clear()
-                if jump is not None or restart is not None:
+                    following = _rest_after(plan, work, rest, chosen)
                     break
-            if jump is not None:
-                selected = plan.runnable(work, jump)
-            elif restart is not None:
-                selected = restart
-            else:
+            if following is None:
                 return
+            selected = following
 
     def _admit(self, run: _Run, name: str) -> bool:
         """Count a visit, or record which limit stops the run."""

@@ -23,6 +23,7 @@ class Plan:
                 self.children[dep].add(node.name)
         self.gates = self._gates()
         """{target: the nodes it gates} for every branch target that runs only when chosen."""
+        self._check_alternatives()
 
     def _check_references(self) -> None:
         for node in self.nodes.values():
@@ -83,6 +84,22 @@ class Plan:
                 if target not in before:
                     gates[target] = self.downstream_of(target)
         return gates
+
+    def _check_alternatives(self) -> None:
+        """Refuse a branch target downstream of another target of the same branch point: only
+        one of them is chosen, so it would run on what the other never made (or never run)."""
+        for point in self.branch_points():
+            before = self.upstream_of(point) | {point}
+            targets = [t for t in self.targets(point) if t not in before]
+            for first in targets:
+                for later in targets:
+                    if later != first and later in self.downstream_of(first):
+                        raise PipelineError(
+                            f"flow control node '{point}' chooses between '{first}' and "
+                            f"'{later}', but '{later}' depends on '{first}', which does not run "
+                            f"when '{later}' is chosen: choose between nodes that do not depend "
+                            "on each other"
+                        )
 
     def runnable(self, work: set[str], jump: str | None = None) -> set[str]:
         """What a pass runs: from `jump` (or everything) within `work`, minus the nodes gated by a
