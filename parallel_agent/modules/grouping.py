@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 from functools import cached_property
-from itertools import repeat
 from typing import Any
 
 import orjson
@@ -736,17 +735,18 @@ class Grouper:
         """The key of every item and {field: its value in every item}, read in C; None unless
         every item is an object and each field's values are all ints or all floats."""
         key_name = self.keys[0][1] or self.keys[0][0]
-        try:
-            keys = list(map(dict.get, items, repeat(key_name)))
-        except TypeError:  # an item that is not an object
-            return None
         values: dict[str, list[Any]] = {}
-        for _, name in columns:
-            if name is not None and name not in values:
-                column = values[name] = list(map(dict.get, items, repeat(name)))
-                kinds = set(map(type, column))
-                if kinds != {float} and kinds != {int}:
-                    return None
+        try:
+            keys = list(map(operator.itemgetter(key_name), items))
+            for _, name in columns:
+                if name is not None and name not in values:
+                    values[name] = list(map(operator.itemgetter(name), items))
+        except (KeyError, TypeError):  # an item that is not an object, or lacks a field
+            return None
+        for column in values.values():
+            kinds = set(map(type, column))
+            if kinds != {float} and kinds != {int}:
+                return None
         return keys, values
 
     def same_states(self) -> list[int | None]:
