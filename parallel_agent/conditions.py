@@ -13,9 +13,10 @@ import ast
 import contextvars
 import decimal
 import difflib
+import functools
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import TYPE_CHECKING, Any
 
 from parallel_agent.errors import ConditionError
@@ -40,6 +41,43 @@ evaluation_cancelled: contextvars.ContextVar[threading.Event | None] = contextva
 )
 """Set by whoever runs evaluations on a thread it may abandon (a stopping run): an evaluation
 stops at its next step once the event is set."""
+
+MAX_WORK = 10_000_000
+"""Elements the builtins, operators and methods of one evaluation may walk in C (`sum`, `sorted`,
+`in`, `==`, `str.count`...), each charged the length of what it walks. The iteration budget counts
+Python-level steps; this one bounds the C-level ones (`sum(range(10**6))` a million times over
+would otherwise run for hours, with the event loop and its signal handlers stuck behind it)."""
+
+evaluation_work: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "evaluation_work", default=None
+)
+"""The running evaluation's work count (set by the interpreter when an evaluation starts)."""
+
+
+def charge_work(size: int) -> None:
+    """Add `size` walked elements to the running evaluation's count; past MAX_WORK it fails."""
+    counter = evaluation_work.get()
+    if counter is not None and size:
+        counter[0] += size
+        if counter[0] > MAX_WORK:
+            raise SandboxLimitError(f"the expression would walk more than {MAX_WORK} elements")
+
+
+def _walking(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function`, a builtin that walks its arguments, charged their lengths first."""
+
+    @functools.wraps(function)
+    def walk(*args: Any, **kwargs: Any) -> Any:
+        charge_work(sum(len(arg) for arg in args if isinstance(arg, Sized)))
+        return function(*args, **kwargs)
+
+    return walk
+
+
+#: What asteval puts before the message of an error raised in a call (the arguments' repr, which
+#: says nothing the expression does not).
+_CALL_PREFIX = re.compile(r"^Error running function '[^']*' with args '.*?' and kwargs \{.*?\}: ")
+
 
 FORBIDDEN_NAMES = frozenset(
     {
@@ -175,6 +213,8 @@ def _capped_range(*args: int) -> range:
 def _safe_sum(values: Iterable[Any], start: Any = 0) -> Any:
     if not isinstance(start, int | float):
         raise SandboxLimitError("sum() only adds numbers")
+    if isinstance(values, Sized):
+        charge_work(len(values))
     return sum(values, start)
 
 
@@ -194,11 +234,13 @@ def _safe_str(value: Any = "") -> str:
 def base_symbols() -> dict[str, Any]:
     """The symbols every expression sees: a whitelist of pure builtins and the JSON constants."""
     return {
-        "len": len, "min": min, "max": max, "sum": _safe_sum, "any": any, "all": all, "abs": abs,
-        "round": _round, "sorted": sorted, "reversed": lambda seq: list(reversed(seq)),
+        "len": len, "min": _walking(min), "max": _walking(max), "sum": _safe_sum,
+        "any": _walking(any), "all": _walking(all), "abs": abs, "round": _round,
+        "sorted": _walking(sorted), "reversed": _walking(lambda seq: list(reversed(seq))),
         "range": _capped_range, "str": _safe_str, "int": int, "float": float, "bool": bool,
-        "list": list, "dict": dict, "set": set, "tuple": tuple, "enumerate": enumerate, "zip": zip,
-        "isinstance": isinstance, "divmod": divmod, **CONSTANTS,
+        "list": _walking(list), "dict": _walking(dict), "set": _walking(set),
+        "tuple": _walking(tuple), "enumerate": enumerate, "zip": zip, "isinstance": isinstance,
+        "divmod": divmod, **CONSTANTS,
     }  # fmt: skip
 
 
@@ -327,6 +369,7 @@ class _Program:
         else:
             kind, message = "Error", ""
         message = message.strip().splitlines()[-1] if message.strip() else kind
+        message = _CALL_PREFIX.sub("", message, count=1)
         message = _DECIMAL_SIGNALS.get(kind, message)
         return _error(f"{kind}: {message}", self.text, self.what)
 

@@ -10,7 +10,7 @@ import decimal
 import io
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from typing import Any
 
 from asteval import Interpreter
@@ -28,10 +28,34 @@ from parallel_agent.conditions import (
     _guard_method,
     _size,
     base_symbols,
+    charge_work,
     evaluation_cancelled,
+    evaluation_work,
 )
 
 _CHARGED: tuple[type, ...] = (str, bytes, list, tuple, set, frozenset, dict, int)
+#: A method of a shorter value is not charged (its work is below the noise of evaluating it).
+_WALK_FREE = 1024
+
+
+def _walking_method(method: Any, size: int) -> Any:
+    """A method of a long str, bytes, list or tuple, charged that length when called."""
+
+    def walk(*args: Any, **kwargs: Any) -> Any:
+        charge_work(size)
+        return method(*args, **kwargs)
+
+    return walk
+
+
+def _compare_work(oper: ast.cmpop, left: Any, right: Any) -> int:
+    """Elements a comparison may walk: `in` a str, bytes, list or tuple, its length (a dict, set
+    or range looks up); `==`, `<`... between two sized values, the shorter one's length."""
+    if isinstance(oper, ast.In | ast.NotIn):
+        return len(right) if isinstance(right, str | bytes | list | tuple) else 0
+    if isinstance(left, Sized) and isinstance(right, Sized):
+        return min(len(left), len(right))
+    return 0
 
 
 class SandboxInterpreter(Interpreter):  # type: ignore[misc]
@@ -70,6 +94,7 @@ class SandboxInterpreter(Interpreter):  # type: ignore[misc]
         self._calldepth = 0
         self.iterations = 0
         self.allocated = 0
+        evaluation_work.set([0])
         self.cancelled = evaluation_cancelled.get()
         self._check_cancelled()
 
@@ -117,10 +142,29 @@ class SandboxInterpreter(Interpreter):  # type: ignore[misc]
         value = super().on_attribute(node)
         owner = getattr(value, "__self__", None)
         if node.attr in _AMPLIFYING_METHODS and isinstance(owner, str | bytes | list):
-            return _guard_method(node.attr, value, owner)
-        if node.attr in _INEXACT_METHODS and isinstance(owner, decimal.Decimal):
+            value = _guard_method(node.attr, value, owner)
+        elif node.attr in _INEXACT_METHODS and isinstance(owner, decimal.Decimal):
             raise SandboxLimitError(f"Decimal.{node.attr} cannot be exact: use float()")
+        if isinstance(owner, str | bytes | list | tuple) and len(owner) >= _WALK_FREE:
+            return _walking_method(value, len(owner))
         return value
+
+    def on_compare(self, node: ast.Compare) -> Any:
+        """asteval's, with the elements a comparison walks charged (`x in big_list`, `a == b`)."""
+        left = self.run(node.left)
+        results = []
+        multi = len(node.ops) > 1
+        result: Any = None
+        for oper, right_node in zip(node.ops, node.comparators, strict=True):
+            right = self.run(right_node)
+            charge_work(_compare_work(oper, left, right))
+            result = op2func(oper)(left, right)
+            if multi:
+                results.append(result)
+                if not all(results):
+                    return False
+                left = right
+        return all(results) if multi else result
 
     def on_formattedvalue(self, node: ast.FormattedValue) -> Any:
         _check_size(_size(self.run(node.value)), "f-string value")

@@ -525,9 +525,13 @@ def test_run_from_python_returns_the_summary_and_the_results(tmp_path: Path) -> 
         parallel_agent.run(bad, data, store="memory://")
 
 
-def test_ctrl_c_in_plain_mode_says_interrupted(tmp_path: Path, env: dict[str, str]) -> None:
+@pytest.mark.parametrize("store", ["", "memory://"])
+def test_ctrl_c_in_plain_mode_says_interrupted(
+    tmp_path: Path, env: dict[str, str], store: str
+) -> None:
+    options = ["--store", store] if store else []
     with gated_run(tmp_path) as (pipeline, data):
-        proc = plain(["run", pipeline, "--data", data, "--task-id", "pc"], env)
+        proc = plain(["run", pipeline, "--data", data, "--task-id", "pc", *options], env)
         wait_until(lambda: (tmp_path / "at-gate").exists(), "record 11 at the gate")
         os.killpg(proc.pid, signal.SIGINT)
         (tmp_path / "open-gate").touch()
@@ -538,7 +542,12 @@ def test_ctrl_c_in_plain_mode_says_interrupted(tmp_path: Path, env: dict[str, st
     assert "succeeded" not in stderr.replace("node split succeeded", "")
     assert re.search(r"task pc interrupted: \d+ of 20 items done", stderr)
     assert "pagent: stopped early: interrupted (Ctrl-C or a stop signal)" in stderr
-    assert stderr.rstrip().endswith("run interrupted; resume it with: pagent resume pc")
+    if store:  # nothing to resume: the store was the process's own memory
+        assert stderr.rstrip().endswith(
+            "run interrupted; its in-process store (memory://) is gone with it, so it cannot be resumed"
+        )
+    else:
+        assert stderr.rstrip().endswith("run interrupted; resume it with: pagent resume pc")
 
 
 def test_max_failures_in_a_terminal_says_why_it_stopped(

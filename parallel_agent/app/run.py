@@ -558,9 +558,12 @@ class PipelineRun:
             )
         )
         if summary.status == TaskStatus.INTERRUPTED.value:
-            interrupted = InterruptedRunError(
-                f"run interrupted; resume it with: pagent resume {info.task_id}"
+            how = (
+                "its in-process store (memory://) is gone with it, so it cannot be resumed"
+                if store.url.startswith("memory:")
+                else f"resume it with: pagent resume {info.task_id}"
             )
+            interrupted = InterruptedRunError(f"run interrupted; {how}")
             interrupted.summary = summary.to_dict()
             raise interrupted
         return summary
