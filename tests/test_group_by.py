@@ -367,17 +367,22 @@ nodes:
 
 
 @pytest.mark.parametrize("form", ["map", "direct"])
-def test_a_reducer_error_names_the_record(cli: Any, tmp_path: Path, form: str) -> None:
+@pytest.mark.parametrize(("value", "kind"), [("x", "str"), (True, "bool")])
+def test_a_reducer_error_names_the_record(
+    cli: Any, tmp_path: Path, form: str, value: Any, kind: str
+) -> None:
     """Fed by the split directly, the chunk whose partial failed in the split's worker is
-    reduced by the aggregate, which fails it with the same located error."""
-    rows = [{"city": "a", "amount": 1}, {"city": "a", "amount": "x"}]
+    reduced by the aggregate, which fails it with the same located error. JSON's true is not a
+    number: summing it as 1 gave a count with exit 0 (found by a hostile-user helper)."""
+    rows = [{"city": "a", "amount": 1}, {"city": "a", "amount": value}]
     text = BAD_REDUCER_PIPELINES[form]
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(text)
     result = cli("run", str(pipeline), "--data", write_input(tmp_path, rows), "--json")
     assert result.exit_code == 1
     assert (
-        "compute 'total' (sum) on records 2-2: TypeError: needs numbers, got str" in result.stderr
+        f"compute 'total' (sum) on records 2-2: TypeError: needs numbers, got {kind}"
+        in result.stderr
     )
 
 
@@ -388,6 +393,10 @@ def test_a_reducer_error_names_the_record(cli: Any, tmp_path: Path, form: str) -
         ("{n: {sum: x, limit: 3}}", "compute 'n': unknown key 'limit'"),
         ("{n: {count_if: 'item +'}}", "compute 'n' (count_if)"),
         ("{n: {function: 'steps_for_grouping:nothing_here'}}", "nothing_here"),
+        # Found by a hostile-user helper: the column replaced the key (exit 0, keys gone), and a
+        # misspelt sort_by sorted nothing.
+        ("{a: count}", "compute.a: 'a' is a group_by key too: name it differently"),
+        ("{n: count}, sort_by: [n, totl]", "sort_by: 'totl' is not a column; the columns: a, n"),
     ],
 )
 def test_bad_reducers_are_refused_before_running(
@@ -405,6 +414,29 @@ nodes:
     result = cli("validate", str(pipeline))
     assert result.exit_code == 2, result.stderr
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("group_by", "message"),
+    [("''", "a group_by key needs a name"), ("[a, a]", "a group_by key is named twice")],
+)
+def test_key_names_must_be_given_and_distinct(
+    cli: Any, tmp_path: Path, group_by: str, message: str
+) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        f"""
+name: bad
+nodes:
+  - {{name: split, type: planner, modules: [{{use: split}}]}}
+  - name: agg
+    dependencies: [split]
+    modules: [{{use: aggregate, group_by: {group_by}, compute: {{n: count}}}}]
+"""
+    )
+    result = cli("validate", str(pipeline))
+    assert result.exit_code == 2, result.stderr
+    assert f"group_by: {message}" in result.stderr
 
 
 def test_partials_are_committed_with_their_chunks(tmp_path: Path) -> None:
@@ -1118,3 +1150,34 @@ def test_sums_whose_steps_leave_the_float_range_are_exact_whatever_the_chunking(
     huge = rows([10**400, 1])[0]
     assert huge["t"] == 10**400 + 1
     assert isinstance(huge["a"], Decimal) and huge["a"] == Fraction(10**400 + 1, 2)
+
+
+def test_every_reducer_that_skips_nulls_says_so(cli: Any, tmp_path: Path) -> None:
+    """A count of an expression skipped nulls without a word (found by a hostile-user helper)."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        """
+name: nulls
+nodes:
+  - {name: split, type: planner, modules: [{use: split}]}
+  - name: agg
+    dependencies: [split]
+    modules:
+    - use: aggregate
+      group_by: k
+      compute: {cf: {count: v}, ce: {count: {expr: "item.get('v')"}}, n: count}
+"""
+    )
+    data = write_input(tmp_path, [{"k": 1, "v": None}, {"k": 1, "v": 2}, {"k": 1}])
+    result = cli(
+        "run", str(pipeline), "--data", data, "--output", "-", "--summary", str(tmp_path / "s.json")
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == {"k": 1, "cf": 1, "ce": 1, "n": 3}
+    notices = json.loads((tmp_path / "s.json").read_text())["notices"]
+    for column, source in (("cf", "'v'"), ("ce", "the expression")):
+        assert (
+            f"compute '{column}' (count) skipped 2 record(s) where {source} was missing or null"
+            in " ".join(notices)
+        )
+    assert "compute 'n'" not in " ".join(notices)

@@ -187,12 +187,14 @@ class Sum(Reducer):
 
     def of(self, values: list[Any]) -> Any:
         kinds = set(map(type, values))
-        if kinds <= {int, bool}:
+        if bool in kinds:  # JSON's true is not 1: count them with count_if
+            raise TypeError("needs numbers, got bool")
+        if kinds <= {int}:
             return [sum(values), [], 0, len(values)]
         if kinds == {float}:
             return [0, _exact_floats(values), len(values), len(values)]
-        if not kinds <= {int, bool, float, Decimal}:
-            odd = next(kind for kind in kinds if kind not in (int, bool, float, Decimal))
+        if not kinds <= {int, float, Decimal}:
+            odd = next(kind for kind in kinds if kind not in (int, float, Decimal))
             raise TypeError(f"needs numbers, got {odd.__name__}")
         if Decimal in kinds:
             if float in kinds:
@@ -966,16 +968,11 @@ class Merger:
         grouper = self.grouper
         found = []
         for index, column in enumerate(grouper.columns):
-            if self.skipped[index] and column.kind != "count":
+            if self.skipped[index]:
                 source = f"'{column.field}'" if column.field else "the expression"
                 found.append(
                     f"{grouper.what}: compute '{column.name}' ({column.kind}) skipped "
                     f"{self.skipped[index]} record(s) where {source} was missing or null"
-                )
-            elif self.skipped[index] and column.field:
-                found.append(
-                    f"{grouper.what}: compute '{column.name}' (count) skipped "
-                    f"{self.skipped[index]} record(s) where '{column.field}' was missing or null"
                 )
             note = column.reducer.notice([states[index] for states in self.groups.values()])
             if note:

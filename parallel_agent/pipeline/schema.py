@@ -222,6 +222,33 @@ class AggregateSpec(Strict):
         """False for the default form: every result in input order."""
         return any(v is not None for v in (self.reduce, self.group_by, self.expr, self.compute))
 
+    def _column_problems(self) -> list[Problem]:
+        """Output columns must have distinct names (a compute column named like a key replaced
+        it), and sort_by must name one of them."""
+        problems: list[Problem] = []
+        keys = _key_names(self.group_by)
+        if any(not name.strip() for name in keys):
+            problems.append((("group_by",), "a group_by key needs a name"))
+        elif len(set(keys)) < len(keys):
+            problems.append((("group_by",), "a group_by key is named twice"))
+        for name in self.compute or {}:
+            if name in keys:
+                problems.append(
+                    (("compute", name), f"'{name}' is a group_by key too: name it differently")
+                )
+        if self.compute:
+            columns = list(dict.fromkeys([*keys, *self.compute]))
+            sort_by = [self.sort_by] if isinstance(self.sort_by, str) else self.sort_by or []
+            for name in sort_by:
+                if name not in columns:
+                    problems.append(
+                        (
+                            ("sort_by",),
+                            f"'{name}' is not a column; the columns: {', '.join(columns)}",
+                        )
+                    )
+        return problems
+
     @model_validator(mode="after")
     def _at_most_one(self) -> AggregateSpec:
         problems: list[Problem] = []
@@ -229,6 +256,7 @@ class AggregateSpec(Strict):
             problems.append(((), "give at most one of reduce, group_by, expr"))
         if self.field is not None and self.reduce is None:
             problems.append((("field",), "field needs reduce"))
+        problems.extend(self._column_problems())
         if self.compute is not None:
             if self.reduce is not None or self.expr is not None:
                 problems.append((("compute",), "compute goes with group_by, not reduce or expr"))
@@ -245,6 +273,15 @@ class AggregateSpec(Strict):
         if problems:
             _fail(problems)
         return self
+
+
+def _key_names(group_by: str | list[str] | dict[str, str] | None) -> list[str]:
+    """The output column names of an aggregate's keys."""
+    if group_by is None:
+        return []
+    if isinstance(group_by, str):
+        return [group_by]
+    return list(group_by)
 
 
 class ClassSpec(Strict):
