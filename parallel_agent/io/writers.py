@@ -51,6 +51,8 @@ _EXTENSIONS: dict[str, OutputFormat] = {
     ".ndjson": "jsonl",
     ".csv": "csv",
 }
+#: Values encoded before they are written out: memory stays this many lines, whatever the count.
+WRITE_BATCH = 10_000
 # Folders on some filesystems cannot be fsynced; that is not a failed write.
 _NO_FOLDER_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES}
 
@@ -203,6 +205,9 @@ class Writer:
                 raise OutputError(
                     f"cannot write {self.target}: record {number} cannot be encoded as JSON: {exc}"
                 ) from None
+            if len(encoded) == WRITE_BATCH:
+                self._put_encoded(b"\n".join(encoded), len(encoded))
+                encoded = []
         if encoded:
             self._put_encoded(b"\n".join(encoded), len(encoded))
 
@@ -247,7 +252,11 @@ class Writer:
                 )
             table.append([_cell(row.get(field)) for field in self.csv_fields])
             self.count += 1
-        self._put(csv_text(table).encode("utf-8"))
+            if len(table) >= WRITE_BATCH:
+                self._put(csv_text(table).encode("utf-8"))
+                table = []
+        if table:
+            self._put(csv_text(table).encode("utf-8"))
 
     def _put(self, data: bytes) -> None:
         try:
