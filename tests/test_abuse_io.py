@@ -315,9 +315,7 @@ def test_a_fifo_is_written_in_place(process: Pagent, tmp_path: Path) -> None:
         "--data",
         "in.jsonl",
         "--output",
-        "results.fifo",
-        "--output-format",
-        "jsonl",
+        "results.fifo",  # no extension: a FIFO's format defaults to JSON Lines, as stdout's
         "--events",
         "events.fifo",
         "-q",

@@ -334,7 +334,15 @@ def test_stdout_writer() -> None:
     assert json.loads(stream.getvalue()) == [1, 2]
 
 
-def test_output_format_detection() -> None:
+def test_output_format_detection(tmp_path: Path) -> None:
+    # A character device, a link to one and a FIFO are streams: JSON Lines unless named for a
+    # format (found by a hostile-user helper: `--output /dev/null` was refused, exit 2).
+    os.symlink("/dev/null", tmp_path / "nowhere")
+    os.mkfifo(tmp_path / "pipe")
+    os.mkfifo(tmp_path / "pipe.csv")
+    for stream in ("/dev/null", str(tmp_path / "nowhere"), str(tmp_path / "pipe")):
+        assert detect_output_format(stream) == "jsonl"
+    assert detect_output_format(str(tmp_path / "pipe.csv")) == "csv"
     assert detect_output_format("x.CSV") == "csv"
     assert detect_output_format("x.ndjson") == "jsonl"
     assert detect_output_format("-") == "jsonl"

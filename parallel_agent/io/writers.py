@@ -68,12 +68,23 @@ def detect_output_format(path: str, explicit: str | None = None) -> OutputFormat
     if descriptor_of(path) is not None:  # stdout, /dev/stdout, /dev/fd/N: a stream
         return "jsonl"
     suffix = Path(path).suffix.lower()
+    if suffix not in _EXTENSIONS and _is_stream(path):  # a FIFO, /dev/null: written in place
+        return "jsonl"
     if suffix not in _EXTENSIONS:
         raise UsageError(
             f"cannot tell the output format of '{path}' from its extension; "
             "pass --output-format json, jsonl or csv"
         )
     return _EXTENSIONS[suffix]
+
+
+def _is_stream(path: str) -> bool:
+    """True for a FIFO or a character device (through symlinks), which have no extension."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
 def _failed(target: str, exc: OSError) -> OutputError:
