@@ -451,3 +451,18 @@ nodes:
         assert "'total' depends on 'plus', which does not run when 'total' is chosen" in (
             result.stderr
         )
+
+
+def test_the_library_returns_no_results_when_no_output_was_written(tmp_path: Path) -> None:
+    """`parallel_agent.run(..., results=True)` returned [] for a run that wrote nothing, which
+    reads like a run over nothing (found by a hostile-user helper)."""
+    import parallel_agent
+
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(branch_pipeline("false", "[domestic]", output="output: by_state"))
+    data = records(tmp_path)
+    summary = parallel_agent.run(pipeline, data, results=True, store="memory://")
+    assert (summary.status, summary.exit_code, summary.results) == ("no_output", 1, None)
+    pipeline.write_text(branch_pipeline("true", "[domestic]", output="output: by_state"))
+    summary = parallel_agent.run(pipeline, data, results=True, store="memory://")
+    assert (summary.status, summary.results) == ("complete", expected_by_state())

@@ -44,7 +44,8 @@ def run(
 
     `params` set `task.params` (Python values), `overrides` are `--set KEY=VALUE` strings;
     `output` writes the results to a file; `results=True` returns them instead, as
-    `summary.results` (a list in input order, or the aggregate's value in a one-item list).
+    `summary.results` (a list in input order, or the aggregate's value in a one-item list; None
+    when the run wrote no output: see `summary.status`).
     `store` is a store URL (default: the same SQLite file as the CLI; `"memory://"` keeps
     nothing). A run with failed items returns normally: look at `summary.status`.
     """
@@ -67,7 +68,10 @@ def run(
     )
     summary = _outside_any_event_loop(lambda: run_pipeline(options, events))
     if buffer is not None:
-        summary.results = list(decode_lines(buffer.getvalue()))
+        # Nothing written (no_output, failed, interrupted): None, never an empty list that
+        # reads like a run over nothing.
+        written = summary.output is not None
+        summary.results = list(decode_lines(buffer.getvalue())) if written else None
         summary.output = None
     return summary
 
