@@ -180,7 +180,11 @@ nodes:
     summary = json.loads(result.stdout)
     assert summary["outputs"] == {"listing": {"path": str(listing), "rows": 10}}
     bad = cli("run", str(pipeline), "--data", records(tmp_path, 10), "--output-node", "nope=x.json")
-    assert bad.exit_code == 2 and "'nope' is not a map, filter or aggregate" in bad.stderr
+    assert bad.exit_code == 2 and "--output-node: there is no node 'nope'" in bad.stderr
+    bad = cli(
+        "run", str(pipeline), "--data", records(tmp_path, 10), "--output-node", "split=x.json"
+    )
+    assert bad.exit_code == 2 and "'split' is not a map, filter or aggregate" in bad.stderr
     bad = cli("run", str(pipeline), "--data", records(tmp_path, 10), "--output-node", "listing")
     assert bad.exit_code == 2 and "expected NODE=PATH" in bad.stderr
 

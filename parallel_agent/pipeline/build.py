@@ -111,6 +111,8 @@ class BuiltPipeline:
             value_node, results_node = self.value_node, self.output_node
         else:
             uses, producers, _ = _wire_data_nodes(self.pipeline)
+            if node not in {n.name for n in self.pipeline.nodes}:
+                raise PipelineError(f"--output-node: there is no node '{node}'")
             if uses.get(node) not in ("map", "filter", "aggregate"):
                 raise PipelineError(f"--output-node: '{node}' is not a map, filter or aggregate")
             value_node, results_node = _output_source(self.pipeline, node, uses, producers)
