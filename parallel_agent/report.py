@@ -267,10 +267,26 @@ async def build_report(
     info = await store.get_run(task_id)
     extra = info.extra if info is not None else {}
     names = list(dict.fromkeys([*nodes, *stored]))
+    dependencies = _dependencies(info.pipeline_text if info is not None else "")
     lines: list[NodeReport] = []
     for name in names:
         if name not in stored:
-            lines.append(NodeReport(name, duration_s=durations.get(name)))
+            # An aggregate over a map's or filter's results has no chunks of its own: it
+            # received what those emitted, and emitted its rows.
+            rows = stored_result(extra, "aggregate_rows", name)
+            received = 0
+            if rows is not None:
+                for dependency in dependencies.get(name, []):
+                    if dependency in stored:
+                        received += (await store.counts(task_id, dependency)).items_out
+            lines.append(
+                NodeReport(
+                    name,
+                    duration_s=durations.get(name),
+                    items_in=received,
+                    items_out=0 if rows is None else int(rows),
+                )
+            )
             continue
         counts = await store.counts(task_id, name)
         # A chunk committed as it was queued (a split's partial) has no time of its own.
@@ -304,6 +320,21 @@ async def build_report(
             )
         )
     return RunReport(tuple(lines), await failure_groups(store, task_id))
+
+
+def _dependencies(pipeline_text: str) -> dict[str, list[str]]:
+    """{node: its dependencies} from a run's stored pipeline."""
+    try:
+        data = orjson.loads(pipeline_text)
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        str(node["name"]): [str(d) for d in node.get("dependencies") or []]
+        for node in data.get("nodes", [])
+        if isinstance(node, dict) and "name" in node
+    }
 
 
 def pipeline_node_names(pipeline_text: str) -> list[str]:

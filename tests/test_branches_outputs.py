@@ -243,6 +243,33 @@ nodes:
     assert f"pagent: {len(kept) - len(failing)} rows written to {out}" in result.stderr
 
 
+def test_an_aggregate_over_a_filter_counts_what_it_received(cli: Any, tmp_path: Path) -> None:
+    """An aggregate fed by a filter (no chunks of its own) said 0 in and 0 out (found by a
+    hostile-user helper): it receives what the filter kept and emits its rows."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("""
+name: counts
+output: agg
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 7}]}
+  - {name: keep, dependencies: [split], modules: [{use: filter, expr: "item['n'] % 4 != 0"}]}
+  - {name: agg, dependencies: [keep], modules: [{use: aggregate, group_by: state, compute: {n: count}}]}
+  - {name: one, dependencies: [keep], modules: [{use: aggregate, reduce: count}]}
+""")
+    out = tmp_path / "out.json"
+    result = cli(
+        "run", str(pipeline), "--data", records(tmp_path, 100), "--output", str(out),
+        "--output-node", f"one={tmp_path / 'one.json'}", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    nodes = {node["node"]: node for node in json.loads(result.stdout)["report"]["nodes"]}
+    kept = len([n for n in range(100) if n % 4])
+    assert (nodes["agg"]["items_in"], nodes["agg"]["items_out"]) == (kept, 3)
+    assert (nodes["one"]["items_in"], nodes["one"]["items_out"]) == (kept, 1)
+    assert f"  agg   {kept} -> 3" in result.stderr
+    assert f"pagent: 1 row of one written to {tmp_path / 'one.json'}" in result.stderr
+
+
 @pytest.mark.parametrize("suffix", ["json", "jsonl", "csv"])
 def test_rows_written_count_the_groups_in_every_format(
     cli: Any, tmp_path: Path, suffix: str

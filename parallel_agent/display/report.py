@@ -174,15 +174,20 @@ def outputs_lines(summary: dict[str, Any]) -> list[str]:
     lines = []
     written = (summary.get("items") or {}).get("output")
     if summary.get("output") and summary["output"] != "-" and written is not None:
-        lines.append(f"pagent: {written:,} rows written to {summary['output']}")
+        lines.append(f"pagent: {_rows(written)} written to {summary['output']}")
     for node, target in (summary.get("outputs") or {}).items():
-        lines.append(f"pagent: {target['rows']:,} rows of {node} written to {target['path']}")
+        lines.append(f"pagent: {_rows(target['rows'])} of {node} written to {target['path']}")
     return lines
 
 
+def _rows(count: int) -> str:
+    return f"{count:,} row" if count == 1 else f"{count:,} rows"
+
+
 def records_lines(report: RunReport) -> list[str]:
-    """Records in and out of each node that works chunks (a filter's kept and dropped)."""
-    nodes = [node for node in report.nodes if node.chunks]
+    """Records in and out of each node that works chunks (a filter's kept and dropped), and of
+    each aggregate over a map's or filter's results (records in, rows out)."""
+    nodes = [node for node in report.nodes if node.chunks or node.items_in]
     if not nodes:
         return []
     name_width = max(len(node.node) for node in nodes)
