@@ -205,10 +205,18 @@ nodes:
 
 def test_graph_marks_gated_nodes(cli: Any, tmp_path: Path) -> None:
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(branch_pipeline("true", "[domestic]", output="output: by_state"))
+    text = branch_pipeline("true", "[domestic]", output="output: top")
+    text += """  - {name: top, dependencies: [by_state], modules: [{use: aggregate, reduce: count}]}
+"""
+    pipeline.write_text(text)
     text = cli("graph", str(pipeline)).stdout
     assert "runs only when gate chooses it" in text
     assert text.count("runs only when gate chooses it") == 2
+    # Downstream of a target, gated with it (found by a hostile-user helper: it said nothing).
+    assert (
+        "  top [executor] aggregate reduce: count (after by_state)\n      runs only when gate chooses by_state"
+        in text
+    )
 
 
 def test_report_counts_records_in_out_and_dropped(cli: Any, tmp_path: Path) -> None:

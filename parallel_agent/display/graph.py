@@ -61,9 +61,34 @@ def chosen_by(pipeline: Pipeline) -> dict[str, list[str]]:
     return found
 
 
+def _behind_targets(
+    pipeline: Pipeline, gated: dict[str, list[str]]
+) -> dict[str, list[tuple[str, str]]]:
+    """{node: (target, branch point) for each branch target it is downstream of}: such a node
+    runs only when its target is chosen."""
+    children: dict[str, list[str]] = {node.name: [] for node in pipeline.nodes}
+    for node in pipeline.nodes:
+        for dependency in node.dependencies:
+            children.setdefault(dependency, []).append(node.name)
+    found: dict[str, list[tuple[str, str]]] = {}
+    for target, points in gated.items():
+        seen: set[str] = set()
+        stack = list(children.get(target, []))
+        while stack:
+            name = stack.pop()
+            if name in seen or name == target:
+                continue
+            seen.add(name)
+            stack.extend(children.get(name, []))
+        for name in sorted(seen):
+            found.setdefault(name, []).extend((target, point) for point in points)
+    return found
+
+
 def render_text(pipeline: Pipeline) -> str:
     nodes = {node.name: node for node in pipeline.nodes}
     gated = chosen_by(pipeline)
+    behind = _behind_targets(pipeline, gated)
     lines = [f"pipeline {pipeline.name}"]
     for number, layer in enumerate(layers(pipeline), start=1):
         lines.append(f"layer {number}:")
@@ -75,6 +100,8 @@ def render_text(pipeline: Pipeline) -> str:
                 lines.append(f"      runs only if: {node.node_config.condition}")
             for point in gated.get(name, []):
                 lines.append(f"      runs only when {point} chooses it")
+            for target, point in behind.get(name, []):
+                lines.append(f"      runs only when {point} chooses {target}")
             for decision in node.decisions:
                 lines.append(f"      -> {decision.next_node} if {decision.condition}")
             if node.default is not None:
