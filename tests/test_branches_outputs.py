@@ -505,3 +505,18 @@ def test_the_library_returns_no_results_when_no_output_was_written(tmp_path: Pat
     pipeline.write_text(branch_pipeline("true", "[domestic]", output="output: by_state"))
     summary = parallel_agent.run(pipeline, data, results=True, store="memory://")
     assert (summary.status, summary.results) == ("complete", expected_by_state())
+
+
+def test_a_condition_that_raises_stops_the_run_with_stop_reason_error(
+    cli: Any, tmp_path: Path
+) -> None:
+    """semantics.md: a condition that raises stops the run. `stop_reason` said null, as for a
+    run that went to its end (found by a hostile-user helper)."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(branch_pipeline("1 / 0", "[domestic]", output="output: by_state"))
+    result = cli("run", str(pipeline), "--data", records(tmp_path), "--json")
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert (summary["status"], summary["stop_reason"]) == ("partial_failure", "error")
+    assert "ZeroDivisionError" in summary["error"]
+    assert summary["nodes"]["gate"]["state"] == "failed"

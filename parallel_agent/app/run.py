@@ -156,6 +156,8 @@ class PipelineRun:
     def __init__(self, options: RunOptions, events: EventSink | None = None) -> None:
         self.options = options
         self.timer = _NodeTimes()
+        self.engine_stopped: str | None = None
+        """Why the engine stopped before the end of the graph (Agent.stopped)."""
         # The displays get the states NodeStates makes true; the timer keeps the engine's own
         # outcomes (whether a node's modules returned), which decide about the outputs.
         self.states = NodeStates(
@@ -521,6 +523,7 @@ class PipelineRun:
             self.states.not_reached(node.name for node in pipeline.nodes)
         else:
             self.states.not_chosen(node.name for node in pipeline.nodes)
+        self.engine_stopped = built.agent.stopped
         summary = await self._finish(store, built, info, task.status, task.error, output_format)
         for node, state in self.states.states.items():
             summary.nodes.setdefault(node, {})["state"] = state
@@ -672,7 +675,12 @@ class PipelineRun:
         if engine_status != TaskStatus.COMPLETE:
             summary.status = engine_status.value
             summary.error = engine_error
-            summary.stop_reason = "iteration_limit" if _limit_reached(engine_error) else None
+            if _limit_reached(engine_error):
+                summary.stop_reason = "iteration_limit"
+            elif self.engine_stopped is not None:  # a condition raised: the graph stopped there
+                summary.stop_reason = "error"
+            else:  # nodes failed as a whole, but the run went to its end
+                summary.stop_reason = None
             if summary.status == TaskStatus.COMPLETE.value:
                 summary.status = TaskStatus.FAILED.value
             return True

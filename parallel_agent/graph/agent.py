@@ -156,6 +156,9 @@ class Agent:
         self.node_results: dict[str, Any] = {}
         """Per node visited in the last run: `{"status": "success", "results": [...]}` or
         `{"status": "error", "error": ...}` (the framework's shape; not kept for skipped nodes)."""
+        self.stopped: str | None = None
+        """Why the last run stopped before its end (a limit, a condition that raised), or None
+        when it went to its end (nodes may have failed on the way)."""
         self.nodes: dict[str, Node] = {}
         self._guards: dict[str, Condition] = {}
         self._flows: dict[str, list[tuple[FlowDecision, Condition | None]]] = {}
@@ -585,6 +588,7 @@ class Agent:
         self.snapshots.append(await snapshots.write(state, folder, "-".join(wanted)))
 
     def _finish(self, task: Task, run: _Run) -> None:
+        self.stopped = run.stop
         unfinished = {
             n: e for n, e in run.errors.items() if run.outcome.get(n) in (FAILED, BLOCKED)
         }
