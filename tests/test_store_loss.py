@@ -14,14 +14,17 @@ every COORDINATOR_TTL_S / 3 = 10 s).
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from helpers.redis_server import RedisServerFactory, redis_server_binary
 from helpers.runs import make_info
-from test_abuse_store import Case, finish, kill_group, pipeline_text
+from test_abuse_store import PAGENT, Case, finish, kill_group, pipeline_text
 
 from parallel_agent.errors import StateLostError
 from parallel_agent.store import open_store
@@ -289,3 +292,111 @@ def test_a_lost_coordinator_lock_stops_the_coordinator(
     assert case.stored_run("locked").status == "executing", "nothing recorded beside the holder"
     with redis.Redis(port=server.port) as client:
         assert client.get(lock) == (holder.encode() if holder else None)
+
+
+def _sealed_chunks(client: redis.Redis, task_id: str, node: str) -> tuple[int, bool]:
+    counters = client.hgetall(TaskKeys("pagent", task_id).node(node, "counters"))
+    return int(counters.get(b"chunks_total", 0)), counters.get(b"sealed") == b"1"
+
+
+@needs_redis_server
+@pytest.mark.fault
+def test_a_redis_back_from_an_older_snapshot_is_store_loss_not_a_hang(
+    tmp_path: Path, own_redis: RedisServerFactory
+) -> None:
+    """Found by a hostile-user helper: a Redis that restarts from a snapshot taken mid-split
+    comes back with the run's keys and marker intact, without the later chunks and the seal.
+    The coordinator waited forever for the seal it had written (and a split-fed aggregate ended
+    exit 0 with a third of the records missing). It now sees the store hold less than it
+    sealed: exit 4 (a run over a file is then resumed; this one read stdin)."""
+    server = own_redis(durable=False)
+    case = Case(tmp_path, pipeline_text(GATED, "{concurrency: 1, lease: 300}"), records=0)
+    case.store = server.url
+    case.env["PAGENT_STORE"] = server.url
+    args = ["run", str(case.pipeline), "--data", "-", "--format", "jsonl", "--task-id", "rolled"]
+    process = subprocess.Popen(
+        [*PAGENT, *args],
+        env=case.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stdin is not None
+    try:
+        with redis.Redis(port=server.port) as client:
+            # Lines of 4 KB: the reader takes the input in 64 KiB blocks, 16 records each.
+            process.stdin.write(b"".join(b"%d%s\n" % (i, b" " * 4000) for i in range(20)))
+            process.stdin.flush()
+            wait_for(lambda: _sealed_chunks(client, "rolled", "work")[0] >= 16, "16 chunks")
+            client.save()  # the snapshot: 16 chunks, no seal
+            process.stdin.write(b"".join(b"%d%s\n" % (i, b" " * 4000) for i in range(20, 40)))
+            process.stdin.close()
+            process.stdin = None  # closed: communicate() must not flush it
+            wait_for(lambda: _sealed_chunks(client, "rolled", "work") == (40, True), "the seal")
+        case.wait_started(process)
+        server.restart()  # kill -9, then back from the snapshot
+        case.go.touch()
+        code, _, err = finish(process, NOTICE_BOUND_S)
+    finally:
+        kill_group(process)
+    assert_store_loss(code, err, "lost writes", "node 'work'", "40 chunks", "unsealed")
+
+
+def wait_for(condition: Any, what: str, bound: float = NOTICE_BOUND_S) -> None:
+    deadline = time.monotonic() + bound
+    while not condition():
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.02)
+
+
+@needs_redis_server
+@pytest.mark.fault
+def test_chunks_lost_to_an_older_snapshot_mid_split_are_store_loss_not_exit_0(
+    tmp_path: Path, own_redis: RedisServerFactory
+) -> None:
+    """The helper's first case: a `compute` aggregate fed by the split, whose chunks are
+    committed with their partials as they are queued. Chunks 16-31 are written after the
+    snapshot and lost with the restart; the split goes on with 32-39 and seals. The run ended
+    `complete`, exit 0, over 24 of the 40 records."""
+    server = own_redis(durable=False)
+    pipeline = """
+name: rollback
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 1}]}
+  - name: agg
+    dependencies: [split]
+    modules: [{use: aggregate, group_by: k, compute: {n: count}}]
+"""
+    case = Case(tmp_path, pipeline, records=0, store=server.url)
+    args = ["run", str(case.pipeline), "--data", "-", "--format", "jsonl", "--task-id", "rolled"]
+    process = subprocess.Popen(
+        [*PAGENT, *args],
+        env=case.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stdin is not None
+
+    def send(numbers: range) -> None:
+        assert process.stdin is not None  # lines of 4 KB: 16 to a 64 KiB block read
+        process.stdin.write(b"".join(b'{"k": %d}%s\n' % (i % 3, b" " * 4000) for i in numbers))
+        process.stdin.flush()
+
+    try:
+        with redis.Redis(port=server.port) as client:
+            send(range(20))
+            wait_for(lambda: _sealed_chunks(client, "rolled", "agg")[0] >= 16, "16 chunks")
+            client.save()
+            send(range(20, 36))
+            wait_for(lambda: _sealed_chunks(client, "rolled", "agg")[0] >= 32, "32 chunks")
+        server.restart()  # back with 16 chunks
+        send(range(36, 40))
+        process.stdin.close()
+        process.stdin = None
+        code, _, err = finish(process, NOTICE_BOUND_S)
+    finally:
+        kill_group(process)
+    assert_store_loss(code, err, "lost writes", "node 'agg'", "40 chunks")

@@ -615,6 +615,12 @@ class PipelineRun:
         summary.store = store.url
         if await self._ended_early(store, info, ctx, summary, engine_status, engine_error):
             return summary
+        try:  # before anything is written: every queue is still all there (lost writes?)
+            for node in ctx.sealed:
+                ctx.check_sealed(node, await store.counts(info.task_id, node))
+        except StateLostError as exc:
+            await self._record_fatal(store, info.task_id, exc)
+            raise
         stored = await store.get_run(info.task_id)
         for notices in all_stored(stored.extra if stored else {}, "aggregate_notices"):
             summary.notices.extend(notices)

@@ -186,6 +186,7 @@ class AggregateModule(BuiltinModule):
             await ChunkWorkers(ctx, self.settings, partials, coordinator_only=True).run()
             producer = self.node  # its own chunks hold the partials
         counts = await ctx.store.counts(ctx.task_id, producer)
+        ctx.check_sealed(producer, counts, finished=True)
         summary = {"chunks": counts.done, "items": counts.items_done}
         if not self.computes_value:
             return {"status": "success", "result": summary}

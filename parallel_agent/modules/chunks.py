@@ -74,6 +74,8 @@ async def feed_from_producer(ctx: RunContext, node: str) -> None:
     if not counts.sealed:
         await _queue_producer_results(ctx, node)
         counts = await store.counts(ctx.task_id, node)
+    ctx.sealed[node] = (counts.chunks_total, counts.items_total)
+    ctx.check_sealed(node, counts)
     ctx.emit(planned_event(ctx, node, counts))
 
 
@@ -196,6 +198,7 @@ class ChunkWorkers:
             await self._wait_for_others()
             return
         counts = await self.ctx.store.counts(self.ctx.task_id, self.settings.node)
+        self.ctx.check_sealed(self.settings.node, counts)
         # More workers than open chunks would only poll the store; a sealed queue cannot grow.
         open_chunks = counts.pending + counts.leased
         workers = min(self.settings.concurrency, open_chunks) if counts.sealed else None
@@ -228,6 +231,7 @@ class ChunkWorkers:
             )
             if not leases:
                 counts = await ctx.store.counts(ctx.task_id, settings.node)
+                ctx.check_sealed(settings.node, counts)
                 if counts.sealed and counts.pending == 0 and counts.leased == 0:
                     return
                 await self._idle(idle)
@@ -244,6 +248,7 @@ class ChunkWorkers:
         fleet = _FleetWatch(ctx, self.settings.node)
         while not ctx.stop.is_set():
             counts = await ctx.store.counts(ctx.task_id, self.settings.node)
+            ctx.check_sealed(self.settings.node, counts)
             if counts.sealed and counts.pending == 0 and counts.leased == 0:
                 return
             await fleet.check(counts.done)

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from parallel_agent.errors import PagentError
+from parallel_agent.errors import PagentError, StateLostError
 from parallel_agent.events import Event, EventSink
 from parallel_agent.modules.grouping import MergedPartials
-from parallel_agent.store.base import RunStore
+from parallel_agent.store.base import NodeCounts, RunStore
 
 
 @dataclass
@@ -78,9 +78,39 @@ class RunContext:
     """False on a `--workers-only` coordinator: `pagent worker` processes claim every chunk."""
     merged: dict[str, MergedPartials] = field(default_factory=dict)
     """{aggregate: the partials the split committed for it, merged as it queued them}."""
+    sealed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """{node: (chunks, items)} of each queue this coordinator saw sealed: a store that later
+    holds less, or no seal, lost writes (see `check_sealed`)."""
 
     def emit(self, event: Event) -> None:
         self.events.emit(event)
+
+    def check_sealed(self, node: str, counts: NodeCounts, *, finished: bool = False) -> None:
+        """Raise StateLostError when the store holds less of `node`'s queue than this
+        coordinator saw sealed. A Redis that restarts from an older snapshot (or fails over to a
+        lagging replica) comes back with the run's keys and marker intact, but without what was
+        written since: chunks, commits, the seal. Unchecked, the run ended exit 0 with records
+        missing, or waited forever for a seal it had already written. `finished`: the node's
+        chunks were all done or failed, so none may be open again."""
+        seen = self.sealed.get(node)
+        if seen is None:
+            return
+        undone = finished and (counts.pending > 0 or counts.leased > 0)
+        if (
+            not counts.sealed
+            or counts.chunks_total < seen[0]
+            or counts.items_total < seen[1]
+            or undone
+        ):
+            raise StateLostError(
+                f"the store lost writes of task '{self.task_id}': node '{node}' was queued "
+                f"and sealed with {seen[0]:,} chunks ({seen[1]:,} records), and the store now "
+                f"holds {counts.chunks_total:,} ({counts.items_total:,})"
+                f"{'' if counts.sealed else ', unsealed'}"
+                f"{', with finished chunks undone' if undone else ''} (a Redis restarted from an older "
+                "snapshot, or a failover to a replica that lagged?); resume it to redo what is "
+                "missing"
+            )
 
     def fail_run(self, error: PagentError) -> None:
         """Stop the run because of `error`; the run service raises it once the engine has stopped."""

@@ -47,6 +47,7 @@ async def split_input(
     before = {target: await ctx.store.counts(ctx.task_id, target) for target in targets}
     if all(counts.sealed for counts in before.values()):
         for target, counts in before.items():
+            ctx.sealed[target] = (counts.chunks_total, counts.items_total)
             ctx.emit(planned_event(ctx, target, counts))
         return {"chunks": counts.chunks_total, "items": counts.items_total, "resumed": True}
     if ctx.source is None:
@@ -70,6 +71,9 @@ async def split_input(
     await splitter.run()
     for target in targets:
         await ctx.store.seal(ctx.task_id, target)
+    for target in targets:
+        ctx.sealed[target] = (splitter.chunks, splitter.items)
+        ctx.check_sealed(target, await ctx.store.counts(ctx.task_id, target))
     for target in targets:
         await _announce(ctx, target, before[target], splitter)
     ctx.merged.update(splitter.merging)
