@@ -568,6 +568,33 @@ def test_redis_restart_without_persistence_exits_4(fleet: Fleet) -> None:
         assert "Traceback" not in stderr
 
 
+def test_a_named_run_that_is_not_there_is_waited_for_out_loud(fleet: Fleet) -> None:
+    """A mistyped --task-id (or a worker that starts before its coordinator) waited without a
+    word (found by a hostile-user helper). It says once that the run is not there yet, and
+    joins it when it starts; a run it has seen that vanishes is store loss (exit 4)."""
+    said = fleet.tmp / "worker.err"
+    with said.open("wb") as stderr_file:
+        worker = subprocess.Popen(
+            [*PAGENT, "worker", "--store", fleet.store, "--pipeline", str(fleet.pipeline)]
+            + ["--task-id", "late"],
+            env=fleet.env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr_file,
+            start_new_session=True,
+        )
+    fleet.procs.append(worker)
+    fleet.wait_for(
+        lambda: worker.poll() is not None or b"waiting for it to start" in said.read_bytes(),
+        "the worker saying it waits",
+    )
+    coordinator = fleet.run("late")
+    assert finish(coordinator)[0] == 0
+    assert worker.wait(timeout=90) == 0
+    stderr = said.read_text()
+    assert stderr.count("no run late in ") == 1, stderr
+    assert "joined run late" in stderr
+
+
 def test_sigterm_drains_the_worker_and_hands_chunks_back(fleet: Fleet) -> None:
     """In-flight chunks outlive the drain grace: they are handed back at once (no lease of the
     drained worker is left), and the next worker finishes the run."""

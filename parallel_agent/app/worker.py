@@ -32,7 +32,7 @@ from parallel_agent.app.stored import (
     code_references,
     stored_pipeline,
 )
-from parallel_agent.errors import PagentError, StoreError, UsageError
+from parallel_agent.errors import PagentError, StateLostError, StoreError, UsageError
 from parallel_agent.modules.chunks import ChunkWorkers
 from parallel_agent.modules.context import (
     HANDBACK_GRACE_S,
@@ -62,6 +62,8 @@ HEARTBEAT_TTL_S = 10.0
 
 #: Pause between two looks for runs to join, by task id and by a scan of the store's runs.
 NAMED_POLL_S = 0.2
+#: How long a worker named a run (`--task-id`) that does not exist waits before saying so.
+NO_RUN_GRACE_S = 5.0
 SCAN_POLL_S = 1.0
 
 EXIT_OK, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 130
@@ -163,6 +165,9 @@ class PipelineWorker:
         self.finished_work: dict[str, float | None] = {}
         """Runs left with every chunk done while the run goes on (aggregating): not joined again
         until the run changes (`updated_at`, e.g. a resume with --retry-failed)."""
+        self.seen: set[str] = set()
+        """Named runs this worker has found in the store: one gone later is store loss."""
+        self.waiting_said = False
         self.draining = False
         self.wake = asyncio.Event()
         self.local = [self._load_local(path) for path in options.pipelines]
@@ -274,7 +279,7 @@ class PipelineWorker:
 
     async def _discover(self, store: RunStore) -> None:
         if self.options.task_ids:
-            infos = [info for t in self.options.task_ids if (info := await store.get_run(t))]
+            infos = await self._named_runs(store)
         else:
             infos = await store.list_runs()
         for info in infos:
@@ -293,6 +298,29 @@ class PipelineWorker:
                 del self.finished_work[task_id]
             self.ended.discard(task_id)
             await self._consider(store, info)
+
+    async def _named_runs(self, store: RunStore) -> list[RunInfo]:
+        """The runs named with `--task-id` that exist. One that existed and is gone is store
+        loss (exit 4: a Redis restarted without persistence, a flush, a deleted run). One never
+        seen may not have started yet: after NO_RUN_GRACE_S the worker says it waits for it
+        (a mistyped task id or store shows up instead of a silent wait)."""
+        infos = []
+        for task_id in self.options.task_ids:
+            info = await store.get_run(task_id)
+            if info is not None:
+                self.seen.add(task_id)
+                infos.append(info)
+            elif task_id in self.seen and task_id not in self.ended:
+                raise StateLostError(f"the state of task '{task_id}' is gone from {store.url}")
+        missing = [t for t in self.options.task_ids if t not in self.seen]
+        waited = time.time() - self.started_at
+        if missing and not self.waiting_said and waited >= NO_RUN_GRACE_S:
+            self.waiting_said = True
+            self.say(
+                f"no run {', '.join(missing)} in {store.url} yet: waiting for it to start "
+                "(check --task-id and --store if it should be running)"
+            )
+        return infos
 
     async def _consider(self, store: RunStore, info: RunInfo) -> None:
         """Join `info` if it is ours and our code is its code; refuse it once otherwise."""
