@@ -1181,3 +1181,28 @@ nodes:
             in " ".join(notices)
         )
     assert "compute 'n'" not in " ".join(notices)
+
+
+def test_a_decimal_key_equal_to_a_float_is_one_group(cli: Any, tmp_path: Path) -> None:
+    """round() of an exact input number gives Decimal("0.50"): it made a group apart from the
+    float 0.5, and both rows read `"r": 0.5` (found by a hostile-user helper)."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        """
+name: dk
+nodes:
+  - {name: split, type: planner, modules: [{use: split, chunk_size: 1}]}
+  - name: agg
+    dependencies: [split]
+    modules:
+    - use: aggregate
+      group_by: {r: "round(item['x'], 2)"}
+      compute: {n: count, distinct: {count_distinct: {expr: "round(item['x'], 1)"}}}
+"""
+    )
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"x": 0.5}\n{"x": 0.123456789012345678901}\n{"x": 0.500000000000000000001}\n')
+    result = cli("run", str(pipeline), "--data", str(data), "--output", "-")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows == [{"r": 0.5, "n": 2, "distinct": 1}, {"r": 0.12, "n": 1, "distinct": 1}]

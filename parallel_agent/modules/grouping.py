@@ -64,8 +64,23 @@ def _describe(exc: BaseException) -> str:
 
 
 def _encode(value: Any) -> str:
-    """A value as canonical JSON text (the group key form): 1, 1.0, true and "1" differ."""
-    return dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    """A value as canonical JSON text (the group key form): 1, 1.0, true and "1" differ. A
+    Decimal is written as it reads back: Decimal("0.50") (say from `round()`) as 0.5, the
+    float it equals, so the two are one group, as they are one value in the output."""
+    text = dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    if _holds_decimal(value):
+        text = dumps(loads(text), option=orjson.OPT_SORT_KEYS).decode()
+    return text
+
+
+def _holds_decimal(value: Any) -> bool:
+    if isinstance(value, Decimal):
+        return True
+    if isinstance(value, list | tuple):
+        return any(map(_holds_decimal, value))
+    if isinstance(value, dict):
+        return any(map(_holds_decimal, value.values()))
+    return False
 
 
 # -- reducers -------------------------------------------------------------------------------
