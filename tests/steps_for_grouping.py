@@ -79,3 +79,24 @@ class Ledger:
     @staticmethod
     def merge(a: int, b: int) -> int:
         return a + b
+
+
+class SetState:
+    """A reducer whose state is a set: not JSON, so it cannot be stored."""
+
+    @staticmethod
+    def init() -> set[Any]:
+        return set()
+
+    @staticmethod
+    def add(state: set[Any], value: Any) -> set[Any]:
+        return state | {value}
+
+    @staticmethod
+    def merge(a: set[Any], b: set[Any]) -> set[Any]:
+        return a | b
+
+
+def distinct_set(values: list[Any]) -> set[Any]:
+    """A plain reducer whose result is a set."""
+    return set(values)

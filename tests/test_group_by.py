@@ -1206,3 +1206,35 @@ nodes:
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert rows == [{"r": 0.5, "n": 2, "distinct": 1}, {"r": 0.12, "n": 1, "distinct": 1}]
+
+
+@pytest.mark.parametrize(
+    ("reducer", "what"),
+    [("SetState", "state"), ("distinct_set", "result")],
+)
+def test_a_user_reducer_that_is_not_json_names_its_column(
+    cli: Any, tmp_path: Path, reducer: str, what: str
+) -> None:
+    """A set as a state or result failed with orjson's words alone (`every item failed`),
+    naming neither the column nor the function (found by a hostile-user helper)."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        f"""
+name: user
+nodes:
+  - {{name: split, type: planner, modules: [{{use: split}}]}}
+  - {{name: work, dependencies: [split], modules: [{{use: map, expr: "item"}}]}}
+  - name: agg
+    dependencies: [work]
+    modules:
+    - use: aggregate
+      group_by: city
+      compute: {{odd: {{function: "steps_for_grouping:{reducer}", field: amount}}}}
+"""
+    )
+    data = write_input(tmp_path, [{"city": "a", "amount": 1}, {"city": "a", "amount": 2}])
+    result = cli("run", str(pipeline), "--data", data, "--output", str(tmp_path / "o.json"))
+    assert result.exit_code != 0
+    assert "compute 'odd' (function)" in result.stderr
+    assert f"steps_for_grouping:{reducer} gave a {what} that is not JSON" in result.stderr
+    assert not (tmp_path / "o.json").exists()

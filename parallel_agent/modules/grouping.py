@@ -377,6 +377,7 @@ class UserReducer(Reducer):
 
     def __init__(self, target: Any, reference: str) -> None:
         self.target = target
+        self.reference = reference
         self.mergeable = all(hasattr(target, name) for name in ("init", "add", "merge"))
         if not self.mergeable and not callable(target):
             raise GroupingError(
@@ -389,19 +390,28 @@ class UserReducer(Reducer):
         state = self.target.init()
         for value in values:
             state = self.target.add(state, value)
-        return state
+        return self._json(state, "state")
 
     def merge(self, a: Any, b: Any) -> Any:
         if not self.mergeable:
             a.extend(b)
             return a
-        return self.target.merge(a, b)
+        return self._json(self.target.merge(a, b), "merged state")
 
     def result(self, state: Any) -> Any:
         if not self.mergeable:
-            return self.target(state)
+            return self._json(self.target(state), "result")
         finish = getattr(self.target, "result", None)
-        return finish(state) if callable(finish) else state
+        return self._json(finish(state), "result") if callable(finish) else state
+
+    def _json(self, value: Any, what: str) -> Any:
+        """`value`, which must be JSON (states are stored and merged elsewhere): a set or bytes
+        is an error naming the function, not orjson's words at the chunk's commit."""
+        try:
+            dumps(value)
+        except TypeError as exc:
+            raise TypeError(f"{self.reference} gave a {what} that is not JSON: {exc}") from None
+        return value
 
 
 # -- the grouper ----------------------------------------------------------------------------
