@@ -1238,3 +1238,25 @@ nodes:
     assert "compute 'odd' (function)" in result.stderr
     assert f"steps_for_grouping:{reducer} gave a {what} that is not JSON" in result.stderr
     assert not (tmp_path / "o.json").exists()
+
+
+def test_a_key_too_deep_for_a_row_is_an_error_that_says_so(cli: Any, tmp_path: Path) -> None:
+    """A value nested 253 levels deep is valid input, but as a key inside a row inside the
+    output it goes past JSON's (orjson's) 254 levels: it failed with 'Recursion limit reached'
+    alone (found by a hostile-user helper)."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        """
+name: deep
+nodes:
+  - {name: split, type: planner, modules: [{use: split}]}
+  - {name: agg, dependencies: [split], modules: [{use: aggregate, group_by: k, compute: {n: count}}]}
+"""
+    )
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"k": ' + "[" * 253 + "]" * 253 + '}\n{"k": 1}\n')
+    result = cli("run", str(pipeline), "--data", str(data), "--output", str(tmp_path / "o.json"))
+    assert result.exit_code == 1
+    assert "node 'agg', aggregate: its rows cannot be written as JSON" in result.stderr
+    assert "nested deeper than 253 levels" in result.stderr
+    assert not (tmp_path / "o.json").exists()

@@ -228,7 +228,18 @@ class AggregateModule(BuiltinModule):
         except GroupingError as exc:  # values the reducers cannot combine: this node fails
             return {"status": "error", "result": str(exc)}
         _refuse_not_finite(rows, f"node '{self.node}', aggregate")
-        text = dumps(rows).decode()
+        try:
+            text = dumps(rows).decode()
+        except TypeError as exc:  # a key nested as deep as JSON goes, one level more in a row
+            return {
+                "status": "error",
+                "result": f"node '{self.node}', aggregate: its rows cannot be written as JSON: {exc}"
+                + (
+                    " (a key or value nested deeper than 253 levels)"
+                    if "Recursion" in str(exc)
+                    else ""
+                ),
+            }
         notices = merger.notices()
         await ctx.store.update_run(
             ctx.task_id,
