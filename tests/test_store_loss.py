@@ -310,18 +310,10 @@ def test_a_redis_back_from_an_older_snapshot_is_store_loss_not_a_hang(
     exit 0 with a third of the records missing). It now sees the store hold less than it
     sealed: exit 4 (a run over a file is then resumed; this one read stdin)."""
     server = own_redis(durable=False)
-    case = Case(tmp_path, pipeline_text(GATED, "{concurrency: 1, lease: 300}"), records=0)
-    case.store = server.url
-    case.env["PAGENT_STORE"] = server.url
-    args = ["run", str(case.pipeline), "--data", "-", "--format", "jsonl", "--task-id", "rolled"]
-    process = subprocess.Popen(
-        [*PAGENT, *args],
-        env=case.env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
+    case = Case(
+        tmp_path, pipeline_text(GATED, "{concurrency: 1, lease: 300}"), records=0, store=server.url
     )
+    process = run_on_stdin(case, "rolled")
     assert process.stdin is not None
     try:
         with redis.Redis(port=server.port) as client:
@@ -341,6 +333,19 @@ def test_a_redis_back_from_an_older_snapshot_is_store_loss_not_a_hang(
     finally:
         kill_group(process)
     assert_store_loss(code, err, "lost writes", "node 'work'", "40 chunks", "unsealed")
+
+
+def run_on_stdin(case: Case, task_id: str) -> subprocess.Popen[bytes]:
+    """`pagent run` of the case's pipeline reading JSON Lines from a pipe the test writes."""
+    args = ["run", str(case.pipeline), "--data", "-", "--format", "jsonl", "--task-id", task_id]
+    return subprocess.Popen(
+        [*PAGENT, *args],
+        env=case.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def wait_for(condition: Any, what: str, bound: float = NOTICE_BOUND_S) -> None:
@@ -369,15 +374,7 @@ nodes:
     modules: [{use: aggregate, group_by: k, compute: {n: count}}]
 """
     case = Case(tmp_path, pipeline, records=0, store=server.url)
-    args = ["run", str(case.pipeline), "--data", "-", "--format", "jsonl", "--task-id", "rolled"]
-    process = subprocess.Popen(
-        [*PAGENT, *args],
-        env=case.env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    process = run_on_stdin(case, "rolled")
     assert process.stdin is not None
 
     def send(numbers: range) -> None:
