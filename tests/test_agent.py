@@ -605,6 +605,65 @@ async def test_a_loop_back_still_runs_the_rest_of_the_pass() -> None:
     assert await agent.cache.get("r") == 1 and await agent.cache.get("r3") == 1
 
 
+def _point(name: str, target: str, condition: str, dependencies: list[str]) -> Node:
+    config = FlowControlConfig(decisions=[FlowDecision(next_node=target, condition=condition)])
+    return Node(
+        name=name,
+        type=ModuleType.FLOW_CONTROL,
+        modules=[FlowControlModule(config)],
+        dependencies=dependencies,
+    )
+
+
+def _agent(*nodes: Node) -> Agent:
+    agent = Agent()
+    for node in nodes:
+        agent.add_node(node)
+    return agent
+
+
+def _node(name: str, *dependencies: str) -> Node:
+    return Node(name=name, modules=[Incr(name)], dependencies=list(dependencies))
+
+
+async def test_a_chosen_target_outlives_a_later_loop_back() -> None:
+    """Found by a reviewer helper: a loop back dropped a target a branch point outside the loop
+    had chosen earlier in the pass; it never ran, and the run was complete."""
+    agent = _agent(
+        _node("A"), _node("S"), _point("P0", "T0", "true", ["S"]),
+        _node("X1", "A"), _node("X2", "X1"), _node("X3", "X2"), _node("T0", "P0", "X3"),
+        _point("P2", "A", "A < 2", ["X1"]),
+    )  # fmt: skip
+    task = await agent.run_task(Task())
+    assert task.status == TaskStatus.COMPLETE
+    assert await agent.cache.get("A") == 2 and await agent.cache.get("T0") == 1
+
+
+async def test_a_target_two_branch_points_choose_runs_once() -> None:
+    agent = _agent(
+        _node("A"), _point("P1", "handler", "true", ["A"]), _node("B", "A"),
+        _point("P2", "handler", "true", ["B"]), _node("handler"),
+    )  # fmt: skip
+    task = await agent.run_task(Task())
+    assert task.status == TaskStatus.COMPLETE
+    assert await agent.cache.get("handler") == 1
+
+
+@pytest.mark.parametrize("second", ["true", "false"])
+async def test_a_node_behind_two_targets_runs_once_both_are_chosen(second: str) -> None:
+    """D is downstream of T1 and of T2, targets of two branch points: it ran before P2 decided
+    (and again after T2), or without T2 when P2 chose nothing."""
+    agent = _agent(
+        _node("A"), _point("P1", "T1", "true", ["A"]), _node("T1", "P1"),
+        _node("B1", "A"), _node("B2", "B1"), _node("B3", "B2"),
+        _point("P2", "T2", second, ["B3"]), _node("T2", "P2"), _node("D", "T1", "T2"),
+    )  # fmt: skip
+    task = await agent.run_task(Task())
+    assert task.status == TaskStatus.COMPLETE
+    assert await agent.cache.get("T1") == 1
+    assert await agent.cache.get("D") == (1 if second == "true" else None)
+
+
 def test_a_target_downstream_of_another_alternative_is_refused() -> None:
     agent = Agent()
     agent.add_node(Node(name="m", modules=[Incr("m")]))

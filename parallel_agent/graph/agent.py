@@ -77,24 +77,54 @@ def _default(node: Node) -> str | None:
     return None
 
 
-def _rest_after(
-    plan: Plan, work: set[str], rest: set[str], chosen: list[tuple[str, str]]
-) -> set[str]:
-    """The rest of a pass once branch points chose: `rest` (the nodes not reached yet), with each
-    loop back re-planned (its target and what is downstream of it run again, and the branch
-    points there decide again), then each other target opened (it and what is downstream of
-    it, but for the nodes gated by further branch points)."""
-    back = [t for point, t in chosen if t in plan.upstream_of(point) | {point}]
-    again: set[str] = set()
-    for target in back:
-        again |= plan.downstream_of(target)
-    following = rest - again
-    for target in back:
-        following |= plan.runnable(work, target)
-    for point, target in chosen:
-        if target not in back and point not in again:
-            following |= plan.runnable(work, target)
-    return following
+class _PassState:
+    """What one pass may still run. Its scope (every node it may reach), the branch targets
+    chosen in it (each with the branch points that chose it) and the nodes it ran: it runs the
+    scope's nodes not yet run, but for those gated by a target not chosen (a node downstream of
+    two targets runs once both are chosen)."""
+
+    def __init__(self, plan: Plan, work: set[str], selected: set[str]) -> None:
+        self.plan = plan
+        self.work = work
+        self.scope = set(selected)
+        for point in plan.branch_points():
+            if point in selected:
+                for target in plan.targets(point):
+                    self.scope |= plan.downstream_of(target) & work
+        self.chosen: dict[str, set[str]] = {
+            target: set() for target, gated in plan.gates.items() if gated & selected
+        }
+        self.ran: set[str] = set()
+
+    def selected(self) -> set[str]:
+        closed: set[str] = set()
+        for target, gated in self.plan.gates.items():
+            if target not in self.chosen:
+                closed |= gated
+        return (self.scope - closed) - self.ran
+
+    def add(self, inserted: list[str]) -> None:
+        """Nodes a module added while running join the pass."""
+        self.scope.update(inserted)
+
+    def choose(self, decisions: list[tuple[str, str]]) -> None:
+        """Branch points chose: a loop back (a target upstream of its branch point) runs again
+        from its target, the branch points there deciding again; any other target joins the
+        pass with what is downstream of it, once (a node already run is not run again)."""
+        plan = self.plan
+        again: set[str] = set()
+        for point, target in decisions:
+            if target in plan.upstream_of(point) | {point}:
+                again |= plan.downstream_of(target) & self.work
+        self.scope |= again
+        self.ran -= again
+        for target, points in list(self.chosen.items()):
+            if points and points <= again:  # chosen by branch points that decide again
+                del self.chosen[target]
+        for point, target in decisions:
+            if point not in again and target not in plan.upstream_of(point):
+                self.chosen.setdefault(target, set()).add(point)
+                self.scope |= plan.downstream_of(target) & self.work
 
 
 class _Run:
@@ -305,14 +335,16 @@ class Agent:
     ) -> None:
         """Run `selected` layer by layer. What a branch point chooses joins the rest of the pass
         (a target upstream of it, a loop back, runs again with what is downstream of it); every
-        node of the pass not yet reached still runs."""
+        node of the pass not yet reached still runs (`_PassState`)."""
+        state = _PassState(plan, work, selected)
         while True:
-            following: set[str] | None = None
-            layers = plan.layers(selected)
+            replanned = False
+            layers = plan.layers(state.selected())
             for index, layer in enumerate(layers):
                 if self.auto_snapshot:
                     await self._snapshot_before(run, layer, layers[index:], work)
                 admitted = [name for name in layer if self._admit(run, name)]
+                state.ran.update(admitted)
                 plain = [n for n in admitted if not is_flow_control(self.nodes[n])]
                 await asyncio.gather(*(self._run_node(run, n, slots) for n in plain))
                 chosen: list[tuple[str, str]] = []
@@ -326,15 +358,16 @@ class Agent:
                 if run.inserted:  # a module added nodes: re-plan the rest of this pass
                     plan.__dict__.update(vars(self.validate()))
                     work.update(run.inserted)
-                if chosen or run.inserted:
-                    rest = {n for later in layers[index + 1 :] for n in later}
-                    rest.update(run.inserted)
+                    state.add(run.inserted)
                     run.inserted.clear()
-                    following = _rest_after(plan, work, rest, chosen)
+                    replanned = True
+                if chosen:
+                    state.choose(chosen)
+                    replanned = True
+                if replanned:
                     break
-            if following is None:
+            if not replanned:
                 return
-            selected = following
 
     def _admit(self, run: _Run, name: str) -> bool:
         """Count a visit, or record which limit stops the run."""
