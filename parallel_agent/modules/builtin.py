@@ -186,7 +186,8 @@ class AggregateModule(BuiltinModule):
             await ChunkWorkers(ctx, self.settings, partials, coordinator_only=True).run()
             producer = self.node  # its own chunks hold the partials
         counts = await ctx.store.counts(ctx.task_id, producer)
-        ctx.check_sealed(producer, counts, finished=True)
+        # A producer that drained (not one a guard skipped) must still have no chunk open.
+        ctx.check_sealed(producer, counts, finished=producer in ctx.drained)
         summary = {"chunks": counts.done, "items": counts.items_done}
         if not self.computes_value:
             return {"status": "success", "result": summary}

@@ -196,15 +196,17 @@ class ChunkWorkers:
     async def run(self) -> None:
         if not self.ctx.claims_chunks and not self.coordinator_only:
             await self._wait_for_others()
-            return
-        counts = await self.ctx.store.counts(self.ctx.task_id, self.settings.node)
-        self.ctx.check_sealed(self.settings.node, counts)
-        # More workers than open chunks would only poll the store; a sealed queue cannot grow.
-        open_chunks = counts.pending + counts.leased
-        workers = min(self.settings.concurrency, open_chunks) if counts.sealed else None
-        async with asyncio.TaskGroup() as group:
-            for number in range(workers if workers is not None else self.settings.concurrency):
-                group.create_task(self._worker(number))
+        else:
+            counts = await self.ctx.store.counts(self.ctx.task_id, self.settings.node)
+            self.ctx.check_sealed(self.settings.node, counts)
+            # More workers than open chunks would only poll the store; a sealed queue cannot grow.
+            open_chunks = counts.pending + counts.leased
+            workers = min(self.settings.concurrency, open_chunks) if counts.sealed else None
+            async with asyncio.TaskGroup() as group:
+                for number in range(workers if workers is not None else self.settings.concurrency):
+                    group.create_task(self._worker(number))
+        if not self.ctx.stop.is_set():  # every chunk done or failed: none may open again
+            self.ctx.drained.add(self.settings.node)
 
     async def _worker(self, number: int) -> None:
         """Work chunks until the queue is drained or the run stops; a store failure or a cancel

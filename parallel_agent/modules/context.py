@@ -78,6 +78,8 @@ class RunContext:
     """False on a `--workers-only` coordinator: `pagent worker` processes claim every chunk."""
     merged: dict[str, MergedPartials] = field(default_factory=dict)
     """{aggregate: the partials the split committed for it, merged as it queued them}."""
+    drained: set[str] = field(default_factory=set)
+    """Nodes whose queue this coordinator saw drained (every chunk done or failed)."""
     sealed: dict[str, tuple[int, int]] = field(default_factory=dict)
     """{node: (chunks, items)} of each queue this coordinator saw sealed: a store that later
     holds less, or no seal, lost writes (see `check_sealed`)."""
