@@ -239,7 +239,8 @@ def base_symbols() -> dict[str, Any]:
         "sorted": _walking(sorted), "reversed": _walking(lambda seq: list(reversed(seq))),
         "range": _capped_range, "str": _safe_str, "int": int, "float": float, "bool": bool,
         "list": _walking(list), "dict": _walking(dict), "set": _walking(set),
-        "tuple": _walking(tuple), "enumerate": enumerate, "zip": zip, "isinstance": isinstance,
+        "tuple": _walking(tuple), "enumerate": _walking(enumerate), "zip": _walking(zip),
+        "isinstance": isinstance,
         "divmod": divmod, **CONSTANTS,
     }  # fmt: skip
 

@@ -104,6 +104,8 @@ def test_refused_at_compile_time(source: str) -> None:
         "len([0 for s in ['x' * 200000] for _ in range(10**6) if s.count('y')])",
         "len([0 for s in ['x' * 200000] for _ in range(10**6) if s == s + 'y'])",
         "len([0 for xs in [list(range(10**6))] for _ in range(10**6) if max(xs) < 0])",
+        "[max(zip(range(999999))) for _ in range(200)][0]",  # zip and enumerate are charged too
+        "[max(enumerate(range(999999))) for _ in range(200)][0]",
         "1 / 0",
         "len(missing)",
     ],
