@@ -664,6 +664,20 @@ async def test_a_node_behind_two_targets_runs_once_both_are_chosen(second: str) 
     assert await agent.cache.get("D") == (1 if second == "true" else None)
 
 
+async def test_a_branch_point_whose_dependency_failed_chooses_nothing() -> None:
+    """semantics.md: no target of a blocked branch point runs. It decided anyway, and its
+    target ran (found by a reviewer helper)."""
+    agent = _agent(
+        Node(name="A", modules=[Flaky(5, NonRetryableException)]),
+        _point("P", "T", "true", ["A"]),
+        _node("T"),
+    )
+    task = await agent.run_task(Task())
+    assert task.status == TaskStatus.FAILED
+    assert "node 'P': not run: upstream node 'A' failed" in (task.error or "")
+    assert await agent.cache.get("T") is None
+
+
 def test_a_target_downstream_of_another_alternative_is_refused() -> None:
     agent = Agent()
     agent.add_node(Node(name="m", modules=[Incr("m")]))

@@ -445,13 +445,20 @@ class Agent:
         return target
 
     async def _branch(self, run: _Run, name: str) -> str | None:
-        """Evaluate a flow-control node: first true decision, else default, else None."""
+        """Evaluate a flow-control node: first true decision, else default, else None. A branch
+        point whose dependency failed decides nothing, as any node would not run."""
         start = time.monotonic()
+        node = self.nodes[name]
+        upstream = [d for d in node.dependencies if run.outcome.get(d) in (FAILED, BLOCKED)]
+        if upstream:
+            self._finished(
+                run, name, BLOCKED, start, f"not run: upstream node '{upstream[0]}' failed"
+            )
+            return None
         if not await self._guard(run, name, start):
             if run.stop is None:
                 self._finished(run, name, SKIPPED, start, None)
             return None
-        node = self.nodes[name]
         workers = [m for m in node.modules if not isinstance(m, FlowControlModule)]
         done: list[Any] = []
         if workers:  # a flow-control node's other modules run first, then it decides
