@@ -49,13 +49,21 @@ def _walking_method(method: Any, size: int) -> Any:
 
 
 def _compare_work(oper: ast.cmpop, left: Any, right: Any) -> int:
-    """Elements a comparison may walk: `in` a str, bytes, list or tuple, its length (a dict, set
-    or range looks up); `==`, `<`... between two sized values, the shorter one's length."""
+    """Elements a comparison may walk: `in` a list or tuple, its length (a dict, set or range
+    looks up); `==`, `<`... between two containers, the shorter one's length. Text is compared
+    and searched at memory speed: only text of _WALK_FREE characters or more is charged."""
     if isinstance(oper, ast.In | ast.NotIn):
-        return len(right) if isinstance(right, str | bytes | list | tuple) else 0
-    if isinstance(left, Sized) and isinstance(right, Sized):
-        return min(len(left), len(right))
-    return 0
+        if isinstance(right, list | tuple):
+            return len(right)
+        if isinstance(right, str | bytes) and len(right) >= _WALK_FREE:
+            return len(right)
+        return 0
+    if not (isinstance(left, Sized) and isinstance(right, Sized)):
+        return 0
+    shorter = min(len(left), len(right))
+    if isinstance(left, str | bytes) and isinstance(right, str | bytes):
+        return shorter if shorter >= _WALK_FREE else 0
+    return shorter
 
 
 class SandboxInterpreter(Interpreter):  # type: ignore[misc]

@@ -132,6 +132,10 @@ def test_work_limit_is_generous_enough_for_real_data() -> None:
     assert compile_condition("'b' in xs and xs.count('a') == 2", what=WHAT).evaluate(
         {"xs": ["a"] * 2 + ["b"] * 5000}
     )
+    # Short text compared a million times over (a comprehension's whole budget) is not charged.
+    names = [f"name-{i:06d}" for i in range(MAX_SIZE)]
+    source = "len([n for n in names if n == 'name-000007' or 'x' in n]) == 1"
+    assert compile_condition(source, what=WHAT).evaluate({"names": names})
 
 
 def test_no_values_leak_between_evaluations() -> None:
