@@ -151,7 +151,11 @@ def test_output_must_name_a_data_node(cli: Any, tmp_path: Path) -> None:
     pipeline.write_text(branch_pipeline("true", "[domestic]", output="output: gate"))
     result = cli("validate", str(pipeline))
     assert result.exit_code == 2
-    assert "output: node 'gate' is not a map, filter or aggregate node" in result.stderr
+    # Located like every pipeline error (it was not; found by a hostile-user helper).
+    assert (
+        "p.yaml, line 3, column 1: output: node 'gate' is not a map, filter or aggregate node"
+        in (result.stderr)
+    )
     pipeline.write_text(branch_pipeline("true", "[domestic]", output="output: by_stat"))
     result = cli("validate", str(pipeline))
     assert result.exit_code == 2

@@ -448,11 +448,7 @@ def build_pipeline(pipeline: Pipeline, ctx: RunContext, *, pipeline_dir: Path) -
 def output_node(pipeline: Pipeline, uses: dict[str, str], producers: dict[str, str]) -> str | None:
     """The node `--output` writes: `output:` if given, else the one data node nothing consumes
     (the sink of the data graph); several sinks without `output:` are refused, naming them."""
-    if pipeline.output is not None:
-        if uses.get(pipeline.output) not in ("map", "filter", "aggregate"):
-            raise PipelineError(
-                f"output: node '{pipeline.output}' is not a map, filter or aggregate node"
-            )
+    if pipeline.output is not None:  # the schema checked it names a map, filter or aggregate
         return pipeline.output
     consumed = set(producers.values())
     sinks = [

@@ -445,6 +445,14 @@ class Pipeline(Strict):
         names = [node.name for node in self.nodes]
         if self.output is not None and self.output not in names:
             problems.append((("output",), _unknown(self.output, names)))
+        elif self.output is not None:
+            node = self.nodes[names.index(self.output)]
+            if not any(
+                getattr(m, "use", None) in ("map", "filter", "aggregate") for m in node.modules
+            ):
+                problems.append(
+                    (("output",), f"node '{self.output}' is not a map, filter or aggregate node")
+                )
         if not problems:
             problems = _cycle_problems(self.nodes)
         if problems:
