@@ -339,13 +339,7 @@ def _dependencies(pipeline_text: str) -> dict[str, list[str]]:
 
 def pipeline_node_names(pipeline_text: str) -> list[str]:
     """Node names in pipeline order from a run's stored pipeline (`RunInfo.pipeline_text`)."""
-    try:
-        data = orjson.loads(pipeline_text)
-    except orjson.JSONDecodeError:
-        return []
-    if not isinstance(data, dict):
-        return []
-    return [str(node["name"]) for node in data.get("nodes", []) if isinstance(node, dict)]
+    return list(_dependencies(pipeline_text))
 
 
 def failed_output_message(path: str, written: int) -> str:

@@ -92,8 +92,9 @@ class Plan:
             before = self.upstream_of(point) | {point}
             targets = [t for t in self.targets(point) if t not in before]
             for first in targets:
+                behind = self.downstream_of(first)
                 for later in targets:
-                    if later != first and later in self.downstream_of(first):
+                    if later != first and later in behind:
                         raise PipelineError(
                             f"flow control node '{point}' chooses between '{first}' and "
                             f"'{later}', but '{later}' depends on '{first}', which does not run "
