@@ -873,6 +873,64 @@ def test_quick_partial_equals_the_general_path(name: str, items: list[Any], quic
     assert merged[0] == merged[1], name
 
 
+#: Cases whose JSON Lines the record-by-record path reads itself: their text has no number a
+#: double could change (`jsonl.may_change`), and their records are of the quick shape.
+LINES_QUICK = {"floats", "one record", "inf - inf", "an overflowing sum"}
+
+
+@pytest.mark.parametrize(
+    ("name", "items", "quick"), _quick_cases(), ids=[case[0] for case in _quick_cases()]
+)
+def test_lines_partial_equals_the_general_path(name: str, items: list[Any], quick: bool) -> None:
+    """A split's worker reads JSON Lines of the quick shape straight into their groups
+    (`lines_partials`); that is exactly the partial of the parsed records, and any other text
+    or shape is left to the general path (None)."""
+    from parallel_agent.jsonl import checked_values
+    from parallel_agent.modules.grouping import Grouper, lines_partials, split_partials
+
+    grouper = Grouper.from_options({"group_by": "key", "compute": QUICK_COMPUTE}, "node 'g'")
+    try:
+        payload = "".join(json.dumps(item, allow_nan=False) + "\n" for item in items).encode()
+    except ValueError:  # a NaN or an infinity: not JSON, so not an input this path can meet
+        assert name in {"not-finite", "inf - inf"}
+        return
+    found = lines_partials({"g": grouper}, payload)
+    assert (found is not None) == (name in LINES_QUICK), name
+    if found is not None:
+        values = checked_values(payload)
+        assert not isinstance(values, int)
+        assert found == split_partials({"g": grouper}, values, 0), name
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"key": "a", "v": 1.5, "w": 2.5}\n{"key": "a", "v": 1.5\n',  # not JSON
+        b'{"key": "a", "v": 1.5, "w": 2.5}\n[1]\n',  # not an object
+        b'{"key": "a", "v": 0.1000000000000000055511151231257827, "w": 1.0}\n',  # exactness
+        b'{"key": "a", "v": 1.5, "w": 2.5, "deep": ' + b"[" * 300 + b"]" * 300 + b"}\n",
+    ],
+    ids=["not JSON", "not an object", "a number a double changes", "too deep to store"],
+)
+def test_lines_the_quick_reading_leaves_to_the_checked_path(payload: bytes) -> None:
+    """Text the record-by-record reading cannot vouch for goes to `checked_values`, which
+    refuses or reads it exactly, as before."""
+    from parallel_agent.modules.grouping import Grouper, lines_partials
+
+    grouper = Grouper.from_options({"group_by": "key", "compute": QUICK_COMPUTE}, "node 'g'")
+    assert lines_partials({"g": grouper}, payload) is None
+
+
+def test_lines_partials_need_a_single_aggregate() -> None:
+    """Two aggregates fed by one split: one parse serves both, on the general path."""
+    from parallel_agent.modules.grouping import Grouper, lines_partials
+
+    grouper = Grouper.from_options({"group_by": "key", "compute": QUICK_COMPUTE}, "node 'g'")
+    payload = b'{"key": "a", "v": 1.5, "w": 2.5}\n'
+    assert lines_partials({"g": grouper}, payload) is not None
+    assert lines_partials({"g": grouper, "h": grouper}, payload) is None
+
+
 def test_partial_text_is_exact_and_older_partials_still_merge() -> None:
     """A partial's text is orjson's only when that is exact: an infinite state (orjson would
     write null) and a sum past 64 bits take the standard library's text, and every text reads

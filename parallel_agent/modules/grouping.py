@@ -30,11 +30,19 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 from functools import cached_property
+from itertools import chain
 from typing import Any
 
 import orjson
 
-from parallel_agent.jsonl import EXACT_CONTEXT, dumps, exact_number, loads, not_finite
+from parallel_agent.jsonl import (
+    EXACT_CONTEXT,
+    dumps,
+    exact_number,
+    loads,
+    not_finite,
+    plain_lines,
+)
 
 #: Values `collect` keeps per group unless told otherwise.
 COLLECT_LIMIT = 1000
@@ -728,24 +736,75 @@ class Grouper:
             groups, by_values = _grouped(keys, values)
         except TypeError:  # an unhashable key
             return None
+        found = list(groups.values())
+        fields = {
+            name: list(_group_values(found, column, by_values)) for name, column in values.items()
+        }
+        return self._quick_rows(columns, groups, [len(group) for group in found], fields)
+
+    def lines_partial(self, lines: list[bytes]) -> dict[str, Any] | None:
+        """`_quick_partial` of the records of JSON Lines `lines` (which `jsonl.plain_lines`
+        cleared), each record parsed and put in its group at once, then dropped.
+
+        Record by record, each record is read while it is in the processor's cache; parsing
+        the whole chunk first and then reading every record again from memory took a quarter
+        more time. None (a line that is not JSON, a record of another shape) leaves the chunk
+        to the general path."""
+        columns = self._quick_columns
+        if columns is None or not lines:
+            return None
+        key_name = self.keys[0][1] or self.keys[0][0]
+        names = list(dict.fromkeys(name for _, name in columns if name is not None))
+        pick = operator.itemgetter(*names or [key_name])
+        groups: defaultdict[Any, list[Any]] = defaultdict(list)
+        parse = orjson.loads
+        try:
+            for line in lines:
+                record = parse(line)
+                groups[record[key_name]].append(pick(record))
+        except (orjson.JSONDecodeError, KeyError, TypeError):  # TypeError: not an object
+            return None
+        found: list[Sequence[Any]] = list(groups.values())
+        fields: dict[str, list[Sequence[Any]]]
+        if len(names) <= 1:  # a group is its field's values (or, for counts alone, its keys)
+            fields = dict.fromkeys(names, found)
+        else:
+            by_group = [list(zip(*group, strict=True)) for group in found]
+            fields = {
+                name: [group[index] for group in by_group] for index, name in enumerate(names)
+            }
+        for per_group in fields.values():
+            kinds = set(map(type, chain.from_iterable(per_group)))
+            if kinds != {float} and kinds != {int}:
+                return None
+        return self._quick_rows(columns, groups, [len(group) for group in found], fields)
+
+    def _quick_rows(
+        self,
+        columns: list[tuple[str, str | None]],
+        groups: dict[Any, Any],
+        counts: list[int],
+        fields: dict[str, list[Sequence[Any]]],
+    ) -> dict[str, Any] | None:
+        """The quick partial of `groups` (keys in first-seen order), given each group's record
+        count and {field: each group's values of it} (each field all ints or all floats)."""
         # Only strings are grouped as they are: an int key would meet an equal float or bool.
         # A key of another type would be a group of its own (no str equals it), so checking
         # the groups' keys checks every record's.
         if set(map(type, groups)) != {str}:
             return None
-        found = list(groups.values())
         same_state = self.same_states()
         per_column: list[Iterable[Any]] = []
         try:
             for index, (kind, name) in enumerate(columns):
                 if kind == "count":
-                    per_column.append([len(positions) for positions in found])
+                    per_column.append(counts)
                 elif same_state[index] is not None:  # a mean sharing a sum's state: stored once
-                    per_column.append([SHARED] * len(found))
+                    per_column.append([SHARED] * len(counts))
                 else:
-                    column = values[name or ""]
-                    state = _QUICK_STATE[kind, type(column[0])]
-                    per_column.append(list(map(state, _group_values(found, column, by_values))))
+                    per_group = fields[name or ""]
+                    state = _QUICK_STATE[kind, type(per_group[0][0])]
+                    per_column.append(list(map(state, per_group)))
         except (ArithmeticError, ValueError):  # inf - inf, an overflowing sum: named there
             return None
         try:
@@ -1084,6 +1143,21 @@ def chunk_partials(
 #: branch target, or the run was cancelled). No JSON Lines payload starts with a NUL byte, so
 #: the two kinds cannot be mistaken.
 PARTIAL_PAYLOAD = b"\x00partial\n"
+
+
+def lines_partials(groupers: dict[str, Grouper], payload: bytes) -> dict[str, str] | None:
+    """`split_partials` of a JSON Lines chunk read straight into the groups of its one
+    aggregate (`Grouper.lines_partial`), or None when the chunk takes the general path: the
+    split feeds several aggregates, the chunk's text needs a closer reading (`plain_lines`),
+    or the aggregate or its records are not of the quick shape."""
+    if len(groupers) != 1:
+        return None
+    lines = plain_lines(payload)
+    if lines is None:
+        return None
+    ((node, grouper),) = groupers.items()
+    partial = grouper.lines_partial(lines)
+    return None if partial is None else {node: partial_text({node: partial})}
 
 
 def split_partials(

@@ -170,8 +170,11 @@ class _CheckJob:
     def answer(self, header: dict[str, Any], body: bytes) -> bytes:
         if not self.groupers:
             return frame({"bad": check_jsonl(body)})
-        from parallel_agent.modules.grouping import split_partials
+        from parallel_agent.modules.grouping import lines_partials, split_partials
 
+        partials = lines_partials(self.groupers, body)
+        if partials is not None:
+            return frame({"bad": None, "partials": partials})
         values = checked_values(body)
         if isinstance(values, int):
             return frame({"bad": values})
