@@ -200,75 +200,184 @@ def test_group_by_equals_plain_python_for_every_chunk_size(
 
 #: COMPUTE without user functions: the split's workers reduce every chunk for it.
 NO_FUNCTIONS = "".join(line + "\n" for line in COMPUTE.splitlines() if "function" not in line)
+#: NO_FUNCTIONS without the reducers whose merge depends on the order: each of the split's
+#: workers merges the partials of the chunks it reduced, and the split merges their totals.
+ANY_ORDER = "".join(
+    line + "\n"
+    for line in NO_FUNCTIONS.splitlines()
+    if not re.search(r"\{(min|max|first|last|count_distinct|collect):", line)
+)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
-def test_partials_merged_as_queued_equal_the_stored_partials_merged(
-    cli: Any, tmp_path: Path, chunk_size: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A fresh split -> aggregate run whose split committed every chunk with its partial
-    merges them as it queues them; the aggregate then reads none back. The rows, notices and
-    counts are exactly those of merging the stored partials (the split's merge turned off),
-    and equal the plain-Python figures."""
-    from parallel_agent.modules import builtin, split
+def _columns(compute: str) -> set[str]:
+    return {"city", *re.findall(r"^ +(\w+):", compute, re.MULTILINE)}
 
-    stored_merges: list[str] = []
+
+def _stored_merges(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The aggregates that merge the stored partials (not the split's merge), as they do."""
+    from parallel_agent.modules import builtin
+
+    merges: list[str] = []
     original = builtin.AggregateModule._merge_stored
 
     async def spy(self: Any, producer: str) -> Any:
-        stored_merges.append(producer)
+        merges.append(producer)
         return await original(self, producer)
 
     monkeypatch.setattr(builtin.AggregateModule, "_merge_stored", spy)
+    return merges
+
+
+def _run_direct(cli: Any, tmp_path: Path, rows: list[Any], chunk_size: int, compute: str) -> None:
+    """split -> aggregate, 2 worker processes: exit 0 and the plain-Python figures."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(pipeline_text(chunk_size, 2, direct=True, compute=compute))
+    out = tmp_path / "out.json"
+    result = cli("run", str(pipeline), "--data", write_input(tmp_path, rows), "--output", str(out))
+    assert result.exit_code == 0, result.stderr
+    want = [{k: v for k, v in row.items() if k in _columns(compute)} for row in expected(rows)]
+    assert json.loads(out.read_text()) == want
+
+
+@pytest.mark.parametrize("compute", [NO_FUNCTIONS, ANY_ORDER], ids=["in order", "in any order"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_partials_merged_by_the_split_equal_the_stored_partials_merged(
+    cli: Any, tmp_path: Path, chunk_size: int, compute: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh split -> aggregate run whose split committed every chunk with its partial
+    merges them itself (as it queues them, or, for reducers that merge in any order, as its
+    workers' totals); the aggregate then reads none back. The rows (groups in first-seen
+    order), notices and counts are exactly those of merging the stored partials (the split's
+    merge turned off), and equal the plain-Python figures."""
+    from parallel_agent.modules import split
+
+    stored_merges = _stored_merges(monkeypatch)
+    totals_merged = []
+    real_merge_totals = split.merge_totals
+
+    def merge_totals(grouper: Any, totals: list[Any]) -> Any:
+        totals_merged.append(len(totals))
+        return real_merge_totals(grouper, totals)
+
+    monkeypatch.setattr(split, "merge_totals", merge_totals)
     rows = generate(400, seed=11)
     data = write_input(tmp_path, rows)
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(pipeline_text(chunk_size, 2, direct=True, compute=NO_FUNCTIONS))
+    pipeline.write_text(pipeline_text(chunk_size, 2, direct=True, compute=compute))
     found = []
-    for merge_as_queued in (True, False):
-        if not merge_as_queued:
-            monkeypatch.setattr(split, "_mergers", lambda *args: {})
-        out = tmp_path / f"out-{merge_as_queued}.json"
+    for merged_by_split in (True, False):
+        if not merged_by_split:
+            monkeypatch.setattr(split, "_merged_groupers", lambda *args: {})
+        out = tmp_path / f"out-{merged_by_split}.json"
         result = cli("run", str(pipeline), "--data", data, "--output", str(out), "--json")
         assert result.exit_code == 0, result.stderr
-        assert len(stored_merges) == (0 if merge_as_queued else 1)
+        assert len(stored_merges) == (0 if merged_by_split else 1)
         summary = json.loads(result.stdout)
         node = {k: v for k, v in summary["nodes"]["by_city"].items() if k != "duration_s"}
         found.append((out.read_bytes(), summary["notices"], node, summary["items"]))
     assert found[0] == found[1]
-    dropped = ("squares", "middle")
-    want = [{k: v for k, v in row.items() if k not in dropped} for row in expected(rows)]
+    # Both workers sent a total whenever each had a chunk to check.
+    assert totals_merged == ([] if compute is NO_FUNCTIONS else [1 if chunk_size == 1000 else 2])
+    want = [{k: v for k, v in row.items() if k in _columns(compute)} for row in expected(rows)]
     assert json.loads(found[0][0]) == want
 
 
+@pytest.mark.parametrize("compute", [NO_FUNCTIONS, ANY_ORDER], ids=["in order", "in any order"])
 def test_a_merge_the_store_does_not_confirm_is_not_used(
-    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compute: str
 ) -> None:
     """The split's merge is a cache: when the store's count of done chunks is not the number
     of chunks it merged, the aggregate merges the stored partials (here the split's merge
-    started from a wrong state, which must not reach the output)."""
+    holds a wrong group, which must not reach the output)."""
     from parallel_agent.modules import grouping, split
 
-    real = split._mergers
+    real = split._Splitter.run
+    spoiled = []
 
-    def wrong(*args: Any) -> dict[str, Any]:
-        found = real(*args)
-        for merged in found.values():
+    async def wrong(self: Any) -> None:
+        await real(self)
+        for merged in self.merging.values():
             merged.merger.add(merged.merger.grouper.partial([{"city": "nowhere"}], [1]))
             merged.chunks = 1  # as if a chunk the store never had was merged
-        return found
+            spoiled.append(merged)
 
-    monkeypatch.setattr(split, "_mergers", wrong)
+    monkeypatch.setattr(split._Splitter, "run", wrong)
     assert grouping.MergedPartials is split.MergedPartials
-    rows = generate(100, seed=5)
-    pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(pipeline_text(10, 2, direct=True, compute=NO_FUNCTIONS))
-    out = tmp_path / "out.json"
-    result = cli("run", str(pipeline), "--data", write_input(tmp_path, rows), "--output", str(out))
-    assert result.exit_code == 0, result.stderr
-    dropped = ("squares", "middle")
-    want = [{k: v for k, v in row.items() if k not in dropped} for row in expected(rows)]
-    assert json.loads(out.read_text()) == want
+    _run_direct(cli, tmp_path, generate(100, seed=5), 10, compute)
+    assert len(spoiled) == 1
+
+
+def test_totals_that_miss_a_chunk_are_not_used(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's total that cannot be had (it died, a merge failed, here: it is dropped)
+    leaves chunks out of the totals: the split then merges nothing, and the aggregate merges
+    the stored partials, with the same figures."""
+    from parallel_agent.modules import pool
+
+    real = pool.PooledProcessor.collect_totals
+
+    async def first_dropped(self: Any) -> list[dict[str, str]]:
+        return (await real(self))[1:]
+
+    monkeypatch.setattr(pool.PooledProcessor, "collect_totals", first_dropped)
+    stored_merges = _stored_merges(monkeypatch)
+    _run_direct(cli, tmp_path, generate(200, seed=3), 9, ANY_ORDER)
+    assert stored_merges == ["by_city"]
+
+
+def test_running_totals_merge_to_the_partials_merged_in_input_order() -> None:
+    """Chunks dealt to workers in any interleaving: their totals, merged, give the groups in
+    first-seen order and the states of merging every partial in input order (sums exact,
+    integers past 64 bits, a mean sharing its sum's state, skipped nulls)."""
+    from parallel_agent.jsonl import loads
+    from parallel_agent.modules.grouping import (
+        Grouper,
+        GroupingError,
+        RunningTotal,
+        merge_totals,
+        partial_text,
+    )
+
+    compute = {
+        "n": "count",
+        "total": {"sum": "v"},
+        "avg": {"mean": "v"},
+        "big": {"sum": "b"},
+        "wet": {"count_if": "item['v'] is not None and item['v'] > 0.5"},
+    }
+    grouper = Grouper.from_options({"group_by": "key", "compute": compute}, "node 'g'")
+    assert grouper.in_any_order
+    rng = random.Random(8)
+    items = [
+        {
+            "key": rng.choice(["a", "b", "c", "dé", "e", "f"][: 2 + i // 40]),
+            "v": None if rng.random() < 0.1 else rng.random(),
+            "b": rng.randrange(2**70),
+        }
+        for i in range(300)
+    ]
+    chunks = [(first, items[first : first + 13]) for first in range(0, len(items), 13)]
+    in_order = grouper.merger()
+    for first, chunk in chunks:
+        in_order.add(loads(partial_text(grouper.partial(chunk, range(first + 1, first + 14)))))
+    for workers in (1, 2, 3):
+        totals = [RunningTotal(grouper) for _ in range(workers)]
+        for first, chunk in chunks:
+            partial = loads(partial_text(grouper.partial(chunk, range(first + 1, first + 14))))
+            rng.choice(totals).add(partial, first)
+        dumps = [loads(partial_text(total.dump())) for total in totals]
+        merged = merge_totals(grouper, dumps)
+        assert merged.rows() == in_order.rows()
+        assert merged.notices() == in_order.notices()
+        assert sorted(first for dump in dumps for first in dump["chunks"]) == [f for f, _ in chunks]
+    late = RunningTotal(grouper)
+    late.add(loads(partial_text(grouper.partial(items[13:26], range(14, 27)))), 13)
+    with pytest.raises(GroupingError, match="came after a later one"):
+        late.add(loads(partial_text(grouper.partial(items[:13], range(1, 14)))), 0)
+    assert not Grouper.from_options(
+        {"group_by": "key", "compute": {"lo": {"min": "v"}}}, "node 'g'"
+    ).in_any_order
 
 
 def test_group_by_in_worker_processes_with_a_filter(cli: Any, tmp_path: Path) -> None:

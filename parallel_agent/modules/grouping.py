@@ -17,6 +17,7 @@ No asyncio here: worker processes import this module.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import decimal
 import gc
@@ -106,6 +107,9 @@ class Reducer:
     missing field or null (those are skipped and counted)."""
 
     needs_values = True
+    in_any_order = False
+    """True when states merged in any order give the same result, so that a split's workers may
+    each merge the chunks they reduced (`RunningTotal`)."""
 
     def of(self, values: list[Any]) -> Any:
         raise NotImplementedError
@@ -122,6 +126,8 @@ class Reducer:
 
 
 class Count(Reducer):
+    in_any_order = True
+
     def of(self, values: list[Any]) -> Any:
         return len(values)
 
@@ -207,6 +213,8 @@ class Sum(Reducer):
     """State: [integer total, floats whose exact sum is the float total, floats seen, n] and,
     once a Decimal was seen, the exact total of the Decimals as text. Every total is exact, so
     the result is rounded once (floats) or not at all (ints, Decimals), whatever the chunking."""
+
+    in_any_order = True  # exact totals: the order of the additions cannot show
 
     def of(self, values: list[Any]) -> Any:
         kinds = set(map(type, values))
@@ -937,11 +945,17 @@ class Grouper:
     def merger(self) -> Merger:
         return Merger(self)
 
+    @cached_property
+    def in_any_order(self) -> bool:
+        """True when every reducer merges in any order (`Reducer.in_any_order`)."""
+        return all(column.reducer.in_any_order for column in self.columns)
+
 
 @dataclass
 class MergedPartials:
     """The partials a split committed with the chunks it queued for one aggregate, merged in
-    input order as it queued them, while its workers were still reading.
+    input order as it queued them (or as its workers' running totals), while its workers were
+    still reading.
 
     A cache of what the store holds, never a second truth: the aggregate takes it only when
     the store says every one of its chunks is done and there are exactly `chunks` of them
@@ -1071,6 +1085,58 @@ class Merger:
         }
 
 
+class RunningTotal:
+    """A split worker's merge of the partials of the chunks it reduced (for an aggregate whose
+    reducers merge in any order), so that the coordinator merges one total per worker instead
+    of every chunk's partial. Each group is dumped with where it was first seen (its chunk's
+    first record, and its place among this total's groups, which a worker adds in input
+    order): the coordinator puts the groups of several totals back in input order with it."""
+
+    def __init__(self, grouper: Grouper) -> None:
+        self.merger = Merger(grouper)
+        self.chunks: list[int] = []
+        """The first record (0-based) of each chunk merged."""
+        self.added: list[int] = []
+        """How many groups the total had before each chunk was merged."""
+
+    def add(self, partial: dict[str, Any], first: int) -> None:
+        """Merge the partial of the chunk whose first record is `first` (it may take over the
+        partial's lists). The chunks must come in input order, or a group's first place would
+        be wrong: GroupingError (the coordinator then does without this total)."""
+        if self.chunks and first <= self.chunks[-1]:
+            raise GroupingError(f"chunk at record {first + 1} came after a later one")
+        self.added.append(len(self.merger.groups))
+        self.merger.add(partial)
+        self.chunks.append(first)
+
+    def dump(self) -> dict[str, Any]:
+        """The total as plain JSON (`merge_totals` reads it): groups with where they were
+        first seen, each state shared by two columns written once."""
+        shared = {index for index, _ in self.merger.shared}
+        groups = []
+        for place, (key, states) in enumerate(self.merger.groups.items()):
+            chunk = self.chunks[bisect.bisect_right(self.added, place) - 1]
+            kept = [SHARED if i in shared else state for i, state in enumerate(states)]
+            groups.append([key, kept, [chunk, place]])
+        return {"groups": groups, "skipped": self.merger.skipped, "chunks": self.chunks}
+
+
+def merge_totals(grouper: Grouper, totals: list[dict[str, Any]]) -> Merger:
+    """The merger of several workers' `RunningTotal.dump`s, its groups in input order."""
+    merger = Merger(grouper)
+    first_seen: dict[str, list[int]] = {}
+    for total in totals:
+        rows = []
+        for key, states, seen in total["groups"]:
+            earlier = first_seen.get(key)
+            if earlier is None or seen < earlier:
+                first_seen[key] = seen
+            rows.append([key, states])
+        merger.add({"groups": rows, "skipped": total["skipped"]})
+    merger.groups = dict(sorted(merger.groups.items(), key=lambda item: first_seen[item[0]]))
+    return merger
+
+
 def build_groupers(
     aggregates: dict[str, dict[str, Any]], params: dict[str, Any] | None = None
 ) -> dict[str, Grouper]:
@@ -1145,7 +1211,9 @@ def chunk_partials(
 PARTIAL_PAYLOAD = b"\x00partial\n"
 
 
-def lines_partials(groupers: dict[str, Grouper], payload: bytes) -> dict[str, str] | None:
+def lines_partials(
+    groupers: dict[str, Grouper], payload: bytes
+) -> dict[str, dict[str, Any]] | None:
     """`split_partials` of a JSON Lines chunk read straight into the groups of its one
     aggregate (`Grouper.lines_partial`), or None when the chunk takes the general path: the
     split feeds several aggregates, the chunk's text needs a closer reading (`plain_lines`),
@@ -1157,21 +1225,21 @@ def lines_partials(groupers: dict[str, Grouper], payload: bytes) -> dict[str, st
         return None
     ((node, grouper),) = groupers.items()
     partial = grouper.lines_partial(lines)
-    return None if partial is None else {node: partial_text({node: partial})}
+    return None if partial is None else {node: partial}
 
 
 def split_partials(
     groupers: dict[str, Grouper], values: Sequence[Any], first: int
-) -> dict[str, str]:
-    """{aggregate node: its partial, as JSON text `{node: partial}` (what a chunk commits)} of
-    a split's chunk whose first record has the number `first + 1`. An aggregate whose partial fails is left out: it reduces the chunk's
-    lines itself, so the failure is the chunk's, retried and reported as any other."""
+) -> dict[str, dict[str, Any]]:
+    """{aggregate node: its partial} of a split's chunk whose first record has the number
+    `first + 1` (`partial_text({node: partial})` is what the chunk commits). An aggregate
+    whose partial fails is left out: it reduces the chunk's lines itself, so the failure is
+    the chunk's, retried and reported as any other."""
     numbers = range(first + 1, first + 1 + len(values))
     found = {}
     for node, grouper in groupers.items():
         try:
-            partial = grouper.partial(values, numbers)
+            found[node] = grouper.partial(values, numbers)
         except Exception:
             continue
-        found[node] = partial_text({node: partial})
     return found

@@ -150,14 +150,31 @@ class PooledProcessor:
         )
 
     async def check_jsonl(
-        self, payload: bytes, first: int = 0
+        self, payload: bytes, first: int = 0, totals: Sequence[str] = ()
     ) -> tuple[int | None, dict[str, str]]:
         """For a `check-jsonl` job: the position of the first line that is not JSON, or None;
         and the partials of the aggregates the job reduces for (`first`: the records before
-        the chunk)."""
-        header, _ = await self._call({"first": first}, payload, {})
+        the chunk). The worker also merges the partials of the aggregates named in `totals`
+        into its running totals (`collect_totals`)."""
+        request: dict[str, Any] = {"first": first}
+        if totals:
+            request["totals"] = list(totals)
+        header, _ = await self._call(request, payload, {})
         bad = header["bad"]
         return (None if bad is None else int(bad)), dict(header.get("partials") or {})
+
+    async def collect_totals(self) -> list[dict[str, str]]:
+        """Each idle worker's running totals ({aggregate: total as JSON text}), handed over
+        and started anew. A worker that cannot answer gives none: the caller finds chunks
+        missing from the totals, and does without them."""
+        found = []
+        for worker in list(self.idle):
+            try:
+                header, _ = await worker.call({"collect": 1}, b"")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                continue
+            found.append(dict(header.get("totals") or {}))
+        return found
 
     async def _call(
         self, request: dict[str, Any], body: bytes, params: dict[str, Any]

@@ -21,9 +21,12 @@ from parallel_agent.modules.chunks import planned_event
 from parallel_agent.modules.context import RunContext
 from parallel_agent.modules.grouping import (
     PARTIAL_PAYLOAD,
+    Grouper,
     GroupingError,
     MergedPartials,
     build_groupers,
+    load_partials,
+    merge_totals,
 )
 from parallel_agent.modules.pool import PooledProcessor
 from parallel_agent.store.base import ChunkSpec, NodeCounts
@@ -67,7 +70,11 @@ async def split_input(
     if checker is not None:
         checker.warm_up(ctx.params)  # while the first chunk is read
     splitter = _Splitter(ctx, targets, reader, checker, limit=source.head)
-    splitter.merging = _mergers(ctx, targets, before, checker)
+    for target, grouper in _merged_groupers(ctx, targets, before, checker).items():
+        if grouper.in_any_order:
+            splitter.totalling[target] = (grouper, [])
+        else:
+            splitter.merging[target] = MergedPartials(grouper.merger())
     await splitter.run()
     for target in targets:
         await ctx.store.seal(ctx.task_id, target)
@@ -85,19 +92,20 @@ async def split_input(
     }
 
 
-def _mergers(
+def _merged_groupers(
     ctx: RunContext,
     targets: list[str],
     before: dict[str, NodeCounts],
     checker: PooledProcessor | None,
-) -> dict[str, MergedPartials]:
-    """A merger for each aggregate whose chunks the workers reduce and this split commits as
-    it queues them (not a branch target), in a fresh run (nothing queued for it before)."""
+) -> dict[str, Grouper]:
+    """The grouper of each aggregate whose chunks the workers reduce and this split commits as
+    it queues them (not a branch target), in a fresh run (nothing queued for it before): the
+    split merges their partials for it (`ctx.merged`)."""
     if checker is None or not checker.job.aggregates:
         return {}
     groupers = build_groupers(loads(checker.job.aggregates), ctx.params)
     return {
-        target: MergedPartials(grouper.merger())
+        target: grouper
         for target, grouper in groupers.items()
         if target in targets and target not in ctx.gated and before[target].chunks_total == 0
     }
@@ -144,6 +152,13 @@ class _Splitter:
         """{target: the partials queued for it so far, merged}; a target leaves it when one
         of its chunks comes without a partial, or the partials do not merge (the aggregate
         then merges the stored ones itself, and reports what is wrong)."""
+        self.totalling: dict[str, tuple[Grouper, list[int]]] = {}
+        """{target whose reducers merge in any order: (its grouper, the first record of each
+        chunk queued with its partial)}: each worker merges the partials of the chunks it
+        checked, and the totals become the target's merged partials once they account for
+        exactly those chunks (`_collect_totals`). Merging every partial here took as much of
+        this process's time as reading the input (measured: 76 ms and 72 ms over 1,000,000
+        records in 50 chunks of 1,000 groups), on the cores the workers need."""
 
     async def run(self) -> None:
         try:
@@ -151,6 +166,7 @@ class _Splitter:
             await self._flush()
             if self.queueing is not None:
                 await self.queueing
+            await self._collect_totals()
         finally:
             for _, unsettled in self.checks:
                 unsettled.cancel()
@@ -182,7 +198,7 @@ class _Splitter:
                 await self._queue(chunk, {})
                 continue
             check = asyncio.ensure_future(
-                self.checker.check_jsonl(chunk.payload, chunk.first_record)
+                self.checker.check_jsonl(chunk.payload, chunk.first_record, list(self.totalling))
             )
             self.checks.append((chunk, check))
             while self.checks and (len(self.checks) > window or self.checks[0][1].done()):
@@ -211,10 +227,36 @@ class _Splitter:
                 del self.merging[target]
             else:
                 merged.chunks += 1
+        for target, (_, firsts) in list(self.totalling.items()):
+            if target in partials:
+                firsts.append(chunk.first_record)
+            else:
+                del self.totalling[target]
         self.chunks += 1
         self.items += chunk.count
         if len(self.batch) >= QUEUE_BATCH:
             await self._flush()
+
+    async def _collect_totals(self) -> None:
+        """Take the workers' running totals as the merged partials of each target they account
+        for exactly: every chunk queued with its partial, once (a worker that died, or failed a
+        merge, leaves chunks out, and the aggregate merges the stored partials instead)."""
+        if not self.totalling or self.checker is None:
+            return
+        totals = await self.checker.collect_totals()
+        for target, (grouper, firsts) in self.totalling.items():
+            dumps = []
+            try:
+                for found in totals:
+                    if target in found:
+                        dumps.append(load_partials(found[target]))
+                merged = [first for total in dumps for first in total["chunks"]]
+                if sorted(merged) != sorted(firsts):
+                    continue
+                merger = merge_totals(grouper, dumps)
+            except (GroupingError, KeyError, TypeError, ValueError):
+                continue
+            self.merging[target] = MergedPartials(merger, chunks=len(firsts))
 
     async def _flush(self) -> None:
         """Hand the batch to the store in the background, one batch at a time, in order."""
