@@ -1314,9 +1314,54 @@ def test_sums_whose_steps_leave_the_float_range_are_exact_whatever_the_chunking(
     assert exact == [{"k": "a", "n": 3, "t": 1e308, "a": float(Fraction(10**308) / 3)}]
     assert rows([1.5e308, 1.5e308, -1.5e308, -1e308])[0]["t"] == 5e307
     assert rows([1e308, 1e308, 1e308])[0] == {"k": "a", "n": 3, "t": math.inf, "a": 1e308}
+    # Far past the range (there was a cap at 64 x 2**1023), and back: still exact.
+    big = 2.0**1023
+    assert rows([big] * 70 + [-big] * 69)[0] == {"k": "a", "n": 139, "t": big, "a": big / 139}
+    assert rows([big] * 700)[0] == {"k": "a", "n": 700, "t": math.inf, "a": big}
     huge = rows([10**400, 1])[0]
     assert huge["t"] == 10**400 + 1
     assert isinstance(huge["a"], Decimal) and huge["a"] == Fraction(10**400 + 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("signs", "chunk_size"),
+    [([1, -1] * 100, 60), ([1] * 7 + [-1] * 7, 10), ([1, 1, -1, -1] * 10, 30)],
+    ids=["alternating chunks", "all up then all down", "pairs"],
+)
+def test_float_sums_past_the_range_are_the_same_in_any_order(
+    cli: Any, tmp_path: Path, signs: list[int], chunk_size: int
+) -> None:
+    """Chunks of +2**1023s and -2**1023s: however the split's workers share them (each merging
+    its own in a running total) the sum is the exact one, as in one process. A running sum past
+    64 x 2**1023 used to become an infinity: in a worker's total but not in input order, or the
+    other way round, the run then failed in one mode and not in the other (found by a
+    hostile-user helper)."""
+    data = tmp_path / "in.jsonl"
+    with data.open("w") as handle:
+        for sign in signs:
+            handle.write(f'{{"key": "a", "v": {sign * 2.0**1023!r}}}\n' * chunk_size)
+    found = []
+    for processes in (0, 2):
+        pipeline = tmp_path / f"p{processes}.yaml"
+        pipeline.write_text(
+            f"""
+name: t
+nodes:
+  - {{name: split, type: planner, modules: [{{use: split, chunk_size: {chunk_size}}}],
+     node_config: {{processes: {processes}}}}}
+  - name: agg
+    dependencies: [split]
+    modules:
+    - {{use: aggregate, group_by: key, compute: {{n: count, total: {{sum: v}}, avg: {{mean: v}}}}}}
+"""
+        )
+        out = tmp_path / f"out{processes}.json"
+        result = cli("run", str(pipeline), "--data", str(data), "--output", str(out))
+        assert result.exit_code == 0, result.stderr
+        found.append(json.loads(out.read_text()))
+    total = sum(signs) * chunk_size * 2.0**1023
+    n = len(signs) * chunk_size
+    assert found[0] == found[1] == [{"key": "a", "n": n, "total": total, "avg": total / n}]
 
 
 def test_every_reducer_that_skips_nulls_says_so(cli: Any, tmp_path: Path) -> None:

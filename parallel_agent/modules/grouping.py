@@ -139,59 +139,58 @@ class CountIf(Count):
         return sum(1 for value in values if value)
 
 
-def _exact_floats(values: Sequence[float]) -> list[float]:
-    """Floats whose exact sum is the exact sum of `values`: the correctly rounded sum, then the
+def _exact_parts(values: Sequence[float]) -> tuple[int, list[float]]:
+    """A whole multiple of 2**1023 (an int, 0 unless the sum is past the float range) and
+    floats, whose exact sum is the exact sum of `values`: the correctly rounded sum, then the
     rounding error of that, and so on until nothing is left (each step is `math.fsum`, exact
     over its inputs; a few steps at most). Non-finite sums are kept as they are, an infinity
     minus an infinity as a NaN (the result then fails the run, whatever the chunking)."""
     try:
         total = math.fsum(values)
     except ValueError:  # inf - inf
-        return [math.nan]
+        return 0, [math.nan]
     except OverflowError:  # a step past the float range, though the total may be in it
         return _fraction_parts(values)
     parts = [total]
     if not math.isfinite(total):
-        return parts
+        return 0, parts
     rest = [*values, -total]
     try:
         while True:
             error = math.fsum(rest)
             if error == 0.0:
-                return parts
+                return 0, parts
             parts.append(error)
             rest.append(-error)
     except OverflowError:
         return _fraction_parts(values)
 
 
-#: The largest power of two a float holds: a sum past the float range is kept as this many times
-#: this, plus the rest, up to `_MOST_BIG` times (past that, as an infinity: a state stays small).
+#: The largest power of two a float holds: the whole multiple of it a sum past the float range
+#: holds is kept as an int.
 _BIG = Fraction(2**1023)
-_MOST_BIG = 64
 _FLOAT_MAX = Fraction(sys.float_info.max)
 
 
-def _fraction_parts(values: Sequence[float]) -> list[float]:
-    """`_exact_floats` by exact rational arithmetic, for sums whose steps leave the float range
+def _fraction_parts(values: Sequence[float]) -> tuple[int, list[float]]:
+    """`_exact_parts` by exact rational arithmetic, for sums whose steps leave the float range
     (`math.fsum([1e308, 1e308, -1e308])` refuses, though the sum is 1e308). A sum past the
-    range itself is kept exactly as whole 2**1023s and the rest, so a chunk's partial of
-    [1e308, 1e308] still merges with one of -1e308 to 1e308; one past 64 of them is an infinity.
-    Every float is a multiple of the smallest one, so each remainder is too, and the loop ends."""
+    range itself keeps its whole 2**1023s as an int (a state's integer total), so a chunk's
+    partial of [1e308, 1e308] still merges with one of -1e308 to 1e308, exactly, however many
+    such partials come and in whatever order. Every float is a multiple of the smallest one,
+    so each remainder is too, and the loop ends."""
     exact = sum(map(Fraction, values), Fraction(0))
-    parts: list[float] = []
+    whole = 0
     if abs(exact) > _FLOAT_MAX:
         count = int(abs(exact) // _BIG)
-        if count > _MOST_BIG:
-            return [math.inf if exact > 0 else -math.inf]
-        step = _BIG if exact > 0 else -_BIG
-        parts.extend([float(step)] * count)
-        exact -= step * count
+        whole = (count if exact > 0 else -count) * 2**1023
+        exact -= whole
+    parts: list[float] = []
     while exact:
         part = float(exact)
         parts.append(part)
         exact -= Fraction(part)
-    return parts or [0.0]
+    return whole, parts or [0.0]
 
 
 def _fsum(values: Sequence[float]) -> float:
@@ -211,7 +210,8 @@ def _decimal_total(state: Any) -> Decimal | None:
 
 class Sum(Reducer):
     """State: [integer total, floats whose exact sum is the float total, floats seen, n] and,
-    once a Decimal was seen, the exact total of the Decimals as text. Every total is exact, so
+    once a Decimal was seen, the exact total of the Decimals as text. (A float total past the
+    float range keeps its whole 2**1023s in the integer total.) Every total is exact, so
     the result is rounded once (floats) or not at all (ints, Decimals), whatever the chunking."""
 
     in_any_order = True  # exact totals: the order of the additions cannot show
@@ -223,7 +223,7 @@ class Sum(Reducer):
         if kinds <= {int}:
             return [sum(values), [], 0, len(values)]
         if kinds == {float}:
-            return [0, _exact_floats(values), len(values), len(values)]
+            return _float_sum(values)
         if not kinds <= {int, float, Decimal}:
             odd = next(kind for kind in kinds if kind not in (int, float, Decimal))
             raise TypeError(f"needs numbers, got {odd.__name__}")
@@ -236,14 +236,18 @@ class Sum(Reducer):
             return [ints, [], 0, len(values), str(exact)]
         floats = [value for value in values if type(value) is float]
         ints = sum(value for value in values if type(value) is not float)
-        return [ints, _exact_floats(floats), len(floats), len(values)]
+        whole, parts = _exact_parts(floats)
+        return [ints + whole, parts, len(floats), len(values)]
 
     def merge(self, a: Any, b: Any) -> Any:
         floats = a[1] + b[1]
+        whole = 0
         if len(floats) > 4:
-            finite = all(map(math.isfinite, floats))
-            floats = _exact_floats(floats) if finite else [_fsum(floats)]
-        merged = [a[0] + b[0], floats, a[2] + b[2], a[3] + b[3]]
+            if all(map(math.isfinite, floats)):
+                whole, floats = _exact_parts(floats)
+            else:
+                floats = [_fsum(floats)]
+        merged = [a[0] + b[0] + whole, floats, a[2] + b[2], a[3] + b[3]]
         if len(a) == 4 and len(b) == 4:  # no Decimals: the common case, kept cheap
             return merged
         exact_a, exact_b = _decimal_total(a), _decimal_total(b)
@@ -272,10 +276,10 @@ class Sum(Reducer):
             # The exact sum as one float if it is one: then IEEE division (the divisor is exact
             # as a float) is correctly rounded, as the Fraction below would be, and far cheaper.
             # `+ 0.0`: a zero sum is 0.0, as from the Fraction, never -0.0.
-            parts = _exact_floats(floats) if len(floats) > 1 else floats
-            if len(parts) == 1:
+            whole, parts = _exact_parts(floats) if len(floats) > 1 else (0, floats)
+            if not whole and len(parts) == 1:
                 return parts[0] / divisor + 0.0
-            if divisor == 1:
+            if not whole and divisor == 1:
                 with contextlib.suppress(OverflowError):  # past the range: the Fraction says so
                     return math.fsum(parts) + 0.0  # correctly rounded, as exact as the Fraction
         exact = Fraction(ints) + sum(map(Fraction, floats))
@@ -466,7 +470,8 @@ def _group_values(
 
 def _float_sum(values: Sequence[float]) -> list[Any]:
     """Sum.of's state of floats."""
-    return [0, _exact_floats(values), len(values), len(values)]
+    whole, parts = _exact_parts(values)
+    return [whole, parts, len(values), len(values)]
 
 
 def _int_sum(values: Sequence[int]) -> list[Any]:
