@@ -364,9 +364,13 @@ def plain_lines(payload: bytes) -> list[bytes] | None:
     caller may parse them itself, one by one; None when the payload needs `checked_values`.
     A line that is not JSON is still the caller's to find."""
     lines = _lines(payload)
-    if may_change(payload) or first_too_deep(payload, lines) is not None:
+    if may_change(payload):
         return None
-    return lines
+    try:
+        deep = first_too_deep(payload, lines)
+    except orjson.JSONDecodeError:  # a long, bracket-heavy line that is not JSON
+        return None
+    return None if deep is not None else lines
 
 
 def _lines(data: bytes) -> list[bytes]:

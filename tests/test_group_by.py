@@ -326,6 +326,38 @@ def test_totals_that_miss_a_chunk_are_not_used(
     assert stored_merges == ["by_city"]
 
 
+def test_sums_holding_an_infinity_are_the_same_in_any_order() -> None:
+    """An expression's sum holding an infinity: the finite parts it met on the way could
+    overflow into a NaN in one order of merging and not in another (an infinity); only the
+    non-finite parts decide now (found by a reviewer helper). A chunk of [inf, 1e308, 1e308]
+    gave "cannot convert Infinity to integer ratio"."""
+    from parallel_agent.modules.grouping import (
+        Grouper,
+        RunningTotal,
+        Sum,
+        load_partials,
+        merge_totals,
+        partial_text,
+    )
+
+    compute = {"s": {"sum": {"expr": "item['v'] * 1e300"}}}
+    grouper = Grouper.from_options({"group_by": "k", "compute": compute}, "node 'g'")
+    values = [8e7, 8e7, 8e7, 1e10, 1e-300, 2e-300, 3e-300]
+    parts = [
+        partial_text(grouper.partial([{"k": "a", "v": v}], [i + 1])) for i, v in enumerate(values)
+    ]
+    in_order = grouper.merger()
+    for text in parts:
+        in_order.add(load_partials(text))
+    totals = [RunningTotal(grouper), RunningTotal(grouper)]
+    for first, text in enumerate(parts):
+        totals[first in (3, 5)].add(load_partials(text), first)
+    merged = merge_totals(grouper, [load_partials(partial_text(t.dump())) for t in totals])
+    assert merged.rows() == in_order.rows() == [{"k": "a", "s": math.inf}]
+    assert Sum().result(Sum().of([math.inf, 1e308, 1e308])) == math.inf
+    assert math.isnan(Sum().result(Sum().of([math.inf, 1e308, 1e308, -math.inf])))
+
+
 def test_running_totals_merge_to_the_partials_merged_in_input_order() -> None:
     """Chunks dealt to workers in any interleaving: their totals, merged, give the groups in
     first-seen order and the states of merging every partial in input order (sums exact,
@@ -1018,8 +1050,15 @@ def test_lines_partial_equals_the_general_path(name: str, items: list[Any], quic
         b'{"key": "a", "v": 1.5, "w": 2.5}\n[1]\n',  # not an object
         b'{"key": "a", "v": 0.1000000000000000055511151231257827, "w": 1.0}\n',  # exactness
         b'{"key": "a", "v": 1.5, "w": 2.5, "deep": ' + b"[" * 300 + b"]" * 300 + b"}\n",
+        b'{"key": "a", "v": 1.5, "w": 2.5}\n{"key": "a", "v": ' + b"[" * 600 + b"\n",
     ],
-    ids=["not JSON", "not an object", "a number a double changes", "too deep to store"],
+    ids=[
+        "not JSON",
+        "not an object",
+        "a number a double changes",
+        "too deep to store",
+        "long unclosed brackets",
+    ],
 )
 def test_lines_the_quick_reading_leaves_to_the_checked_path(payload: bytes) -> None:
     """Text the record-by-record reading cannot vouch for goes to `checked_values`, which
@@ -1028,6 +1067,47 @@ def test_lines_the_quick_reading_leaves_to_the_checked_path(payload: bytes) -> N
 
     grouper = Grouper.from_options({"group_by": "key", "compute": QUICK_COMPUTE}, "node 'g'")
     assert lines_partials({"g": grouper}, payload) is None
+
+
+def test_a_split_worker_reads_the_input_as_one_process_does(cli: Any, tmp_path: Path) -> None:
+    """A line of 600 unclosed brackets made the quick reading's depth check raise in the split's
+    worker, which died: "worker process was killed", exit 1, instead of the located "invalid
+    JSON" (exit 3) of one process (found by a reviewer helper)."""
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"key": "a", "v": 1}\n{"key": "a", "v": ' + "[" * 600 + "\n")
+    found = []
+    for processes in (0, 2):
+        pipeline = tmp_path / f"p{processes}.yaml"
+        pipeline.write_text(
+            f"""
+name: t
+nodes:
+  - {{name: split, type: planner, modules: [{{use: split, chunk_size: 10}}],
+     node_config: {{processes: {processes}}}}}
+  - {{name: agg, dependencies: [split], modules: [{{use: aggregate, compute: {{n: count}}}}]}}
+"""
+        )
+        out = str(tmp_path / "o.json")
+        result = cli("run", str(pipeline), "--data", str(data), "--output", out)
+        found.append((result.exit_code, result.stderr.splitlines()[-1]))  # after the task id
+    assert found[0] == found[1]
+    assert found[0][0] == 3 and "line 2, column" in found[0][1] and "invalid JSON" in found[0][1]
+
+
+def test_a_split_worker_stops_trying_the_quick_reading_on_other_data() -> None:
+    """Once a chunk is not of the quick shape (here a field mixing ints and floats) the worker
+    reads the next ones the checked way at once, rather than parsing each twice."""
+    from parallel_agent.modules import worker
+
+    job = worker._CheckJob(
+        {"aggregates": json.dumps({"g": {"group_by": "key", "compute": QUICK_COMPUTE}})}
+    )
+    quick = b'{"key": "a", "v": 1.5, "w": 2.5}\n'
+    mixed = b'{"key": "a", "v": 1, "w": 2.5}\n{"key": "a", "v": 1.5, "w": 2.5}\n'
+    for body, still_quick in ((quick, True), (mixed, False), (quick, False)):
+        reply = job.answer({"first": 0}, body)
+        assert b'"bad":null' in reply
+        assert job.quick is still_quick
 
 
 def test_lines_partials_need_a_single_aggregate() -> None:

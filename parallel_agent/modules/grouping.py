@@ -150,6 +150,8 @@ def _exact_parts(values: Sequence[float]) -> tuple[int, list[float]]:
     except ValueError:  # inf - inf
         return 0, [math.nan]
     except OverflowError:  # a step past the float range, though the total may be in it
+        if not all(map(math.isfinite, values)):
+            return 0, [_not_finite_sum(values)]
         return _fraction_parts(values)
     parts = [total]
     if not math.isfinite(total):
@@ -193,10 +195,13 @@ def _fraction_parts(values: Sequence[float]) -> tuple[int, list[float]]:
     return whole, parts or [0.0]
 
 
-def _fsum(values: Sequence[float]) -> float:
+def _not_finite_sum(values: Sequence[float]) -> float:
+    """The sum of floats among which is an infinity or a NaN: that of those alone (an infinity,
+    or a NaN for inf - inf). The finite ones cannot change it, and adding them too could
+    overflow into a NaN, or not, depending on the order of merging."""
     try:
-        return math.fsum(values)
-    except (ValueError, OverflowError):  # inf - inf
+        return math.fsum(value for value in values if not math.isfinite(value))
+    except ValueError:  # inf - inf
         return math.nan
 
 
@@ -246,7 +251,7 @@ class Sum(Reducer):
             if all(map(math.isfinite, floats)):
                 whole, floats = _exact_parts(floats)
             else:
-                floats = [_fsum(floats)]
+                floats = [_not_finite_sum(floats)]
         merged = [a[0] + b[0] + whole, floats, a[2] + b[2], a[3] + b[3]]
         if len(a) == 4 and len(b) == 4:  # no Decimals: the common case, kept cheap
             return merged
@@ -271,7 +276,7 @@ class Sum(Reducer):
                 with decimal.localcontext(EXACT_CONTEXT):
                     return _exact_quotient(Decimal(ints), divisor)
         if not all(map(math.isfinite, floats)):
-            return _fsum(floats) / divisor
+            return _not_finite_sum(floats) / divisor
         if not ints and divisor < 2**53:
             # The exact sum as one float if it is one: then IEEE division (the divisor is exact
             # as a float) is correctly rounded, as the Fraction below would be, and far cheaper.

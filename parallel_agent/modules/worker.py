@@ -168,6 +168,9 @@ class _CheckJob:
 
     def __init__(self, job: dict[str, Any]) -> None:
         self.keep: list[Any] = []
+        self.quick = True
+        """False once a chunk was not of the quick shape (`lines_partials`): the input then
+        most likely is not, and trying each chunk would read it twice."""
         self.groupers = None
         self.totals: dict[str, RunningTotal | None] = {}
         """{aggregate: this worker's running total, None once a merge into it failed}"""
@@ -183,7 +186,13 @@ class _CheckJob:
             return frame({"bad": check_jsonl(body)})
         from parallel_agent.modules.grouping import lines_partials, partial_text, split_partials
 
-        partials = lines_partials(self.groupers, body)
+        partials = None
+        if self.quick:
+            try:
+                partials = lines_partials(self.groupers, body)
+            except Exception:  # never the chunk's failure: the checked path reads it again
+                partials = None
+            self.quick = partials is not None
         if partials is None:
             values = checked_values(body)
             if isinstance(values, int):
