@@ -1069,12 +1069,11 @@ def test_lines_the_quick_reading_leaves_to_the_checked_path(payload: bytes) -> N
     assert lines_partials({"g": grouper}, payload) is None
 
 
-def test_a_split_worker_reads_the_input_as_one_process_does(cli: Any, tmp_path: Path) -> None:
-    """A line of 600 unclosed brackets made the quick reading's depth check raise in the split's
-    worker, which died: "worker process was killed", exit 1, instead of the located "invalid
-    JSON" (exit 3) of one process (found by a reviewer helper)."""
-    data = tmp_path / "in.jsonl"
-    data.write_text('{"key": "a", "v": 1}\n{"key": "a", "v": ' + "[" * 600 + "\n")
+def _in_one_and_two_processes(
+    cli: Any, tmp_path: Path, data: Path, chunk_size: int, compute: str
+) -> list[tuple[int, str, Any]]:
+    """split -> aggregate over `data` with `processes: 0` and `processes: 2` on the split: each
+    run's exit code, last line on stderr, and rows (None when nothing was written)."""
     found = []
     for processes in (0, 2):
         pipeline = tmp_path / f"p{processes}.yaml"
@@ -1082,14 +1081,25 @@ def test_a_split_worker_reads_the_input_as_one_process_does(cli: Any, tmp_path: 
             f"""
 name: t
 nodes:
-  - {{name: split, type: planner, modules: [{{use: split, chunk_size: 10}}],
+  - {{name: split, type: planner, modules: [{{use: split, chunk_size: {chunk_size}}}],
      node_config: {{processes: {processes}}}}}
-  - {{name: agg, dependencies: [split], modules: [{{use: aggregate, compute: {{n: count}}}}]}}
+  - {{name: agg, dependencies: [split], modules: [{{use: aggregate, {compute}}}]}}
 """
         )
-        out = str(tmp_path / "o.json")
-        result = cli("run", str(pipeline), "--data", str(data), "--output", out)
-        found.append((result.exit_code, result.stderr.splitlines()[-1]))  # after the task id
+        out = tmp_path / f"out{processes}.json"
+        result = cli("run", str(pipeline), "--data", str(data), "--output", str(out))
+        rows = json.loads(out.read_text()) if out.exists() else None
+        found.append((result.exit_code, result.stderr.splitlines()[-1], rows))
+    return found
+
+
+def test_a_split_worker_reads_the_input_as_one_process_does(cli: Any, tmp_path: Path) -> None:
+    """A line of 600 unclosed brackets made the quick reading's depth check raise in the split's
+    worker, which died: "worker process was killed", exit 1, instead of the located "invalid
+    JSON" (exit 3) of one process (found by a reviewer helper)."""
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"key": "a", "v": 1}\n{"key": "a", "v": ' + "[" * 600 + "\n")
+    found = _in_one_and_two_processes(cli, tmp_path, data, 10, "compute: {n: count}")
     assert found[0] == found[1]
     assert found[0][0] == 3 and "line 2, column" in found[0][1] and "invalid JSON" in found[0][1]
 
@@ -1420,28 +1430,12 @@ def test_float_sums_past_the_range_are_the_same_in_any_order(
     with data.open("w") as handle:
         for sign in signs:
             handle.write(f'{{"key": "a", "v": {sign * 2.0**1023!r}}}\n' * chunk_size)
-    found = []
-    for processes in (0, 2):
-        pipeline = tmp_path / f"p{processes}.yaml"
-        pipeline.write_text(
-            f"""
-name: t
-nodes:
-  - {{name: split, type: planner, modules: [{{use: split, chunk_size: {chunk_size}}}],
-     node_config: {{processes: {processes}}}}}
-  - name: agg
-    dependencies: [split]
-    modules:
-    - {{use: aggregate, group_by: key, compute: {{n: count, total: {{sum: v}}, avg: {{mean: v}}}}}}
-"""
-        )
-        out = tmp_path / f"out{processes}.json"
-        result = cli("run", str(pipeline), "--data", str(data), "--output", str(out))
-        assert result.exit_code == 0, result.stderr
-        found.append(json.loads(out.read_text()))
+    compute = "group_by: key, compute: {n: count, total: {sum: v}, avg: {mean: v}}"
+    found = _in_one_and_two_processes(cli, tmp_path, data, chunk_size, compute)
+    assert [exit_code for exit_code, _, _ in found] == [0, 0], found
     total = sum(signs) * chunk_size * 2.0**1023
     n = len(signs) * chunk_size
-    assert found[0] == found[1] == [{"key": "a", "n": n, "total": total, "avg": total / n}]
+    assert found[0][2] == found[1][2] == [{"key": "a", "n": n, "total": total, "avg": total / n}]
 
 
 def test_every_reducer_that_skips_nulls_says_so(cli: Any, tmp_path: Path) -> None:

@@ -473,6 +473,12 @@ def _group_values(
     )
 
 
+def _one_number_type(values: Iterable[Any]) -> bool:
+    """True when `values` are all ints or all floats (the quick partial's condition)."""
+    kinds = set(map(type, values))
+    return kinds == {float} or kinds == {int}
+
+
 def _float_sum(values: Sequence[float]) -> list[Any]:
     """Sum.of's state of floats."""
     whole, parts = _exact_parts(values)
@@ -791,10 +797,8 @@ class Grouper:
             fields = {
                 name: [group[index] for group in by_group] for index, name in enumerate(names)
             }
-        for per_group in fields.values():
-            kinds = set(map(type, chain.from_iterable(per_group)))
-            if kinds != {float} and kinds != {int}:
-                return None
+        if not all(_one_number_type(chain.from_iterable(groups)) for groups in fields.values()):
+            return None
         return self._quick_rows(columns, groups, [len(group) for group in found], fields)
 
     def _quick_rows(
@@ -847,10 +851,8 @@ class Grouper:
                     values[name] = list(map(operator.itemgetter(name), items))
         except (KeyError, TypeError):  # an item that is not an object, or lacks a field
             return None
-        for column in values.values():
-            kinds = set(map(type, column))
-            if kinds != {float} and kinds != {int}:
-                return None
+        if not all(map(_one_number_type, values.values())):
+            return None
         return keys, values
 
     def same_states(self) -> list[int | None]:
