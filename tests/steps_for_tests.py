@@ -162,3 +162,11 @@ def ledger_identity(item: Any) -> Any:
         os.close(descriptor)
     time.sleep(float(os.environ.get("PAGENT_LEDGER_SLEEP", "0.002")))
     return item
+
+
+def collector_on(item: Any) -> bool:
+    """Whether the cyclic GC is on in the process running the item (`pagent` pauses it while
+    it starts, and must turn it on again before any work)."""
+    import gc
+
+    return gc.isenabled()

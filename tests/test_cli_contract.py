@@ -604,3 +604,25 @@ nodes:
             assert parallel_agent.run(pipeline, data, store=store).status == "complete"
         assert descriptors() == before
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_the_command_line_runs_the_work_with_the_garbage_collector_on(tmp_path: Path) -> None:
+    """`pagent` turns the cyclic GC off while it starts (process.pause_collector); a run's own
+    work, where user code may leave reference cycles, has it on again."""
+    pipeline = pipeline_with(tmp_path, '{use: map, function: "steps_for_tests:collector_on"}')
+    out = tmp_path / "out.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
+        "PAGENT_STORE": f"sqlite:///{tmp_path / 'state.db'}",
+    }
+    done = subprocess.run(
+        [*PAGENT, "run", pipeline, "--data", numbers(tmp_path, 4), "--output", str(out), "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text()) == [True] * 4

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from parallel_agent import __version__
-from parallel_agent.cli.process import exit_now
+from parallel_agent.cli.process import exit_now, pause_collector
 
 app = typer.Typer(
     name="pagent",
@@ -57,6 +57,7 @@ def main() -> None:
     without tearing the interpreter down: freeing some 400 modules takes about 0.1 s on a 2-core CI
     machine, a third of a short run's own start-up.
     """
+    pause_collector()
     try:
         app()
     except SystemExit as exc:

@@ -58,6 +58,7 @@ def status(
     from parallel_agent.app import get_status
     from parallel_agent.display.report import report_lines, stop_text
 
+    freeze_startup_objects()
     with handled_errors(_debug(ctx)):
         if watch:
             from parallel_agent.display import make_console
@@ -135,6 +136,7 @@ def results(
     """
     from parallel_agent.app import export_results
 
+    freeze_startup_objects()
     with handled_errors(_debug(ctx)):
         count = export_results(
             task_id,
@@ -170,6 +172,7 @@ def failures(
     from parallel_agent.app import export_failed, iter_failures
     from parallel_agent.report import failed_output_message
 
+    freeze_startup_objects()
     if output is not None:
         with handled_errors(_debug(ctx)):
             written = export_failed(task_id, output, store)

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from parallel_agent.cli.errors import handled_errors
+from parallel_agent.cli.process import freeze_startup_objects
 
 #: `--store` of `worker` and `workers`: required, since workers meet only in a shared Redis.
 RedisStoreOption = Annotated[
@@ -75,6 +76,7 @@ def worker(
     """
     from parallel_agent.app.worker import WorkerOptions, run_worker
 
+    freeze_startup_objects()
     with handled_errors(bool((ctx.obj or {}).get("debug"))):
         options = WorkerOptions(
             store=store,

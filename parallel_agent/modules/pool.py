@@ -166,15 +166,18 @@ class PooledProcessor:
     async def collect_totals(self) -> list[dict[str, str]]:
         """Each idle worker's running totals ({aggregate: total as JSON text}), handed over
         and started anew. A worker that cannot answer gives none: the caller finds chunks
-        missing from the totals, and does without them."""
-        found = []
-        for worker in list(self.idle):
+        missing from the totals, and does without them. The workers dump their totals at the
+        same time."""
+
+        async def collect(worker: _Worker) -> dict[str, str] | None:
             try:
                 header, _ = await worker.call({"collect": 1}, b"")
             except (asyncio.IncompleteReadError, ConnectionError):
-                continue
-            found.append(dict(header.get("totals") or {}))
-        return found
+                return None
+            return dict(header.get("totals") or {})
+
+        found = await asyncio.gather(*map(collect, list(self.idle)))
+        return [totals for totals in found if totals is not None]
 
     async def _call(
         self, request: dict[str, Any], body: bytes, params: dict[str, Any]
