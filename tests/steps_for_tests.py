@@ -110,6 +110,19 @@ def dies_on_three(item: int) -> int:
     return item
 
 
+def exits_on_three(item: int) -> int:
+    """Ends its process the Python way (`sys.exit`, as a library calling it would) at 3: the
+    interpreter then closes its files, the worker's pipe among them, before the process ends."""
+    if item == 3:
+        import atexit
+        import sys
+        import time
+
+        atexit.register(time.sleep, 0.3)  # a slow teardown: the pipe closes well before the end
+        sys.exit(3)
+    return item
+
+
 def sleeps_on_three(item: int) -> int:
     """A sync function that never returns for 3: only killing its process stops it."""
     import time

@@ -128,6 +128,7 @@ def test_unencodable_results_are_item_errors(cli: Any, tmp_path: Path) -> None: 
     ("function", "config", "reason"),
     [
         ("dies_on_three", "", "worker process exited with status 3"),
+        ("exits_on_three", "", "worker process exited with status 3"),
         ("sleeps_on_three", ", timeout: 0.5", "timed out after 0.5 s"),
     ],
 )

@@ -32,6 +32,8 @@ from parallel_agent.modules.worker import FRAME_PREFIX, frame, frame_head, split
 PIPE_SIZE = 1 << 20
 #: Seconds a worker gets to exit after its input is closed, before it is killed.
 EXIT_GRACE_S = 5.0
+#: Seconds a worker whose pipe closed gets to end on its own, before it is killed.
+DYING_GRACE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,13 @@ class PooledProcessor:
 
     async def _died(self, worker: _Worker, request: dict[str, Any]) -> str:
         """Why a call failed: its worker's exit status. Whatever the worker started goes too,
-        like its chunk's work."""
+        like its chunk's work.
+
+        A worker whose pipe closed may still be exiting (`sys.exit` in the user's code closes
+        its files, then runs the interpreter's teardown): it gets `DYING_GRACE_S` to end on its
+        own, so that its own status is reported, not the SIGKILL sent after it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(worker.process.wait(), DYING_GRACE_S)
         self._kill(worker)
         status = await worker.process.wait()
         if status < 0:
