@@ -262,9 +262,12 @@ class PooledProcessor:
         A worker whose pipe closed may still be exiting (`sys.exit` in the user's code closes
         its files, then runs the interpreter's teardown): it gets `DYING_GRACE_S` to end on its
         own, so that its own status is reported, not the SIGKILL sent after it."""
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(worker.process.wait(), DYING_GRACE_S)
-        self._kill(worker)
+        except TimeoutError:
+            pass
+        finally:  # also when the run is interrupted meanwhile: `close` then reaps it
+            self._kill(worker)
         status = await worker.process.wait()
         if status < 0:
             try:
