@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -358,11 +358,24 @@ def checked_values(payload: bytes) -> list[Any] | int:
     return [loads(line) for line in lines]  # a number a double would change, read exactly
 
 
-def plain_lines(payload: bytes) -> list[bytes] | None:
+class PlainLines(NamedTuple):
+    """What `plain_lines` found: the lines, and whether a parser that skips the fields it is
+    not asked for may read them (`skippable`)."""
+
+    lines: list[bytes]
+    skippable: bool
+
+
+def plain_lines(payload: bytes) -> PlainLines | None:
     """The lines of a JSON Lines payload when `orjson.loads` of each gives what
     `checked_values` gives (no line nested too deep, no number a double would change), so a
     caller may parse them itself, one by one; None when the payload needs `checked_values`.
-    A line that is not JSON is still the caller's to find."""
+    A line that is not JSON is still the caller's to find.
+
+    `skippable` says the text is valid UTF-8: msgspec, reading only some fields of each
+    record, checks the fields it skips as orjson does, except that it lets invalid UTF-8 pass
+    there (and a number past the double range, `1e999`, which pagent reads too, exactly), so
+    only then is its reading the same as `checked_values`'s."""
     lines = _lines(payload)
     if may_change(payload):
         return None
@@ -370,7 +383,19 @@ def plain_lines(payload: bytes) -> list[bytes] | None:
         deep = first_too_deep(payload, lines)
     except orjson.JSONDecodeError:  # a long, bracket-heavy line that is not JSON
         return None
-    return None if deep is not None else lines
+    if deep is not None:
+        return None
+    return PlainLines(lines, _valid_utf8(payload))
+
+
+def _valid_utf8(data: bytes) -> bool:
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _lines(data: bytes) -> list[bytes]:

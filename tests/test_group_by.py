@@ -1104,6 +1104,132 @@ def test_a_split_worker_reads_the_input_as_one_process_does(cli: Any, tmp_path: 
     assert found[0][0] == 3 and "line 2, column" in found[0][1] and "invalid JSON" in found[0][1]
 
 
+def _skipped_value(rng: random.Random, depth: int = 0) -> str:
+    """JSON text for a field no reducer reads: nested values, escapes, unicode, numbers."""
+    kind = rng.randrange(7 if depth < 3 else 4)
+    if kind == 0:
+        return json.dumps(rng.choice(["", "é", "\u2028", "😀", 'q"u\\o\te', "\x00", "a b"]))
+    if kind == 1:
+        return rng.choice(["0", "-0", "1.5e-7", "-2E+99", "123456789012345", "0.25", "3e5"])
+    if kind == 2:
+        return rng.choice(["true", "false", "null"])
+    if kind == 3:
+        return rng.choice(['"\\ud83d\\ude00"', '"\\u00e9\\/"', '"raw é ü"'])
+    items = [_skipped_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if kind in (4, 5):
+        return "[" + ", ".join(items) + "]"
+    keys = [json.dumps(rng.choice(["key", "v", "x", "é", ""])) for _ in items]
+    return "{" + ",".join(f"{k}:{v}" for k, v in zip(keys, items, strict=True)) + "}"
+
+
+@pytest.mark.parametrize(
+    "compute",
+    [
+        QUICK_COMPUTE,
+        {"n": "count"},
+        {"total": {"sum": "v"}, "avg": {"mean": "v"}},
+        {"n": "count", "keys": {"max": "key"}},
+        {"n": "count", "high": {"max": "w"}, "keys": {"min": "key"}},
+    ],
+    ids=["two fields", "counts alone", "one field", "the key as a field", "the key among"],
+)
+def test_the_skipping_reading_equals_the_whole_reading(compute: dict[str, Any]) -> None:
+    """msgspec reads only the key and the reducers' fields of each record (`lines_partial`
+    with `PlainLines.skippable`): over random records whose other fields hold nested values,
+    escapes, raw unicode and numbers, and whose key and fields are written in every order, its
+    partial is orjson's (whole records), and both are the checked path's."""
+    from parallel_agent.jsonl import checked_values, plain_lines
+    from parallel_agent.modules.grouping import Grouper, split_partials
+
+    grouper = Grouper.from_options({"group_by": "key", "compute": compute}, "node 'g'")
+    assert grouper._record_struct is not None
+    rng = random.Random(41)
+    keys = ["a", "b", "é", "", "k 1", "[1]", '"q"', "\\u00e9"]
+    for _ in range(300):
+        lines = []
+        for _ in range(rng.randrange(1, 40)):
+            fields = [
+                f'"key": {json.dumps(rng.choice(keys), ensure_ascii=rng.random() < 0.5)}',
+                f'"v": {rng.randrange(-2000, 2000) / 4}',
+                f'"w": {rng.randrange(-2000, 2000) / 8}',
+                *(f'"x{n}": {_skipped_value(rng)}' for n in range(rng.randrange(3))),
+            ]
+            rng.shuffle(fields)
+            lines.append("{" + ", ".join(fields) + "}")
+        payload = ("\n".join(lines) + "\n").encode()
+        plain = plain_lines(payload)
+        assert plain is not None and plain.skippable, payload
+        skipping = grouper.lines_partial(plain)
+        assert skipping == grouper.lines_partial(plain._replace(skippable=False)), payload
+        if skipping is None:  # a string key as a reducer's field: not the quick shape
+            assert "key" in json.dumps(list(compute.values())), payload
+            continue
+        values = checked_values(payload)
+        assert not isinstance(values, int)
+        assert {"g": skipping} == split_partials({"g": grouper}, values, 0), payload
+
+
+@pytest.mark.parametrize(
+    ("payload", "skippable"),
+    [
+        (b'{"key": "a", "v": 1.5, "w": 2.5, "x": "caf\xc3\xa9"}\n', True),
+        (b'{"key": "a", "v": 1.5, "w": 2.5, "x": "\xff"}\n', False),  # not UTF-8
+        (b'{"key": "a", "v": 1.5, "w": 2.5, "x": "\xed\xa0\x80"}\n', False),  # a surrogate
+        (b'{"key": "a", "v": 1.5, "w": 2.5, "x": 1e999}\n', True),  # pagent reads it exactly
+    ],
+)
+def test_only_text_msgspec_checks_as_orjson_does_is_read_skipping(
+    payload: bytes, skippable: bool
+) -> None:
+    """msgspec lets invalid UTF-8 pass in a field it skips (orjson refuses it): such text is
+    read whole, by orjson, which refuses it."""
+    from parallel_agent.jsonl import plain_lines
+
+    plain = plain_lines(payload)
+    assert plain is not None and plain.skippable is skippable
+
+
+@pytest.mark.parametrize(
+    "other",
+    [b'"caf\xff"', b"1e999", b"-2E+400"],
+    ids=["invalid UTF-8", "past the double range", "negative past the range"],
+)
+def test_a_bad_field_no_reducer_reads_is_refused_in_one_and_two_processes(
+    cli: Any, tmp_path: Path, other: bytes
+) -> None:
+    """A record whose unused field is not JSON (invalid UTF-8) is the same located error
+    (exit 3) with `processes: 2` as in one process, and one past the double range (msgspec
+    skips it unchecked; pagent reads it exactly) the same rows: the split's workers never take
+    msgspec's word for a field it skipped where orjson's would differ."""
+    data = tmp_path / "in.jsonl"
+    text = b"".join(b'{"key": "a", "v": %d, "other": 1}\n' % i for i in range(30))
+    data.write_bytes(text + b'{"key": "a", "v": 1, "other": ' + other + b"}\n")
+    compute = "group_by: key, compute: {n: count, s: {sum: v}}"
+    found = _in_one_and_two_processes(cli, tmp_path, data, 10, compute)
+    assert found[0] == found[1]
+    if b"\\x" in other or b"\xff" in other:
+        assert found[0][0] == 3 and "line 31" in found[0][1], found[0]
+    else:
+        assert found[0][0] == 0 and found[0][2] == [{"key": "a", "n": 31, "s": 436}]
+
+
+def test_a_field_name_msgspec_cannot_match_is_read_whole(cli: Any, tmp_path: Path) -> None:
+    """msgspec cannot match a field name with a quote, a backslash or a control character:
+    such an aggregate reads its records whole, with the same rows."""
+    from parallel_agent.modules.grouping import Grouper
+
+    grouper = Grouper.from_options(
+        {"group_by": "key", "compute": {"s": {"sum": 'v"1'}}}, "node 'g'"
+    )
+    assert grouper._record_struct is None
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"key": "ab"[i % 2], 'v"1': i}) + "\n" for i in range(25)))
+    compute = "group_by: key, compute: {s: {sum: 'v\"1'}}"
+    found = _in_one_and_two_processes(cli, tmp_path, data, 10, compute)
+    assert found[0] == found[1] and found[0][0] == 0
+    assert found[0][2] == [{"key": "a", "s": 156}, {"key": "b", "s": 144}]
+
+
 def test_a_split_worker_stops_trying_the_quick_reading_on_other_data() -> None:
     """Once a chunk is not of the quick shape (here a field mixing ints and floats) the worker
     reads the next ones the checked way at once, rather than parsing each twice."""
