@@ -136,13 +136,36 @@ def _exact_loads(data: bytes | str) -> Any:
     as orjson's (the readers locate those)."""
     text = data if isinstance(data, str) else data.decode("utf-8")
     try:
-        return json.loads(text, parse_float=exact_number, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_float=exact_number, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise orjson.JSONDecodeError(exc.msg, exc.doc, exc.pos) from None
     except _OutOfRange as exc:
         raise orjson.JSONDecodeError(str(exc), text, max(text.find(exc.text), 0)) from None
     except ValueError as exc:  # an integer past the standard library's digit limit
         raise orjson.JSONDecodeError(str(exc), text, 0) from None
+    _refuse_lone_surrogates(text, value)
+    return value
+
+
+#: A `\uD800`-`\uDFFF` escape (or a backslash before such text: `_refuse_lone_surrogates`
+#: then looks closer).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(text: str, value: Any) -> None:
+    """Refuse, as orjson does, a string holding half a surrogate pair: the standard library
+    reads one, so a line with a number past the double range was accepted or refused by the
+    order of its fields (orjson stops at the first of the two problems it meets)."""
+    found = _SURROGATE_ESCAPE.search(text)
+    if found is None:
+        return
+    try:
+        dumps(value)
+    except TypeError as exc:
+        if "surrogates" in str(exc):
+            raise orjson.JSONDecodeError(
+                "unpaired surrogate in a string", text, found.start()
+            ) from None
 
 
 def loads(data: bytes | str) -> Any:
