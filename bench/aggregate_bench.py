@@ -349,6 +349,13 @@ def main() -> None:
                 f"pagent processes: 2 {medians['pagent']:.2f} s "
                 f"({medians['orjson'] / medians['pagent']:.2f}x; information)"
             )
+        pool_ratio = orjson_s / figures["orjson_pool2"][0]
+        if pool_ratio < 1.0:
+            print(
+                f"the orjson script on Pool(2) ran at {pool_ratio:.2f}x the one-process one: this "
+                "machine's second core was busy elsewhere during this run, so every 2-process "
+                "figure here understates (information; run again)"
+            )
         for label, run in (
             ("split → aggregate", summary),
             ("expr map", map_summary),
