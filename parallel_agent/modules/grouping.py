@@ -797,9 +797,16 @@ class Grouper:
             fields = {
                 name: [group[index] for group in by_group] for index, name in enumerate(names)
             }
-        if not all(_one_number_type(chain.from_iterable(groups)) for groups in fields.values()):
+        if not all(
+            _one_number_type(chain.from_iterable(per_group)) for per_group in fields.values()
+        ):
             return None
         return self._quick_rows(columns, groups, [len(group) for group in found], fields)
+
+    @cached_property
+    def _quick_key(self) -> str:
+        """The field of the quick shape's one key."""
+        return self.keys[0][1] or self.keys[0][0]
 
     @cached_property
     def _quick_fields(self) -> list[str]:
@@ -822,7 +829,7 @@ class Grouper:
                 for record in map(decode, plain.lines):
                     groups[record.key].append(pick(record))
             return groups
-        key_name = self.keys[0][1] or self.keys[0][0]
+        key_name = self._quick_key
         take = operator.itemgetter(*self._quick_fields or [key_name])
         for record in map(orjson.loads, plain.lines):
             groups[record[key_name]].append(take(record))
@@ -836,7 +843,7 @@ class Grouper:
         backslash or a control character)."""
         import msgspec
 
-        key_name = self.keys[0][1] or self.keys[0][0]
+        key_name = self._quick_key
         names = [name for name in self._quick_fields if name != key_name]
         if len(names) == 1 and len(self._quick_fields) == 1:
             attributes = {key_name: "key", names[0]: "value"}
@@ -900,7 +907,7 @@ class Grouper:
     ) -> tuple[list[Any], dict[str, list[Any]]] | None:
         """The key of every item and {field: its value in every item}, read in C; None unless
         every item is an object and each field's values are all ints or all floats."""
-        key_name = self.keys[0][1] or self.keys[0][0]
+        key_name = self._quick_key
         values: dict[str, list[Any]] = {}
         try:
             keys = list(map(operator.itemgetter(key_name), items))
